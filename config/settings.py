@@ -1,0 +1,200 @@
+"""Settings: one frozen tree, built in one place from a TOML file, ``PDG_*``
+environment variables and command-line flags (later sources win).
+
+Every setting, its environment variable and its default is listed in
+``ENVIRONMENT`` below and documented in ``config/pdg.example.toml``.
+This module imports nothing of the project's own.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigurationError(Exception):
+    """A setting is missing, malformed or inconsistent (one line, for humans)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    #: The gateway's own address as clients see it: the token issuer (``iss``),
+    #: the base of the OAuth metadata. Empty: ``http://{host}:{port}``.
+    public_url: str = ""
+    #: Peers whose ``X-Forwarded-For`` is trusted and extended; from anyone else
+    #: the header is replaced by the peer address.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Seconds between checks for catalogue / licence changes made elsewhere.
+    catalogue_refresh_seconds: float = Field(1.0, gt=0, le=60)
+    #: Run database migrations at start-up (safe with several replicas: they
+    #: serialise on a lock).
+    auto_migrate: bool = True
+
+
+class StorageSettings(_Section):
+    #: SQLAlchemy async URL. Empty: a SQLite file in the data folder.
+    database_url: str = ""
+    #: Redis / Valkey URL. Empty: an embedded Valkey server in the data folder.
+    redis_url: str = ""
+
+
+class TokenSettings(_Section):
+    #: Lifetime of issued access tokens.
+    access_token_ttl_seconds: int = Field(300, ge=30, le=3600)
+    #: Clock skew accepted on ``exp`` / ``nbf`` / ``iat``.
+    leeway_seconds: int = Field(10, ge=0, le=120)
+    #: Signing algorithm of the gateway's own key.
+    algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    #: PEM file of the signing key. Empty: ``{data_dir}/keys/signing-key.pem``,
+    #: generated on first start.
+    signing_key_file: str = ""
+    #: Audience of issued tokens. Empty: ``{public_url}/data``.
+    audience: str = ""
+    #: Lifetime of a ``private_key_jwt`` client assertion that is accepted.
+    client_assertion_max_age_seconds: int = Field(300, ge=10, le=3600)
+
+
+class ProxySettings(_Section):
+    #: Largest request body forwarded upstream, in bytes.
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    #: Upstream timeout when a dataset sets none.
+    default_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    #: Connection pool size towards all upstreams.
+    pool_size: int = Field(200, ge=1, le=10000)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+
+
+class Settings(_Section):
+    data_dir: Path = Path("pdg-data")
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    tokens: TokenSettings = TokenSettings()
+    proxy: ProxySettings = ProxySettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    # Derived values, so every caller agrees on them.
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'pdg.sqlite3'}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.storage.redis_url
+
+    @property
+    def public_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host if self.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+    @property
+    def issuer(self) -> str:
+        return self.public_url
+
+    @property
+    def audience(self) -> str:
+        return self.tokens.audience or f"{self.public_url}/data"
+
+    @property
+    def signing_key_path(self) -> Path:
+        if self.tokens.signing_key_file:
+            return Path(self.tokens.signing_key_file).expanduser().absolute()
+        return self.data_dir / "keys" / "signing-key.pem"
+
+
+#: Environment variable -> dotted setting.
+ENVIRONMENT: dict[str, str] = {
+    "PDG_DATA_DIR": "data_dir",
+    "PDG_HOST": "server.host",
+    "PDG_PORT": "server.port",
+    "PDG_WORKERS": "server.workers",
+    "PDG_PUBLIC_URL": "server.public_url",
+    "PDG_TRUSTED_PROXIES": "server.trusted_proxies",
+    "PDG_CATALOGUE_REFRESH_SECONDS": "server.catalogue_refresh_seconds",
+    "PDG_AUTO_MIGRATE": "server.auto_migrate",
+    "PDG_DATABASE_URL": "storage.database_url",
+    "PDG_REDIS_URL": "storage.redis_url",
+    "PDG_ACCESS_TOKEN_TTL_SECONDS": "tokens.access_token_ttl_seconds",
+    "PDG_TOKEN_LEEWAY_SECONDS": "tokens.leeway_seconds",
+    "PDG_TOKEN_ALGORITHM": "tokens.algorithm",
+    "PDG_SIGNING_KEY_FILE": "tokens.signing_key_file",
+    "PDG_TOKEN_AUDIENCE": "tokens.audience",
+    "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
+    "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
+    "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
+    "PDG_LOG_LEVEL": "logging.level",
+    "PDG_ACCESS_LOG": "logging.access_log",
+}
+_LISTS = {"server.trusted_proxies"}
+
+
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigurationError(f"setting {name!r} must be a table")
+        node = child
+    node[leaf] = value
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: TOML file, then ``PDG_*`` variables, then ``overrides``
+    (dotted names, e.g. ``{"server.port": 9000}``; ``None`` values are ignored).
+
+    The file is ``config_file``, else ``$PDG_CONFIG``, else none.
+    """
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    path = config_file or env.get("PDG_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"config file not found: {path}") from exc
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
+    for name, dotted in ENVIRONMENT.items():
+        raw = env.get(name)
+        if raw is None:
+            continue
+        value: Any = [p.strip() for p in raw.split(",") if p.strip()] if dotted in _LISTS else raw
+        _put(tree, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _put(tree, dotted, value)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigurationError(f"invalid setting {where}: {first['msg']}") from exc

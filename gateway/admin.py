@@ -1,0 +1,304 @@
+"""The admin API, ``/admin/v1``: the operating company's catalogue and licensing
+resources (DESIGN §3), role-checked on every request.
+
+Routes are declared once in ``ROUTES``; the OpenAPI 3.1 document
+(``gateway.openapi``) is generated from the same table and the same pydantic
+models that validate the payloads, so the two cannot drift apart. A
+licensee-scoped token sees its own licensee only; another licensee's
+resources answer 404, as if they did not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway.state import ADMIN_TOKENS, REGISTRY
+from licensing import schemas
+from licensing.admin_tokens import AdminPrincipal
+from licensing.errors import BadRequestError, NotFoundError
+from licensing.registry import dump
+
+Handler = Callable[[web.Request, AdminPrincipal], Awaitable[web.Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    permission: str
+    summary: str
+    request_model: type[BaseModel] | None = None
+    response_model: type[BaseModel] | None = None
+    response_list: bool = False
+    status: int = 200
+    query: tuple[str, ...] = ()
+
+
+def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if location:
+        headers["Location"] = location
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise BadRequestError("body: a JSON object is required", field="body")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"body: not valid JSON ({exc.msg})", field="body") from exc
+    if not isinstance(data, dict):
+        raise BadRequestError("body: a JSON object is required", field="body")
+    return data
+
+
+def _own(principal: AdminPrincipal, licensee_id: str, what: str) -> None:
+    if principal.own_licensee is not None and principal.own_licensee != licensee_id:
+        raise NotFoundError(f"no {what}")
+
+
+# -- datasets -----------------------------------------------------------------
+
+
+async def list_datasets(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json(dump(await request.app[REGISTRY].list_datasets()))
+
+
+async def create_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.DatasetIn, await _body(request))
+    created = await request.app[REGISTRY].create_dataset(data)
+    return _json(dump(created), 201, f"/admin/v1/datasets/{created.id}")
+
+
+async def get_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json(dump(await request.app[REGISTRY].get_dataset(request.match_info["id"])))
+
+
+async def patch_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    patch = schemas.parse(schemas.DatasetPatch, await _body(request))
+    return _json(dump(await request.app[REGISTRY].update_dataset(request.match_info["id"], patch)))
+
+
+# -- licensees ----------------------------------------------------------------
+
+
+async def list_licensees(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json(dump(await request.app[REGISTRY].list_licensees(principal.own_licensee)))
+
+
+async def create_licensee(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.LicenseeIn, await _body(request))
+    created = await request.app[REGISTRY].create_licensee(data)
+    return _json(dump(created), 201, f"/admin/v1/licensees/{created.id}")
+
+
+async def get_licensee(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    licensee_id = request.match_info["id"]
+    _own(principal, licensee_id, f"licensee {licensee_id}")
+    return _json(dump(await request.app[REGISTRY].get_licensee(licensee_id)))
+
+
+# -- licences -----------------------------------------------------------------
+
+
+async def list_licences(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.query.get("licensee")
+    if principal.own_licensee is not None:
+        if wanted not in (None, principal.own_licensee):
+            return _json([])
+        wanted = principal.own_licensee
+    return _json(dump(await request.app[REGISTRY].list_licences(wanted)))
+
+
+async def create_licence(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.LicenceIn, await _body(request))
+    created = await request.app[REGISTRY].create_licence(data)
+    return _json(dump(created), 201, f"/admin/v1/licences/{created.id}")
+
+
+async def get_licence(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    licence = await request.app[REGISTRY].get_licence(request.match_info["id"])
+    _own(principal, licence.licensee_id, f"licence {licence.id}")
+    return _json(dump(licence))
+
+
+def _licence_action(action: str) -> Handler:
+    async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+        return _json(dump(await request.app[REGISTRY].set_licence_status(request.match_info["id"], action)))
+
+    handler.__name__ = f"{action}_licence"
+    return handler
+
+
+# -- apps ---------------------------------------------------------------------
+
+
+async def list_apps(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.query.get("licensee")
+    if principal.own_licensee is not None:
+        if wanted not in (None, principal.own_licensee):
+            return _json([])
+        wanted = principal.own_licensee
+    return _json(dump(await request.app[REGISTRY].list_apps(wanted)))
+
+
+async def create_app(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.AppIn, await _body(request))
+    created = await request.app[REGISTRY].create_app(data)
+    return _json(dump(created), 201, f"/admin/v1/apps/{created.id}")
+
+
+async def get_app(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    app = await request.app[REGISTRY].get_app(request.match_info["id"])
+    _own(principal, app.licensee_id, f"app {app.id}")
+    return _json(dump(app))
+
+
+def _app_switch(enabled: bool) -> Handler:
+    async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+        return _json(dump(await request.app[REGISTRY].set_app_enabled(request.match_info["id"], enabled)))
+
+    handler.__name__ = "enable_app" if enabled else "disable_app"
+    return handler
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/datasets", list_datasets, "read", "List datasets", None, schemas.Dataset, True),
+    Route(
+        "POST",
+        "/datasets",
+        create_dataset,
+        "catalogue:write",
+        "Create a dataset",
+        schemas.DatasetIn,
+        schemas.Dataset,
+        status=201,
+    ),
+    Route("GET", "/datasets/{id}", get_dataset, "read", "Get a dataset", None, schemas.Dataset),
+    Route(
+        "PATCH",
+        "/datasets/{id}",
+        patch_dataset,
+        "catalogue:write",
+        "Change a dataset",
+        schemas.DatasetPatch,
+        schemas.Dataset,
+    ),
+    Route("GET", "/licensees", list_licensees, "read", "List licensees", None, schemas.Licensee, True),
+    Route(
+        "POST",
+        "/licensees",
+        create_licensee,
+        "licensing:write",
+        "Register a licensee",
+        schemas.LicenseeIn,
+        schemas.Licensee,
+        status=201,
+    ),
+    Route("GET", "/licensees/{id}", get_licensee, "read", "Get a licensee", None, schemas.Licensee),
+    Route(
+        "GET",
+        "/licences",
+        list_licences,
+        "read",
+        "List licences",
+        None,
+        schemas.Licence,
+        True,
+        query=("licensee",),
+    ),
+    Route(
+        "POST",
+        "/licences",
+        create_licence,
+        "licensing:write",
+        "Issue a licence",
+        schemas.LicenceIn,
+        schemas.Licence,
+        status=201,
+    ),
+    Route("GET", "/licences/{id}", get_licence, "read", "Get a licence", None, schemas.Licence),
+    Route(
+        "POST",
+        "/licences/{id}/suspend",
+        _licence_action("suspend"),
+        "licensing:write",
+        "Suspend a licence (takes effect on the next call)",
+        None,
+        schemas.Licence,
+    ),
+    Route(
+        "POST",
+        "/licences/{id}/resume",
+        _licence_action("resume"),
+        "licensing:write",
+        "Resume a suspended licence",
+        None,
+        schemas.Licence,
+    ),
+    Route(
+        "POST",
+        "/licences/{id}/revoke",
+        _licence_action("revoke"),
+        "licensing:write",
+        "Revoke a licence (final)",
+        None,
+        schemas.Licence,
+    ),
+    Route("GET", "/apps", list_apps, "read", "List apps", None, schemas.App, True, query=("licensee",)),
+    Route(
+        "POST",
+        "/apps",
+        create_app,
+        "licensing:write",
+        "Register an app (returns client_secret once, or takes jwks for private_key_jwt)",
+        schemas.AppIn,
+        schemas.App,
+        status=201,
+    ),
+    Route("GET", "/apps/{id}", get_app, "read", "Get an app", None, schemas.App),
+    Route(
+        "POST",
+        "/apps/{id}/disable",
+        _app_switch(False),
+        "licensing:write",
+        "Disable an app",
+        None,
+        schemas.App,
+    ),
+    Route(
+        "POST", "/apps/{id}/enable", _app_switch(True), "licensing:write", "Enable an app", None, schemas.App
+    ),
+)
+
+
+def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        principal = await request.app[ADMIN_TOKENS].authenticate(request.headers.get("Authorization"))
+        principal.require(route.permission)
+        return await route.handler(request, principal)
+
+    return handler
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    from gateway.openapi import build_openapi
+
+    return _json(build_openapi(ROUTES))
+
+
+def setup(app: web.Application) -> None:
+    for route in ROUTES:
+        app.router.add_route(route.method, "/admin/v1" + route.path, _wrap(route))
+    app.router.add_get("/admin/v1/openapi.json", openapi_document)

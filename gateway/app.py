@@ -1,0 +1,139 @@
+"""The application factory: state through ``web.AppKey``, lifetimes in
+``cleanup_ctx`` (storage, then Redis, then keys, then the catalogue view, then
+the upstream client pool), routes of every surface on one port."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from config.settings import Settings
+from gateway import admin, health, oauth, proxy
+from gateway.metrics import Metrics
+from gateway.problems import problems_middleware
+from gateway.state import (
+    ACCEPTING,
+    ADMIN_TOKENS,
+    CATALOGUE,
+    CLIENTS,
+    ENGINE,
+    METRICS,
+    REDIS,
+    REGISTRY,
+    SESSIONS,
+    SETTINGS,
+    TOKENS,
+    UPSTREAM,
+)
+from licensing.admin_tokens import AdminTokens
+from licensing.catalogue import CatalogueCache
+from licensing.clients import ClientAuthenticator
+from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
+from licensing.registry import Registry
+from licensing.tokens import TokenService
+from storage import migrate
+from storage.db import create_engine, session_factory
+from storage.redis import redis_for
+
+log = logging.getLogger(__name__)
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    if settings.server.auto_migrate:
+        await migrate.upgrade(engine)
+    app[ENGINE] = engine
+    app[SESSIONS] = session_factory(engine)
+    yield
+    await engine.dispose()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with redis_for(settings.storage.redis_url or None, settings.data_dir) as client:
+        app[REDIS] = client
+        yield
+
+
+async def _licensing(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sessions = app[SESSIONS]
+    key = load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
+    await register_public_key(sessions, key)
+    tokens = TokenService(
+        signing_key=key,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        ttl_seconds=settings.tokens.access_token_ttl_seconds,
+        leeway_seconds=settings.tokens.leeway_seconds,
+        load_public_keys=lambda: load_public_keys(sessions),
+    )
+    await tokens.refresh_keys(force=True)
+    app[TOKENS] = tokens
+    redis = app[REDIS]
+
+    async def first_use(key: str, ttl: int) -> bool:
+        return bool(await redis.set(f"pdg:{{assertion}}:{key}", b"1", nx=True, ex=ttl))
+
+    app[CLIENTS] = ClientAuthenticator(
+        audiences=[f"{settings.public_url}/oauth/token", settings.issuer],
+        max_assertion_age=settings.tokens.client_assertion_max_age_seconds,
+        first_use=first_use,
+    )
+    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds)
+    app[CATALOGUE] = cache
+    app[REGISTRY] = Registry(sessions, on_change=cache.reload)
+    app[ADMIN_TOKENS] = AdminTokens(sessions)
+    async with cache.running():
+        yield
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=settings.proxy.pool_size, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=True
+    )
+    # auto_decompress off: bodies are relayed byte for byte, encoding intact.
+    async with aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+    ) as session:
+        app[UPSTREAM] = session
+        yield
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    app[ACCEPTING][0] = False
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[problems_middleware],
+        client_max_size=settings.proxy.max_body_bytes + 1,
+        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[ACCEPTING] = [True]
+    app.cleanup_ctx.extend([_storage, _redis, _licensing, _upstream])
+    app.on_shutdown.append(_stop_accepting)
+    proxy.setup(app)
+    oauth.setup(app)
+    admin.setup(app)
+    health.setup(app)
+    return app
+
+
+async def check_redis(app: web.Application) -> bool:
+    with contextlib.suppress(RedisError, OSError):
+        return bool(await app[REDIS].ping())
+    return False

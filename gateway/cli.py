@@ -1,0 +1,150 @@
+"""The ``pdg`` command line.
+
+Every command reads the same settings (``--config`` TOML file, ``PDG_*``
+variables, flags), so ``pdg admin-token create`` acts on the deployment that
+``pdg serve`` runs. Bad input ends with one line on stderr, ``pdg: error: ...``,
+and a non-zero exit (2 for usage, 1 for everything else); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from config.settings import ConfigurationError, Settings, load_settings
+from gateway import __version__, cli_resources
+from licensing.errors import GatewayError
+from licensing.keys import KeyFileError
+from storage.redis import EmbeddedValkeyError
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pdg: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (also $PDG_CONFIG)")
+    parser.add_argument("--data-dir", help="data folder of the embedded defaults (also $PDG_DATA_DIR)")
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="pdg", description="pdg, the Public Data Gateway.")
+    parser.add_argument("--version", action="version", version=f"pdg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (default 1)")
+    serve.set_defaults(run=None)  # serving owns its event loop: see main()
+
+    demo = sub.add_parser("demo", help="everything in one process, with sample data services")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
+    demo.set_defaults(run=None)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    db_sub.required = True
+    up = db_sub.add_parser("upgrade", help="migrate the schema to the newest revision")
+    _common(up)
+    up.add_argument("--json", action="store_true", help="machine-readable output")
+    up.set_defaults(run=_db_upgrade)
+    cur = db_sub.add_parser("current", help="show the schema revision")
+    _common(cur)
+    cur.add_argument("--json", action="store_true", help="machine-readable output")
+    cur.set_defaults(run=_db_current)
+
+    cli_resources.add_commands(sub, _common)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "data_dir": getattr(args, "data_dir", None),
+        "server.host": getattr(args, "host", None) if args.command == "serve" else None,
+        "server.port": getattr(args, "port", None) if args.command == "serve" else None,
+        "server.workers": getattr(args, "workers", None) if args.command == "serve" else None,
+    }
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
+async def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from storage import migrate
+    from storage.db import create_engine
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    try:
+        await migrate.upgrade(engine)
+        revision = await migrate.current_revision(engine)
+    finally:
+        await engine.dispose()
+    cli_resources.emit(args, {"revision": revision}, f"database at revision {revision}")
+    return 0
+
+
+async def _db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from storage import migrate
+    from storage.db import create_engine
+
+    engine = create_engine(settings.database_url)
+    try:
+        revision = await migrate.current_revision(engine)
+    finally:
+        await engine.dispose()
+    head = migrate.head_revision()
+    cli_resources.emit(
+        args, {"revision": revision, "head": head}, f"database at revision {revision} (newest {head})"
+    )
+    return 0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"pdg: error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = _settings(args)
+        if args.command == "serve":
+            from gateway.server import serve
+
+            return serve(settings)
+        if args.command == "demo":
+            from gateway.demo import run_demo
+
+            return run_demo(args)
+        command: Command = args.run
+        return asyncio.run(command(args, settings))
+    except (ConfigurationError, GatewayError, KeyFileError, EmbeddedValkeyError) as exc:
+        return _fail(str(getattr(exc, "detail", exc)).splitlines()[0])
+    except SQLAlchemyError as exc:
+        reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
+        return _fail(f"database: {reason}")
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""``pdg dataset|licensee|licence|app|admin-token ...``: the command-line face
+of the same service layer the admin API uses (``licensing.registry``), with
+the same validation (``licensing.schemas``), so a field is checked the same
+way whichever door it comes through. Every command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import Settings
+from licensing import schemas
+from licensing.admin_tokens import AdminTokens
+from licensing.errors import BadRequestError
+from licensing.registry import Registry, dump
+from storage import migrate
+from storage.db import create_engine, session_factory
+
+Common = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass
+class Services:
+    registry: Registry
+    admin_tokens: AdminTokens
+
+
+@contextlib.asynccontextmanager
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    try:
+        if settings.server.auto_migrate:
+            await migrate.upgrade(engine)
+        sessions = session_factory(engine)
+        yield Services(Registry(sessions), AdminTokens(sessions))
+    finally:
+        await engine.dispose()
+
+
+def emit(args: argparse.Namespace, data: Any, text: str | None = None, columns: tuple[str, ...] = ()) -> None:
+    """Print ``data`` as JSON (``--json``), a table (lists) or ``text``/fields."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        return
+    console = Console(soft_wrap=True)
+    if isinstance(data, list):
+        table = Table(*columns)
+        for item in data:
+            table.add_row(*(_cell(item.get(c)) for c in columns))
+        console.print(table)
+    elif text is not None:
+        console.print(text, markup=False, highlight=False)
+    else:
+        for key, value in data.items():
+            console.print(f"{key}: {_cell(value)}", markup=False, highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    try:
+        with sys.stdin if path == "-" else open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise BadRequestError(f"{path}: a JSON object is required")
+    return data
+
+
+def _fields(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
+    """Take ``--file`` (if any), then overlay each flag that was given."""
+    data = _load_file(args.file) if getattr(args, "file", None) else {}
+    for attr, field in names.items():
+        value = getattr(args, attr, None)
+        if value is not None and value != []:
+            data[field] = value
+    return data
+
+
+# -- datasets -----------------------------------------------------------------
+
+DATASET_COLUMNS = (
+    "id",
+    "name",
+    "provider",
+    "classification",
+    "open_class",
+    "free_monthly_calls",
+    "upstream_url",
+)
+
+
+def _split(value: str) -> dict[str, str]:
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("give PROVIDER,OPERATOR,PUBLIC_FUND, e.g. 0.5,0.3,0.2")
+    return dict(zip(("provider", "operator", "public_fund"), (p.strip() for p in parts), strict=True))
+
+
+def _tier(value: str) -> dict[str, Any]:
+    up_to, sep, price = value.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError("give UP_TO:PER_CALL_FEN, e.g. 10000:2.5 (UP_TO '-' = no bound)")
+    try:
+        bound = None if up_to in ("-", "") else int(up_to)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"tier bound {up_to!r} is not a whole number") from exc
+    return {"up_to": bound, "per_call_fen": price}
+
+
+def _dataset_payload(args: argparse.Namespace) -> dict[str, Any]:
+    data = _fields(
+        args,
+        {
+            "id": "id",
+            "name": "name",
+            "provider": "provider",
+            "upstream_url": "upstream_url",
+            "classification": "classification",
+            "open_class": "open_class",
+            "free_monthly_calls": "free_monthly_calls",
+            "split": "revenue_split",
+            "timeout": "timeout_seconds",
+            "description": "description",
+        },
+    )
+    price = dict(data.get("price") or {})
+    for attr, field in (
+        ("per_call_fen", "per_call_fen"),
+        ("per_record_fen", "per_record_fen"),
+        ("tier", "tiers"),
+    ):
+        if getattr(args, attr, None):
+            price[field] = getattr(args, attr)
+    if price:
+        data["price"] = price
+    burst = dict(data.get("burst") or {})
+    if args.burst_per_second is not None:
+        burst["per_second"] = args.burst_per_second
+    if args.burst_capacity is not None:
+        burst["capacity"] = args.burst_capacity
+    if burst:
+        data["burst"] = burst
+    return data
+
+
+async def dataset_create(args: argparse.Namespace, settings: Settings) -> int:
+    data = schemas.parse(schemas.DatasetIn, _dataset_payload(args))
+    async with services(settings) as s:
+        created = await s.registry.create_dataset(data)
+    emit(args, dump(created), f"dataset {created.id} created")
+    return 0
+
+
+async def dataset_update(args: argparse.Namespace, settings: Settings) -> int:
+    payload = _dataset_payload(args)
+    payload.pop("id", None)
+    patch = schemas.parse(schemas.DatasetPatch, payload)
+    async with services(settings) as s:
+        updated = await s.registry.update_dataset(args.dataset_id, patch)
+    emit(args, dump(updated), f"dataset {updated.id} updated")
+    return 0
+
+
+async def dataset_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(args, dump(await s.registry.list_datasets()), columns=DATASET_COLUMNS)
+    return 0
+
+
+async def dataset_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(args, dump(await s.registry.get_dataset(args.dataset_id)))
+    return 0
+
+
+# -- licensees ----------------------------------------------------------------
+
+
+async def licensee_create(args: argparse.Namespace, settings: Settings) -> int:
+    data = schemas.parse(
+        schemas.LicenseeIn,
+        _fields(args, {"id": "id", "name": "name", "credit_code": "credit_code", "contact": "contact"}),
+    )
+    async with services(settings) as s:
+        created = await s.registry.create_licensee(data)
+    emit(args, dump(created), f"licensee {created.id} created")
+    return 0
+
+
+async def licensee_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(args, dump(await s.registry.list_licensees()), columns=("id", "name", "credit_code", "contact"))
+    return 0
+
+
+async def licensee_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(args, dump(await s.registry.get_licensee(args.licensee_id)))
+    return 0
+
+
+# -- licences -----------------------------------------------------------------
+
+
+async def licence_create(args: argparse.Namespace, settings: Settings) -> int:
+    data = _fields(
+        args,
+        {
+            "id": "id",
+            "licensee": "licensee_id",
+            "dataset": "datasets",
+            "max_classification": "max_classification",
+            "purpose": "purposes",
+            "valid_from": "valid_from",
+            "valid_until": "valid_until",
+            "security_officer": "security_officer",
+            "conditions": "conditions",
+            "free_monthly_calls": "free_monthly_calls",
+        },
+    )
+    if args.prepaid_calls is not None:
+        data["paid"] = {"prepaid_calls": args.prepaid_calls}
+    if args.credit_limit_fen is not None:
+        data["paid"] = {**data.get("paid", {}), "credit_limit_fen": args.credit_limit_fen}
+    licence = schemas.parse(schemas.LicenceIn, data)
+    async with services(settings) as s:
+        created = await s.registry.create_licence(licence)
+    emit(args, dump(created), f"licence {created.id} issued")
+    return 0
+
+
+async def licence_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(
+            args,
+            dump(await s.registry.list_licences(args.licensee)),
+            columns=(
+                "id",
+                "licensee_id",
+                "status",
+                "datasets",
+                "purposes",
+                "max_classification",
+                "valid_until",
+            ),
+        )
+    return 0
+
+
+async def licence_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(args, dump(await s.registry.get_licence(args.licence_id)))
+    return 0
+
+
+def _licence_action(action: str) -> Callable[[argparse.Namespace, Settings], Any]:
+    async def run(args: argparse.Namespace, settings: Settings) -> int:
+        async with services(settings) as s:
+            licence = await s.registry.set_licence_status(args.licence_id, action)
+        emit(args, dump(licence), f"licence {licence.id} is {licence.status}")
+        return 0
+
+    return run
+
+
+# -- apps -----------------------------------------------------------------------
+
+
+async def app_create(args: argparse.Namespace, settings: Settings) -> int:
+    data = _fields(args, {"id": "id", "licensee": "licensee_id", "name": "name"})
+    if args.jwks:
+        data["jwks"] = _load_file(args.jwks)
+    app = schemas.parse(schemas.AppIn, data)
+    async with services(settings) as s:
+        created = await s.registry.create_app(app)
+    text = f"app {created.id} registered"
+    if created.client_secret:
+        text += (
+            f"\nclient_id:     {created.client_id}\nclient_secret: {created.client_secret}\n"
+            "(the secret is shown once; it is stored only as a hash)"
+        )
+    emit(args, dump(created), text)
+    return 0
+
+
+async def app_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        emit(
+            args,
+            dump(await s.registry.list_apps(args.licensee)),
+            columns=("id", "licensee_id", "name", "auth_method", "enabled"),
+        )
+    return 0
+
+
+def _app_switch(enabled: bool) -> Callable[[argparse.Namespace, Settings], Any]:
+    async def run(args: argparse.Namespace, settings: Settings) -> int:
+        async with services(settings) as s:
+            app = await s.registry.set_app_enabled(args.app_id, enabled)
+        emit(args, dump(app), f"app {app.id} {'enabled' if app.enabled else 'disabled'}")
+        return 0
+
+    return run
+
+
+# -- admin tokens ---------------------------------------------------------------
+
+
+async def admin_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    data = schemas.parse(
+        schemas.AdminTokenIn,
+        {"role": args.role, "licensee_id": args.licensee, "description": args.description or ""},
+    )
+    async with services(settings) as s:
+        created = await s.admin_tokens.create(data)
+    emit(
+        args,
+        {"token": created.token, "id": created.id, "role": created.role, "licensee_id": created.licensee_id},
+        created.token,
+    )
+    return 0
+
+
+async def admin_token_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        rows = await s.admin_tokens.list()
+    data = [
+        {
+            "id": r.id,
+            "role": r.role,
+            "licensee_id": r.licensee_id,
+            "description": r.description,
+            "created_at": r.created_at.isoformat(),
+            "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+        }
+        for r in rows
+    ]
+    emit(args, data, columns=("id", "role", "licensee_id", "description", "created_at", "revoked_at"))
+    return 0
+
+
+async def admin_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        if not await s.admin_tokens.revoke(args.token_id):
+            raise BadRequestError(f"no active admin token {args.token_id}")
+    emit(args, {"id": args.token_id, "revoked": True}, f"admin token {args.token_id} revoked")
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------
+
+
+def add_commands(sub: Any, common: Common) -> None:
+    def group(name: str, help_text: str) -> Any:
+        parser = sub.add_parser(name, help=help_text)
+        actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
+        actions.required = True
+        return actions
+
+    def command(actions: Any, name: str, help_text: str, run: Any, *ids: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        for ident in ids:
+            parser.add_argument(ident)
+        common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.set_defaults(run=run)
+        return parser
+
+    datasets = group("dataset", "the dataset catalogue")
+    for name, run in (("create", dataset_create), ("update", dataset_update)):
+        p = command(datasets, name, f"{name} a dataset", run, *(("dataset_id",) if name == "update" else ()))
+        p.add_argument(
+            "--file", help="JSON file (or - for stdin) with the dataset's fields; flags override it"
+        )
+        if name == "create":
+            p.add_argument("--id")
+        p.add_argument("--name")
+        p.add_argument("--provider", help="owning provider department")
+        p.add_argument("--upstream-url")
+        p.add_argument("--classification", type=int, help="1-4")
+        p.add_argument("--open-class", choices=("open", "conditional", "closed"))
+        p.add_argument("--free-monthly-calls", type=int)
+        p.add_argument("--per-call-fen", help="decimal, up to 4 places")
+        p.add_argument("--per-record-fen", help="decimal, up to 4 places")
+        p.add_argument(
+            "--tier", type=_tier, action="append", default=[], help="UP_TO:PER_CALL_FEN, repeatable"
+        )
+        p.add_argument("--split", type=_split, help="revenue split PROVIDER,OPERATOR,PUBLIC_FUND")
+        p.add_argument("--burst-per-second", type=float)
+        p.add_argument("--burst-capacity", type=int)
+        p.add_argument("--timeout", type=float, help="upstream timeout in seconds")
+        p.add_argument("--description")
+    command(datasets, "list", "list datasets", dataset_list)
+    command(datasets, "show", "show a dataset", dataset_show, "dataset_id")
+
+    licensees = group("licensee", "licensed organisations")
+    p = command(licensees, "create", "register a licensee", licensee_create)
+    p.add_argument("--file")
+    p.add_argument("--id")
+    p.add_argument("--name")
+    p.add_argument("--credit-code", help="18-character unified social credit code")
+    p.add_argument("--contact")
+    command(licensees, "list", "list licensees", licensee_list)
+    command(licensees, "show", "show a licensee", licensee_show, "licensee_id")
+
+    licences = group("licence", "operator licences")
+    p = command(licences, "create", "issue a licence", licence_create)
+    p.add_argument("--file")
+    p.add_argument("--id")
+    p.add_argument("--licensee", help="licensee id")
+    p.add_argument("--dataset", action="append", default=[], help="dataset id or provider/*, repeatable")
+    p.add_argument("--max-classification", type=int)
+    p.add_argument("--purpose", action="append", default=[], choices=schemas.PURPOSES, help="repeatable")
+    p.add_argument("--valid-from", help="RFC 3339 time")
+    p.add_argument("--valid-until", help="RFC 3339 time")
+    p.add_argument("--security-officer")
+    p.add_argument("--conditions")
+    p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
+    p.add_argument("--prepaid-calls", type=int)
+    p.add_argument("--credit-limit-fen", type=int)
+    p = command(licences, "list", "list licences", licence_list)
+    p.add_argument("--licensee")
+    command(licences, "show", "show a licence", licence_show, "licence_id")
+    for action in ("suspend", "resume", "revoke"):
+        command(licences, action, f"{action} a licence", _licence_action(action), "licence_id")
+
+    apps = group("app", "client applications")
+    p = command(apps, "create", "register an app", app_create)
+    p.add_argument("--file")
+    p.add_argument("--id")
+    p.add_argument("--licensee", help="licensee id")
+    p.add_argument("--name")
+    p.add_argument(
+        "--jwks", help="JWKS file of public keys, for private_key_jwt (otherwise a secret is made)"
+    )
+    p = command(apps, "list", "list apps", app_list)
+    p.add_argument("--licensee")
+    command(apps, "disable", "disable an app", _app_switch(False), "app_id")
+    command(apps, "enable", "enable an app", _app_switch(True), "app_id")
+
+    tokens = group("admin-token", "admin API tokens")
+    p = command(tokens, "create", "create an admin token (printed once)", admin_token_create)
+    p.add_argument("--role", required=True, choices=schemas.ROLES)
+    p.add_argument("--licensee", help="for role licensee: the licensee it may see")
+    p.add_argument("--description")
+    command(tokens, "list", "list admin tokens", admin_token_list)
+    command(tokens, "revoke", "revoke an admin token", admin_token_revoke, "token_id")

@@ -1,0 +1,42 @@
+"""Prometheus metrics. Labels are dataset ids from the catalogue (unknown ids
+collapse to ``unknown``) and problem codes, never raw paths or caller ids."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.data_calls = Counter(
+            "pdg_data_calls",
+            "Data-plane calls by dataset and outcome (status class or problem code).",
+            ["dataset", "outcome"],
+            registry=self.registry,
+        )
+        self.data_latency = Histogram(
+            "pdg_data_call_seconds",
+            "Data-plane call latency, gateway in to last byte out.",
+            ["dataset"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.tokens_issued = Counter(
+            "pdg_tokens_issued",
+            "Access tokens issued, by client authentication method.",
+            ["method"],
+            registry=self.registry,
+        )
+        self.token_refusals = Counter(
+            "pdg_token_refusals",
+            "Token endpoint refusals by problem code.",
+            ["code"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

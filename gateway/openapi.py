@@ -1,0 +1,121 @@
+"""The OpenAPI 3.1 document of the admin API, generated from the route table
+and the pydantic models that validate the payloads (JSON Schema 2020-12,
+which OpenAPI 3.1 uses as is)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic.json_schema import models_json_schema
+
+from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.admin import Route
+
+_PROBLEM = {
+    "type": "object",
+    "required": ["type", "title", "status", "code"],
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string", "description": "the call id"},
+        "code": {"type": "string", "description": "stable problem code (DESIGN §3)"},
+        "field": {"type": "string", "description": "the request field at fault, for 400s"},
+    },
+}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
+@functools.cache
+def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
+    models = {m for r in routes for m in (r.request_model, r.response_model) if m is not None}
+    ordered = sorted(models, key=lambda m: m.__name__)
+    keys = [
+        (m, "validation" if any(r.request_model is m for r in routes) else "serialization") for m in ordered
+    ]
+    mapping, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    schemas["Problem"] = _PROBLEM
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        path = "/admin/v1" + route.path
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "tags": [route.path.split("/")[1]],
+            "security": [{"adminToken": []}],
+            "x-pdg-permission": route.permission,
+            "responses": {
+                "400": _problem("malformed request; `field` names the first bad field"),
+                "401": _problem("no or invalid admin token"),
+                "403": _problem("the token's role may not do this"),
+            },
+        }
+        parameters = (
+            [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+            if "{id}" in route.path
+            else []
+        )
+        parameters += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in route.query
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        if route.request_model is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": mapping[(route.request_model, "validation")]}},
+            }
+        if route.response_model is not None:
+            ref = (
+                mapping[(route.response_model, "serialization")]
+                if (route.response_model, "serialization") in mapping
+                else mapping[(route.response_model, "validation")]
+            )
+            schema = {"type": "array", "items": ref} if route.response_list else ref
+            operation["responses"][str(route.status)] = {
+                "description": "OK" if route.status == 200 else "Created",
+                "content": {"application/json": {"schema": schema}},
+            }
+        if "{id}" in route.path:
+            operation["responses"]["404"] = _problem("no such resource")
+        if route.method == "POST" and route.status == 201:
+            operation["responses"]["409"] = _problem("conflicts with an existing resource")
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pdg admin API",
+            "version": __version__,
+            "description": "Catalogue, licensees, licences and apps of the Public Data Gateway. "
+            "Ids are strings, times RFC 3339, money in fen. Errors are RFC 9457 problem JSON.",
+        },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`pdg admin-token create --role ROLE`",
+                }
+            },
+        },
+    }
+
+
+def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
+    return _build(tuple(routes))

@@ -1,0 +1,110 @@
+"""RFC 9457 problem details: the one place where errors become responses.
+
+Every error the gateway produces is a :class:`licensing.errors.GatewayError`
+(or is mapped to one here) and leaves as ``application/problem+json`` with
+``type``, ``title``, ``status``, ``detail``, ``instance`` (the call id) and the
+stable ``code`` of DESIGN §3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from licensing.errors import GatewayError
+from licensing.ids import new_call_id
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE_BASE = "https://pdg.dev/problems/"
+REQUEST_CALL_ID = "pdg.call_id"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: ("bad-request", "Bad request"),
+    401: ("token-required", "Authentication required"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("request-too-large", "Request body too large"),
+    414: ("bad-request", "URI too long"),
+    431: ("bad-request", "Request header fields too large"),
+}
+
+
+def call_id_of(request: web.Request) -> str:
+    """The call id of this request, made on first use."""
+    call_id = request.get(REQUEST_CALL_ID)
+    if not isinstance(call_id, str):
+        call_id = new_call_id()
+        request[REQUEST_CALL_ID] = call_id
+    return call_id
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    instance: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.Response:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "code": code,
+    }
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
+    response = web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/problem+json", headers=headers
+    )
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Call-Id"] = instance
+    return response
+
+
+def render(error: GatewayError, request: web.Request) -> web.Response:
+    return problem_response(
+        error.http_status,
+        error.code,
+        error.title,
+        error.detail,
+        call_id_of(request),
+        error.headers,
+        error.extra,
+    )
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return render(error, request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, title = _HTTP_CODES.get(
+            exc.status, ("bad-request" if exc.status < 500 else "internal-error", exc.reason)
+        )
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        return problem_response(exc.status, code, title, exc.reason, call_id_of(request), headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.rel_url.path)
+        return problem_response(
+            500,
+            "internal-error",
+            "Internal error",
+            "the gateway failed unexpectedly; the call id identifies it in the logs",
+            call_id_of(request),
+        )

@@ -1,0 +1,287 @@
+"""The data plane: ``/data/{dataset}/{path...}``.
+
+One path for every call (DESIGN §1): authenticate the token, apply the licence
+rules, then forward to the dataset's upstream as ``{upstream}/{path}?{query}``
+and stream the answer back.
+
+Forwarding rules:
+
+- request and response bodies stream in both directions; a request body over
+  ``proxy.max_body_bytes`` is refused with 413 (by ``Content-Length`` before
+  anything is sent, or while streaming a chunked body);
+- hop-by-hop headers (RFC 9110 §7.6.1, and any named in ``Connection``) are
+  stripped both ways; the caller's ``Authorization``, ``DPoP``, ``Cookie`` and
+  ``Proxy-*`` headers never go upstream;
+- ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` are set (extended only when the
+  peer is a trusted proxy), ``X-Request-Id`` is passed on or made;
+- upstream redirects are never followed or relayed (502), so an upstream can
+  not bounce a caller elsewhere; ``304 Not Modified`` is relayed;
+- the path is taken from the raw request target, segment by segment: dot
+  segments, encoded dots or slashes (also double-encoded), backslashes and
+  control characters are refused, so no path leaves the upstream's prefix;
+- upstream 5xx, timeouts and connection errors become ``upstream-unavailable``
+  problems (502 / 504 / 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.problems import call_id_of
+from gateway.state import CATALOGUE, METRICS, SETTINGS, TOKENS, UPSTREAM
+from licensing.catalogue import Grant
+from licensing.errors import (
+    BadRequestError,
+    GatewayError,
+    InvalidTokenError,
+    RequestTooLargeError,
+    TokenRequiredError,
+    UpstreamUnavailableError,
+)
+from storage.db import utcnow
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+NEVER_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "dpop",
+    "cookie",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "forwarded",
+    "expect",
+}
+NEVER_DOWNSTREAM = HOP_BY_HOP | {"content-length", "x-call-id", "set-cookie", "server"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_BAD_DECODED = re.compile(r"[/\\\x00-\x1f\x7f]|%(2e|2f|5c|25)", re.IGNORECASE)
+_WWW_AUTH = 'Bearer realm="pdg"'
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if not header:
+        raise TokenRequiredError(
+            "send an access token: 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": _WWW_AUTH}
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() not in ("bearer", "dpop") or not token or " " in token:
+        raise InvalidTokenError(
+            "the Authorization header must be 'Bearer <token>'",
+            headers={"WWW-Authenticate": f'{_WWW_AUTH}, error="invalid_request"'},
+        )
+    return token
+
+
+def upstream_path(raw_path: str) -> tuple[str, str]:
+    """Split the raw target ``/data/{dataset}/{rest}?{query}`` into the dataset
+    id and the checked, still-encoded rest (with its query)."""
+    target, sep, query = raw_path.partition("?")
+    segments = target.split("/")
+    if len(segments) < 3 or segments[1] != "data" or not segments[2]:
+        raise BadRequestError("the path must be /data/{dataset}/{path}")
+    dataset = unquote(segments[2])
+    rest = segments[3:]
+    for segment in rest:
+        decoded = unquote(segment)
+        if decoded in (".", "..") or _BAD_DECODED.search(decoded):
+            raise BadRequestError(
+                "the path may not contain dot segments, encoded slashes or control characters"
+            )
+    path = "/".join(rest)
+    return dataset, path + (sep + query if sep else "")
+
+
+def _trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
+    if not peer or not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net, strict=False) for net in trusted)
+
+
+def _forward_headers(
+    request: web.Request, call_id: str, trusted_proxies: tuple[str, ...]
+) -> CIMultiDict[str]:
+    connection_named = {
+        name.strip().lower()
+        for value in request.headers.getall("Connection", [])
+        for name in value.split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in NEVER_UPSTREAM or lower in connection_named or lower.startswith("proxy-"):
+            continue
+        headers.add(name, value)
+    peer = request.remote or ""
+    if _trusted(peer, trusted_proxies):
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    else:
+        headers["X-Forwarded-For"] = peer
+        headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    incoming = request.headers.get("X-Request-Id", "")
+    headers["X-Request-Id"] = incoming if _REQUEST_ID.match(incoming) else call_id
+    if request.body_exists and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers
+
+
+async def _limited(content: aiohttp.StreamReader, limit: int, exceeded: list[bool]) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            exceeded[0] = True
+            raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
+        yield chunk
+
+
+async def handle_data(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    started = time.perf_counter()
+    call_id = call_id_of(request)
+    metrics = app[METRICS]
+    dataset_label = "unknown"
+    try:
+        token = _bearer(request)
+        claims = await app[TOKENS].verify(token)
+        dataset_id, rest = upstream_path(request.raw_path)
+        catalogue = app[CATALOGUE].current
+        grant = catalogue.authorize(
+            app_id=claims.app_id,
+            licence_id=claims.licence_id,
+            token_datasets=claims.datasets,
+            purpose=claims.purpose,
+            dataset_id=dataset_id,
+            now=utcnow(),
+        )
+        dataset_label = grant.dataset.id
+        response = await _forward(request, grant, rest, call_id)
+    except GatewayError as error:
+        metrics.data_calls.labels(dataset_label, error.code).inc()
+        raise
+    metrics.data_calls.labels(dataset_label, f"{response.status // 100}xx").inc()
+    metrics.data_latency.labels(dataset_label).observe(time.perf_counter() - started)
+    return response
+
+
+async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    limit = settings.proxy.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
+    base = str(grant.dataset.upstream).rstrip("/")
+    url = URL(f"{base}/{rest}", encoded=True)
+    headers = _forward_headers(request, call_id, settings.server.trusted_proxies)
+    timeout_s = grant.dataset.timeout_seconds or settings.proxy.default_timeout_seconds
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    exceeded = [False]
+    body = _limited(request.content, limit, exceeded) if request.body_exists else None
+    session = request.app[UPSTREAM]
+    try:
+        async with session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
+            compress=None,
+            auto_decompress=False,
+        ) as upstream:
+            return await _relay(request, upstream, grant, call_id)
+    except RequestTooLargeError:
+        raise
+    except TimeoutError as exc:
+        raise UpstreamUnavailableError(
+            f"upstream of {grant.dataset.id} timed out after {timeout_s:g} s", status=504
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnavailableError(f"upstream of {grant.dataset.id} is unreachable", status=503) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        if exceeded[0]:
+            raise RequestTooLargeError(f"the request body exceeds {limit} bytes") from exc
+        raise UpstreamUnavailableError(
+            f"upstream of {grant.dataset.id} failed: {type(exc).__name__}"
+        ) from exc
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, grant: Grant, call_id: str
+) -> web.StreamResponse:
+    status = upstream.status
+    if 300 <= status < 400 and status != 304:
+        raise UpstreamUnavailableError(
+            f"upstream of {grant.dataset.id} answered with a redirect ({status}); redirects are not relayed",
+            upstream_status=status,
+        )
+    if status >= 500:
+        headers = (
+            {"Retry-After": upstream.headers["Retry-After"]} if "Retry-After" in upstream.headers else None
+        )
+        raise UpstreamUnavailableError(
+            f"upstream of {grant.dataset.id} answered {status}", headers=headers, upstream_status=status
+        )
+    connection_named = {
+        name.strip().lower()
+        for value in upstream.headers.getall("Connection", [])
+        for name in value.split(",")
+    }
+    response = web.StreamResponse(status=status, reason=upstream.reason)
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower not in NEVER_DOWNSTREAM and lower not in connection_named:
+            response.headers.add(name, value)
+    response.headers["X-Call-Id"] = call_id
+    if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
+        response.content_length = upstream.content_length
+    elif upstream.content_length is not None:
+        response.headers["Content-Length"] = str(upstream.content_length)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
+        # Headers are gone already: the only honest signal left is to cut the
+        # connection, so the caller sees an incomplete body, not a short one.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_route("*", "/data/{dataset}/{path:.*}", handle_data)
+    app.router.add_route("*", "/data/{dataset}", handle_data)

@@ -1,0 +1,30 @@
+"""Application state, shared through typed ``web.AppKey`` entries."""
+
+from __future__ import annotations
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from config.settings import Settings
+from gateway.metrics import Metrics
+from licensing.admin_tokens import AdminTokens
+from licensing.catalogue import CatalogueCache
+from licensing.clients import ClientAuthenticator
+from licensing.registry import Registry
+from licensing.tokens import TokenService
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", AsyncEngine)
+SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+REDIS = web.AppKey("redis", aioredis.Redis)
+CATALOGUE = web.AppKey("catalogue", CatalogueCache)
+REGISTRY = web.AppKey("registry", Registry)
+ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)
+TOKENS = web.AppKey("tokens", TokenService)
+CLIENTS = web.AppKey("clients", ClientAuthenticator)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", Metrics)
+#: False once shutdown begins, so readiness fails before connections drain.
+ACCEPTING = web.AppKey("accepting", list[bool])

@@ -1,0 +1,263 @@
+"""The in-memory view of the catalogue, licences and apps that every data call
+is checked against, and the rules of DESIGN §3 that decide a call.
+
+The view is immutable and swapped whole. It is rebuilt right after a change
+made through this process, and every ``catalogue_refresh_seconds`` a replica
+compares the database's catalogue version with its own, so changes made
+elsewhere (another replica, the CLI) take effect everywhere within about a
+second (DESIGN §7 promises two).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from yarl import URL
+
+from licensing.errors import (
+    DatasetClosedError,
+    DatasetNotLicensedError,
+    InvalidTokenError,
+    LicenceInactiveError,
+    PurposeNotAllowedError,
+    UnknownDatasetError,
+)
+from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetView:
+    id: str
+    name: str
+    provider: str
+    upstream: URL
+    classification: int
+    open_class: str
+    free_monthly_calls: int
+    per_call_e4: int
+    per_record_e4: int
+    burst_per_second: float
+    burst_capacity: int
+    timeout_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LicenceView:
+    id: str
+    licensee_id: str
+    dataset_ids: frozenset[str]
+    providers: frozenset[str]
+    max_classification: int
+    purposes: frozenset[str]
+    valid_from: datetime
+    valid_until: datetime
+    status: str
+    free_monthly_calls: int | None
+    paid_credit_limit_fen: int | None
+    paid_prepaid_calls: int | None
+
+    def effective_status(self, now: datetime) -> str:
+        """``active``, ``suspended``, ``revoked``, ``expired`` or ``not-yet-valid``."""
+        if self.status != "active":
+            return self.status
+        if now < self.valid_from:
+            return "not-yet-valid"
+        if now >= self.valid_until:
+            return "expired"
+        return "active"
+
+    def covers(self, dataset: DatasetView) -> bool:
+        """The dataset is in scope by id or by ``provider/*``."""
+        return dataset.id in self.dataset_ids or dataset.provider in self.providers
+
+
+@dataclass(frozen=True, slots=True)
+class AppView:
+    id: str
+    licensee_id: str
+    name: str
+    enabled: bool
+    auth_method: str
+    secret_hash: str | None
+    jwks: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the rules allowed for one call."""
+
+    app: AppView
+    licence: LicenceView
+    dataset: DatasetView
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    version: int = -1
+    datasets: Mapping[str, DatasetView] = field(default_factory=dict)
+    licences: Mapping[str, LicenceView] = field(default_factory=dict)
+    apps: Mapping[str, AppView] = field(default_factory=dict)
+
+    def authorize(
+        self,
+        *,
+        app_id: str,
+        licence_id: str,
+        token_datasets: frozenset[str],
+        purpose: str,
+        dataset_id: str,
+        now: datetime,
+    ) -> Grant:
+        """Apply the licence rules to one data call, in a fixed order; the first
+        rule that fails names the problem."""
+        app = self.apps.get(app_id)
+        if app is None or not app.enabled:
+            raise InvalidTokenError("the app of this token is unknown or disabled")
+        licence = self.licences.get(licence_id)
+        if licence is None or licence.licensee_id != app.licensee_id:
+            raise InvalidTokenError("the licence of this token does not belong to its app")
+        state = licence.effective_status(now)
+        if state != "active":
+            raise LicenceInactiveError(f"licence {licence.id} is {state}")
+        dataset = self.datasets.get(dataset_id)
+        if dataset is None:
+            raise UnknownDatasetError(f"no dataset {dataset_id!r} in the catalogue")
+        if dataset.open_class == "closed":
+            raise DatasetClosedError(f"dataset {dataset.id} is on the negative list and is never served")
+        if not token_covers(token_datasets, dataset):
+            raise DatasetNotLicensedError(f"this token was not issued for dataset {dataset.id}")
+        if not licence.covers(dataset):
+            raise DatasetNotLicensedError(f"licence {licence.id} does not grant dataset {dataset.id}")
+        if dataset.classification > licence.max_classification:
+            raise DatasetNotLicensedError(
+                f"dataset {dataset.id} is classification {dataset.classification}; "
+                f"licence {licence.id} allows up to {licence.max_classification}"
+            )
+        if purpose not in licence.purposes:
+            raise PurposeNotAllowedError(f"licence {licence.id} does not grant purpose {purpose}")
+        return Grant(app=app, licence=licence, dataset=dataset, purpose=purpose)
+
+
+def token_covers(token_datasets: frozenset[str], dataset: DatasetView) -> bool:
+    return dataset.id in token_datasets or f"{dataset.provider}/*" in token_datasets
+
+
+def _dataset_view(row: DatasetRow) -> DatasetView:
+    return DatasetView(
+        id=row.id,
+        name=row.name,
+        provider=row.provider,
+        upstream=URL(row.upstream_url),
+        classification=row.classification,
+        open_class=row.open_class,
+        free_monthly_calls=row.free_monthly_calls,
+        per_call_e4=row.per_call_e4,
+        per_record_e4=row.per_record_e4,
+        burst_per_second=row.burst_per_second,
+        burst_capacity=row.burst_capacity,
+        timeout_seconds=row.timeout_seconds,
+    )
+
+
+def _licence_view(row: LicenceRow) -> LicenceView:
+    return LicenceView(
+        id=row.id,
+        licensee_id=row.licensee_id,
+        dataset_ids=frozenset(d for d in row.datasets if not d.endswith("/*")),
+        providers=frozenset(d[:-2] for d in row.datasets if d.endswith("/*")),
+        max_classification=row.max_classification,
+        purposes=frozenset(row.purposes),
+        valid_from=row.valid_from,
+        valid_until=row.valid_until,
+        status=row.status,
+        free_monthly_calls=row.free_monthly_calls,
+        paid_credit_limit_fen=row.paid_credit_limit_fen,
+        paid_prepaid_calls=row.paid_prepaid_calls,
+    )
+
+
+def _app_view(row: AppRow) -> AppView:
+    return AppView(
+        id=row.id,
+        licensee_id=row.licensee_id,
+        name=row.name,
+        enabled=row.enabled,
+        auth_method=row.auth_method,
+        secret_hash=row.secret_hash,
+        jwks=row.jwks,
+    )
+
+
+async def current_version(session: AsyncSession) -> int:
+    return int((await session.execute(select(CatalogueVersionRow.version))).scalar_one())
+
+
+async def load_catalogue(sessions: async_sessionmaker[AsyncSession]) -> Catalogue:
+    async with sessions() as session, session.begin():
+        version = await current_version(session)
+        datasets = (await session.execute(select(DatasetRow))).scalars().all()
+        licences = (await session.execute(select(LicenceRow))).scalars().all()
+        apps = (await session.execute(select(AppRow))).scalars().all()
+    return Catalogue(
+        version=version,
+        datasets={r.id: _dataset_view(r) for r in datasets},
+        licences={r.id: _licence_view(r) for r in licences},
+        apps={r.id: _app_view(r) for r in apps},
+    )
+
+
+class CatalogueCache:
+    """Holds the current :class:`Catalogue` and keeps it fresh."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], refresh_seconds: float = 1.0) -> None:
+        self._sessions = sessions
+        self._refresh_seconds = refresh_seconds
+        self._lock = asyncio.Lock()
+        self.current = Catalogue()
+        #: False after a failed poll, so readiness can report it.
+        self.healthy = True
+
+    async def reload(self) -> Catalogue:
+        async with self._lock:
+            self.current = await load_catalogue(self._sessions)
+            return self.current
+
+    async def _poll_once(self) -> None:
+        async with self._sessions() as session:
+            version = await current_version(session)
+        if version != self.current.version:
+            await self.reload()
+
+    async def watch(self) -> None:
+        """Poll the database's catalogue version until cancelled."""
+        while True:
+            await asyncio.sleep(self._refresh_seconds)
+            try:
+                await self._poll_once()
+                self.healthy = True
+            except Exception:
+                if self.healthy:
+                    log.warning("catalogue refresh failed; serving the last loaded view", exc_info=True)
+                self.healthy = False
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        await self.reload()
+        task = asyncio.create_task(self.watch(), name="catalogue-watch")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,157 @@
+"""OAuth 2.0 client authentication at the token endpoint.
+
+Three methods (RFC 6749 §2.3, OpenID Connect Core §9, RFC 7523):
+
+- ``client_secret_basic``: HTTP Basic with the form-urlencoded id and secret;
+- ``client_secret_post``: ``client_id`` and ``client_secret`` in the form;
+- ``private_key_jwt``: a JWT signed by a key in the app's registered JWKS,
+  ``iss`` = ``sub`` = the client id, ``aud`` = our token endpoint or issuer,
+  a short ``exp`` and a ``jti`` that is accepted once (replays are refused).
+
+A request that uses more than one method, or none, is refused. Secrets are
+compared against their Argon2id hashes only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import unquote_plus
+
+import jwt
+
+from licensing.catalogue import AppView, Catalogue
+from licensing.errors import BadRequestError, InvalidClientError
+from licensing.secrets import verify_secret_async
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: Algorithms a client's key may sign assertions with, by key type / curve.
+_ALGORITHMS: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("EC", "P-256"): ("ES256",),
+    ("EC", "P-384"): ("ES384",),
+    ("EC", "P-521"): ("ES512",),
+    ("RSA", None): ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    ("OKP", "Ed25519"): ("EdDSA",),
+}
+
+FirstUse = Callable[[str, int], Awaitable[bool]]
+
+
+def _invalid(detail: str) -> InvalidClientError:
+    return InvalidClientError(
+        detail, headers={"WWW-Authenticate": 'Basic realm="pdg"'}, error="invalid_client"
+    )
+
+
+def _basic_credentials(authorization: str) -> tuple[str, str]:
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        raise BadRequestError(
+            "only Basic authorization is accepted at the token endpoint", error="invalid_request"
+        )
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise _invalid("malformed Basic credentials") from exc
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise _invalid("malformed Basic credentials")
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+class ClientAuthenticator:
+    def __init__(self, *, audiences: list[str], max_assertion_age: int, first_use: FirstUse) -> None:
+        self._audiences = audiences
+        self._max_age = max_assertion_age
+        self._first_use = first_use
+
+    async def authenticate(
+        self, catalogue: Catalogue, authorization: str | None, form: Mapping[str, str]
+    ) -> tuple[AppView, str]:
+        """The authenticated app and the method it used."""
+        methods = []
+        if authorization:
+            methods.append("client_secret_basic")
+        if "client_secret" in form:
+            methods.append("client_secret_post")
+        if "client_assertion" in form or "client_assertion_type" in form:
+            methods.append("private_key_jwt")
+        if len(methods) != 1:
+            if not methods:
+                raise _invalid(
+                    "no client authentication (use client_secret_basic, client_secret_post "
+                    "or private_key_jwt)"
+                )
+            raise BadRequestError("use exactly one client authentication method", error="invalid_request")
+        method = methods[0]
+        if method == "private_key_jwt":
+            return await self._private_key_jwt(catalogue, form), method
+        if method == "client_secret_basic":
+            client_id, secret = _basic_credentials(authorization or "")
+            if form.get("client_id") not in (None, client_id):
+                raise BadRequestError(
+                    "client_id in the form differs from the Basic credentials", error="invalid_request"
+                )
+        else:
+            client_id, secret = form.get("client_id", ""), form["client_secret"]
+        app = catalogue.apps.get(client_id)
+        stored = app.secret_hash if app is not None else None
+        if app is None or stored is None or not await verify_secret_async(stored, secret):
+            raise _invalid("unknown client or wrong secret")
+        return app, method
+
+    async def _private_key_jwt(self, catalogue: Catalogue, form: Mapping[str, str]) -> AppView:
+        if form.get("client_assertion_type") != JWT_BEARER:
+            raise BadRequestError(f"client_assertion_type must be {JWT_BEARER}", error="invalid_request")
+        assertion = form.get("client_assertion", "")
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.InvalidTokenError as exc:
+            raise _invalid("client_assertion is not a well-formed JWT") from exc
+        client_id = unverified.get("iss")
+        if not isinstance(client_id, str) or unverified.get("sub") != client_id:
+            raise _invalid("client_assertion must have iss = sub = client_id")
+        if form.get("client_id") not in (None, client_id):
+            raise _invalid("client_id differs from the assertion's issuer")
+        if "crit" in header or any(h in header for h in ("jku", "jwk", "x5u", "x5c")):
+            raise _invalid("client_assertion header carries fields this gateway does not accept")
+        app = catalogue.apps.get(client_id)
+        if app is None or app.jwks is None:
+            raise _invalid("unknown client, or it has no registered keys")
+        key, alg = _pick_key(app.jwks, header)
+        try:
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=[alg],
+                audience=self._audiences,
+                issuer=client_id,
+                leeway=10,
+                options={"require": ["exp", "iss", "sub", "aud", "jti"]},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise _invalid(f"client_assertion rejected: {type(exc).__name__}") from exc
+        lifetime = int(claims["exp"] - time.time())
+        if lifetime > self._max_age:
+            raise _invalid(f"client_assertion lives too long (at most {self._max_age} s)")
+        if not await self._first_use(f"{client_id}:{claims['jti']}", max(lifetime, 1) + 10):
+            raise _invalid("client_assertion has been used before")
+        return app
+
+
+def _pick_key(jwks: Mapping[str, Any], header: Mapping[str, Any]) -> tuple[Any, str]:
+    alg = header.get("alg")
+    kid = header.get("kid")
+    candidates = [k for k in jwks.get("keys", []) if kid is None or k.get("kid") == kid]
+    for jwk in candidates:
+        allowed = _ALGORITHMS.get((jwk.get("kty"), jwk.get("crv") if jwk.get("kty") != "RSA" else None), ())
+        if alg in allowed and jwk.get("alg", alg) == alg:
+            try:
+                return jwt.PyJWK(dict(jwk), algorithm=alg).key, alg
+            except jwt.PyJWKError as exc:
+                raise _invalid("the registered key cannot be used") from exc
+    raise _invalid("no registered key matches the assertion's kid and alg")

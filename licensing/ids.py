@@ -1,0 +1,25 @@
+"""Identifiers: readable prefixed ids for resources, UUIDv7 for calls."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+
+
+def new_id(prefix: str) -> str:
+    """``prefix`` + 12 random hex characters, e.g. ``licence-3f9a1c2b7d10``."""
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def new_call_id() -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so call ids sort by arrival."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 68) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))

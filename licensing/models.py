@@ -1,0 +1,121 @@
+"""Tables of the catalogue and of licensing.
+
+Prices are stored as integers in units of 1/10000 fen (``*_e4``) so that the
+four decimal places a unit price may have survive every backend exactly;
+revenue splits are stored in basis points of 1/10000.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.db import Base, UTCDateTime, utcnow
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(64), index=True)
+    upstream_url: Mapped[str] = mapped_column(String(1000))
+    classification: Mapped[int] = mapped_column(Integer)
+    open_class: Mapped[str] = mapped_column(String(16))
+    free_monthly_calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    per_call_e4: Mapped[int] = mapped_column(BigInteger, default=0)
+    per_record_e4: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: ``[{"up_to": int | None, "per_call_e4": int}, ...]``
+    tiers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    split_provider: Mapped[int] = mapped_column(Integer)
+    split_operator: Mapped[int] = mapped_column(Integer)
+    split_public_fund: Mapped[int] = mapped_column(Integer)
+    burst_per_second: Mapped[float] = mapped_column(Float)
+    burst_capacity: Mapped[int] = mapped_column(Integer)
+    timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class LicenseeRow(Base):
+    __tablename__ = "licensees"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    credit_code: Mapped[str] = mapped_column(String(18), unique=True)
+    contact: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LicenceRow(Base):
+    __tablename__ = "licences"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    licensee_id: Mapped[str] = mapped_column(ForeignKey("licensees.id"), index=True)
+    datasets: Mapped[list[str]] = mapped_column(JSON)
+    max_classification: Mapped[int] = mapped_column(Integer)
+    purposes: Mapped[list[str]] = mapped_column(JSON)
+    valid_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    valid_until: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))
+    security_officer: Mapped[str] = mapped_column(String(200))
+    conditions: Mapped[str] = mapped_column(Text, default="")
+    free_monthly_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    paid_credit_limit_fen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    paid_prepaid_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class AppRow(Base):
+    __tablename__ = "apps"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    licensee_id: Mapped[str] = mapped_column(ForeignKey("licensees.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    #: ``client_secret`` (basic or post) or ``private_key_jwt``.
+    auth_method: Mapped[str] = mapped_column(String(32))
+    #: Argon2id hash of the client secret; never the secret itself.
+    secret_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AdminTokenRow(Base):
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))
+    licensee_id: Mapped[str | None] = mapped_column(ForeignKey("licensees.id"), nullable=True)
+    #: Argon2id hash of the token's secret part.
+    token_hash: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class SigningKeyRow(Base):
+    """Public halves of the keys that sign access tokens, shared by all replicas."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_jwk: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class CatalogueVersionRow(Base):
+    """One row whose counter moves on every catalogue or licence change; each
+    replica polls it to know when to reload its in-memory view."""
+
+    __tablename__ = "catalogue_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

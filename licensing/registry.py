@@ -1,0 +1,339 @@
+"""The service layer of the catalogue and of licensing: datasets, licensees,
+licences, apps. The admin API and the ``pdg`` command groups both call it.
+
+Every change bumps the catalogue version in the same transaction, so every
+replica's in-memory view notices it (``licensing.catalogue``). Each method is
+one transaction: it is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from licensing import schemas
+from licensing.errors import ConflictError, NotFoundError, ValidationFailedError
+from licensing.ids import new_id
+from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow, LicenseeRow
+from licensing.secrets import hash_secret_async, new_secret
+from storage.db import utcnow
+
+OnChange = Callable[[], Awaitable[Any]]
+
+
+async def _bump(session: AsyncSession) -> None:
+    await session.execute(update(CatalogueVersionRow).values(version=CatalogueVersionRow.version + 1))
+
+
+# -- row <-> resource ---------------------------------------------------------
+
+
+def dataset_out(row: DatasetRow) -> schemas.Dataset:
+    return schemas.Dataset(
+        id=row.id,
+        name=row.name,
+        provider=row.provider,
+        upstream_url=row.upstream_url,
+        classification=row.classification,
+        open_class=row.open_class,  # type: ignore[arg-type]
+        free_monthly_calls=row.free_monthly_calls,
+        price=schemas.Price(
+            per_call_fen=schemas.e4_to_fen(row.per_call_e4),
+            per_record_fen=schemas.e4_to_fen(row.per_record_e4),
+            tiers=[
+                schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
+                for t in row.tiers
+            ],
+        ),
+        revenue_split=schemas.RevenueSplit(
+            provider=schemas.e4_to_fen(row.split_provider),
+            operator=schemas.e4_to_fen(row.split_operator),
+            public_fund=schemas.e4_to_fen(row.split_public_fund),
+        ),
+        burst=schemas.Burst(per_second=row.burst_per_second, capacity=row.burst_capacity),
+        timeout_seconds=row.timeout_seconds,
+        description=row.description,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPatch) -> None:
+    fields = data.model_fields_set if isinstance(data, schemas.DatasetPatch) else set(type(data).model_fields)
+    for name in ("name", "provider", "classification", "open_class", "free_monthly_calls", "description"):
+        if name in fields and getattr(data, name) is not None:
+            setattr(row, name, getattr(data, name))
+    if "timeout_seconds" in fields:
+        row.timeout_seconds = data.timeout_seconds
+    if "upstream_url" in fields and data.upstream_url is not None:
+        row.upstream_url = str(data.upstream_url).rstrip("/")
+    if "price" in fields and data.price is not None:
+        row.per_call_e4 = schemas.fen_to_e4(data.price.per_call_fen)
+        row.per_record_e4 = schemas.fen_to_e4(data.price.per_record_fen)
+        row.tiers = [
+            {"up_to": t.up_to, "per_call_e4": schemas.fen_to_e4(t.per_call_fen)} for t in data.price.tiers
+        ]
+    if "revenue_split" in fields and data.revenue_split is not None:
+        row.split_provider, row.split_operator, row.split_public_fund = data.revenue_split.basis_points()
+    if "burst" in fields and data.burst is not None:
+        row.burst_per_second, row.burst_capacity = data.burst.per_second, data.burst.capacity
+
+
+def licensee_out(row: LicenseeRow) -> schemas.Licensee:
+    return schemas.Licensee(
+        id=row.id, name=row.name, credit_code=row.credit_code, contact=row.contact, created_at=row.created_at
+    )
+
+
+def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence:
+    now = now or utcnow()
+    status = row.status
+    if status == "active" and now >= row.valid_until:
+        status = "expired"
+    paid = None
+    if row.paid_credit_limit_fen is not None or row.paid_prepaid_calls is not None:
+        paid = schemas.Paid(credit_limit_fen=row.paid_credit_limit_fen, prepaid_calls=row.paid_prepaid_calls)
+    return schemas.Licence.model_construct(
+        id=row.id,
+        licensee_id=row.licensee_id,
+        datasets=list(row.datasets),
+        max_classification=row.max_classification,
+        purposes=list(row.purposes),
+        valid_from=row.valid_from,
+        valid_until=row.valid_until,
+        security_officer=row.security_officer,
+        conditions=row.conditions,
+        free_monthly_calls=row.free_monthly_calls,
+        paid=paid,
+        status=status,
+        stored_status=row.status,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def app_out(row: AppRow, client_secret: str | None = None) -> schemas.App:
+    return schemas.App(
+        id=row.id,
+        client_id=row.id,
+        licensee_id=row.licensee_id,
+        name=row.name,
+        auth_method=row.auth_method,  # type: ignore[arg-type]
+        enabled=row.enabled,
+        created_at=row.created_at,
+        client_secret=client_secret,
+    )
+
+
+# -- the service ----------------------------------------------------------------
+
+
+class Registry:
+    """Catalogue and licensing operations, each one transaction."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_change: OnChange | None = None) -> None:
+        self._sessions = sessions
+        self._on_change = on_change
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    async def _commit(self, session: AsyncSession, what: str) -> None:
+        try:
+            await _bump(session)
+            await session.commit()
+        except IntegrityError as exc:
+            await session.rollback()
+            raise ConflictError(f"{what} conflicts with an existing one") from exc
+
+    # datasets
+    async def create_dataset(self, data: schemas.DatasetIn) -> schemas.Dataset:
+        async with self._sessions() as session:
+            if await session.get(DatasetRow, data.id) is not None:
+                raise ConflictError(f"dataset {data.id} already exists")
+            row = DatasetRow(id=data.id, tiers=[])
+            _apply_dataset(row, data)
+            session.add(row)
+            await self._commit(session, f"dataset {data.id}")
+        await self._changed()
+        return dataset_out(row)
+
+    async def update_dataset(self, dataset_id: str, patch: schemas.DatasetPatch) -> schemas.Dataset:
+        async with self._sessions() as session:
+            row = await session.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFoundError(f"no dataset {dataset_id}")
+            _apply_dataset(row, patch)
+            await self._commit(session, f"dataset {dataset_id}")
+        await self._changed()
+        return dataset_out(row)
+
+    async def get_dataset(self, dataset_id: str) -> schemas.Dataset:
+        async with self._sessions() as session:
+            row = await session.get(DatasetRow, dataset_id)
+        if row is None:
+            raise NotFoundError(f"no dataset {dataset_id}")
+        return dataset_out(row)
+
+    async def list_datasets(self) -> list[schemas.Dataset]:
+        async with self._sessions() as session:
+            rows = (await session.execute(select(DatasetRow).order_by(DatasetRow.id))).scalars().all()
+        return [dataset_out(r) for r in rows]
+
+    # licensees
+    async def create_licensee(self, data: schemas.LicenseeIn) -> schemas.Licensee:
+        async with self._sessions() as session:
+            existing = await session.execute(
+                select(LicenseeRow.id).where(LicenseeRow.credit_code == data.credit_code)
+            )
+            if existing.first() is not None:
+                raise ConflictError(f"a licensee with credit code {data.credit_code} already exists")
+            row = LicenseeRow(
+                id=data.id or new_id("licensee"),
+                name=data.name,
+                credit_code=data.credit_code,
+                contact=data.contact,
+            )
+            if await session.get(LicenseeRow, row.id) is not None:
+                raise ConflictError(f"licensee {row.id} already exists")
+            session.add(row)
+            await self._commit(session, f"licensee {row.id}")
+        return licensee_out(row)
+
+    async def get_licensee(self, licensee_id: str) -> schemas.Licensee:
+        async with self._sessions() as session:
+            row = await session.get(LicenseeRow, licensee_id)
+        if row is None:
+            raise NotFoundError(f"no licensee {licensee_id}")
+        return licensee_out(row)
+
+    async def list_licensees(self, licensee_id: str | None = None) -> list[schemas.Licensee]:
+        query = select(LicenseeRow).order_by(LicenseeRow.id)
+        if licensee_id is not None:
+            query = query.where(LicenseeRow.id == licensee_id)
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).scalars().all()
+        return [licensee_out(r) for r in rows]
+
+    # licences
+    async def create_licence(self, data: schemas.LicenceIn) -> schemas.Licence:
+        async with self._sessions() as session:
+            if await session.get(LicenseeRow, data.licensee_id) is None:
+                raise ValidationFailedError("licensee_id", f"no licensee {data.licensee_id}")
+            row = LicenceRow(
+                id=data.id or new_id("licence"),
+                licensee_id=data.licensee_id,
+                datasets=list(dict.fromkeys(data.datasets)),
+                max_classification=data.max_classification,
+                purposes=list(data.purposes),
+                valid_from=data.valid_from,
+                valid_until=data.valid_until,
+                status="active",
+                security_officer=data.security_officer,
+                conditions=data.conditions,
+                free_monthly_calls=data.free_monthly_calls,
+                paid_credit_limit_fen=data.paid.credit_limit_fen if data.paid else None,
+                paid_prepaid_calls=data.paid.prepaid_calls if data.paid else None,
+            )
+            if await session.get(LicenceRow, row.id) is not None:
+                raise ConflictError(f"licence {row.id} already exists")
+            session.add(row)
+            await self._commit(session, f"licence {row.id}")
+        await self._changed()
+        return licence_out(row)
+
+    async def get_licence(self, licence_id: str) -> schemas.Licence:
+        async with self._sessions() as session:
+            row = await session.get(LicenceRow, licence_id)
+        if row is None:
+            raise NotFoundError(f"no licence {licence_id}")
+        return licence_out(row)
+
+    async def list_licences(self, licensee_id: str | None = None) -> list[schemas.Licence]:
+        query = select(LicenceRow).order_by(LicenceRow.id)
+        if licensee_id is not None:
+            query = query.where(LicenceRow.licensee_id == licensee_id)
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).scalars().all()
+        return [licence_out(r) for r in rows]
+
+    async def set_licence_status(self, licence_id: str, action: str) -> schemas.Licence:
+        """``suspend`` (active -> suspended), ``resume`` (suspended -> active),
+        ``revoke`` (any -> revoked, final)."""
+        target = {"suspend": "suspended", "resume": "active", "revoke": "revoked"}[action]
+        async with self._sessions() as session:
+            row = await session.get(LicenceRow, licence_id)
+            if row is None:
+                raise NotFoundError(f"no licence {licence_id}")
+            allowed = {
+                "suspend": {"active", "suspended"},
+                "resume": {"suspended", "active"},
+                "revoke": {"active", "suspended", "revoked"},
+            }[action]
+            if row.status not in allowed:
+                raise ConflictError(f"licence {licence_id} is {row.status}; it cannot be {target}")
+            row.status = target
+            await self._commit(session, f"licence {licence_id}")
+        await self._changed()
+        return licence_out(row)
+
+    # apps
+    async def create_app(self, data: schemas.AppIn) -> schemas.App:
+        secret = None if data.jwks is not None else new_secret()
+        secret_hash = await hash_secret_async(secret) if secret is not None else None
+        async with self._sessions() as session:
+            if await session.get(LicenseeRow, data.licensee_id) is None:
+                raise ValidationFailedError("licensee_id", f"no licensee {data.licensee_id}")
+            row = AppRow(
+                id=data.id or new_id("app"),
+                licensee_id=data.licensee_id,
+                name=data.name,
+                auth_method="private_key_jwt" if data.jwks is not None else "client_secret",
+                secret_hash=secret_hash,
+                jwks=data.jwks,
+                enabled=True,
+            )
+            if await session.get(AppRow, row.id) is not None:
+                raise ConflictError(f"app {row.id} already exists")
+            session.add(row)
+            await self._commit(session, f"app {row.id}")
+        await self._changed()
+        return app_out(row, client_secret=secret)
+
+    async def get_app(self, app_id: str) -> schemas.App:
+        async with self._sessions() as session:
+            row = await session.get(AppRow, app_id)
+        if row is None:
+            raise NotFoundError(f"no app {app_id}")
+        return app_out(row)
+
+    async def list_apps(self, licensee_id: str | None = None) -> list[schemas.App]:
+        query = select(AppRow).order_by(AppRow.id)
+        if licensee_id is not None:
+            query = query.where(AppRow.licensee_id == licensee_id)
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).scalars().all()
+        return [app_out(r) for r in rows]
+
+    async def set_app_enabled(self, app_id: str, enabled: bool) -> schemas.App:
+        async with self._sessions() as session:
+            row = await session.get(AppRow, app_id)
+            if row is None:
+                raise NotFoundError(f"no app {app_id}")
+            row.enabled = enabled
+            await self._commit(session, f"app {app_id}")
+        await self._changed()
+        return app_out(row)
+
+
+def dump(items: Sequence[Any] | Any) -> Any:
+    """Resources as JSON-ready data."""
+    if isinstance(items, list | tuple):
+        return [i.model_dump(mode="json") for i in items]
+    return items.model_dump(mode="json")

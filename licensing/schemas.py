@@ -1,0 +1,281 @@
+"""The admin API's resource shapes (DESIGN §3), as pydantic models.
+
+They validate input (a 400 problem naming the first bad field) and give the
+OpenAPI document its JSON Schemas. Unit prices are decimal strings with at most
+four decimal places of a fen; revenue-split parts are decimal strings with at
+most four decimal places that sum to exactly 1.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from licensing.credit_code import CreditCodeError, validate_credit_code
+from licensing.errors import ValidationFailedError
+
+Purpose = Literal["public-interest", "industrial"]
+PURPOSES: tuple[str, ...] = ("public-interest", "industrial")
+OpenClass = Literal["open", "conditional", "closed"]
+LicenceStatus = Literal["active", "suspended", "revoked", "expired"]
+Role = Literal["licence-admin", "finance", "auditor", "viewer", "licensee"]
+ROLES: tuple[str, ...] = ("licence-admin", "finance", "auditor", "viewer", "licensee")
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="lower-case letters, digits, . _ -")]
+#: A dataset id, or ``provider/*`` for every dataset of a provider.
+DatasetGrant = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")]
+E4 = Decimal(10000)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _fen_decimal(value: str) -> str:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation as exc:
+        raise ValueError("must be a decimal number") from exc
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("must be a finite, non-negative decimal")
+    if amount.as_tuple().exponent < -4:  # type: ignore[operator]
+        raise ValueError("at most 4 decimal places of a fen")
+    if amount >= Decimal("1e12"):
+        raise ValueError("too large")
+    return value
+
+
+FenDecimal = Annotated[
+    str,
+    Field(pattern=r"^\d+(\.\d{1,4})?$", examples=["2.5", "0.0125"]),
+    AfterValidator(_fen_decimal),
+]
+SplitPart = Annotated[str, Field(pattern=r"^(0(\.\d{1,4})?|1(\.0{1,4})?)$", examples=["0.5"])]
+
+
+def fen_to_e4(value: str) -> int:
+    """A decimal fen string as an integer count of 1/10000 fen (exact)."""
+    return int(Decimal(value) * E4)
+
+
+def e4_to_fen(value: int) -> str:
+    """The inverse of :func:`fen_to_e4`, normalised (``25000`` -> ``"2.5"``)."""
+    text = format(Decimal(value) / E4, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Tier(_Model):
+    up_to: int | None = Field(
+        None, ge=1, description="calls in the month up to this count; null = no upper bound"
+    )
+    per_call_fen: FenDecimal
+
+
+class Price(_Model):
+    per_call_fen: FenDecimal = "0"
+    per_record_fen: FenDecimal = "0"
+    tiers: list[Tier] = Field(default_factory=list, max_length=20)
+
+    @field_validator("tiers")
+    @classmethod
+    def _ascending(cls, tiers: list[Tier]) -> list[Tier]:
+        bounds = [t.up_to for t in tiers]
+        if None in bounds[:-1]:
+            raise ValueError("only the last tier may have no upper bound")
+        finite = [b for b in bounds if b is not None]
+        if finite != sorted(set(finite)):
+            raise ValueError("tier bounds must increase strictly")
+        return tiers
+
+
+class RevenueSplit(_Model):
+    provider: SplitPart
+    operator: SplitPart
+    public_fund: SplitPart
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> RevenueSplit:
+        if Decimal(self.provider) + Decimal(self.operator) + Decimal(self.public_fund) != 1:
+            raise ValueError("provider + operator + public_fund must sum to exactly 1")
+        return self
+
+    def basis_points(self) -> tuple[int, int, int]:
+        return fen_to_e4(self.provider), fen_to_e4(self.operator), fen_to_e4(self.public_fund)
+
+
+class Burst(_Model):
+    per_second: float = Field(100.0, gt=0, le=1_000_000)
+    capacity: int = Field(100, ge=1, le=10_000_000)
+
+
+class DatasetIn(_Model):
+    id: Identifier
+    name: str = Field(min_length=1, max_length=200)
+    provider: Identifier
+    upstream_url: HttpUrl
+    classification: int = Field(ge=1, le=4)
+    open_class: OpenClass
+    free_monthly_calls: int = Field(0, ge=0, le=10**12)
+    price: Price = Field(default_factory=Price)
+    revenue_split: RevenueSplit
+    burst: Burst = Field(default_factory=Burst)
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=600, description="upstream timeout; default from settings"
+    )
+    description: str = Field("", max_length=4000)
+
+
+class DatasetPatch(_Model):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    provider: Identifier | None = None
+    upstream_url: HttpUrl | None = None
+    classification: int | None = Field(None, ge=1, le=4)
+    open_class: OpenClass | None = None
+    free_monthly_calls: int | None = Field(None, ge=0, le=10**12)
+    price: Price | None = None
+    revenue_split: RevenueSplit | None = None
+    burst: Burst | None = None
+    timeout_seconds: float | None = Field(None, gt=0, le=600)
+    description: str | None = Field(None, max_length=4000)
+
+
+class Dataset(DatasetIn):
+    upstream_url: str  # type: ignore[assignment]
+    created_at: datetime
+    updated_at: datetime
+
+
+class LicenseeIn(_Model):
+    id: Identifier | None = None
+    name: str = Field(min_length=1, max_length=200)
+    credit_code: str = Field(description="18-character unified social credit code (GB 32100-2015)")
+    contact: str = Field("", max_length=200)
+
+    @field_validator("credit_code")
+    @classmethod
+    def _credit_code(cls, value: str) -> str:
+        try:
+            return validate_credit_code(value)
+        except CreditCodeError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class Licensee(LicenseeIn):
+    id: str
+    created_at: datetime
+
+
+class Paid(_Model):
+    credit_limit_fen: int | None = Field(None, ge=0, le=10**15)
+    prepaid_calls: int | None = Field(None, ge=0, le=10**15)
+
+    @model_validator(mode="after")
+    def _one(self) -> Paid:
+        if (self.credit_limit_fen is None) == (self.prepaid_calls is None):
+            raise ValueError("give exactly one of credit_limit_fen or prepaid_calls")
+        return self
+
+
+class LicenceIn(_Model):
+    id: Identifier | None = None
+    licensee_id: str = Field(min_length=1, max_length=64)
+    datasets: list[DatasetGrant] = Field(min_length=1, max_length=1000)
+    max_classification: int = Field(ge=1, le=4)
+    purposes: list[Purpose] = Field(min_length=1, max_length=2)
+    valid_from: AwareDatetime
+    valid_until: AwareDatetime
+    security_officer: str = Field(min_length=1, max_length=200)
+    conditions: str = Field("", max_length=4000)
+    free_monthly_calls: int | None = Field(None, ge=0, le=10**12)
+    paid: Paid | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> LicenceIn:
+        if self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        if len(set(self.purposes)) != len(self.purposes):
+            raise ValueError("purposes must not repeat")
+        return self
+
+
+class Licence(LicenceIn):
+    id: str
+    status: LicenceStatus
+    #: The stored status (``active``, ``suspended``, ``revoked``); ``status``
+    #: above also says ``expired`` when the window has passed.
+    stored_status: Literal["active", "suspended", "revoked"]
+    created_at: datetime
+    updated_at: datetime
+
+
+class AppIn(_Model):
+    id: Identifier | None = None
+    licensee_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=200)
+    jwks: dict[str, Any] | None = Field(
+        None, description="public keys for private_key_jwt client authentication; omit to get a client_secret"
+    )
+
+    @field_validator("jwks")
+    @classmethod
+    def _jwks(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        keys = value.get("keys")
+        if not isinstance(keys, list) or not keys or len(keys) > 10:
+            raise ValueError("jwks must be {'keys': [...]} with 1 to 10 keys")
+        for key in keys:
+            if not isinstance(key, dict) or key.get("kty") not in ("EC", "RSA", "OKP"):
+                raise ValueError("each key needs kty EC, RSA or OKP")
+            if any(private in key for private in ("d", "p", "q", "dp", "dq", "qi", "k")):
+                raise ValueError("jwks must hold public keys only")
+        return value
+
+
+class App(_Model):
+    id: str
+    client_id: str
+    licensee_id: str
+    name: str
+    auth_method: Literal["client_secret", "private_key_jwt"]
+    enabled: bool
+    created_at: datetime
+    client_secret: str | None = Field(None, description="returned once, at creation; never again")
+
+
+class AdminTokenIn(_Model):
+    role: Role
+    licensee_id: str | None = None
+    description: str = Field("", max_length=200)
+
+    @model_validator(mode="after")
+    def _scoped(self) -> AdminTokenIn:
+        if (self.role == "licensee") != (self.licensee_id is not None):
+            raise ValueError("role licensee needs licensee_id, and only it takes one")
+        return self
+
+
+def parse(model: type[M], data: Any) -> M:
+    """Validate ``data`` as ``model``; a 400 naming the first bad field otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ValidationFailedError(field, message) from exc

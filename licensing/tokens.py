@@ -1,0 +1,234 @@
+"""Access tokens: RFC 9068 JWTs signed by the gateway (pyjwt + cryptography).
+
+Verification is strict and fails closed (any defect is ``invalid-token``):
+
+- the header must be a JSON object with ``typ`` ``at+jwt``, a ``kid`` naming
+  one of our own keys, and the algorithm that key was made for — so
+  ``alg: none`` and HS256 "signed" with our public key are refused before any
+  signature check; headers that carry ``jku``, ``jwk``, ``x5u`` or ``x5c`` are
+  refused (our tokens never carry them, and they are never followed);
+- a ``crit`` header is refused: we understand no JWS extensions (RFC 7515 §4.1.11);
+- ``iss`` must equal our issuer exactly; ``aud`` must contain our audience;
+  ``exp`` and ``iat`` are required, ``nbf`` honoured, with a small leeway;
+- the pdg claims (``client_id``, ``licensee``, ``licence``, ``purpose``,
+  ``datasets``) must be present and well-typed.
+
+A verified token is cached (by SHA-256 digest) until it expires, so the
+signature is checked once per token, not once per call; the licence rules are
+still applied to every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from licensing.errors import InvalidTokenError
+from licensing.ids import new_id
+from licensing.keys import ALGORITHM_FOR_KEY, SigningKey
+
+_FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c")
+_CACHE_LIMIT = 200_000
+_REFRESH_MIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    token_id: str
+    app_id: str
+    licensee_id: str
+    licence_id: str
+    purpose: str
+    datasets: frozenset[str]
+    expires_at: float
+    raw: dict[str, Any]
+
+
+class TokenService:
+    """Issues tokens with this replica's key; verifies tokens of any replica."""
+
+    def __init__(
+        self,
+        *,
+        signing_key: SigningKey,
+        issuer: str,
+        audience: str,
+        ttl_seconds: int = 300,
+        leeway_seconds: int = 10,
+        load_public_keys: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
+    ) -> None:
+        self.signing_key = signing_key
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl_seconds = ttl_seconds
+        self.leeway_seconds = leeway_seconds
+        self._load_public_keys = load_public_keys
+        self._keys: dict[str, tuple[str, Any]] = {}
+        self._jwks: list[dict[str, Any]] = []
+        self._last_refresh = 0.0
+        self._cache: dict[bytes, AccessClaims] = {}
+        self.set_public_keys([signing_key.public_jwk])
+
+    # -- keys ---------------------------------------------------------------
+    def set_public_keys(self, jwks: list[dict[str, Any]]) -> None:
+        keys: dict[str, tuple[str, Any]] = {}
+        for jwk in jwks:
+            alg = ALGORITHM_FOR_KEY.get(jwk.get("kty", ""))
+            if alg is None or jwk.get("alg", alg) != alg or "kid" not in jwk:
+                continue
+            keys[jwk["kid"]] = (alg, jwt.PyJWK(jwk, algorithm=alg).key)
+        own = self.signing_key
+        keys.setdefault(own.kid, (own.alg, own.private_key.public_key()))
+        self._keys = keys
+        self._jwks = [j for j in jwks if j.get("kid") in keys] or [own.public_jwk]
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": list(self._jwks)}
+
+    async def refresh_keys(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._load_public_keys is None or (not force and now - self._last_refresh < _REFRESH_MIN_SECONDS):
+            return
+        self._last_refresh = now
+        self.set_public_keys(await self._load_public_keys())
+
+    # -- issue --------------------------------------------------------------
+    def issue(
+        self,
+        *,
+        app_id: str,
+        licensee_id: str,
+        licence_id: str,
+        purpose: str,
+        datasets: list[str],
+        now: float | None = None,
+    ) -> tuple[str, int]:
+        """A signed access token and its lifetime in seconds."""
+        iat = int(now if now is not None else time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": app_id,
+            "aud": self.audience,
+            "client_id": app_id,
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat + self.ttl_seconds,
+            "jti": new_id("tok"),
+            "scope": " ".join([f"purpose:{purpose}", *(f"dataset:{d}" for d in datasets)]),
+            "licensee": licensee_id,
+            "licence": licence_id,
+            "purpose": purpose,
+            "datasets": datasets,
+        }
+        key = self.signing_key
+        token = jwt.encode(
+            claims, key.private_key, algorithm=key.alg, headers={"typ": "at+jwt", "kid": key.kid}
+        )
+        return token, self.ttl_seconds
+
+    # -- verify -------------------------------------------------------------
+    async def verify(self, token: str) -> AccessClaims:
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
+        now = time.time()
+        if cached is not None:
+            if now < cached.expires_at + self.leeway_seconds:
+                return cached
+            del self._cache[digest]
+        header = _header(token)
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise InvalidTokenError("the token header names no key (kid)")
+        if kid not in self._keys:
+            await self.refresh_keys()
+        claims = self._verify(token, header, kid)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache = {k: v for k, v in self._cache.items() if v.expires_at + self.leeway_seconds > now}
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+        self._cache[digest] = claims
+        return claims
+
+    def _verify(self, token: str, header: dict[str, Any], kid: str) -> AccessClaims:
+        entry = self._keys.get(kid)
+        if entry is None:
+            raise InvalidTokenError("the token is signed with a key this gateway does not know")
+        alg, key = entry
+        if header.get("alg") != alg:
+            raise InvalidTokenError(f"algorithm {header.get('alg')!r} is not allowed for this key")
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_seconds,
+                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"], "strict_aud": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise InvalidTokenError(_reason(exc)) from exc
+        return _claims(payload)
+
+
+def _header(token: str) -> dict[str, Any]:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as exc:
+        raise InvalidTokenError("the token is not a well-formed JWT") from exc
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in ("at+jwt", "application/at+jwt"):
+        raise InvalidTokenError("the token is not an access token (typ must be at+jwt)")
+    if "crit" in header:
+        raise InvalidTokenError("the token header has critical extensions this gateway does not understand")
+    for name in _FORBIDDEN_HEADERS:
+        if name in header:
+            raise InvalidTokenError(f"the token header must not carry {name!r}")
+    return header
+
+
+def _reason(exc: jwt.InvalidTokenError) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "the token has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "the token is not yet valid"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "the token is for another audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "the token is from another issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the token lacks the {exc.claim!r} claim"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "the token signature does not verify"
+    return "the token is invalid"
+
+
+def _claims(payload: dict[str, Any]) -> AccessClaims:
+    names = ("client_id", "licensee", "licence", "purpose")
+    values = [payload.get(n) for n in names]
+    datasets = payload.get("datasets")
+    if (
+        not all(isinstance(v, str) and v for v in values)
+        or not isinstance(datasets, list)
+        or not all(isinstance(d, str) for d in datasets)
+        or payload.get("client_id") != payload.get("sub")
+    ):
+        raise InvalidTokenError(
+            "the token lacks the pdg claims (client_id, licensee, licence, purpose, datasets)"
+        )
+    return AccessClaims(
+        token_id=str(payload["jti"]),
+        app_id=str(payload["client_id"]),
+        licensee_id=str(payload["licensee"]),
+        licence_id=str(payload["licence"]),
+        purpose=str(payload["purpose"]),
+        datasets=frozenset(datasets),
+        expires_at=float(payload["exp"]),
+        raw=payload,
+    )

