@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigurationError, GatewayError, KeyFileError, EmbeddedValkeyError) as exc:
         return _fail(str(getattr(exc, "detail", exc)).splitlines()[0])
     except SQLAlchemyError as exc:
-        reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         return _fail(f"database: {reason}")
     except OSError as exc:
         return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))

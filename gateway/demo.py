@@ -53,9 +53,9 @@ async def seed(registry: Registry, upstream_base: str) -> schemas.App:
                     id=sample.id,
                     name=sample.name,
                     provider=sample.provider,
-                    upstream_url=f"{upstream_base}{sample.prefix}",  # type: ignore[arg-type]
+                    upstream_url=f"{upstream_base}{sample.prefix}",
                     classification=sample.classification,
-                    open_class=sample.open_class,  # type: ignore[arg-type]
+                    open_class=sample.open_class,
                     free_monthly_calls=1000,
                     price=schemas.Price(per_call_fen="2.5"),
                     revenue_split=split,
@@ -67,7 +67,7 @@ async def seed(registry: Registry, upstream_base: str) -> schemas.App:
                 id=CLOSED_DATASET,
                 name="Household register (户籍信息) - on the negative list",
                 provider="public-security",
-                upstream_url=f"{upstream_base}/household",  # type: ignore[arg-type]
+                upstream_url=f"{upstream_base}/household",
                 classification=4,
                 open_class="closed",
                 revenue_split=split,

@@ -8,7 +8,8 @@ import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway import __version__
 
@@ -41,7 +42,7 @@ def _problem(description: str) -> dict[str, Any]:
 def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
     models = {m for r in routes for m in (r.request_model, r.response_model) if m is not None}
     ordered = sorted(models, key=lambda m: m.__name__)
-    keys = [
+    keys: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (m, "validation" if any(r.request_model is m for r in routes) else "serialization") for m in ordered
     ]
     mapping, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")

@@ -21,7 +21,7 @@ from licensing.ids import new_call_id
 log = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://pdg.dev/problems/"
-REQUEST_CALL_ID = "pdg.call_id"
+REQUEST_CALL_ID = web.RequestKey("call_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,7 +40,7 @@ _HTTP_CODES = {
 def call_id_of(request: web.Request) -> str:
     """The call id of this request, made on first use."""
     call_id = request.get(REQUEST_CALL_ID)
-    if not isinstance(call_id, str):
+    if call_id is None:
         call_id = new_call_id()
         request[REQUEST_CALL_ID] = call_id
     return call_id

