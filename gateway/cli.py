@@ -39,6 +39,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="pdg", description="pdg, the Public Data Gateway.")
     parser.add_argument("--version", action="version", version=f"pdg {__version__}")
+    parser.add_argument(
+        "--config", dest="global_config", metavar="CONFIG", help="TOML settings file (also $PDG_CONFIG)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
 
@@ -78,7 +81,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "server.port": getattr(args, "port", None) if args.command == "serve" else None,
         "server.workers": getattr(args, "workers", None) if args.command == "serve" else None,
     }
-    return load_settings(getattr(args, "config", None), overrides=overrides)
+    config = getattr(args, "config", None) or getattr(args, "global_config", None)
+    return load_settings(config, overrides=overrides)
 
 
 async def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:

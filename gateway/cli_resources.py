@@ -77,6 +77,10 @@ def _load_file(path: str) -> dict[str, Any]:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise BadRequestError(f"{path}: JSON nested too deeply") from exc
     if not isinstance(data, dict):
         raise BadRequestError(f"{path}: a JSON object is required")
     return data

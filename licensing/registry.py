@@ -8,6 +8,7 @@ one transaction: it is written whole or not at all.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,20 @@ from licensing.secrets import hash_secret_async, new_secret
 from storage.db import utcnow
 
 OnChange = Callable[[], Awaitable[Any]]
+
+#: Every stored id has this shape (``schemas.Identifier`` or ``ids.new_id``);
+#: anything else (NUL, 10 kB, ...) is answered "not found" without asking a
+#: database that may not even accept it as a parameter.
+_PLAUSIBLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _plausible(value: str | None) -> bool:
+    return value is None or _PLAUSIBLE_ID.fullmatch(value) is not None
+
+
+def _require(value: str, what: str) -> None:
+    if not _plausible(value):
+        raise NotFoundError(f"no {what} {value[:64]!r}")
 
 
 async def _bump(session: AsyncSession) -> None:
@@ -166,6 +181,7 @@ class Registry:
         return dataset_out(row)
 
     async def update_dataset(self, dataset_id: str, patch: schemas.DatasetPatch) -> schemas.Dataset:
+        _require(dataset_id, 'dataset')
         async with self._sessions() as session:
             row = await session.get(DatasetRow, dataset_id)
             if row is None:
@@ -176,6 +192,7 @@ class Registry:
         return dataset_out(row)
 
     async def get_dataset(self, dataset_id: str) -> schemas.Dataset:
+        _require(dataset_id, 'dataset')
         async with self._sessions() as session:
             row = await session.get(DatasetRow, dataset_id)
         if row is None:
@@ -208,6 +225,7 @@ class Registry:
         return licensee_out(row)
 
     async def get_licensee(self, licensee_id: str) -> schemas.Licensee:
+        _require(licensee_id, 'licensee')
         async with self._sessions() as session:
             row = await session.get(LicenseeRow, licensee_id)
         if row is None:
@@ -215,6 +233,8 @@ class Registry:
         return licensee_out(row)
 
     async def list_licensees(self, licensee_id: str | None = None) -> list[schemas.Licensee]:
+        if not _plausible(licensee_id):
+            return []
         query = select(LicenseeRow).order_by(LicenseeRow.id)
         if licensee_id is not None:
             query = query.where(LicenseeRow.id == licensee_id)
@@ -250,6 +270,7 @@ class Registry:
         return licence_out(row)
 
     async def get_licence(self, licence_id: str) -> schemas.Licence:
+        _require(licence_id, 'licence')
         async with self._sessions() as session:
             row = await session.get(LicenceRow, licence_id)
         if row is None:
@@ -257,6 +278,8 @@ class Registry:
         return licence_out(row)
 
     async def list_licences(self, licensee_id: str | None = None) -> list[schemas.Licence]:
+        if not _plausible(licensee_id):
+            return []
         query = select(LicenceRow).order_by(LicenceRow.id)
         if licensee_id is not None:
             query = query.where(LicenceRow.licensee_id == licensee_id)
@@ -268,6 +291,7 @@ class Registry:
         """``suspend`` (active -> suspended), ``resume`` (suspended -> active),
         ``revoke`` (any -> revoked, final)."""
         target = {"suspend": "suspended", "resume": "active", "revoke": "revoked"}[action]
+        _require(licence_id, "licence")
         async with self._sessions() as session:
             row = await session.get(LicenceRow, licence_id)
             if row is None:
@@ -308,6 +332,7 @@ class Registry:
         return app_out(row, client_secret=secret)
 
     async def get_app(self, app_id: str) -> schemas.App:
+        _require(app_id, 'app')
         async with self._sessions() as session:
             row = await session.get(AppRow, app_id)
         if row is None:
@@ -315,6 +340,8 @@ class Registry:
         return app_out(row)
 
     async def list_apps(self, licensee_id: str | None = None) -> list[schemas.App]:
+        if not _plausible(licensee_id):
+            return []
         query = select(AppRow).order_by(AppRow.id)
         if licensee_id is not None:
             query = query.where(AppRow.licensee_id == licensee_id)
@@ -323,6 +350,7 @@ class Registry:
         return [app_out(r) for r in rows]
 
     async def set_app_enabled(self, app_id: str, enabled: bool) -> schemas.App:
+        _require(app_id, 'app')
         async with self._sessions() as session:
             row = await session.get(AppRow, app_id)
             if row is None:

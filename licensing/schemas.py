@@ -8,7 +8,7 @@ most four decimal places that sum to exactly 1.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     HttpUrl,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +40,8 @@ Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="lower-case le
 #: A dataset id, or ``provider/*`` for every dataset of a provider.
 DatasetGrant = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")]
 E4 = Decimal(10000)
+MAX_URL_LENGTH = 1000
+MIN_YEAR, MAX_YEAR = 1970, 9998
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -58,10 +61,34 @@ def _fen_decimal(value: str) -> str:
 
 FenDecimal = Annotated[
     str,
-    Field(pattern=r"^\d+(\.\d{1,4})?$", examples=["2.5", "0.0125"]),
+    Field(pattern=r"^[0-9]+(\.[0-9]{1,4})?$", examples=["2.5", "0.0125"]),
     AfterValidator(_fen_decimal),
 ]
-SplitPart = Annotated[str, Field(pattern=r"^(0(\.\d{1,4})?|1(\.0{1,4})?)$", examples=["0.5"])]
+SplitPart = Annotated[str, Field(pattern=r"^(0(\.[0-9]{1,4})?|1(\.0{1,4})?)$", examples=["0.5"])]
+
+
+def _url_length(value: HttpUrl) -> HttpUrl:
+    if len(str(value)) > MAX_URL_LENGTH:
+        raise ValueError(f"at most {MAX_URL_LENGTH} characters")
+    return value
+
+
+#: An upstream base URL (http or https), as stored (at most 1000 characters).
+UpstreamUrl = Annotated[HttpUrl, AfterValidator(_url_length)]
+
+
+def _time_in_range(value: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}") from exc
+    if not MIN_YEAR <= utc.year <= MAX_YEAR:
+        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
+    return value
+
+
+#: An RFC 3339 time with a zone offset, in a range every database can store.
+Time = Annotated[AwareDatetime, AfterValidator(_time_in_range)]
 
 
 def fen_to_e4(value: str) -> int:
@@ -81,7 +108,7 @@ class _Model(BaseModel):
 
 class Tier(_Model):
     up_to: int | None = Field(
-        None, ge=1, description="calls in the month up to this count; null = no upper bound"
+        None, ge=1, le=10**15, strict=True, description="calls in the month up to this count; null = no upper bound"
     )
     per_call_fen: FenDecimal
 
@@ -119,23 +146,23 @@ class RevenueSplit(_Model):
 
 
 class Burst(_Model):
-    per_second: float = Field(100.0, gt=0, le=1_000_000)
-    capacity: int = Field(100, ge=1, le=10_000_000)
+    per_second: float = Field(100.0, gt=0, le=1_000_000, strict=True)
+    capacity: int = Field(100, ge=1, le=10_000_000, strict=True)
 
 
 class DatasetIn(_Model):
     id: Identifier
     name: str = Field(min_length=1, max_length=200)
     provider: Identifier
-    upstream_url: HttpUrl
-    classification: int = Field(ge=1, le=4)
+    upstream_url: UpstreamUrl
+    classification: int = Field(ge=1, le=4, strict=True)
     open_class: OpenClass
-    free_monthly_calls: int = Field(0, ge=0, le=10**12)
+    free_monthly_calls: int = Field(0, ge=0, le=10**12, strict=True)
     price: Price = Field(default_factory=Price)
     revenue_split: RevenueSplit
     burst: Burst = Field(default_factory=Burst)
     timeout_seconds: float | None = Field(
-        None, gt=0, le=600, description="upstream timeout; default from settings"
+        None, gt=0, le=600, strict=True, description="upstream timeout; default from settings"
     )
     description: str = Field("", max_length=4000)
 
@@ -143,14 +170,14 @@ class DatasetIn(_Model):
 class DatasetPatch(_Model):
     name: str | None = Field(None, min_length=1, max_length=200)
     provider: Identifier | None = None
-    upstream_url: HttpUrl | None = None
-    classification: int | None = Field(None, ge=1, le=4)
+    upstream_url: UpstreamUrl | None = None
+    classification: int | None = Field(None, ge=1, le=4, strict=True)
     open_class: OpenClass | None = None
-    free_monthly_calls: int | None = Field(None, ge=0, le=10**12)
+    free_monthly_calls: int | None = Field(None, ge=0, le=10**12, strict=True)
     price: Price | None = None
     revenue_split: RevenueSplit | None = None
     burst: Burst | None = None
-    timeout_seconds: float | None = Field(None, gt=0, le=600)
+    timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     description: str | None = Field(None, max_length=4000)
 
 
@@ -181,8 +208,8 @@ class Licensee(LicenseeIn):
 
 
 class Paid(_Model):
-    credit_limit_fen: int | None = Field(None, ge=0, le=10**15)
-    prepaid_calls: int | None = Field(None, ge=0, le=10**15)
+    credit_limit_fen: int | None = Field(None, ge=0, le=10**15, strict=True)
+    prepaid_calls: int | None = Field(None, ge=0, le=10**15, strict=True)
 
     @model_validator(mode="after")
     def _one(self) -> Paid:
@@ -195,22 +222,29 @@ class LicenceIn(_Model):
     id: Identifier | None = None
     licensee_id: str = Field(min_length=1, max_length=64)
     datasets: list[DatasetGrant] = Field(min_length=1, max_length=1000)
-    max_classification: int = Field(ge=1, le=4)
+    max_classification: int = Field(ge=1, le=4, strict=True)
     purposes: list[Purpose] = Field(min_length=1, max_length=2)
-    valid_from: AwareDatetime
-    valid_until: AwareDatetime
+    valid_from: Time
+    valid_until: Time
     security_officer: str = Field(min_length=1, max_length=200)
     conditions: str = Field("", max_length=4000)
-    free_monthly_calls: int | None = Field(None, ge=0, le=10**12)
+    free_monthly_calls: int | None = Field(None, ge=0, le=10**12, strict=True)
     paid: Paid | None = None
 
-    @model_validator(mode="after")
-    def _window(self) -> LicenceIn:
-        if self.valid_until <= self.valid_from:
-            raise ValueError("valid_until must be after valid_from")
-        if len(set(self.purposes)) != len(self.purposes):
+    @field_validator("purposes")
+    @classmethod
+    def _distinct(cls, purposes: list[str]) -> list[str]:
+        if len(set(purposes)) != len(purposes):
             raise ValueError("purposes must not repeat")
-        return self
+        return purposes
+
+    @field_validator("valid_until")
+    @classmethod
+    def _window(cls, valid_until: datetime, info: ValidationInfo) -> datetime:
+        valid_from = info.data.get("valid_from")
+        if valid_from is not None and valid_until <= valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        return valid_until
 
 
 class Licence(LicenceIn):
@@ -237,13 +271,17 @@ class AppIn(_Model):
         if value is None:
             return None
         keys = value.get("keys")
-        if not isinstance(keys, list) or not keys or len(keys) > 10:
+        if set(value) != {"keys"} or not isinstance(keys, list) or not keys or len(keys) > 10:
             raise ValueError("jwks must be {'keys': [...]} with 1 to 10 keys")
         for key in keys:
             if not isinstance(key, dict) or key.get("kty") not in ("EC", "RSA", "OKP"):
                 raise ValueError("each key needs kty EC, RSA or OKP")
-            if any(private in key for private in ("d", "p", "q", "dp", "dq", "qi", "k")):
+            if any(private in key for private in ("d", "p", "q", "dp", "dq", "qi", "k", "oth")):
                 raise ValueError("jwks must hold public keys only")
+            for member in key.values():
+                strings = member if isinstance(member, list) else [member]
+                if not all(isinstance(s, str) and len(s) <= 16384 for s in strings) or len(strings) > 20:
+                    raise ValueError("JWK members are strings or lists of strings (RFC 7517)")
         return value
 
 
@@ -260,22 +298,59 @@ class App(_Model):
 
 class AdminTokenIn(_Model):
     role: Role
-    licensee_id: str | None = None
+    licensee_id: str | None = Field(None, min_length=1, max_length=64, validate_default=True)
     description: str = Field("", max_length=200)
 
-    @model_validator(mode="after")
-    def _scoped(self) -> AdminTokenIn:
-        if (self.role == "licensee") != (self.licensee_id is not None):
+    @field_validator("licensee_id")
+    @classmethod
+    def _scoped(cls, licensee_id: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if role is not None and (role == "licensee") != (licensee_id is not None):
             raise ValueError("role licensee needs licensee_id, and only it takes one")
-        return self
+        return licensee_id
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text(data: Any) -> tuple[str, ...] | None:
+    """The path of a string (key or value) in ``data`` that no database can
+    store: one holding NUL or a lone surrogate. Iterative: any depth."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                return path
+        elif isinstance(item, dict):
+            for key, value in reversed(item.items()):
+                where = (*path, str(key))
+                if isinstance(key, str) and not _storable(key):
+                    return where
+                stack.append((value, where))
+        elif isinstance(item, list | tuple):
+            stack.extend((value, (*path, str(i))) for i, value in reversed(list(enumerate(item))))
+    return None
 
 
 def parse(model: type[M], data: Any) -> M:
     """Validate ``data`` as ``model``; a 400 naming the first bad field otherwise."""
+    bad = _bad_text(data)
+    if bad is not None:
+        raise ValidationFailedError(
+            ".".join(bad) or "body", "text must be valid Unicode without NUL characters"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = ".".join(str(p) for p in first["loc"]) or "body"
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ValidationFailedError(field, message) from exc

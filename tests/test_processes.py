@@ -1,0 +1,222 @@
+"""The installed ``pdg`` as a user runs it: ``pdg demo`` and its printed
+copy-paste steps, ``pdg serve`` with several workers on the embedded
+defaults, and a restart on the same data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import credit_code, free_port
+
+PDG = str(Path(sys.executable).with_name("pdg"))
+pytestmark = pytest.mark.slow
+
+
+def _wait_http(url: str, proc: subprocess.Popen[Any], seconds: float = 60) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback URL built by the test
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            raise
+    return proc.returncode
+
+
+def _valkeys_under(folder: Path) -> list[int]:
+    """Pids of valkey-server processes working in ``folder`` (their cwd)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "comm").read_text().strip() == "valkey-server"
+                and str((proc / "cwd").resolve()).startswith(str(folder))
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _request(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(  # noqa: S310 - loopback URL built by the test
+        url,
+        data=data,
+        method=method,
+        headers={
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    out = tmp_path / "demo.out"
+    with out.open("wb") as fh:
+        proc = subprocess.Popen(
+            [PDG, "demo", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        end = time.monotonic() + 60
+        while "Press Ctrl-C" not in out.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, out.read_text()
+            time.sleep(0.2)
+        yield out.read_text(), f"http://127.0.0.1:{port}"
+    finally:
+        assert _stop(proc) == 0
+    assert "pdg demo stopped." in out.read_text()
+    assert not _valkeys_under(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the demo's steps use curl")
+def test_demo_printed_steps_work_as_pasted(demo: tuple[str, str]) -> None:
+    text, _base = demo
+    token_step = re.search(r"^   (TOKEN=\$\(curl .*?\))$", text, re.S | re.M)
+    assert token_step, text
+    calls = re.findall(
+        r"^   (curl -s -H \"Authorization: Bearer \$TOKEN\" "
+        r"\S+/data/(?:ent-registry|weather-obs|bus-lines)\S*)$",
+        text,
+        re.M,
+    )
+    assert len(calls) == 3, text
+    refused = re.search(
+        r"^   (curl -s -H \"Authorization: Bearer \$TOKEN\" \S+/household-register/\S+)", text, re.M
+    )
+    assert refused
+    script = "set -euo pipefail\n" + token_step.group(1).replace("\\\n", " ") + "\n"
+    for line in [*calls, refused.group(1)]:
+        script += line + "\necho\n"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    outputs = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert len(outputs) == 4, done.stdout
+    for served in outputs[:3]:
+        assert isinstance(served, list)
+        assert served
+    assert outputs[3]["code"] == "dataset-closed"
+    assert outputs[3]["status"] == 403
+
+
+def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
+    for name in ("PDG_DATABASE_URL", "PDG_REDIS_URL", "PDG_CONFIG"):
+        env.pop(name, None)
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PDG, "serve", "--port", str(port), "--workers", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(base + "/healthz", proc)
+        assert _valkeys_under(data_dir), "the embedded Valkey server runs under the data folder"
+        created = subprocess.run(
+            [PDG, "admin-token", "create", "--role", "licence-admin", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        admin = {"Authorization": f"Bearer {json.loads(created.stdout)['token']}"}
+        status, licensee = _request(
+            "POST", base + "/admin/v1/licensees", {"name": "Workers Co", "credit_code": credit_code()}, admin
+        )
+        assert status == 201, licensee
+        # Every worker answers readiness, and the licensee is visible through whichever serves.
+        for _ in range(8):
+            status, ready = _request("GET", base + "/readyz")
+            assert status == 200, ready
+            assert ready["components"] == {
+                "database": True,
+                "redis": True,
+                "catalogue": True,
+                "accepting": True,
+            }
+            status, listed = _request("GET", base + "/admin/v1/licensees", headers=admin)
+            assert [item["id"] for item in listed] == [licensee["id"]]
+    finally:
+        assert _stop(proc) == 0
+    assert not _valkeys_under(data_dir), "stopping pdg serve stops its embedded Valkey"
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_restart_on_the_same_data_folder_keeps_everything(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
+    for name in ("PDG_DATABASE_URL", "PDG_REDIS_URL", "PDG_CONFIG"):
+        env.pop(name, None)
+    created = subprocess.run(
+        [PDG, "admin-token", "create", "--role", "licence-admin", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    admin = {"Authorization": f"Bearer {json.loads(created.stdout)['token']}"}
+    kids = []
+    for _ in range(2):
+        port = free_port()
+        proc = subprocess.Popen(
+            [PDG, "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+            status, listed = _request("GET", f"http://127.0.0.1:{port}/admin/v1/licensees", headers=admin)
+            assert status == 200, listed
+            status, jwks = _request("GET", f"http://127.0.0.1:{port}/.well-known/jwks.json")
+            kids.append({k["kid"] for k in jwks["keys"]})
+        finally:
+            assert _stop(proc) == 0
+    assert kids[0] == kids[1], "the signing key survives a restart"
+    assert (data_dir / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
