@@ -1,0 +1,115 @@
+"""Settings: one tree from file, environment and flags; every setting is
+documented in config/pdg.example.toml with its real default."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from config.settings import ENVIRONMENT, ConfigurationError, Settings, load_settings
+
+EXAMPLE = Path(__file__).parents[1] / "config" / "pdg.example.toml"
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(_leaves(annotation, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = field.default
+    return out
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_example_file_documents_every_setting_with_its_default() -> None:
+    documented = _flatten(tomllib.loads(EXAMPLE.read_text()))
+    leaves = _leaves(Settings)
+    assert set(documented) == set(leaves)
+    for name, default in leaves.items():
+        value = documented[name]
+        if isinstance(default, tuple):
+            default = list(default)
+        if isinstance(default, Path):
+            default = str(default)
+        assert value == default, name
+    text = EXAMPLE.read_text()
+    for variable in ENVIRONMENT:
+        assert variable in text or variable == "PDG_CONFIG", f"{variable} is not documented"
+
+
+def test_sources_in_order_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "pdg.toml"
+    config.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\n[proxy]\nmax_body_bytes = 5\n')
+    env = {"PDG_PORT": "9100", "PDG_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1"}
+    settings = load_settings(config, env=env, overrides={"server.port": 9200, "server.host": None})
+    assert settings.server.port == 9200
+    assert settings.server.host == "0.0.0.0"  # noqa: S104 - the value from the file
+    assert settings.proxy.max_body_bytes == 5
+    assert settings.server.trusted_proxies == ("10.0.0.0/8", "127.0.0.1")
+    assert load_settings(config, env=env).server.port == 9100
+    # PDG_CONFIG names the file when --config does not.
+    assert load_settings(env={"PDG_CONFIG": str(config)}).server.port == 9000
+
+
+def test_derived_values() -> None:
+    everywhere = "0.0.0.0"  # noqa: S104 - only a value under test
+    settings = load_settings(env={"PDG_DATA_DIR": "/srv/pdg", "PDG_HOST": everywhere, "PDG_PORT": "9000"})
+    assert settings.database_url == "sqlite+aiosqlite:////srv/pdg/pdg.sqlite3"
+    assert settings.embedded_redis
+    assert settings.public_url == "http://127.0.0.1:9000"
+    assert settings.audience == "http://127.0.0.1:9000/data"
+    assert settings.signing_key_path == Path("/srv/pdg/keys/signing-key.pem")
+    public = load_settings(
+        env={"PDG_PUBLIC_URL": "https://data.example.gov.cn/", "PDG_REDIS_URL": "redis://r"}
+    )
+    assert public.issuer == "https://data.example.gov.cn"
+    assert not public.embedded_redis
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("[server]\nport = 'many'\n", {}, "invalid setting server.port"),
+        ("[server]\nport = 70000\n", {}, "invalid setting server.port"),
+        ("[server\n", {}, "cannot read config file"),
+        ("[nonsense]\nx = 1\n", {}, "invalid setting nonsense"),
+        ("", {"PDG_WORKERS": "0"}, "invalid setting server.workers"),
+        ("", {"PDG_TOKEN_ALGORITHM": "HS256"}, "invalid setting tokens.algorithm"),
+        ("data_dir = 3\nserver = 1\n", {}, "invalid setting"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(
+    tmp_path: Path, content: str, env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "pdg.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config, env=env)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="config file not found"):
+        load_settings(tmp_path / "absent.toml", env={})
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(env={})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.server.port = 1  # type: ignore[misc]
