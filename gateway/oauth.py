@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.state import CATALOGUE, CLIENTS, METRICS, SETTINGS, TOKENS
 from licensing.catalogue import AppView, Catalogue, LicenceView
+from licensing.clients import SIGNING_ALGORITHMS
 from licensing.errors import (
     BadRequestError,
     DatasetClosedError,
@@ -79,10 +80,12 @@ def parse_scope(scope: str) -> ScopeRequest:
     return ScopeRequest(purposes[0], tuple(dict.fromkeys(datasets)), licence[0] if licence else None)
 
 
-def _grants(catalogue: Catalogue, licence: LicenceView, request: ScopeRequest) -> None:
+def _grants(
+    catalogue: Catalogue, licence: LicenceView, request: ScopeRequest, *, check_status: bool = True
+) -> None:
     """Raise the licence problem if ``licence`` does not grant all of ``request``."""
     state = licence.effective_status(utcnow())
-    if state != "active":
+    if check_status and state != "active":
         raise LicenceInactiveError(f"licence {licence.id} is {state}")
     if request.purpose not in licence.purposes:
         raise PurposeNotAllowedError(f"licence {licence.id} does not grant purpose {request.purpose}")
@@ -109,18 +112,31 @@ def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest) ->
     if not candidates:
         raise LicenceInactiveError("the client's licensee holds no licence")
     candidates.sort(key=lambda lic: (lic.valid_from, lic.id), reverse=True)
-    refusals: list[LicenceError] = []
+    refusals: list[tuple[LicenceView, LicenceError]] = []
     for licence in candidates:
         try:
             _grants(catalogue, licence, request)
         except LicenceError as refusal:
-            refusals.append(refusal)
+            refusals.append((licence, refusal))
             continue
         return licence
-    # Report the most specific refusal: a licence that was active but lacked
-    # the purpose or dataset says more than an inactive one.
-    refusals.sort(key=lambda e: isinstance(e, LicenceInactiveError))
-    raise refusals[0]
+    # Report the most specific refusal: an inactive licence that would grant
+    # the request says the most (it is why the request fails); otherwise a
+    # licence that was active but lacked the purpose or dataset says more than
+    # an inactive one that lacks them too.
+    for refused, reason in refusals:
+        if isinstance(reason, LicenceInactiveError) and _would_grant(catalogue, refused, request):
+            raise reason
+    refusals.sort(key=lambda pair: isinstance(pair[1], LicenceInactiveError))
+    raise refusals[0][1]
+
+
+def _would_grant(catalogue: Catalogue, licence: LicenceView, request: ScopeRequest) -> bool:
+    try:
+        _grants(catalogue, licence, request, check_status=False)
+    except LicenceError:
+        return False
+    return True
 
 
 async def token_endpoint(request: web.Request) -> web.Response:
@@ -131,11 +147,17 @@ async def token_endpoint(request: web.Request) -> web.Response:
             raise BadRequestError(
                 "the token request must be application/x-www-form-urlencoded", error="invalid_request"
             )
-        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        posted = await request.post()
+        if len(set(posted)) != len(posted):
+            # RFC 6749 §3.2: parameters must not be included more than once.
+            raise BadRequestError("a token request parameter is repeated", error="invalid_request")
+        form = {k: v for k, v in posted.items() if isinstance(v, str)}
         catalogue = app[CATALOGUE].current
         client, method = await app[CLIENTS].authenticate(
             catalogue, request.headers.get("Authorization"), form
         )
+        if "grant_type" not in form:
+            raise BadRequestError("grant_type is missing", error="invalid_request")
         if form.get("grant_type") != "client_credentials":
             raise BadRequestError("grant_type must be client_credentials", error="unsupported_grant_type")
         if not client.enabled:
@@ -194,14 +216,7 @@ async def metadata(request: web.Request) -> web.Response:
             "client_secret_post",
             "private_key_jwt",
         ],
-        "token_endpoint_auth_signing_alg_values_supported": [
-            "ES256",
-            "ES384",
-            "ES512",
-            "RS256",
-            "PS256",
-            "EdDSA",
-        ],
+        "token_endpoint_auth_signing_alg_values_supported": list(SIGNING_ALGORITHMS),
         "scopes_supported": [f"purpose:{p}" for p in PURPOSES],
         "service_documentation": f"{base}/admin/v1/openapi.json",
     }

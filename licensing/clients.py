@@ -9,7 +9,10 @@ Three methods (RFC 6749 §2.3, OpenID Connect Core §9, RFC 7523):
   a short ``exp`` and a ``jti`` that is accepted once (replays are refused).
 
 A request that uses more than one method, or none, is refused. Secrets are
-compared against their Argon2id hashes only.
+compared against their Argon2id hashes only. An assertion's ``exp`` / ``iat``
+/ ``nbf`` must be JSON numbers and its ``jti`` a non-empty string; RSA client
+keys must have at least 2048 bits; a registered key that cannot be used
+refuses the client (401), it never fails the endpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from licensing.catalogue import AppView, Catalogue
 from licensing.errors import BadRequestError, InvalidClientError
@@ -37,7 +41,15 @@ _ALGORITHMS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("OKP", "Ed25519"): ("EdDSA",),
 }
 
+#: All of them, for the RFC 8414 metadata.
+SIGNING_ALGORITHMS: tuple[str, ...] = tuple(dict.fromkeys(a for algs in _ALGORITHMS.values() for a in algs))
+_MIN_RSA_BITS = 2048
+
 FirstUse = Callable[[str, int], Awaitable[bool]]
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _invalid(detail: str) -> InvalidClientError:
@@ -135,6 +147,10 @@ class ClientAuthenticator:
             )
         except jwt.InvalidTokenError as exc:
             raise _invalid(f"client_assertion rejected: {type(exc).__name__}") from exc
+        if not all(_numeric(claims[n]) for n in ("exp", "iat", "nbf") if n in claims):
+            raise _invalid("client_assertion exp, iat and nbf must be numbers")
+        if not isinstance(claims["jti"], str) or not claims["jti"]:
+            raise _invalid("client_assertion needs a non-empty jti")
         lifetime = int(claims["exp"] - time.time())
         if lifetime > self._max_age:
             raise _invalid(f"client_assertion lives too long (at most {self._max_age} s)")
@@ -151,7 +167,10 @@ def _pick_key(jwks: Mapping[str, Any], header: Mapping[str, Any]) -> tuple[Any, 
         allowed = _ALGORITHMS.get((jwk.get("kty"), jwk.get("crv") if jwk.get("kty") != "RSA" else None), ())
         if alg in allowed and jwk.get("alg", alg) == alg:
             try:
-                return jwt.PyJWK(dict(jwk), algorithm=alg).key, alg
-            except jwt.PyJWKError as exc:
+                key = jwt.PyJWK(dict(jwk), algorithm=alg).key
+            except (jwt.PyJWTError, ValueError, TypeError) as exc:
                 raise _invalid("the registered key cannot be used") from exc
+            if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+                raise _invalid(f"the registered RSA key is shorter than {_MIN_RSA_BITS} bits")
+            return key, alg
     raise _invalid("no registered key matches the assertion's kid and alg")

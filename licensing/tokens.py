@@ -10,8 +10,18 @@ Verification is strict and fails closed (any defect is ``invalid-token``):
 - a ``crit`` header is refused: we understand no JWS extensions (RFC 7515 §4.1.11);
 - ``iss`` must equal our issuer exactly; ``aud`` must contain our audience;
   ``exp`` and ``iat`` are required, ``nbf`` honoured, with a small leeway;
+- ``exp``, ``iat`` and ``nbf`` must be JSON numbers (RFC 7519 NumericDate);
 - the pdg claims (``client_id``, ``licensee``, ``licence``, ``purpose``,
   ``datasets``) must be present and well-typed.
+
+Every refusal carries the RFC 6750 challenge
+``WWW-Authenticate: Bearer realm="pdg", error="invalid_token"``.
+
+A token naming a key this replica does not know yet (another replica that
+started a moment ago) waits for the next key refresh from the database instead
+of being refused; refreshes are shared by all waiting calls and happen at most
+once per ``_REFRESH_MIN_SECONDS``, so unknown ``kid`` values cannot flood the
+database. If the key store cannot be read, the keys already known stay in use.
 
 A verified token is cached (by SHA-256 digest) until it expires, so the
 signature is checked once per token, not once per call; the licence rules are
@@ -20,7 +30,9 @@ still applied to every call.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,9 +44,16 @@ from licensing.errors import InvalidTokenError
 from licensing.ids import new_id
 from licensing.keys import ALGORITHM_FOR_KEY, SigningKey
 
+log = logging.getLogger(__name__)
+
 _FORBIDDEN_HEADERS = ("jku", "jwk", "x5u", "x5c")
 _CACHE_LIMIT = 200_000
-_REFRESH_MIN_SECONDS = 5.0
+_REFRESH_MIN_SECONDS = 0.5
+CHALLENGE = 'Bearer realm="pdg", error="invalid_token"'
+
+
+def _invalid(detail: str) -> InvalidTokenError:
+    return InvalidTokenError(detail, headers={"WWW-Authenticate": CHALLENGE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +89,8 @@ class TokenService:
         self._load_public_keys = load_public_keys
         self._keys: dict[str, tuple[str, Any]] = {}
         self._jwks: list[dict[str, Any]] = []
-        self._last_refresh = 0.0
+        self._last_refresh = -_REFRESH_MIN_SECONDS
+        self._pending_refresh: asyncio.Future[None] | None = None
         self._cache: dict[bytes, AccessClaims] = {}
         self.set_public_keys([signing_key.public_jwk])
 
@@ -81,7 +101,10 @@ class TokenService:
             alg = ALGORITHM_FOR_KEY.get(jwk.get("kty", ""))
             if alg is None or jwk.get("alg", alg) != alg or "kid" not in jwk:
                 continue
-            keys[jwk["kid"]] = (alg, jwt.PyJWK(jwk, algorithm=alg).key)
+            try:
+                keys[jwk["kid"]] = (alg, jwt.PyJWK(jwk, algorithm=alg).key)
+            except (jwt.PyJWTError, ValueError, TypeError):
+                log.warning("skipping unusable public signing key %r", jwk.get("kid"))
         own = self.signing_key
         keys.setdefault(own.kid, (own.alg, own.private_key.public_key()))
         self._keys = keys
@@ -96,7 +119,28 @@ class TokenService:
         if self._load_public_keys is None or (not force and now - self._last_refresh < _REFRESH_MIN_SECONDS):
             return
         self._last_refresh = now
-        self.set_public_keys(await self._load_public_keys())
+        try:
+            jwks = await self._load_public_keys()
+        except Exception:  # the keys already known stay in use
+            log.warning(
+                "cannot load the public signing keys; keeping the %d known", len(self._keys), exc_info=True
+            )
+            return
+        self.set_public_keys(jwks)
+
+    async def _await_next_refresh(self) -> None:
+        """Wait for the next key refresh (one shared by every caller that waits)."""
+        if self._load_public_keys is None:
+            return
+        if self._pending_refresh is None or self._pending_refresh.done():
+            self._pending_refresh = asyncio.ensure_future(self._refresh_when_allowed())
+        await asyncio.shield(self._pending_refresh)
+
+    async def _refresh_when_allowed(self) -> None:
+        wait = self._last_refresh + _REFRESH_MIN_SECONDS - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self.refresh_keys(force=True)
 
     # -- issue --------------------------------------------------------------
     def issue(
@@ -144,9 +188,9 @@ class TokenService:
         header = _header(token)
         kid = header.get("kid")
         if not isinstance(kid, str):
-            raise InvalidTokenError("the token header names no key (kid)")
+            raise _invalid("the token header names no key (kid)")
         if kid not in self._keys:
-            await self.refresh_keys()
+            await self._await_next_refresh()
         claims = self._verify(token, header, kid)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache = {k: v for k, v in self._cache.items() if v.expires_at + self.leeway_seconds > now}
@@ -158,10 +202,10 @@ class TokenService:
     def _verify(self, token: str, header: dict[str, Any], kid: str) -> AccessClaims:
         entry = self._keys.get(kid)
         if entry is None:
-            raise InvalidTokenError("the token is signed with a key this gateway does not know")
+            raise _invalid("the token is signed with a key this gateway does not know")
         alg, key = entry
         if header.get("alg") != alg:
-            raise InvalidTokenError(f"algorithm {header.get('alg')!r} is not allowed for this key")
+            raise _invalid(f"the token's algorithm is not allowed; this key signs with {alg} only")
         try:
             payload = jwt.decode(
                 token,
@@ -173,7 +217,7 @@ class TokenService:
                 options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"], "strict_aud": False},
             )
         except jwt.InvalidTokenError as exc:
-            raise InvalidTokenError(_reason(exc)) from exc
+            raise _invalid(_reason(exc)) from exc
         return _claims(payload)
 
 
@@ -181,15 +225,15 @@ def _header(token: str) -> dict[str, Any]:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError as exc:
-        raise InvalidTokenError("the token is not a well-formed JWT") from exc
+        raise _invalid("the token is not a well-formed JWT") from exc
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() not in ("at+jwt", "application/at+jwt"):
-        raise InvalidTokenError("the token is not an access token (typ must be at+jwt)")
+        raise _invalid("the token is not an access token (typ must be at+jwt)")
     if "crit" in header:
-        raise InvalidTokenError("the token header has critical extensions this gateway does not understand")
+        raise _invalid("the token header has critical extensions this gateway does not understand")
     for name in _FORBIDDEN_HEADERS:
         if name in header:
-            raise InvalidTokenError(f"the token header must not carry {name!r}")
+            raise _invalid(f"the token header must not carry {name!r}")
     return header
 
 
@@ -209,7 +253,14 @@ def _reason(exc: jwt.InvalidTokenError) -> str:
     return "the token is invalid"
 
 
+def _numeric_date(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _claims(payload: dict[str, Any]) -> AccessClaims:
+    for name in ("exp", "iat", "nbf"):
+        if name in payload and not _numeric_date(payload[name]):
+            raise _invalid(f"the token's {name!r} claim is not a number")
     names = ("client_id", "licensee", "licence", "purpose")
     values = [payload.get(n) for n in names]
     datasets = payload.get("datasets")
@@ -219,9 +270,7 @@ def _claims(payload: dict[str, Any]) -> AccessClaims:
         or not all(isinstance(d, str) for d in datasets)
         or payload.get("client_id") != payload.get("sub")
     ):
-        raise InvalidTokenError(
-            "the token lacks the pdg claims (client_id, licensee, licence, purpose, datasets)"
-        )
+        raise _invalid("the token lacks the pdg claims (client_id, licensee, licence, purpose, datasets)")
     return AccessClaims(
         token_id=str(payload["jti"]),
         app_id=str(payload["client_id"]),

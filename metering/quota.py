@@ -1,0 +1,278 @@
+"""Quotas: the free public-interest allowance, the paid industrial pool and
+the per-app burst limit, exact across any number of replicas (DESIGN §4).
+
+Each call is *reserved* before it is forwarded and *settled* (served: stays
+charged) or *released* (upstream failure: never charged) afterwards, by Lua
+scripts that run atomically in Redis (``metering/lua/*.lua``). The scripts'
+keys share the licence's ``{hash tag}``, so each touches one Redis Cluster
+slot and the same code runs on a single server and on a Cluster.
+
+Pools:
+
+- ``free``: ``public-interest`` calls, per licence, dataset and period, up to
+  the licence's ``free_monthly_calls`` override, else the dataset's;
+- ``prepaid``: ``industrial`` calls, per licence, a balance of calls that
+  does not reset; a top-up raises the limit, the counter is never rewritten;
+- ``credit``: ``industrial`` calls, per licence and period, in 1/10000 fen,
+  each call priced at its position in the dataset's graduated tiers (per
+  licence, dataset and period), per-record prices added at settlement;
+- ``none``: an industrial call on a licence without paid terms: 402.
+
+No call pays a round trip of its own: reservations, settlements and releases
+of all calls in flight are sent together, one pipeline per event-loop turn
+(``QuotaBatcher``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from metering.periods import Period
+
+#: Counters outlive their period long enough for usage reports and reconciliation.
+COUNTER_TTL_SECONDS = 400 * 24 * 3600
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+#: A reservation not settled within this time is left to expire (its call is
+#: recorded ``incomplete`` by the call record and released there).
+RESERVATION_TTL_SECONDS = 3600
+
+RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
+
+
+class QuotaStoreError(Exception):
+    """The quota store cannot be reached or answered nonsense."""
+
+
+def _script(name: str) -> str:
+    return resources.files("metering").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class Scripts:
+    """The Lua scripts, loaded once per server (again after a restart)."""
+
+    names = ("reserve", "settle", "release")
+
+    def __init__(self) -> None:
+        self.source = {name: _script(f"{name}.lua") for name in self.names}
+        self.sha = {
+            name: hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()
+            for name, src in self.source.items()
+        }
+
+    async def load(self, client: aioredis.Redis) -> None:
+        for source in self.source.values():
+            # On a Cluster, redis-py sends SCRIPT LOAD to every primary.
+            await client.script_load(source)
+
+
+def keys_prefix(licence_id: str) -> str:
+    """All keys of one licence share this hash tag (one Cluster slot)."""
+    return f"pdg:{{{licence_id}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    kind: str  # free | prepaid | credit | none
+    limit: int
+    counter_key: str
+    name: str  # as shown in RateLimit headers: "free" or "paid"
+    window_seconds: int | None  # None: a balance that does not reset
+    reset_seconds: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One call's reservation request; built by ``plan_reservation``."""
+
+    licence_id: str
+    call_id: str
+    keys: tuple[str, str, str, str, str]
+    args: tuple[Any, ...]
+    pool: Pool
+    burst_capacity: int
+    burst_window: float
+
+    @property
+    def record_key(self) -> str:
+        return self.keys[3]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    used: int
+    cost: int
+    retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What a call draws on: the numbers from the licence and the dataset."""
+
+    licence_id: str
+    app_id: str
+    dataset_id: str
+    purpose: str
+    free_limit: int
+    prepaid_calls: int | None
+    credit_limit_fen: int | None
+    per_call_e4: int
+    tiers: Sequence[tuple[int | None, int]] = field(default_factory=tuple)
+    burst_per_second: float = 100.0
+    burst_capacity: int = 100
+
+
+def plan_reservation(
+    terms: Terms, period: Period, now: datetime, call_id: str, idempotency_key: str | None
+) -> Reservation:
+    prefix = keys_prefix(terms.licence_id)
+    reset = period.seconds_left(now)
+    window = int((period.end - period.start).total_seconds())
+    if terms.purpose == "public-interest":
+        pool = Pool(
+            "free", terms.free_limit, f"{prefix}:free:{terms.dataset_id}:{period.name}", "free", window, reset
+        )
+    elif terms.prepaid_calls is not None:
+        pool = Pool("prepaid", terms.prepaid_calls, f"{prefix}:prepaid", "paid", None, None)
+    elif terms.credit_limit_fen is not None:
+        pool = Pool(
+            "credit", terms.credit_limit_fen * 10000, f"{prefix}:credit:{period.name}", "paid", window, reset
+        )
+    else:
+        pool = Pool("none", 0, f"{prefix}:paid-none", "paid", None, None)
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else "-"
+    idem = f"{prefix}:idem:{terms.app_id}:{digest}"
+    keys = (
+        f"{prefix}:burst:{terms.app_id}:{terms.dataset_id}",
+        pool.counter_key,
+        f"{prefix}:paidcalls:{terms.dataset_id}:{period.name}",
+        f"{prefix}:res:{call_id}",
+        idem,
+    )
+    interval_us = max(1, int(1_000_000 / terms.burst_per_second))
+    tiers: list[int] = []
+    for up_to, price in terms.tiers:
+        tiers.extend((up_to or 0, price))
+    args = (
+        interval_us,
+        interval_us * terms.burst_capacity,
+        pool.kind,
+        pool.limit,
+        call_id,
+        COUNTER_TTL_SECONDS,
+        IDEMPOTENCY_TTL_SECONDS,
+        RESERVATION_TTL_SECONDS,
+        terms.per_call_e4,
+        1 if idempotency_key else 0,
+        *tiers,
+    )
+    return Reservation(
+        terms.licence_id,
+        call_id,
+        keys,
+        args,
+        pool,
+        terms.burst_capacity,
+        terms.burst_capacity / terms.burst_per_second,
+    )
+
+
+@dataclass
+class _Pending:
+    script: str
+    keys: Sequence[str]
+    args: Sequence[Any]
+    future: asyncio.Future[Any]
+
+
+class QuotaBatcher:
+    """Sends the script calls of all calls in flight in one pipeline per
+    event-loop turn. A Redis failure fails every call of the batch (fail
+    closed); the next batch tries again on a fresh connection."""
+
+    def __init__(self, client: aioredis.Redis, scripts: Scripts | None = None) -> None:
+        self.client = client
+        self.scripts = scripts or Scripts()
+        self._pending: list[_Pending] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _submit(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Pending(script, keys, args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: Sequence[_Pending]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for item in batch:
+            pipe.execute_command(
+                "EVALSHA", self.scripts.sha[item.script], len(item.keys), *item.keys, *item.args
+            )
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._execute(batch)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # A restarted (or new) server: load the scripts and run the
+                # calls that found none. Scripts are idempotent per call id.
+                await self.scripts.load(self.client)
+                retry = [item for item, r in zip(batch, results, strict=True) if isinstance(r, NoScriptError)]
+                again = iter(await self._execute(retry))
+                results = [next(again) if isinstance(r, NoScriptError) else r for r in results]
+        except (RedisError, OSError) as exc:
+            error = QuotaStoreError(f"quota store unreachable: {type(exc).__name__}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(QuotaStoreError(f"quota script failed: {result}"))
+            else:
+                item.future.set_result(result)
+
+    async def reserve(self, reservation: Reservation) -> Outcome:
+        result = await self._submit("reserve", reservation.keys, reservation.args)
+        status, a, b = (int(x) for x in result)
+        if status == RATE_LIMITED:
+            return Outcome(status, 0, 0, retry_after_ms=a)
+        return Outcome(status, a, b)
+
+    async def settle(self, reservation: Reservation, extra_e4: int = 0) -> bool:
+        result = await self._submit(
+            "settle", (reservation.record_key,), (reservation.call_id, extra_e4, IDEMPOTENCY_TTL_SECONDS)
+        )
+        return bool(result)
+
+    async def release(self, reservation: Reservation) -> bool:
+        return bool(await self._submit("release", (reservation.record_key,), ()))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,184 @@
+"""The quota scripts and their batcher against real Redis / Valkey servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from metering.periods import period_of
+from metering.quota import (
+    EXHAUSTED,
+    IN_FLIGHT,
+    RATE_LIMITED,
+    REPLAYED,
+    RESERVED,
+    QuotaBatcher,
+    QuotaStoreError,
+    Terms,
+    plan_reservation,
+)
+from tests.conftest import REDIS_URL, free_port
+
+NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+PERIOD = period_of(NOW)
+
+
+@pytest.fixture(params=["valkey", "redis"])
+async def batcher(request: pytest.FixtureRequest, embedded_valkey_url: str) -> AsyncIterator[QuotaBatcher]:
+    url = embedded_valkey_url
+    if request.param == "redis":
+        if not REDIS_URL:
+            pytest.skip("PDG_TEST_REDIS_URL is not set (CI sets it)")
+        url = REDIS_URL
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    store = QuotaBatcher(client)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+def terms(**overrides: Any) -> Terms:
+    values: dict[str, Any] = {
+        "licence_id": "licence-1",
+        "app_id": "app-1",
+        "dataset_id": "ds-1",
+        "purpose": "public-interest",
+        "free_limit": 3,
+        "prepaid_calls": None,
+        "credit_limit_fen": None,
+        "per_call_e4": 25000,
+        "burst_per_second": 1000.0,
+        "burst_capacity": 1000,
+    }
+    values.update(overrides)
+    return Terms(**values)
+
+
+def plan(t: Terms, call: str, key: str | None = None) -> Any:
+    return plan_reservation(t, PERIOD, NOW, call, key)
+
+
+async def test_free_pool_is_exact_and_release_gives_back(batcher: QuotaBatcher) -> None:
+    t = terms()
+    outcomes = await asyncio.gather(*(batcher.reserve(plan(t, f"c{i}")) for i in range(5)))
+    assert sorted(o.status for o in outcomes) == [RESERVED] * 3 + [EXHAUSTED] * 2
+    reserved = [i for i, o in enumerate(outcomes) if o.status == RESERVED]
+    assert await batcher.release(plan(t, f"c{reserved[0]}"))
+    assert not await batcher.release(plan(t, f"c{reserved[0]}")), "a second release changes nothing"
+    again = await batcher.reserve(plan(t, "c-again"))
+    assert again.status == RESERVED
+    assert again.used == 3
+    assert (await batcher.reserve(plan(t, "c-over"))).status == EXHAUSTED
+
+
+async def test_periods_have_their_own_counters(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=1)
+    assert (await batcher.reserve(plan(t, "a"))).status == RESERVED
+    assert (await batcher.reserve(plan(t, "b"))).status == EXHAUSTED
+    december = plan_reservation(t, PERIOD.next(), PERIOD.next().start, "c", None)
+    assert (await batcher.reserve(december)).status == RESERVED
+
+
+async def test_settled_calls_stay_charged(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=1)
+    r = plan(t, "a")
+    assert (await batcher.reserve(r)).status == RESERVED
+    assert await batcher.settle(r)
+    assert not await batcher.release(r), "a settled call is not released"
+    assert (await batcher.reserve(plan(t, "b"))).status == EXHAUSTED
+
+
+async def test_burst_limit(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=100, burst_per_second=1.0, burst_capacity=2)
+    results = [await batcher.reserve(plan(t, f"b{i}")) for i in range(3)]
+    assert [r.status for r in results] == [RESERVED, RESERVED, RATE_LIMITED]
+    assert 0 < results[2].retry_after_ms <= 1000
+    # A rate-limited call consumed no quota.
+    assert results[1].used == 2
+
+
+async def test_prepaid_top_up_applies_at_once(batcher: QuotaBatcher) -> None:
+    t = terms(purpose="industrial", prepaid_calls=2)
+    assert [(await batcher.reserve(plan(t, f"p{i}"))).status for i in range(3)] == [
+        RESERVED,
+        RESERVED,
+        EXHAUSTED,
+    ]
+    topped = terms(purpose="industrial", prepaid_calls=5)
+    outcome = await batcher.reserve(plan(topped, "p-after-top-up"))
+    assert outcome.status == RESERVED
+    assert outcome.used == 3, "the counter kept its value; only the limit moved"
+
+
+async def test_credit_priced_by_graduated_tiers(batcher: QuotaBatcher) -> None:
+    # 2 calls at 1 fen, then 0.5 fen; limit 2 fen = 20000 e4.
+    t = terms(purpose="industrial", credit_limit_fen=2, tiers=((2, 10000), (None, 5000)))
+    first = [await batcher.reserve(plan(t, f"k{i}")) for i in range(2)]
+    assert [(o.status, o.cost) for o in first] == [(RESERVED, 10000), (RESERVED, 10000)]
+    assert (await batcher.reserve(plan(t, "k2"))).status == EXHAUSTED
+    raised = terms(purpose="industrial", credit_limit_fen=3, tiers=((2, 10000), (None, 5000)))
+    third = await batcher.reserve(plan(raised, "k3"))
+    assert (third.status, third.cost, third.used) == (RESERVED, 5000, 25000)
+    # Releasing the third call gives back its price and its tier position.
+    assert await batcher.release(plan(raised, "k3"))
+    again = await batcher.reserve(plan(raised, "k4"))
+    assert (again.cost, again.used) == (5000, 25000)
+
+
+async def test_per_record_price_is_added_at_settlement(batcher: QuotaBatcher) -> None:
+    t = terms(purpose="industrial", credit_limit_fen=10, per_call_e4=10000)
+    r = plan(t, "r1")
+    assert (await batcher.reserve(r)).used == 10000
+    assert await batcher.settle(r, extra_e4=30000)
+    assert (await batcher.reserve(plan(t, "r2"))).used == 50000
+
+
+async def test_no_paid_terms_means_payment_required(batcher: QuotaBatcher) -> None:
+    outcome = await batcher.reserve(plan(terms(purpose="industrial"), "n1"))
+    assert outcome.status == EXHAUSTED
+
+
+async def test_idempotent_retries_are_charged_once(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=5)
+    first = plan(t, "i1", "order-42")
+    assert (await batcher.reserve(first)).status == RESERVED
+    assert (await batcher.reserve(plan(t, "i2", "order-42"))).status == IN_FLIGHT
+    assert await batcher.settle(first)
+    replay = await batcher.reserve(plan(t, "i3", "order-42"))
+    assert replay.status == REPLAYED
+    other = await batcher.reserve(plan(terms(free_limit=5, app_id="app-2"), "i4", "order-42"))
+    assert other.status == RESERVED, "the key is per app"
+    assert other.used == 2
+
+
+async def test_a_released_idempotent_call_is_charged_on_retry(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=5)
+    first = plan(t, "j1", "k")
+    assert (await batcher.reserve(first)).status == RESERVED
+    assert await batcher.release(first)
+    retry = await batcher.reserve(plan(t, "j2", "k"))
+    assert (retry.status, retry.used) == (RESERVED, 1)
+
+
+async def test_scripts_reload_after_a_flush(batcher: QuotaBatcher) -> None:
+    assert (await batcher.reserve(plan(terms(), "s1"))).status == RESERVED
+    await batcher.client.script_flush()
+    assert (await batcher.reserve(plan(terms(), "s2"))).status == RESERVED
+
+
+async def test_unreachable_store_fails_closed() -> None:
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    store = QuotaBatcher(client)
+    try:
+        with pytest.raises(QuotaStoreError):
+            await store.reserve(plan(terms(), "u1"))
+    finally:
+        await client.aclose()
