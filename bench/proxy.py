@@ -86,7 +86,7 @@ DATASET = "bench"
 UPSTREAM_PREFIX = "/records"
 CALL_PATH = "/items?page=1"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=120)
 
 
 class BenchError(Exception):
@@ -102,6 +102,17 @@ class Layout:
     load: frozenset[int] | None = None
     upstream: frozenset[int] | None = None
     proxy: frozenset[int] | None = None
+
+    def text(self) -> str:
+        def cpus(s: frozenset[int] | None) -> str:
+            return ",".join(f"cpu{c}" for c in sorted(s)) if s is not None else "any"
+
+        if self.load is None:
+            return f"{self.name} (not pinned)"
+        return (
+            f"{self.name}: load client {cpus(self.load)}, upstream {cpus(self.upstream)}, "
+            f"proxy/gateway {cpus(self.proxy)}"
+        )
 
     def describe(self) -> dict[str, Any]:
         def cpus(s: frozenset[int] | None) -> list[int] | None:
@@ -178,6 +189,23 @@ def core_times() -> dict[int, tuple[int, int]]:
                 idle = values[3] + (values[4] if len(values) > 4 else 0)
                 out[int(m.group(1))] = (sum(values[:8]) - idle, sum(values[:8]))
     return out
+
+
+def sample_busy(seconds: float = 0.5) -> float:
+    """Busy CPU over a short sample, in % of one core summed over all cores."""
+    before = core_times()
+    time.sleep(seconds)
+    return sum(core_busy(before, core_times()).values())
+
+
+def wait_quiet(limit_s: float, threshold_pct: float = 30.0) -> tuple[bool, float]:
+    """Wait (at most ``limit_s``) until the machine is nearly idle: other sessions may be
+    running tests on a shared box. Returns (quiet, last busy sample)."""
+    deadline = time.monotonic() + limit_s
+    busy = sample_busy()
+    while busy > threshold_pct and time.monotonic() < deadline:
+        busy = sample_busy()
+    return busy <= threshold_pct, round(busy, 1)
 
 
 def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
@@ -538,8 +566,13 @@ class Load:
             str(self.timeout_s),
         ]
 
-    def run(self, url: str, token: str, proxy_pgid: int, upstream_pgid: int) -> dict[str, Any]:
+    def run(
+        self, url: str, token: str, proxy_pgid: int, upstream_pgid: int, own: list[int]
+    ) -> dict[str, Any]:
+        """One load run against ``url``; ``own`` lists every server process group of this
+        benchmark, so CPU used by anything else on the machine can be reported."""
         cores0, sut0, up0 = core_times(), group_cpu_seconds(proxy_pgid), group_cpu_seconds(upstream_pgid)
+        own0 = sum(group_cpu_seconds(g) for g in own)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall0 = time.perf_counter()
         proc = self.procs.start("load", self.argv(url, token), self.layout.load, capture=True)
@@ -553,6 +586,7 @@ class Load:
         wall = time.perf_counter() - wall0
         kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sut1, up1, cores1 = group_cpu_seconds(proxy_pgid), group_cpu_seconds(upstream_pgid), core_times()
+        own_cpu = sum(group_cpu_seconds(g) for g in own) - own0
         text = out.decode(errors="replace")
         if proc.returncode != 0:
             raise BenchError(f"load client exited {proc.returncode}: {err.decode(errors='replace')[-800:]}")
@@ -560,11 +594,13 @@ class Load:
         requests = max(1, int(result["requests"]))
         sut_cpu = sut1 - sut0
         client_cpu = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+        busy = core_busy(cores0, cores1)
+        foreign = sum(busy.values()) - 100.0 * (own_cpu + client_cpu) / wall
         return {
-            "requests_per_s": float(result["requests_per_s"]),
-            "p50_ms": float(result["latency_ms"]["p50"]),
-            "p90_ms": float(result["latency_ms"]["p90"]),
-            "p99_ms": float(result["latency_ms"]["p99"]),
+            "requests_per_s": round(float(result["requests_per_s"]), 1),
+            "p50_ms": round(float(result["latency_ms"]["p50"]), 3),
+            "p90_ms": round(float(result["latency_ms"]["p90"]), 3),
+            "p99_ms": round(float(result["latency_ms"]["p99"]), 3),
             "requests": int(result["requests"]),
             "errors": int(result["errors"]),
             "non_2xx": int(result["non_2xx"]),
@@ -572,7 +608,8 @@ class Load:
             "proxy_cpu_us_per_request": round(1e6 * sut_cpu / requests, 1),
             "upstream_cpu_pct": round(100.0 * (up1 - up0) / wall, 1),
             "load_client_cpu_pct": round(100.0 * client_cpu / wall, 1),
-            "core_busy_pct": core_busy(cores0, cores1),
+            "other_processes_cpu_pct": round(max(0.0, foreign), 1),
+            "core_busy_pct": busy,
         }
 
 
@@ -590,6 +627,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": med("p99_ms"),
         "proxy_cpu_pct": med("proxy_cpu_pct"),
         "proxy_cpu_us_per_request": med("proxy_cpu_us_per_request"),
+        "other_processes_cpu_pct": med("other_processes_cpu_pct"),
         "errors": sum(r["errors"] + r["non_2xx"] for r in runs),
         "runs": runs,
     }
@@ -610,7 +648,7 @@ def render(report: dict[str, Any]) -> None:
     table.add_column("proxy CPU %", justify="right")
     table.add_column("CPU µs/req", justify="right")
     table.add_column("errors", justify="right")
-    for key, label in (("bare", "bare aiohttp proxy"), ("gateway", "pdg gateway")):
+    for key, label in (("bare", "bare proxy"), ("gateway", "pdg gateway")):
         r = report["results"][key]
         table.add_row(
             label,
@@ -624,13 +662,13 @@ def render(report: dict[str, Any]) -> None:
     ratio = report["ratio"]
     table.caption = (
         f"gateway / bare throughput: [bold]{ratio['throughput_pct']:.1f} %[/]   "
-        f"p50 x{ratio['p50_x']:.2f}   p99 x{ratio['p99_x']:.2f}"
+        f"p50 x{ratio['p50_x']:.2f}   p99 x{ratio['p99_x']:.2f}   CPU/req x{ratio['cpu_per_request_x']:.2f}"
     )
     console.print(table)
     m = report["machine"]
     console.print(
         f"[dim]{m['cpu_count']} CPUs ({m['usable_cpus']} usable), Python {m['python']}, "
-        f"layout {report['pinning']['layout']} {report['pinning']}, "
+        f"layout {report['pinning']['text']}, "
         f"body {s['body_bytes']} B -> {report['output']}[/]"
     )
     for note in report["notes"]:
@@ -644,16 +682,35 @@ def notes_for(report: dict[str, Any]) -> list[str]:
             notes.append(
                 f"{key}: {report['results'][key]['errors']} failed or non-2xx calls - figures suspect"
             )
-    load = report["pinning"]["load_client"]
-    if load:
-        for run in report["results"]["bare"]["runs"]:
-            busy = [run["core_busy_pct"].get(f"cpu{c}", 0.0) for c in load]
-            if busy and min(busy) >= 95.0:
-                notes.append(
-                    "the load client's core(s) were saturated during a bare run: the baseline may be "
-                    "client-bound and the ratio flattered (wrk, or more cores, avoids this)"
-                )
-                break
+    others = [r["other_processes_cpu_pct"] for k in ("bare", "gateway") for r in report["results"][k]["runs"]]
+    if others and max(others) >= 15.0:
+        notes.append(
+            f"other processes used up to {max(others):.0f} % of a core during the runs "
+            "(a shared machine?): the figures are noisy, compare CPU µs/req rather than requests/s"
+        )
+    pin = report["pinning"]
+
+    def median_busy(runs: list[dict[str, Any]], cores: list[int] | None) -> float | None:
+        if not cores:
+            return None
+        return min(statistics.median(r["core_busy_pct"].get(f"cpu{c}", 0.0) for r in runs) for c in cores)
+
+    for key, label in (("bare", "the bare proxy"), ("gateway", "the gateway")):
+        r = report["results"][key]
+        if r["proxy_cpu_pct"] >= 90.0:
+            continue
+        own_core = median_busy(r["runs"], pin["proxy_or_gateway"])
+        load_core = median_busy(r["runs"], pin["load_client"])
+        if own_core is not None and own_core >= 90.0:
+            why = f"other processes took the rest of its core ({own_core:.0f} % busy)"
+        elif load_core is not None and load_core >= 90.0:
+            why = f"the load side was the limit (load core(s) {load_core:.0f} % busy)"
+        else:
+            why = "something other than CPU was the limit"
+        notes.append(
+            f"{label} used only {r['proxy_cpu_pct']:.0f} % of a core, so it was not CPU-bound: {why}; "
+            "its requests/s understate it" + ("" if key == "gateway" else " and can flatter the ratio")
+        )
     return notes
 
 
@@ -717,6 +774,7 @@ class Options:
     max_requests: int
     start_attempts: int
     start_timeout: float
+    quiet_wait: float
     keep_data: bool
 
 
@@ -751,6 +809,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     parser.add_argument("--start-attempts", type=int, default=3, help="tries to start pdg serve (3)")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for /healthz (60)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="before each run, wait up to this many seconds for other processes to go idle (15)",
+    )
     parser.add_argument("--keep-data", action="store_true", help="keep the gateway's temporary data folder")
     a = parser.parse_args(argv)
     duration = a.duration if a.duration is not None else (3 if a.quick else 10)
@@ -778,6 +842,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         max_requests=a.max_requests,
         start_attempts=a.start_attempts,
         start_timeout=a.start_timeout,
+        quiet_wait=a.quiet_wait,
         keep_data=a.keep_data,
     )
 
@@ -785,7 +850,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
 def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
     pdg = find_pdg(opts.pdg)
     layout = plan_layout(opts.layout)
-    console.print(f"[bold]pdg proxy benchmark[/]: {opts.tool}, layout {layout.describe()}")
+    console.print(f"[bold]pdg proxy benchmark[/]: {opts.tool}, layout {layout.text()}")
 
     up_port = free_port()
     upstream = procs.start(
@@ -824,11 +889,12 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
         check_target(name, url, token, expected)
     console.print(f"both paths return the upstream's {len(expected)}-byte body; measuring...")
 
+    own = [upstream.pid, bare.pid, gateway.pid]
     load = Load(opts.tool, opts.connections, opts.duration, opts.max_requests, layout, procs)
     if opts.warmup:
         warm = Load(opts.tool, opts.connections, opts.warmup, opts.max_requests, layout, procs)
         for name, (url, proc) in targets.items():
-            warm.run(url, token, proc.pid, upstream.pid)
+            warm.run(url, token, proc.pid, upstream.pid, own)
             console.print(f"  warm-up {name}: done")
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], "gateway": []}
     for i in range(opts.runs):
@@ -836,12 +902,17 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             if name == "gateway":
                 token = gw.token()  # fresh each run: tokens live 300 s by default
             time.sleep(1.0)  # let the previous run's connections close
-            result = load.run(url, token, proc.pid, upstream.pid)
+            quiet, busy_before = wait_quiet(opts.quiet_wait)
+            result = load.run(url, token, proc.pid, upstream.pid, own)
+            result["machine_busy_before_pct"] = busy_before
+            result["quiet_before"] = quiet
             runs[name].append(result)
             console.print(
                 f"  run {i + 1}/{opts.runs} {name:8s} {result['requests_per_s']:>9,.0f} req/s  "
-                f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
-                f"proxy CPU {result['proxy_cpu_pct']:.0f} %  errors {result['errors'] + result['non_2xx']}"
+                f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                f"proxy CPU {result['proxy_cpu_pct']:3.0f} %  "
+                f"others {result['other_processes_cpu_pct']:3.0f} %  "
+                f"errors {result['errors'] + result['non_2xx']}"
             )
         if gateway.poll() is not None:
             raise BenchError(f"pdg serve exited during the benchmark:\n{log_tail(data_dir / 'gateway.log')}")
@@ -874,7 +945,7 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             "gateway_url": targets["gateway"][0],
             "bare_url": targets["bare"][0],
         },
-        "pinning": layout.describe(),
+        "pinning": {**layout.describe(), "text": layout.text()},
         "source": source_facts(pdg),
         "results": results,
         "ratio": {
@@ -883,6 +954,9 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             else 0.0,
             "p50_x": round(g["p50_ms"] / b["p50_ms"], 2) if b["p50_ms"] else 0.0,
             "p99_x": round(g["p99_ms"] / b["p99_ms"], 2) if b["p99_ms"] else 0.0,
+            "cpu_per_request_x": round(g["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"], 2)
+            if b["proxy_cpu_us_per_request"]
+            else 0.0,
         },
         "output": str(opts.output),
     }
@@ -896,6 +970,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _raise_interrupt)
     with contextlib.suppress(AttributeError):
         signal.signal(signal.SIGHUP, _raise_interrupt)

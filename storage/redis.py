@@ -42,6 +42,12 @@ def _ping(host: str, port: int) -> bool:
         return False
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _endpoint_file(data_dir: Path) -> Path:
     return data_dir / "valkey" / "endpoint.json"
 
@@ -72,11 +78,18 @@ class EmbeddedValkey:
 
         folder = self.data_dir / "valkey"
         folder.mkdir(parents=True, exist_ok=True)
-        server = ValkeyServer(data_dir=folder, persist=True, config=PERSISTENCE)
-        try:
-            server.start(timeout=20.0)
-        except (ValkeyServerError, OSError) as exc:
-            raise EmbeddedValkeyError(f"embedded Valkey did not start: {exc}") from exc
+        # A port is probed free, then the server binds it: another process
+        # starting at the same moment can take it in between. A fresh,
+        # kernel-chosen port on each of a few attempts closes that race.
+        for attempt in range(5):
+            server = ValkeyServer(port=_free_port(), data_dir=folder, persist=True, config=PERSISTENCE)
+            try:
+                server.start(timeout=20.0)
+                break
+            except (ValkeyServerError, OSError) as exc:
+                if attempt == 4:
+                    reason = str(exc).splitlines()[0]
+                    raise EmbeddedValkeyError(f"embedded Valkey did not start: {reason}") from exc
         self._server = server
         endpoint = _endpoint_file(self.data_dir)
         tmp = endpoint.with_suffix(".tmp")
