@@ -39,6 +39,8 @@ class Route:
     response_list: bool = False
     status: int = 200
     query: tuple[str, ...] = ()
+    #: May answer 409 (a duplicate, or a transition the resource's state forbids).
+    conflict: bool = False
 
 
 def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -184,6 +186,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.DatasetIn,
         schemas.Dataset,
         status=201,
+        conflict=True,
     ),
     Route("GET", "/datasets/{id}", get_dataset, "read", "Get a dataset", None, schemas.Dataset),
     Route(
@@ -205,6 +208,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.LicenseeIn,
         schemas.Licensee,
         status=201,
+        conflict=True,
     ),
     Route("GET", "/licensees/{id}", get_licensee, "read", "Get a licensee", None, schemas.Licensee),
     Route(
@@ -227,6 +231,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.LicenceIn,
         schemas.Licence,
         status=201,
+        conflict=True,
     ),
     Route("GET", "/licences/{id}", get_licence, "read", "Get a licence", None, schemas.Licence),
     Route(
@@ -237,6 +242,7 @@ ROUTES: tuple[Route, ...] = (
         "Suspend a licence (takes effect on the next call)",
         None,
         schemas.Licence,
+        conflict=True,
     ),
     Route(
         "POST",
@@ -246,6 +252,7 @@ ROUTES: tuple[Route, ...] = (
         "Resume a suspended licence",
         None,
         schemas.Licence,
+        conflict=True,
     ),
     Route(
         "POST",
@@ -266,6 +273,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.AppIn,
         schemas.App,
         status=201,
+        conflict=True,
     ),
     Route("GET", "/apps/{id}", get_app, "read", "Get an app", None, schemas.App),
     Route(

@@ -18,8 +18,6 @@ from typing import Any, NoReturn
 from config.settings import ConfigurationError, Settings, load_settings
 from gateway import __version__, cli_resources
 from licensing.errors import GatewayError
-from licensing.keys import KeyFileError
-from storage.redis import EmbeddedValkeyError
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -121,9 +119,36 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from sqlalchemy.exc import SQLAlchemyError
+#: Errors of modules that are imported only when needed (so that ``--help``
+#: and bad input answer quickly): ``(module, class)``. A module that was never
+#: imported cannot have raised its error.
+_ONE_LINE_ERRORS = (("licensing.keys", "KeyFileError"), ("storage.redis", "EmbeddedValkeyError"))
 
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    loaded = sys.modules.get(module)
+    error = getattr(loaded, name, None) if loaded is not None else None
+    return error if isinstance(error, type) and issubclass(error, BaseException) else None
+
+
+def _one_line(exc: Exception) -> str | None:
+    """The one-line reason for an expected failure, or ``None`` for a bug."""
+    if isinstance(exc, ConfigurationError | GatewayError):
+        return str(getattr(exc, "detail", exc)).splitlines()[0]
+    for module, name in _ONE_LINE_ERRORS:
+        error = _loaded(module, name)
+        if error is not None and isinstance(exc, error):
+            return str(exc).splitlines()[0]
+    sqlalchemy_error = _loaded("sqlalchemy.exc", "SQLAlchemyError")
+    if sqlalchemy_error is not None and isinstance(exc, sqlalchemy_error):
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return f"database: {reason}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -139,15 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         command: Command = args.run
         return asyncio.run(command(args, settings))
-    except (ConfigurationError, GatewayError, KeyFileError, EmbeddedValkeyError) as exc:
-        return _fail(str(getattr(exc, "detail", exc)).splitlines()[0])
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        return _fail(f"database: {reason}")
-    except OSError as exc:
-        return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        reason = _one_line(exc)
+        if reason is None:
+            raise
+        return _fail(reason)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,22 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+from pydantic import BaseModel
 
 from config.settings import Settings
 from licensing import schemas
-from licensing.admin_tokens import AdminTokens
 from licensing.errors import BadRequestError
-from licensing.registry import Registry, dump
-from storage import migrate
-from storage.db import create_engine, session_factory
+
+if TYPE_CHECKING:
+    from licensing.admin_tokens import AdminTokens
+    from licensing.registry import Registry
+
+# The database layer, Argon2 and rich are imported by the commands that use
+# them, so that ``--help`` and bad input answer at once.
 
 Common = Callable[[argparse.ArgumentParser], None]
 
@@ -36,6 +38,11 @@ class Services:
 
 @contextlib.asynccontextmanager
 async def services(settings: Settings) -> AsyncIterator[Services]:
+    from licensing.admin_tokens import AdminTokens
+    from licensing.registry import Registry
+    from storage import migrate
+    from storage.db import create_engine, session_factory
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     try:
@@ -52,6 +59,9 @@ def emit(args: argparse.Namespace, data: Any, text: str | None = None, columns: 
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
         return
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(soft_wrap=True)
     if isinstance(data, list):
         table = Table(*columns)
@@ -63,6 +73,13 @@ def emit(args: argparse.Namespace, data: Any, text: str | None = None, columns: 
     else:
         for key, value in data.items():
             console.print(f"{key}: {_cell(value)}", markup=False, highlight=False)
+
+
+def dump(items: Sequence[BaseModel] | BaseModel) -> Any:
+    """Resources as JSON-ready data (as ``licensing.registry.dump``)."""
+    if isinstance(items, BaseModel):
+        return items.model_dump(mode="json")
+    return [i.model_dump(mode="json") for i in items]
 
 
 def _cell(value: Any) -> str:
@@ -119,7 +136,9 @@ def _split(value: str) -> dict[str, str]:
 def _tier(value: str) -> dict[str, Any]:
     up_to, sep, price = value.partition(":")
     if not sep:
-        raise argparse.ArgumentTypeError("give UP_TO:PER_CALL_FEN, e.g. 10000:2.5 (UP_TO '-' = no bound)")
+        raise argparse.ArgumentTypeError(
+            "give UP_TO:PER_CALL_FEN, e.g. 10000:2.5, or :1.5 for no upper bound"
+        )
     try:
         bound = None if up_to in ("-", "") else int(up_to)
     except ValueError as exc:
@@ -403,7 +422,11 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("--per-call-fen", help="decimal, up to 4 places")
         p.add_argument("--per-record-fen", help="decimal, up to 4 places")
         p.add_argument(
-            "--tier", type=_tier, action="append", default=[], help="UP_TO:PER_CALL_FEN, repeatable"
+            "--tier",
+            type=_tier,
+            action="append",
+            default=[],
+            help="UP_TO:PER_CALL_FEN, repeatable, increasing; the last may be :PER_CALL_FEN (no bound)",
         )
         p.add_argument("--split", type=_split, help="revenue split PROVIDER,OPERATOR,PUBLIC_FUND")
         p.add_argument("--burst-per-second", type=float)

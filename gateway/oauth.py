@@ -25,6 +25,7 @@ from licensing.errors import (
     DatasetClosedError,
     DatasetNotLicensedError,
     GatewayError,
+    InvalidClientError,
     LicenceError,
     LicenceInactiveError,
     PurposeNotAllowedError,
@@ -161,7 +162,11 @@ async def token_endpoint(request: web.Request) -> web.Response:
         if form.get("grant_type") != "client_credentials":
             raise BadRequestError("grant_type must be client_credentials", error="unsupported_grant_type")
         if not client.enabled:
-            raise LicenceInactiveError("this app is disabled", error="unauthorized_client")
+            raise InvalidClientError(
+                "this app is disabled",
+                headers={"WWW-Authenticate": 'Basic realm="pdg"'},
+                error="invalid_client",
+            )
         scope = parse_scope(form.get("scope", ""))
         licence = choose_licence(catalogue, client, scope)
         datasets = list(scope.datasets) or sorted(

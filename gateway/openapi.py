@@ -59,7 +59,15 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
             "x-pdg-permission": route.permission,
             "responses": {
                 "400": _problem("malformed request; `field` names the first bad field"),
-                "401": _problem("no or invalid admin token"),
+                "401": {
+                    **_problem("no or invalid admin token"),
+                    "headers": {
+                        "WWW-Authenticate": {
+                            "description": 'the admin token challenge: Bearer realm="pdg-admin"',
+                            "schema": {"type": "string"},
+                        }
+                    },
+                },
                 "403": _problem("the token's role may not do this"),
             },
         }
@@ -91,8 +99,10 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
             }
         if "{id}" in route.path:
             operation["responses"]["404"] = _problem("no such resource")
-        if route.method == "POST" and route.status == 201:
-            operation["responses"]["409"] = _problem("conflicts with an existing resource")
+        if route.conflict:
+            operation["responses"]["409"] = _problem(
+                "conflicts with an existing resource, or with the resource's state"
+            )
         paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

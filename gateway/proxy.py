@@ -15,10 +15,20 @@ Forwarding rules:
 - ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` are set (extended only when the
   peer is a trusted proxy), ``X-Request-Id`` is passed on or made;
 - upstream redirects are never followed or relayed (502), so an upstream can
-  not bounce a caller elsewhere; ``304 Not Modified`` is relayed;
+  not bounce a caller elsewhere; ``304 Not Modified`` is relayed; a
+  ``Location`` / ``Content-Location`` on a relayed answer is rewritten to the
+  gateway's own path when it points inside the dataset's upstream, and dropped
+  otherwise, so upstream addresses never reach callers;
 - the path is taken from the raw request target, segment by segment: dot
-  segments, encoded dots or slashes (also double-encoded), backslashes and
-  control characters are refused, so no path leaves the upstream's prefix;
+  segments (also encoded, with ``;params``, or in Unicode compatibility
+  forms), encoded slashes or backslashes, double encoding, malformed
+  percent-escapes, empty inner segments and control characters are refused,
+  so no path leaves the upstream's prefix, however the upstream decodes it;
+- ``Expect: 100-continue`` is answered only after the token, the licence
+  rules and ``Content-Length`` pass, so a refused caller never uploads;
+- datasets at classification 3 or above need sender-constrained (DPoP) tokens
+  (DESIGN §3); proof checking is not built yet, so such calls are refused
+  (``sender-constraint-failed``), failing closed;
 - upstream 5xx, timeouts and connection errors become ``upstream-unavailable``
   problems (502 / 504 / 503).
 """
@@ -29,6 +39,7 @@ import asyncio
 import ipaddress
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
@@ -37,17 +48,20 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.problems import call_id_of
+from gateway.problems import call_id_of, problem_response, render
 from gateway.state import CATALOGUE, METRICS, SETTINGS, TOKENS, UPSTREAM
 from licensing.catalogue import Grant
 from licensing.errors import (
+    AuthenticationError,
     BadRequestError,
     GatewayError,
     InvalidTokenError,
     RequestTooLargeError,
+    SenderConstraintError,
     TokenRequiredError,
     UpstreamUnavailableError,
 )
+from licensing.tokens import AccessClaims
 from storage.db import utcnow
 
 HOP_BY_HOP = frozenset(
@@ -78,7 +92,17 @@ NEVER_UPSTREAM = HOP_BY_HOP | {
 }
 NEVER_DOWNSTREAM = HOP_BY_HOP | {"content-length", "x-call-id", "set-cookie", "server"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_BAD_DECODED = re.compile(r"[/\\\x00-\x1f\x7f]|%(2e|2f|5c|25)", re.IGNORECASE)
+#: In a decoded segment: a slash or backslash, a control character, or a
+#: percent-escape (the segment was encoded twice).
+_BAD_DECODED = re.compile(r"[/\\\x00-\x1f\x7f]|%[0-9a-f]{2}", re.IGNORECASE)
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+#: Overlong UTF-8 forms of ".", "/", "\\" and NUL, which lenient decoders accept.
+_OVERLONG = re.compile(
+    r"%c0%(a[ef]|80)|%c1%9c|%e0%80%(a[ef]|80)|%e0%81%9c|%f0%80%80%(a[ef]|80)|%f0%80%81%9c", re.IGNORECASE
+)
+_BAD_PATH = "the path may not contain dot segments, encoded slashes or control characters"
+#: Classification from which DESIGN §3 requires sender-constrained tokens.
+SENDER_CONSTRAINED_FROM = 3
 _WWW_AUTH = 'Bearer realm="pdg"'
 
 
@@ -98,21 +122,35 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
+def _refused_segment(segment: str) -> bool:
+    """A path segment that an upstream could read as leaving its prefix."""
+    if _MALFORMED_ESCAPE.search(segment) or _OVERLONG.search(segment):
+        return True
+    decoded = unquote(segment)
+    for form in (decoded, unicodedata.normalize("NFKC", decoded)):
+        if _BAD_DECODED.search(form):
+            return True
+        # ".", "..", "..;jsessionid=x" (Tomcat), ". ." and "..." (Windows).
+        head = form.split(";", 1)[0]
+        if "." in head and not head.strip(". "):
+            return True
+    return False
+
+
 def upstream_path(raw_path: str) -> tuple[str, str]:
     """Split the raw target ``/data/{dataset}/{rest}?{query}`` into the dataset
     id and the checked, still-encoded rest (with its query)."""
     target, sep, query = raw_path.partition("?")
     segments = target.split("/")
-    if len(segments) < 3 or segments[1] != "data" or not segments[2]:
+    if len(segments) < 3 or segments[0] or segments[1] != "data" or not segments[2]:
         raise BadRequestError("the path must be /data/{dataset}/{path}")
     dataset = unquote(segments[2])
     rest = segments[3:]
-    for segment in rest:
-        decoded = unquote(segment)
-        if decoded in (".", "..") or _BAD_DECODED.search(decoded):
-            raise BadRequestError(
-                "the path may not contain dot segments, encoded slashes or control characters"
-            )
+    for index, segment in enumerate(rest):
+        if not segment and index < len(rest) - 1:
+            raise BadRequestError("the path may not contain empty segments ('//')")
+        if _refused_segment(segment):
+            raise BadRequestError(_BAD_PATH)
     path = "/".join(rest)
     return dataset, path + (sep + query if sep else "")
 
@@ -143,7 +181,7 @@ def _forward_headers(
         headers.add(name, value)
     peer = request.remote or ""
     if _trusted(peer, trusted_proxies):
-        prior = request.headers.get("X-Forwarded-For")
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
     else:
@@ -167,6 +205,36 @@ async def _limited(content: aiohttp.StreamReader, limit: int, exceeded: list[boo
         yield chunk
 
 
+def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
+    """The licence rules for this call: the grant and the checked upstream rest."""
+    dataset_id, rest = upstream_path(request.raw_path)
+    catalogue = request.app[CATALOGUE].fresh()
+    grant = catalogue.authorize(
+        app_id=claims.app_id,
+        licence_id=claims.licence_id,
+        token_datasets=claims.datasets,
+        purpose=claims.purpose,
+        dataset_id=dataset_id,
+        now=utcnow(),
+    )
+    if grant.dataset.classification >= SENDER_CONSTRAINED_FROM:
+        # DESIGN §3: a DPoP-bound token (cnf.jkt) and a fresh proof are required.
+        # Neither issuing nor proof checking exists yet, so fail closed.
+        raise SenderConstraintError(
+            f"dataset {grant.dataset.id} is classification {grant.dataset.classification}; "
+            "it needs a sender-constrained (DPoP) token",
+            headers={"WWW-Authenticate": 'DPoP realm="pdg", error="invalid_token"'},
+        )
+    return grant, rest
+
+
+def _with_challenge(error: GatewayError) -> GatewayError:
+    """Every 401 of the data plane carries a challenge (RFC 6750 §3)."""
+    if isinstance(error, AuthenticationError) and "WWW-Authenticate" not in error.headers:
+        error.headers["WWW-Authenticate"] = f'{_WWW_AUTH}, error="invalid_token"'
+    return error
+
+
 async def handle_data(request: web.Request) -> web.StreamResponse:
     app = request.app
     started = time.perf_counter()
@@ -174,26 +242,46 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     metrics = app[METRICS]
     dataset_label = "unknown"
     try:
-        token = _bearer(request)
-        claims = await app[TOKENS].verify(token)
-        dataset_id, rest = upstream_path(request.raw_path)
-        catalogue = app[CATALOGUE].current
-        grant = catalogue.authorize(
-            app_id=claims.app_id,
-            licence_id=claims.licence_id,
-            token_datasets=claims.datasets,
-            purpose=claims.purpose,
-            dataset_id=dataset_id,
-            now=utcnow(),
-        )
+        claims = await app[TOKENS].verify(_bearer(request))
+        grant, rest = _authorize(request, claims)
         dataset_label = grant.dataset.id
         response = await _forward(request, grant, rest, call_id)
     except GatewayError as error:
         metrics.data_calls.labels(dataset_label, error.code).inc()
+        _with_challenge(error)
         raise
     metrics.data_calls.labels(dataset_label, f"{response.status // 100}xx").inc()
     metrics.data_latency.labels(dataset_label).observe(time.perf_counter() - started)
     return response
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: invite the body only from a caller the data
+    plane would serve, with a body within the limit."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return problem_response(
+            417,
+            "bad-request",
+            "Expectation failed",
+            "the only expectation this gateway meets is 100-continue",
+            call_id_of(request),
+        )
+    try:
+        claims = await request.app[TOKENS].verify(_bearer(request))
+        _authorize(request, claims)
+        limit = request.app[SETTINGS].proxy.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
+    except GatewayError as error:
+        response = render(_with_challenge(error), request)
+        # The body was never invited: the connection can not be reused.
+        response.force_close()
+        return response
+    if request.version >= aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
 
 
 async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) -> web.StreamResponse:
@@ -220,7 +308,7 @@ async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) 
             compress=None,
             auto_decompress=False,
         ) as upstream:
-            return await _relay(request, upstream, grant, call_id)
+            return await _relay(request, upstream, grant, url, call_id)
     except RequestTooLargeError:
         raise
     except TimeoutError as exc:
@@ -237,8 +325,25 @@ async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) 
         ) from exc
 
 
+def _gateway_location(value: str, requested: URL, grant: Grant) -> str | None:
+    """A ``Location`` of the upstream as the caller must see it: the gateway's
+    own path when it points inside the dataset's upstream, else ``None``."""
+    try:
+        target = requested.join(URL(value))
+        if target.origin() != grant.dataset.upstream.origin():
+            return None
+    except ValueError:
+        return None
+    base = grant.dataset.upstream.raw_path.rstrip("/")
+    path = target.raw_path
+    if path != base and not path.startswith(base + "/"):
+        return None
+    location = f"/data/{grant.dataset.id}/{path[len(base) + 1 :]}"
+    return f"{location}?{target.raw_query_string}" if target.raw_query_string else location
+
+
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, grant: Grant, call_id: str
+    request: web.Request, upstream: aiohttp.ClientResponse, grant: Grant, url: URL, call_id: str
 ) -> web.StreamResponse:
     status = upstream.status
     if 300 <= status < 400 and status != 304:
@@ -261,8 +366,14 @@ async def _relay(
     response = web.StreamResponse(status=status, reason=upstream.reason)
     for name, value in upstream.headers.items():
         lower = name.lower()
-        if lower not in NEVER_DOWNSTREAM and lower not in connection_named:
-            response.headers.add(name, value)
+        if lower in NEVER_DOWNSTREAM or lower in connection_named:
+            continue
+        if lower in ("location", "content-location"):
+            rewritten = _gateway_location(value, url, grant)
+            if rewritten is not None:
+                response.headers.add(name, rewritten)
+            continue
+        response.headers.add(name, value)
     response.headers["X-Call-Id"] = call_id
     if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
         response.content_length = upstream.content_length
@@ -283,5 +394,5 @@ async def _relay(
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_route("*", "/data/{dataset}/{path:.*}", handle_data)
-    app.router.add_route("*", "/data/{dataset}", handle_data)
+    app.router.add_route("*", "/data/{dataset}/{path:.*}", handle_data, expect_handler=expect_continue)
+    app.router.add_route("*", "/data/{dataset}", handle_data, expect_handler=expect_continue)

@@ -20,6 +20,7 @@ licensee       reads its own licensee, licences, apps, usage and invoices only
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ class AdminTokens:
         digest = hashlib.sha256(token.strip().encode()).digest()
         cached = self._verified.get(token_id)
         now = time.monotonic()
-        if not (cached and cached[0] == digest and cached[1] > now):
+        if not (cached and hmac.compare_digest(cached[0], digest) and cached[1] > now):
             if not await verify_secret_async(row.token_hash, secret):
                 raise invalid
             self._verified[token_id] = (digest, now + _CACHE_SECONDS)

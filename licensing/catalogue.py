@@ -6,6 +6,11 @@ made through this process, and every ``catalogue_refresh_seconds`` a replica
 compares the database's catalogue version with its own, so changes made
 elsewhere (another replica, the CLI) take effect everywhere within about a
 second (DESIGN §7 promises two).
+
+A replica that can not confirm its view (the database is unreachable) does
+not keep serving it: once the view is older than the promise allows, data
+calls are refused (503) until a refresh succeeds again — a suspension made
+meanwhile must not go unnoticed (fail closed, DESIGN §7).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +34,7 @@ from licensing.errors import (
     InvalidTokenError,
     LicenceInactiveError,
     PurposeNotAllowedError,
+    ServiceUnavailableError,
     UnknownDatasetError,
 )
 from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow
@@ -220,6 +227,9 @@ async def load_catalogue(sessions: async_sessionmaker[AsyncSession]) -> Catalogu
 class CatalogueCache:
     """Holds the current :class:`Catalogue` and keeps it fresh."""
 
+    #: DESIGN §7: licence changes reach every replica within this many seconds.
+    PROMISE_SECONDS = 2.0
+
     def __init__(self, sessions: async_sessionmaker[AsyncSession], refresh_seconds: float = 1.0) -> None:
         self._sessions = sessions
         self._refresh_seconds = refresh_seconds
@@ -227,17 +237,37 @@ class CatalogueCache:
         self.current = Catalogue()
         #: False after a failed poll, so readiness can report it.
         self.healthy = True
+        #: ``time.monotonic()`` at which the view was last known to be current.
+        self.confirmed_at = time.monotonic()
+        #: Oldest confirmation a data call is still served on.
+        self.max_age = max(self.PROMISE_SECONDS, 2 * refresh_seconds)
 
     async def reload(self) -> Catalogue:
         async with self._lock:
+            started = time.monotonic()
             self.current = await load_catalogue(self._sessions)
+            self.confirmed_at = max(self.confirmed_at, started)
             return self.current
 
     async def _poll_once(self) -> None:
+        started = time.monotonic()
         async with self._sessions() as session:
             version = await current_version(session)
         if version != self.current.version:
             await self.reload()
+        self.confirmed_at = max(self.confirmed_at, started)
+
+    def fresh(self) -> Catalogue:
+        """The current view, if it was confirmed recently enough to apply the
+        licence rules on; ``service-unavailable`` (503) otherwise."""
+        age = time.monotonic() - self.confirmed_at
+        if age > self.max_age:
+            raise ServiceUnavailableError(
+                f"the licence and catalogue view could not be refreshed for {age:.1f} s; "
+                "data calls are refused until it can",
+                headers={"Retry-After": "1"},
+            )
+        return self.current
 
     async def watch(self) -> None:
         """Poll the database's catalogue version until cancelled."""

@@ -34,7 +34,11 @@ def with_check_character(first17: str) -> str:
 
 def validate_credit_code(code: str) -> str:
     """Return ``code`` normalised to upper case, or raise :class:`CreditCodeError`."""
-    code = code.strip().upper()
+    code = code.strip()
+    if not code.isascii():  # before upper(): "ﬀ".upper() is "FF"
+        odd = "".join(sorted({ch for ch in code if not ch.isascii()}))
+        raise CreditCodeError(f"characters not allowed in a credit code: {odd}")
+    code = code.upper()
     if len(code) != 18:
         raise CreditCodeError("a unified social credit code has 18 characters")
     bad = sorted({ch for ch in code if ch not in _VALUE})

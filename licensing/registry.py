@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -109,7 +109,7 @@ def licensee_out(row: LicenseeRow) -> schemas.Licensee:
 def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence:
     now = now or utcnow()
     status = row.status
-    if status == "active" and now >= row.valid_until:
+    if status == "active" and now >= row.valid_until:  # both aware: any zone compares
         status = "expired"
     paid = None
     if row.paid_credit_limit_fen is not None or row.paid_prepaid_calls is not None:
@@ -120,8 +120,8 @@ def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence
         datasets=list(row.datasets),
         max_classification=row.max_classification,
         purposes=list(row.purposes),  # type: ignore[arg-type]
-        valid_from=row.valid_from,
-        valid_until=row.valid_until,
+        valid_from=row.valid_from.astimezone(UTC),
+        valid_until=row.valid_until.astimezone(UTC),
         security_officer=row.security_officer,
         conditions=row.conditions,
         free_monthly_calls=row.free_monthly_calls,
@@ -181,7 +181,7 @@ class Registry:
         return dataset_out(row)
 
     async def update_dataset(self, dataset_id: str, patch: schemas.DatasetPatch) -> schemas.Dataset:
-        _require(dataset_id, 'dataset')
+        _require(dataset_id, "dataset")
         async with self._sessions() as session:
             row = await session.get(DatasetRow, dataset_id)
             if row is None:
@@ -192,7 +192,7 @@ class Registry:
         return dataset_out(row)
 
     async def get_dataset(self, dataset_id: str) -> schemas.Dataset:
-        _require(dataset_id, 'dataset')
+        _require(dataset_id, "dataset")
         async with self._sessions() as session:
             row = await session.get(DatasetRow, dataset_id)
         if row is None:
@@ -225,7 +225,7 @@ class Registry:
         return licensee_out(row)
 
     async def get_licensee(self, licensee_id: str) -> schemas.Licensee:
-        _require(licensee_id, 'licensee')
+        _require(licensee_id, "licensee")
         async with self._sessions() as session:
             row = await session.get(LicenseeRow, licensee_id)
         if row is None:
@@ -270,7 +270,7 @@ class Registry:
         return licence_out(row)
 
     async def get_licence(self, licence_id: str) -> schemas.Licence:
-        _require(licence_id, 'licence')
+        _require(licence_id, "licence")
         async with self._sessions() as session:
             row = await session.get(LicenceRow, licence_id)
         if row is None:
@@ -332,7 +332,7 @@ class Registry:
         return app_out(row, client_secret=secret)
 
     async def get_app(self, app_id: str) -> schemas.App:
-        _require(app_id, 'app')
+        _require(app_id, "app")
         async with self._sessions() as session:
             row = await session.get(AppRow, app_id)
         if row is None:
@@ -350,7 +350,7 @@ class Registry:
         return [app_out(r) for r in rows]
 
     async def set_app_enabled(self, app_id: str, enabled: bool) -> schemas.App:
-        _require(app_id, 'app')
+        _require(app_id, "app")
         async with self._sessions() as session:
             row = await session.get(AppRow, app_id)
             if row is None:

@@ -108,7 +108,11 @@ class _Model(BaseModel):
 
 class Tier(_Model):
     up_to: int | None = Field(
-        None, ge=1, le=10**15, strict=True, description="calls in the month up to this count; null = no upper bound"
+        None,
+        ge=1,
+        le=10**15,
+        strict=True,
+        description="calls in the month up to this count; null = no upper bound",
     )
     per_call_fen: FenDecimal
 
@@ -168,6 +172,9 @@ class DatasetIn(_Model):
 
 
 class DatasetPatch(_Model):
+    """The fields to change; each given field replaces the stored value whole
+    (``price``, ``revenue_split`` and ``burst`` are replaced as units)."""
+
     name: str | None = Field(None, min_length=1, max_length=200)
     provider: Identifier | None = None
     upstream_url: UpstreamUrl | None = None

@@ -13,8 +13,10 @@ admin API, and to get tokens through the OAuth endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
@@ -141,6 +143,13 @@ class Upstream:
 
     url: str
     seen: list[dict[str, Any]] = field(default_factory=list)
+    #: Set by ``/svc/upload-probe`` once the first bytes of a body arrived.
+    upload_started: asyncio.Event = field(default_factory=asyncio.Event)
+    #: ``/svc/drip`` sends its first chunk, then waits for this to finish.
+    drip_release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The raw path of every request whose head arrived, before its body is
+    #: read (``seen`` holds only requests that arrived whole).
+    arrived: list[str] = field(default_factory=list)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -153,8 +162,10 @@ UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     """Routes under ``/svc``: ``echo`` (any path: JSON of what arrived),
-    ``/svc/status/{code}``, ``/svc/redirect``, ``/svc/slow?seconds=``,
-    ``/svc/big?bytes=``, ``/svc/records?n=``."""
+    ``/svc/status/{code}``, ``/svc/redirect/{code}``, ``/svc/slow?seconds=``,
+    ``/svc/big?bytes=``, ``/svc/records?n=``, ``/svc/digest`` (length and
+    SHA-256 of the body), ``/svc/upload-probe``, ``/svc/drip``, ``/svc/hop``,
+    ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``."""
     port = free_port()
     state = Upstream(url=f"http://127.0.0.1:{port}/svc")
 
@@ -215,7 +226,87 @@ async def upstream() -> AsyncIterator[Upstream]:
         n = int(request.query.get("n", "3"))
         return web.json_response([{"id": i} for i in range(n)], headers={"X-Record-Count": str(n)})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    def digest_of(body: bytes) -> dict[str, Any]:
+        return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+    async def digest(request: web.Request) -> web.StreamResponse:
+        entry = await record(request)
+        body = await request.read()
+        return web.json_response({**digest_of(body), "headers": entry["headers"]})
+
+    async def upload_probe(request: web.Request) -> web.StreamResponse:
+        # Reads the first bytes, says so, then the rest: a body that is only
+        # sent once the first bytes arrived proves the gateway streams it.
+        first = await request.content.readany()
+        state.upload_started.set()
+        body = first + await request.content.read()
+        state.seen.append({"method": request.method, "raw_path": request.raw_path, "body_length": len(body)})
+        return web.json_response(digest_of(body))
+
+    async def drip(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        await response.write(b"first;")
+        await asyncio.wait_for(state.drip_release.wait(), 10)
+        await response.write(b"last")
+        await response.write_eof()
+        return response
+
+    async def hop(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        response = web.json_response({"hop": True})
+        response.headers.add("Connection", "X-Secret-Hop")
+        response.headers.add("Connection", "X-Other-Hop")
+        response.headers["X-Secret-Hop"] = "must-not-pass"
+        response.headers["X-Other-Hop"] = "must-not-pass"
+        response.headers["Keep-Alive"] = "timeout=99"
+        response.headers["Proxy-Authenticate"] = 'Basic realm="upstream"'
+        response.headers["Upgrade"] = "h2c"
+        response.headers["Trailer"] = "X-Checksum"
+        response.headers["X-End-To-End"] = "passes"
+        return response
+
+    async def leaky(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        return web.json_response(
+            {"leaky": True},
+            headers={"Set-Cookie": "upstream=secret", "X-Call-Id": "spoofed", "Server": "internal/1.0"},
+        )
+
+    async def created(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        location = request.query.get("location", f"{state.url}/items/7?v=1")
+        return web.json_response(
+            {"id": 7}, status=201, headers={"Location": location, "Content-Location": "items/7"}
+        )
+
+    async def etag(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        headers = {"ETag": '"v1"', "Cache-Control": "max-age=60"}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.json_response({"version": 1}, headers=headers)
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        code = int(request.match_info["code"])
+        return web.Response(status=code, headers={"Location": f"{state.url}/evil-target"})
+
+    @web.middleware
+    async def arrival(request: web.Request, handler: UpstreamHandler) -> web.StreamResponse:
+        state.arrived.append(request.raw_path)
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[arrival])
+    app.router.add_route("*", "/svc/digest", digest)
+    app.router.add_route("*", "/svc/upload-probe", upload_probe)
+    app.router.add_route("*", "/svc/drip", drip)
+    app.router.add_route("*", "/svc/hop", hop)
+    app.router.add_route("*", "/svc/leaky", leaky)
+    app.router.add_route("*", "/svc/created", created)
+    app.router.add_route("*", "/svc/etag", etag)
+    app.router.add_route("*", "/svc/redirect/{code}", redirect)
     app.router.add_route("*", "/svc/status/{code}", status)
     app.router.add_route("*", "/svc/slow", slow)
     app.router.add_route("*", "/svc/big", big)
