@@ -153,7 +153,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
             # RFC 6749 §3.2: parameters must not be included more than once.
             raise BadRequestError("a token request parameter is repeated", error="invalid_request")
         form = {k: v for k, v in posted.items() if isinstance(v, str)}
-        catalogue = app[CATALOGUE].current
+        catalogue = app[CATALOGUE].fresh()
         client, method = await app[CLIENTS].authenticate(
             catalogue, request.headers.get("Authorization"), form
         )

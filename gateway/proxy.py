@@ -107,14 +107,21 @@ _WWW_AUTH = 'Bearer realm="pdg"'
 
 
 def _bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization")
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise InvalidTokenError(
+            "send exactly one Authorization header",
+            headers={"WWW-Authenticate": f'{_WWW_AUTH}, error="invalid_request"'},
+        )
+    header = headers[0] if headers else ""
     if not header:
         raise TokenRequiredError(
             "send an access token: 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": _WWW_AUTH}
         )
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() not in ("bearer", "dpop") or not token or " " in token:
+    # DPoP-bound tokens (scheme "DPoP") are not issued yet: only Bearer.
+    if scheme.lower() != "bearer" or not token or " " in token:
         raise InvalidTokenError(
             "the Authorization header must be 'Bearer <token>'",
             headers={"WWW-Authenticate": f'{_WWW_AUTH}, error="invalid_request"'},
@@ -211,6 +218,7 @@ def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
     catalogue = request.app[CATALOGUE].fresh()
     grant = catalogue.authorize(
         app_id=claims.app_id,
+        licensee_id=claims.licensee_id,
         licence_id=claims.licence_id,
         token_datasets=claims.datasets,
         purpose=claims.purpose,

@@ -120,6 +120,7 @@ class Catalogue:
         self,
         *,
         app_id: str,
+        licensee_id: str,
         licence_id: str,
         token_datasets: frozenset[str],
         purpose: str,
@@ -131,6 +132,8 @@ class Catalogue:
         app = self.apps.get(app_id)
         if app is None or not app.enabled:
             raise InvalidTokenError("the app of this token is unknown or disabled")
+        if app.licensee_id != licensee_id:
+            raise InvalidTokenError("the licensee of this token is not its app's")
         licence = self.licences.get(licence_id)
         if licence is None or licence.licensee_id != app.licensee_id:
             raise InvalidTokenError("the licence of this token does not belong to its app")

@@ -338,7 +338,7 @@ class World:
 
     @property
     def app(self) -> web.Application:
-        return self.client.server.app  # type: ignore[no-any-return]
+        return self.client.server.app  # type: ignore[attr-defined,no-any-return]
 
     @property
     def admin(self) -> dict[str, str]:

@@ -346,13 +346,14 @@ async def test_changes_on_another_gateway_apply_within_two_seconds(world_factory
     await eventually(answer_is(403, "dataset-closed"))
 
 
+@pytest.mark.parametrize(
+    "backend", ["servers"], indirect=True
+)  # refuses connections to a PostgreSQL database
 async def test_a_replica_that_cannot_confirm_its_view_fails_closed(
     backend: Backend, world_factory: WorldFactory
 ) -> None:
     """If the database can not be reached, a replica can not learn of a
     suspension: after the two seconds of DESIGN §7 it refuses data calls."""
-    if backend.name != "servers":
-        pytest.skip("needs a database server whose connections can be refused")
     world = await world_factory()
     ds, _lic, _app, token = await world.licensed()
     path = f"/data/{ds['id']}/x"

@@ -372,6 +372,7 @@ async def check_authorization_header_shapes(
         "two tokens": f"Bearer {token} {token}",
         "token without scheme": token,
         "unknown scheme": f"Token {token}",
+        "DPoP scheme (no DPoP-bound tokens are issued)": f"DPoP {token}",
     }
     failures = []
     for name, value in cases.items():
@@ -379,6 +380,11 @@ async def check_authorization_header_shapes(
         if problem:
             failures.append(f"{name}: {problem}")
     assert not failures, "\n".join(failures)
+    # Two Authorization headers, in either order: refused, never "first wins".
+    for pair in ((f"Bearer {token}", "Bearer garbage"), ("Bearer garbage", f"Bearer {token}")):
+        async with world.client.get(path, headers=[("Authorization", v) for v in pair]) as resp:
+            body = await resp.json(content_type=None)
+            assert (resp.status, body["code"]) == (401, "invalid-token"), body
     # The scheme name is case-insensitive (RFC 9110 §11.1).
     status, body, _ = await world.call(path, headers={"Authorization": f"bearer {token}"})
     assert status == 200, body
@@ -405,6 +411,7 @@ async def test_token_for_another_licensees_licence_is_refused(world: World) -> N
         ),
         "unknown licence": f.token(claims={"licence": "lic-does-not-exist"}),
         "unknown app": f.token(claims={"client_id": "app-nobody", "sub": "app-nobody"}),
+        "A's app and licence, B's licensee": f.token(claims={"licensee": other["id"]}),
     }
     failures = []
     for name, forged in cases.items():
