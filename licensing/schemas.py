@@ -67,14 +67,21 @@ FenDecimal = Annotated[
 SplitPart = Annotated[str, Field(pattern=r"^(0(\.[0-9]{1,4})?|1(\.0{1,4})?)$", examples=["0.5"])]
 
 
-def _url_length(value: HttpUrl) -> HttpUrl:
+def _upstream_base(value: HttpUrl) -> HttpUrl:
     if len(str(value)) > MAX_URL_LENGTH:
         raise ValueError(f"at most {MAX_URL_LENGTH} characters")
+    if value.query or value.fragment:
+        raise ValueError(
+            "an upstream base URL has no query or fragment: calls append their own path and query"
+        )
+    if value.username or value.password:
+        raise ValueError("credentials do not belong in the upstream URL")
     return value
 
 
-#: An upstream base URL (http or https), as stored (at most 1000 characters).
-UpstreamUrl = Annotated[HttpUrl, AfterValidator(_url_length)]
+#: An upstream base URL (http or https, no query, fragment or credentials),
+#: as stored (at most 1000 characters).
+UpstreamUrl = Annotated[HttpUrl, AfterValidator(_upstream_base)]
 
 
 def _time_in_range(value: datetime) -> datetime:
