@@ -11,6 +11,7 @@ before stopping Valkey.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import signal
@@ -42,10 +43,20 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+async def _freeze_heap(app: web.Application) -> None:
+    # Everything allocated while starting (modules, settings, the catalogue
+    # view, connection pools) lives for the whole process: moving it out of
+    # the collector's generations keeps full collections, and the latency
+    # spikes they cause under load, short.
+    gc.collect()
+    gc.freeze()
+
+
 def _run_one(settings: Settings, reuse_port: bool) -> None:
     _configure_logging(settings)
     _install_uvloop()
     app = create_app(settings)
+    app.on_startup.append(_freeze_heap)
     web.run_app(
         app,
         host=settings.server.host,
