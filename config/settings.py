@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -47,6 +48,8 @@ class StorageSettings(_Section):
     database_url: str = ""
     #: Redis / Valkey URL. Empty: an embedded Valkey server in the data folder.
     redis_url: str = ""
+    #: The URL names one node of a Redis Cluster (the client discovers the rest).
+    redis_cluster: bool = False
 
 
 class TokenSettings(_Section):
@@ -74,6 +77,20 @@ class ProxySettings(_Section):
     pool_size: int = Field(200, ge=1, le=10000)
 
 
+class BillingSettings(_Section):
+    #: Periods are calendar months in this IANA time zone.
+    time_zone: str = "Asia/Shanghai"
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -85,6 +102,7 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     tokens: TokenSettings = TokenSettings()
     proxy: ProxySettings = ProxySettings()
+    billing: BillingSettings = BillingSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @field_validator("data_dir")
@@ -137,6 +155,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_AUTO_MIGRATE": "server.auto_migrate",
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",
+    "PDG_REDIS_CLUSTER": "storage.redis_cluster",
+    "PDG_BILLING_TIME_ZONE": "billing.time_zone",
     "PDG_ACCESS_TOKEN_TTL_SECONDS": "tokens.access_token_ttl_seconds",
     "PDG_TOKEN_LEEWAY_SECONDS": "tokens.leeway_seconds",
     "PDG_TOKEN_ALGORITHM": "tokens.algorithm",

@@ -21,8 +21,10 @@ from gateway.state import (
     ADMIN_TOKENS,
     CATALOGUE,
     CLIENTS,
+    CLOCK,
     ENGINE,
     METRICS,
+    QUOTA,
     REDIS,
     REGISTRY,
     SESSIONS,
@@ -36,8 +38,9 @@ from licensing.clients import ClientAuthenticator
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
+from metering.quota import QuotaBatcher
 from storage import migrate
-from storage.db import create_engine, session_factory
+from storage.db import create_engine, session_factory, utcnow
 from storage.redis import redis_for
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,16 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    async with redis_for(settings.storage.redis_url or None, settings.data_dir) as client:
+    async with redis_for(
+        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+    ) as client:
         app[REDIS] = client
-        yield
+        quota = QuotaBatcher(client)
+        app[QUOTA] = quota
+        try:
+            yield
+        finally:
+            await quota.close()
 
 
 async def _licensing(app: web.Application) -> AsyncIterator[None]:
@@ -124,6 +134,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[ACCEPTING] = [True]
+    app[CLOCK] = utcnow
     app.cleanup_ctx.extend([_storage, _redis, _licensing, _upstream])
     app.on_shutdown.append(_stop_accepting)
     proxy.setup(app)

@@ -41,13 +41,16 @@ import re
 import time
 import unicodedata
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import charging
 from gateway.problems import call_id_of, problem_response, render
 from gateway.state import CATALOGUE, METRICS, SETTINGS, TOKENS, UPSTREAM
 from licensing.catalogue import Grant
@@ -104,6 +107,8 @@ _BAD_PATH = "the path may not contain dot segments, encoded slashes or control c
 #: Classification from which DESIGN §3 requires sender-constrained tokens.
 SENDER_CONSTRAINED_FROM = 3
 _WWW_AUTH = 'Bearer realm="pdg"'
+#: Largest body copied to count its records when the upstream does not say.
+_COUNTED_BODY_MAX = 4 * 1024 * 1024
 
 
 def _bearer(request: web.Request) -> str:
@@ -253,7 +258,16 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         claims = await app[TOKENS].verify(_bearer(request))
         grant, rest = _authorize(request, claims)
         dataset_label = grant.dataset.id
-        response = await _forward(request, grant, rest, call_id)
+        charge = await charging.reserve(request, grant, claims.app_id, call_id)
+        try:
+            response, served = await _forward(request, grant, rest, call_id, charge.headers)
+        except BaseException:
+            await asyncio.shield(charge.release(request))
+            raise
+        if served.complete:
+            await charge.settle(request, served.records)
+        else:
+            await charge.release(request)
     except GatewayError as error:
         metrics.data_calls.labels(dataset_label, error.code).inc()
         _with_challenge(error)
@@ -292,7 +306,9 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, grant: Grant, rest: str, call_id: str, quota_headers: dict[str, str]
+) -> tuple[web.StreamResponse, Served]:
     settings = request.app[SETTINGS]
     limit = settings.proxy.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -316,7 +332,7 @@ async def _forward(request: web.Request, grant: Grant, rest: str, call_id: str) 
             compress=None,
             auto_decompress=False,
         ) as upstream:
-            return await _relay(request, upstream, grant, url, call_id)
+            return await _relay(request, upstream, grant, url, call_id, quota_headers)
     except RequestTooLargeError:
         raise
     except TimeoutError as exc:
@@ -350,9 +366,36 @@ def _gateway_location(value: str, requested: URL, grant: Grant) -> str | None:
     return f"{location}?{target.raw_query_string}" if target.raw_query_string else location
 
 
+@dataclass(slots=True)
+class Served:
+    """How the relay went: the whole body sent, and the records it held
+    (``X-Record-Count``, else counted when the body is a JSON array)."""
+
+    complete: bool
+    records: int
+
+
+def _count_records(upstream: aiohttp.ClientResponse, body: bytes | None) -> int:
+    header = upstream.headers.get("X-Record-Count", "")
+    if header.isdigit():
+        return int(header)
+    if body is None:
+        return 0
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 0
+    return len(data) if isinstance(data, list) else 1 if isinstance(data, dict) else 0
+
+
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, grant: Grant, url: URL, call_id: str
-) -> web.StreamResponse:
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    grant: Grant,
+    url: URL,
+    call_id: str,
+    quota_headers: dict[str, str],
+) -> tuple[web.StreamResponse, Served]:
     status = upstream.status
     if 300 <= status < 400 and status != 304:
         raise UpstreamUnavailableError(
@@ -383,22 +426,34 @@ async def _relay(
             continue
         response.headers.add(name, value)
     response.headers["X-Call-Id"] = call_id
+    response.headers.update(quota_headers)
     if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
         response.content_length = upstream.content_length
     elif upstream.content_length is not None:
         response.headers["Content-Length"] = str(upstream.content_length)
+    # Records are counted from the body only when they are priced and the
+    # upstream does not say: a copy of at most _COUNTED_BODY_MAX bytes.
+    counting = grant.dataset.per_record_e4 > 0 and not upstream.headers.get("X-Record-Count", "").isdigit()
+    kept: list[bytes] | None = [] if counting else None
+    size = 0
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():
+            if kept is not None:
+                size += len(chunk)
+                if size <= _COUNTED_BODY_MAX:
+                    kept.append(chunk)
+                else:
+                    kept = None
             await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
         # Headers are gone already: the only honest signal left is to cut the
         # connection, so the caller sees an incomplete body, not a short one.
         if request.transport is not None:
             request.transport.abort()
-        return response
+        return response, Served(complete=False, records=0)
     await response.write_eof()
-    return response
+    return response, Served(complete=True, records=_count_records(upstream, b"".join(kept) if kept else None))
 
 
 def setup(app: web.Application) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -14,11 +16,16 @@ from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
 from licensing.registry import Registry
 from licensing.tokens import TokenService
+from metering.quota import QuotaBatcher
+from storage.redis import RedisClient
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
-REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
+QUOTA = web.AppKey("quota", QuotaBatcher)
+#: The gateway's clock (UTC, timezone-aware); tests may replace it.
+CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
 CATALOGUE = web.AppKey("catalogue", CatalogueCache)
 REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)

@@ -53,6 +53,8 @@ class DatasetView:
     free_monthly_calls: int
     per_call_e4: int
     per_record_e4: int
+    #: Graduated monthly prices: ``(up_to or None, per_call_e4)``, ascending.
+    tiers: tuple[tuple[int | None, int], ...]
     burst_per_second: float
     burst_capacity: int
     timeout_seconds: float | None
@@ -174,6 +176,7 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         free_monthly_calls=row.free_monthly_calls,
         per_call_e4=row.per_call_e4,
         per_record_e4=row.per_record_e4,
+        tiers=tuple((t["up_to"], int(t["per_call_e4"])) for t in row.tiers),
         burst_per_second=row.burst_per_second,
         burst_capacity=row.burst_capacity,
         timeout_seconds=row.timeout_seconds,

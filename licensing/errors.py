@@ -11,6 +11,7 @@ as RFC 9457 problem JSON (``gateway.problems``).
     │   ├── SenderConstraintError         401 sender-constraint-failed
     │   └── InvalidClientError            401 invalid-client   (OAuth client authentication)
     ├── AdminAuthError                    401 admin-token-required
+    ├── PaymentRequiredError              402 payment-required
     ├── ForbiddenError                    403 forbidden        (admin role lacks the right)
     ├── LicenceError
     │   ├── LicenceInactiveError          403 licence-inactive
@@ -22,8 +23,11 @@ as RFC 9457 problem JSON (``gateway.problems``).
     ├── MethodNotAllowedError             405 method-not-allowed
     ├── ConflictError                     409 conflict
     ├── RequestTooLargeError              413 request-too-large
+    ├── RateLimitedError                  429 rate-limited
+    ├── QuotaExhaustedError               429 quota-exhausted
     ├── UpstreamUnavailableError          502/503/504 upstream-unavailable
-    └── ServiceUnavailableError           503 service-unavailable
+    ├── ServiceUnavailableError           503 service-unavailable
+    └── QuotaUnavailableError             503 quota-unavailable
 """
 
 from __future__ import annotations
@@ -146,3 +150,19 @@ class UpstreamUnavailableError(GatewayError):
 
 class ServiceUnavailableError(GatewayError):
     status, code, title = 503, "service-unavailable", "Service unavailable"
+
+
+class PaymentRequiredError(GatewayError):
+    status, code, title = 402, "payment-required", "No paid balance or credit left"
+
+
+class RateLimitedError(GatewayError):
+    status, code, title = 429, "rate-limited", "Burst limit exceeded"
+
+
+class QuotaExhaustedError(GatewayError):
+    status, code, title = 429, "quota-exhausted", "Free allowance used up"
+
+
+class QuotaUnavailableError(GatewayError):
+    status, code, title = 503, "quota-unavailable", "Quota store unavailable"

@@ -34,10 +34,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from metering.periods import Period
+from storage.redis import RedisClient
 
 #: Counters outlive their period long enough for usage reports and reconciliation.
 COUNTER_TTL_SECONDS = 400 * 24 * 3600
@@ -69,7 +69,7 @@ class Scripts:
             for name, src in self.source.items()
         }
 
-    async def load(self, client: aioredis.Redis) -> None:
+    async def load(self, client: RedisClient) -> None:
         for source in self.source.values():
             # On a Cluster, redis-py sends SCRIPT LOAD to every primary.
             await client.script_load(source)
@@ -200,7 +200,7 @@ class QuotaBatcher:
     event-loop turn. A Redis failure fails every call of the batch (fail
     closed); the next batch tries again on a fresh connection."""
 
-    def __init__(self, client: aioredis.Redis, scripts: Scripts | None = None) -> None:
+    def __init__(self, client: RedisClient, scripts: Scripts | None = None) -> None:
         self.client = client
         self.scripts = scripts or Scripts()
         self._pending: list[_Pending] = []

@@ -113,21 +113,29 @@ class EmbeddedValkey:
         await asyncio.to_thread(self.stop_blocking)
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+#: A client of one server or of a Cluster: both run our scripts the same way,
+#: since every script's keys share one hash tag.
+RedisClient = aioredis.Redis | aioredis.RedisCluster
+
+
+def connect(url: str, *, cluster: bool = False) -> RedisClient:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); with
+    ``cluster``, ``url`` names one node of a Redis Cluster."""
+    if cluster:
+        return aioredis.RedisCluster.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
     return aioredis.Redis.from_url(
         url, socket_connect_timeout=2.0, socket_timeout=2.0, health_check_interval=15, retry_on_timeout=False
     )
 
 
 @contextlib.asynccontextmanager
-async def redis_for(url: str | None, data_dir: Path) -> AsyncIterator[aioredis.Redis]:
+async def redis_for(url: str | None, data_dir: Path, *, cluster: bool = False) -> AsyncIterator[RedisClient]:
     """A Redis client for the deployment: ``url``, or the embedded server."""
     embedded = None if url else EmbeddedValkey(data_dir)
     if embedded is not None:
         url = await embedded.start()
     assert url is not None  # noqa: S101 - set on both branches
-    client = connect(url)
+    client = connect(url, cluster=cluster and embedded is None)
     try:
         yield client
     finally:

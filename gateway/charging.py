@@ -1,0 +1,178 @@
+"""The quota stage of the data plane: reserve before forwarding, settle or
+release after (``metering.quota`` does the counting).
+
+- ``public-interest`` calls draw on the free allowance; exhausted: 429
+  ``quota-exhausted`` with ``Retry-After`` = seconds to the next period.
+- ``industrial`` calls draw on the licence's paid terms; exhausted, or none:
+  402 ``payment-required``.
+- The burst limit per app and dataset: 429 ``rate-limited`` with ``Retry-After``.
+- A retry with the same ``Idempotency-Key`` (same app, 24 h) after the first
+  call was served is forwarded and not charged again; while the first is still
+  in flight it gets 409 ``conflict``.
+- The quota store unreachable: 503 ``quota-unavailable``, nothing forwarded.
+
+A served call (any status below 500 whose body was sent whole) stays charged;
+an upstream failure (5xx, timeout, connection error) or a response cut short
+is released: never charged.
+
+Responses carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
+(draft-ietf-httpapi-ratelimit-headers-10) for the pool that applied, named
+``"free"`` or ``"paid"``, and for ``"burst"``. A credit pool is counted in fen
+(``qu="fen"``); a prepaid balance has no window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.state import CLOCK, QUOTA, SETTINGS
+from licensing.catalogue import Grant
+from licensing.errors import (
+    BadRequestError,
+    ConflictError,
+    PaymentRequiredError,
+    QuotaExhaustedError,
+    QuotaUnavailableError,
+    RateLimitedError,
+)
+from metering.periods import Period, period_of, zone
+from metering.quota import (
+    EXHAUSTED,
+    IN_FLIGHT,
+    RATE_LIMITED,
+    REPLAYED,
+    Outcome,
+    QuotaStoreError,
+    Reservation,
+    Terms,
+    plan_reservation,
+)
+
+_IDEMPOTENCY_KEY_MAX = 255
+
+
+@dataclass
+class Charge:
+    """One call's reservation and the headers it reports."""
+
+    reservation: Reservation | None
+    outcome: Outcome
+    period: Period
+    headers: dict[str, str]
+    per_record_e4: int
+    done: bool = False
+
+    async def settle(self, request: web.Request, records: int) -> None:
+        if self.reservation is None or self.done:
+            return
+        self.done = True
+        extra = records * self.per_record_e4 if self.reservation.pool.kind == "credit" else 0
+        try:
+            await request.app[QUOTA].settle(self.reservation, extra)
+        except QuotaStoreError:
+            # The call was served and stays reserved; the reservation expires
+            # and the call record (not this counter) is what billing reads.
+            return
+
+    async def release(self, request: web.Request) -> None:
+        if self.reservation is None or self.done:
+            return
+        self.done = True
+        try:
+            await request.app[QUOTA].release(self.reservation)
+        except QuotaStoreError:
+            # Unreleased quota errs against the caller only until the
+            # reservation expires; it is never charged (nothing is settled).
+            return
+
+
+def _terms(grant: Grant, app_id: str) -> Terms:
+    licence, dataset = grant.licence, grant.dataset
+    free = dataset.free_monthly_calls if licence.free_monthly_calls is None else licence.free_monthly_calls
+    return Terms(
+        licence_id=licence.id,
+        app_id=app_id,
+        dataset_id=dataset.id,
+        purpose=grant.purpose,
+        free_limit=free,
+        prepaid_calls=licence.paid_prepaid_calls,
+        credit_limit_fen=licence.paid_credit_limit_fen,
+        per_call_e4=dataset.per_call_e4,
+        tiers=dataset.tiers,
+        burst_per_second=dataset.burst_per_second,
+        burst_capacity=dataset.burst_capacity,
+    )
+
+
+def _headers(reservation: Reservation, outcome: Outcome) -> dict[str, str]:
+    pool = reservation.pool
+    policies, states = [], []
+    if pool.kind != "none":
+        unit = ';qu="fen"' if pool.kind == "credit" else ""
+        scale = 10000 if pool.kind == "credit" else 1
+        quota = pool.limit // scale
+        remaining = max(0, pool.limit - outcome.used) // scale
+        window = f";w={pool.window_seconds}" if pool.window_seconds else ""
+        reset = f";t={pool.reset_seconds}" if pool.reset_seconds else ""
+        policies.append(f'"{pool.name}";q={quota}{window}{unit}')
+        states.append(f'"{pool.name}";r={remaining}{reset}')
+    burst_window = max(1, math.ceil(reservation.burst_window))
+    policies.append(f'"burst";q={reservation.burst_capacity};w={burst_window}')
+    return (
+        {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
+        if states
+        else {"RateLimit-Policy": ", ".join(policies)}
+    )
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    values = request.headers.getall("Idempotency-Key", [])
+    if not values:
+        return None
+    key = values[0].strip().strip('"')
+    if len(values) > 1 or not key or len(key) > _IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise BadRequestError(
+            f"Idempotency-Key must be one printable value of at most {_IDEMPOTENCY_KEY_MAX} characters"
+        )
+    return key
+
+
+async def reserve(request: web.Request, grant: Grant, app_id: str, call_id: str) -> Charge:
+    """Reserve this call's quota, or raise the problem that refuses it."""
+    now = request.app[CLOCK]()
+    period = period_of(now, zone(request.app[SETTINGS].billing.time_zone))
+    key = idempotency_key(request)
+    reservation = plan_reservation(_terms(grant, app_id), period, now, call_id, key)
+    try:
+        outcome = await request.app[QUOTA].reserve(reservation)
+    except QuotaStoreError as exc:
+        raise QuotaUnavailableError(
+            "the quota store cannot be reached; nothing was forwarded", headers={"Retry-After": "1"}
+        ) from exc
+    headers = _headers(reservation, outcome)
+    if outcome.status == RATE_LIMITED:
+        retry = str(max(1, math.ceil(outcome.retry_after_ms / 1000)))
+        raise RateLimitedError(
+            f"app {app_id} exceeds the burst limit of dataset {grant.dataset.id}",
+            headers={**headers, "Retry-After": retry},
+        )
+    if outcome.status == EXHAUSTED:
+        if reservation.pool.name == "free":
+            raise QuotaExhaustedError(
+                f"the free monthly allowance of licence {grant.licence.id} for dataset {grant.dataset.id} "
+                f"is used up for {period.name}",
+                headers={**headers, "Retry-After": str(period.seconds_left(now))},
+            )
+        what = "no paid terms" if reservation.pool.kind == "none" else "no paid balance or credit left"
+        raise PaymentRequiredError(
+            f"licence {grant.licence.id} has {what} for industrial use", headers=headers
+        )
+    if outcome.status == IN_FLIGHT:
+        raise ConflictError(
+            "a call with this Idempotency-Key is still in flight", headers={"Retry-After": "1"}
+        )
+    held = None if outcome.status == REPLAYED else reservation
+    return Charge(held, outcome, period, headers, grant.dataset.per_record_e4)
