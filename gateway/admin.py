@@ -18,11 +18,14 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway.state import ADMIN_TOKENS, REGISTRY
+from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, REDIS, REGISTRY, SETTINGS
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
-from licensing.errors import BadRequestError, NotFoundError
+from licensing.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
 from licensing.registry import dump
+from metering.periods import PeriodError, parse_period, period_of, zone
+from metering.quota import QuotaStoreError
+from metering.usage import UsageRow, usage_report
 
 Handler = Callable[[web.Request, AdminPrincipal], Awaitable[web.Response]]
 
@@ -135,6 +138,38 @@ async def get_licence(request: web.Request, principal: AdminPrincipal) -> web.Re
     return _json(dump(licence))
 
 
+async def patch_licence(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    patch = schemas.parse(schemas.LicencePatch, await _body(request))
+    return _json(dump(await request.app[REGISTRY].update_licence(request.match_info["id"], patch)))
+
+
+async def get_usage(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    settings = request.app[SETTINGS]
+    tz = zone(settings.billing.time_zone)
+    name = request.query.get("period")
+    try:
+        period = parse_period(name, tz) if name else period_of(request.app[CLOCK](), tz)
+    except PeriodError as exc:
+        raise ValidationFailedError("period", str(exc)) from exc
+    licensee = request.query.get("licensee")
+    if principal.own_licensee is not None:
+        if licensee not in (None, principal.own_licensee):
+            return _json([])
+        licensee = principal.own_licensee
+    try:
+        rows = await usage_report(
+            request.app[REDIS],
+            request.app[CATALOGUE].current,
+            period,
+            licence_id=request.query.get("licence"),
+            dataset_id=request.query.get("dataset"),
+            licensee_id=licensee,
+        )
+    except QuotaStoreError as exc:
+        raise QuotaUnavailableError("the quota store cannot be reached") from exc
+    return _json([row.model_dump(mode="json") for row in rows])
+
+
 def _licence_action(action: str) -> Handler:
     async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
         return _json(dump(await request.app[REGISTRY].set_licence_status(request.match_info["id"], action)))
@@ -235,6 +270,16 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("GET", "/licences/{id}", get_licence, "read", "Get a licence", None, schemas.Licence),
     Route(
+        "PATCH",
+        "/licences/{id}",
+        patch_licence,
+        "licensing:write",
+        "Change a licence's grant or terms (a top-up raises paid; counters are never touched)",
+        schemas.LicencePatch,
+        schemas.Licence,
+        conflict=True,
+    ),
+    Route(
         "POST",
         "/licences/{id}/suspend",
         _licence_action("suspend"),
@@ -287,6 +332,17 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/apps/{id}/enable", _app_switch(True), "licensing:write", "Enable an app", None, schemas.App
+    ),
+    Route(
+        "GET",
+        "/usage",
+        get_usage,
+        "read",
+        "Free and paid calls used and remaining, per licence, dataset and period (default: this period)",
+        None,
+        UsageRow,
+        True,
+        query=("licence", "dataset", "period", "licensee"),
     ),
 )
 

@@ -91,13 +91,12 @@ class Charge:
 
 def _terms(grant: Grant, app_id: str) -> Terms:
     licence, dataset = grant.licence, grant.dataset
-    free = dataset.free_monthly_calls if licence.free_monthly_calls is None else licence.free_monthly_calls
     return Terms(
         licence_id=licence.id,
         app_id=app_id,
         dataset_id=dataset.id,
         purpose=grant.purpose,
-        free_limit=free,
+        free_limit=licence.free_allowance(dataset),
         prepaid_calls=licence.paid_prepaid_calls,
         credit_limit_fen=licence.paid_credit_limit_fen,
         per_call_e4=dataset.per_call_e4,

@@ -268,6 +268,91 @@ async def licence_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def licence_update(args: argparse.Namespace, settings: Settings) -> int:
+    data = _fields(
+        args,
+        {
+            "dataset": "datasets",
+            "max_classification": "max_classification",
+            "purpose": "purposes",
+            "valid_until": "valid_until",
+            "security_officer": "security_officer",
+            "conditions": "conditions",
+            "free_monthly_calls": "free_monthly_calls",
+        },
+    )
+    if args.prepaid_calls is not None or args.credit_limit_fen is not None:
+        data["paid"] = {
+            k: v
+            for k, v in (("prepaid_calls", args.prepaid_calls), ("credit_limit_fen", args.credit_limit_fen))
+            if v is not None
+        }
+    if not data:
+        raise BadRequestError("nothing to change: give at least one field")
+    patch = schemas.parse(schemas.LicencePatch, data)
+    async with services(settings) as s:
+        updated = await s.registry.update_licence(args.licence_id, patch)
+    emit(args, dump(updated), f"licence {updated.id} updated")
+    return 0
+
+
+async def usage(args: argparse.Namespace, settings: Settings) -> int:
+    from licensing.catalogue import load_catalogue
+    from metering.periods import PeriodError, parse_period, period_of, zone
+    from metering.quota import QuotaStoreError
+    from metering.usage import usage_report
+    from storage.db import create_engine, session_factory, utcnow
+    from storage.redis import redis_for
+
+    tz = zone(settings.billing.time_zone)
+    try:
+        period = parse_period(args.period, tz) if args.period else period_of(utcnow(), tz)
+    except PeriodError as exc:
+        raise BadRequestError(str(exc)) from exc
+    engine = create_engine(settings.database_url)
+    try:
+        catalogue = await load_catalogue(session_factory(engine))
+    finally:
+        await engine.dispose()
+    async with redis_for(
+        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+    ) as client:
+        try:
+            rows = await usage_report(
+                client,
+                catalogue,
+                period,
+                licence_id=args.licence,
+                dataset_id=args.dataset,
+                licensee_id=args.licensee,
+            )
+        except QuotaStoreError as exc:
+            raise BadRequestError(f"the quota store cannot be reached: {exc}") from exc
+    data = [row.model_dump(mode="json") for row in rows]
+    if getattr(args, "json", False):
+        emit(args, data)
+        return 0
+    flat = [
+        {
+            "licence": r["licence_id"],
+            "dataset": r["dataset"],
+            "period": r["period"],
+            "free used/limit": f"{r['free']['used']}/{r['free']['limit']}",
+            "paid calls": r["paid"]["calls"],
+            "paid used/limit": f"{r['paid']['used']}/{r['paid']['limit']} {r['paid']['unit']}"
+            if r["paid"]["terms"] != "none"
+            else "no paid terms",
+        }
+        for r in data
+    ]
+    emit(
+        args,
+        flat,
+        columns=("licence", "dataset", "period", "free used/limit", "paid calls", "paid used/limit"),
+    )
+    return 0
+
+
 async def licence_list(args: argparse.Namespace, settings: Settings) -> int:
     async with services(settings) as s:
         emit(
@@ -461,6 +546,19 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
     p.add_argument("--prepaid-calls", type=int)
     p.add_argument("--credit-limit-fen", type=int)
+    p = command(
+        licences, "update", "change a licence's grant or terms (top-ups)", licence_update, "licence_id"
+    )
+    p.add_argument("--file")
+    p.add_argument("--dataset", action="append", default=[], help="dataset id or provider/*, repeatable")
+    p.add_argument("--max-classification", type=int)
+    p.add_argument("--purpose", action="append", default=[], choices=schemas.PURPOSES, help="repeatable")
+    p.add_argument("--valid-until", help="RFC 3339 time")
+    p.add_argument("--security-officer")
+    p.add_argument("--conditions")
+    p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
+    p.add_argument("--prepaid-calls", type=int, help="the new prepaid balance limit (a top-up raises it)")
+    p.add_argument("--credit-limit-fen", type=int, help="the new monthly credit limit")
     p = command(licences, "list", "list licences", licence_list)
     p.add_argument("--licensee")
     command(licences, "show", "show a licence", licence_show, "licence_id")
@@ -480,6 +578,12 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--licensee")
     command(apps, "disable", "disable an app", _app_switch(False), "app_id")
     command(apps, "enable", "enable an app", _app_switch(True), "app_id")
+
+    p = command(sub, "usage", "free and paid calls used and remaining", usage)
+    p.add_argument("--licence")
+    p.add_argument("--dataset")
+    p.add_argument("--licensee")
+    p.add_argument("--period", help="YYYY-MM (default: this month in the billing time zone)")
 
     tokens = group("admin-token", "admin API tokens")
     p = command(tokens, "create", "create an admin token (printed once)", admin_token_create)

@@ -85,6 +85,10 @@ class LicenceView:
             return "expired"
         return "active"
 
+    def free_allowance(self, dataset: DatasetView) -> int:
+        """Free public-interest calls a month: the licence's override, else the dataset's."""
+        return dataset.free_monthly_calls if self.free_monthly_calls is None else self.free_monthly_calls
+
     def covers(self, dataset: DatasetView) -> bool:
         """The dataset is in scope by id or by ``provider/*``."""
         return dataset.id in self.dataset_ids or dataset.provider in self.providers

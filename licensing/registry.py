@@ -287,6 +287,36 @@ class Registry:
             rows = (await session.execute(query)).scalars().all()
         return [licence_out(r) for r in rows]
 
+    async def update_licence(self, licence_id: str, patch: schemas.LicencePatch) -> schemas.Licence:
+        """Change a licence's grant or terms (a top-up raises ``paid``); a
+        revoked licence is final and changes no more."""
+        _require(licence_id, "licence")
+        fields = patch.model_fields_set
+        async with self._sessions() as session:
+            row = await session.get(LicenceRow, licence_id)
+            if row is None:
+                raise NotFoundError(f"no licence {licence_id}")
+            if row.status == "revoked":
+                raise ConflictError(f"licence {licence_id} is revoked; it changes no more")
+            valid_until = patch.valid_until if "valid_until" in fields else None
+            if valid_until is not None and valid_until <= row.valid_from:
+                raise ValidationFailedError("valid_until", "valid_until must be after valid_from")
+            for name in ("max_classification", "security_officer", "conditions", "free_monthly_calls"):
+                if name in fields:
+                    setattr(row, name, getattr(patch, name))
+            if patch.datasets is not None:
+                row.datasets = list(dict.fromkeys(patch.datasets))
+            if patch.purposes is not None:
+                row.purposes = list(patch.purposes)
+            if valid_until is not None:
+                row.valid_until = valid_until
+            if "paid" in fields:
+                row.paid_credit_limit_fen = patch.paid.credit_limit_fen if patch.paid else None
+                row.paid_prepaid_calls = patch.paid.prepaid_calls if patch.paid else None
+            await self._commit(session, f"licence {licence_id}")
+        await self._changed()
+        return licence_out(row)
+
     async def set_licence_status(self, licence_id: str, action: str) -> schemas.Licence:
         """``suspend`` (active -> suspended), ``resume`` (suspended -> active),
         ``revoke`` (any -> revoked, final)."""

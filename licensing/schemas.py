@@ -261,6 +261,37 @@ class LicenceIn(_Model):
         return valid_until
 
 
+class LicencePatch(_Model):
+    """Changes to a licence's grant and terms, applied at once on every replica.
+    A top-up is a PATCH of ``paid`` with a higher limit: the quota counters are
+    never touched, only the limit they are compared with. A field given as
+    ``null`` is cleared (``paid``: no paid terms; ``free_monthly_calls``: the
+    datasets' own allowances)."""
+
+    datasets: list[DatasetGrant] | None = Field(None, min_length=1, max_length=1000)
+    max_classification: int | None = Field(None, ge=1, le=4, strict=True)
+    purposes: list[Purpose] | None = Field(None, min_length=1, max_length=2)
+    valid_until: Time | None = None
+    security_officer: str | None = Field(None, min_length=1, max_length=200)
+    conditions: str | None = Field(None, max_length=4000)
+    free_monthly_calls: int | None = Field(None, ge=0, le=10**12, strict=True)
+    paid: Paid | None = None
+
+    @field_validator("purposes")
+    @classmethod
+    def _distinct(cls, purposes: list[str] | None) -> list[str] | None:
+        if purposes is not None and len(set(purposes)) != len(purposes):
+            raise ValueError("purposes must not repeat")
+        return purposes
+
+    @model_validator(mode="after")
+    def _required_stay(self) -> LicencePatch:
+        for name in ("datasets", "max_classification", "purposes", "valid_until", "security_officer"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be cleared")
+        return self
+
+
 class Licence(LicenceIn):
     id: str
     status: LicenceStatus

@@ -75,9 +75,41 @@ class Scripts:
             await client.script_load(source)
 
 
-def keys_prefix(licence_id: str) -> str:
-    """All keys of one licence share this hash tag (one Cluster slot)."""
-    return f"pdg:{{{licence_id}}}"
+@dataclass(frozen=True, slots=True)
+class LicenceKeys:
+    """The Redis keys of one licence. All share the licence's hash tag, so
+    every script touches one Cluster slot."""
+
+    licence_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"pdg:{{{self.licence_id}}}"
+
+    def free(self, dataset_id: str, period: Period) -> str:
+        return f"{self.prefix}:free:{dataset_id}:{period.name}"
+
+    def prepaid(self) -> str:
+        return f"{self.prefix}:prepaid"
+
+    def credit(self, period: Period) -> str:
+        return f"{self.prefix}:credit:{period.name}"
+
+    def no_paid_terms(self) -> str:
+        return f"{self.prefix}:paid-none"
+
+    def paid_calls(self, dataset_id: str, period: Period) -> str:
+        return f"{self.prefix}:paidcalls:{dataset_id}:{period.name}"
+
+    def burst(self, app_id: str, dataset_id: str) -> str:
+        return f"{self.prefix}:burst:{app_id}:{dataset_id}"
+
+    def reservation(self, call_id: str) -> str:
+        return f"{self.prefix}:res:{call_id}"
+
+    def idempotency(self, app_id: str, key: str | None) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key else "-"
+        return f"{self.prefix}:idem:{app_id}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,29 +167,23 @@ class Terms:
 def plan_reservation(
     terms: Terms, period: Period, now: datetime, call_id: str, idempotency_key: str | None
 ) -> Reservation:
-    prefix = keys_prefix(terms.licence_id)
+    k = LicenceKeys(terms.licence_id)
     reset = period.seconds_left(now)
     window = int((period.end - period.start).total_seconds())
     if terms.purpose == "public-interest":
-        pool = Pool(
-            "free", terms.free_limit, f"{prefix}:free:{terms.dataset_id}:{period.name}", "free", window, reset
-        )
+        pool = Pool("free", terms.free_limit, k.free(terms.dataset_id, period), "free", window, reset)
     elif terms.prepaid_calls is not None:
-        pool = Pool("prepaid", terms.prepaid_calls, f"{prefix}:prepaid", "paid", None, None)
+        pool = Pool("prepaid", terms.prepaid_calls, k.prepaid(), "paid", None, None)
     elif terms.credit_limit_fen is not None:
-        pool = Pool(
-            "credit", terms.credit_limit_fen * 10000, f"{prefix}:credit:{period.name}", "paid", window, reset
-        )
+        pool = Pool("credit", terms.credit_limit_fen * 10000, k.credit(period), "paid", window, reset)
     else:
-        pool = Pool("none", 0, f"{prefix}:paid-none", "paid", None, None)
-    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else "-"
-    idem = f"{prefix}:idem:{terms.app_id}:{digest}"
+        pool = Pool("none", 0, k.no_paid_terms(), "paid", None, None)
     keys = (
-        f"{prefix}:burst:{terms.app_id}:{terms.dataset_id}",
+        k.burst(terms.app_id, terms.dataset_id),
         pool.counter_key,
-        f"{prefix}:paidcalls:{terms.dataset_id}:{period.name}",
-        f"{prefix}:res:{call_id}",
-        idem,
+        k.paid_calls(terms.dataset_id, period),
+        k.reservation(call_id),
+        k.idempotency(terms.app_id, idempotency_key),
     )
     interval_us = max(1, int(1_000_000 / terms.burst_per_second))
     tiers: list[int] = []

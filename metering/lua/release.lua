@@ -13,7 +13,7 @@ local cost = tonumber(redis.call('HGET', KEYS[1], 'cost'))
 local kind = redis.call('HGET', KEYS[1], 'kind')
 local idem = redis.call('HGET', KEYS[1], 'idem')
 redis.call('DECRBY', pool, cost)
-if kind == 'credit' then
+if kind ~= 'free' then
   redis.call('DECR', redis.call('HGET', KEYS[1], 'tiers'))
 end
 if idem and idem ~= '' then redis.call('DEL', idem) end

@@ -5,7 +5,7 @@
 -- KEYS[1] burst state (GCRA theoretical arrival time, microseconds)
 -- KEYS[2] pool counter: free calls used this period | prepaid calls used |
 --         credit used this period (1/10000 fen)
--- KEYS[3] paid calls of this dataset this period (prices graduated tiers)
+-- KEYS[3] paid calls of this dataset this period (usage; prices graduated tiers)
 -- KEYS[4] the reservation record (hash), for an exact, single release
 -- KEYS[5] idempotency record (used only when ARGV[10] is 1; always a key of
 --         the same hash tag, since an empty key would name another slot)
@@ -79,7 +79,8 @@ end
 redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((tat + interval - now_us) / 1000) + 1000)
 used = redis.call('INCRBY', KEYS[2], cost)
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-if kind == 'credit' then
+if kind ~= 'free' then
+  -- paid calls of this dataset this period: usage reports, and tier positions
   redis.call('INCR', KEYS[3])
   redis.call('EXPIRE', KEYS[3], ttl)
 end
