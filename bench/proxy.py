@@ -13,7 +13,7 @@ as a ratio against the honest minimum any gateway does. One run of
 3. starts ``pdg serve --data-dir <tmp> --port <free>`` with the embedded defaults
    (SQLite + embedded Valkey; inherited ``PDG_*`` variables are dropped), creates an
    admin token with ``pdg admin-token create``, registers a dataset pointing at the
-   upstream (burst 1e6/s, capacity 1e6), a licensee, a licence for both purposes with
+   upstream (a free allowance of 1e9 calls; burst 1e6/s, capacity 1e6), a licensee, a licence for both purposes with
    1e8 prepaid calls, and an app, and gets an access token from ``/oauth/token``;
 4. checks that both paths answer 200 with the upstream's exact body, then drives the
    same load at both: ``wrk -t1`` when it is on PATH, else ``bench/loadgen.py`` (aiohttp,
@@ -451,7 +451,7 @@ def provision(pdg: str, data_dir: Path, base: str, upstream: str) -> Gateway:
             "upstream_url": upstream + UPSTREAM_PREFIX,
             "classification": 1,
             "open_class": "open",
-            "free_monthly_calls": 0,
+            "free_monthly_calls": 1_000_000_000,
             "price": {"per_call_fen": "1", "per_record_fen": "0"},
             "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
             "burst": {"per_second": 1_000_000, "capacity": 1_000_000},
