@@ -13,8 +13,9 @@ as a ratio against the honest minimum any gateway does. One run of
 3. starts ``pdg serve --data-dir <tmp> --port <free>`` with the embedded defaults
    (SQLite + embedded Valkey; inherited ``PDG_*`` variables are dropped), creates an
    admin token with ``pdg admin-token create``, registers a dataset pointing at the
-   upstream (a free allowance of 1e9 calls; burst 1e6/s, capacity 1e6), a licensee, a licence for both purposes with
-   1e8 prepaid calls, and an app, and gets an access token from ``/oauth/token``;
+   upstream (free allowance 1e9 calls; burst 1e6/s, capacity 1e6), a licensee, a
+   licence for both purposes with 1e8 prepaid calls, and an app, and gets an access
+   token from ``/oauth/token``;
 4. checks that both paths answer 200 with the upstream's exact body, then drives the
    same load at both: ``wrk -t1`` when it is on PATH, else ``bench/loadgen.py`` (aiohttp,
    closed loop, N connections, fixed duration) in its own process. Each target gets a

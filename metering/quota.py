@@ -20,7 +20,12 @@ Pools:
 
 No call pays a round trip of its own: reservations, settlements and releases
 of all calls in flight are sent together, one pipeline per event-loop turn
-(``QuotaBatcher``).
+(``QuotaBatcher``). A served call without an ``Idempotency-Key`` or a
+per-record price needs no settlement script at all: its one script call is
+the reservation. The scripts write counters only; what a release gives back
+is held in process by the batcher, which settles or releases each
+reservation once. (A replica killed between the two leaves that call
+charged; the call record is what finds and releases such calls.)
 """
 
 from __future__ import annotations
@@ -34,17 +39,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from metering.periods import Period
 from storage.redis import RedisClient
-
-#: Counters outlive their period long enough for usage reports and reconciliation.
-COUNTER_TTL_SECONDS = 400 * 24 * 3600
-IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-#: A reservation not settled within this time is left to expire (its call is
-#: recorded ``incomplete`` by the call record and released there).
-RESERVATION_TTL_SECONDS = 3600
 
 RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
 
@@ -104,9 +102,6 @@ class LicenceKeys:
     def burst(self, app_id: str, dataset_id: str) -> str:
         return f"{self.prefix}:burst:{app_id}:{dataset_id}"
 
-    def reservation(self, call_id: str) -> str:
-        return f"{self.prefix}:res:{call_id}"
-
     def idempotency(self, app_id: str, key: str | None) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key else "-"
         return f"{self.prefix}:idem:{app_id}:{digest}"
@@ -128,15 +123,13 @@ class Reservation:
 
     licence_id: str
     call_id: str
-    keys: tuple[str, str, str, str, str]
+    #: burst, pool counter, paid calls of the dataset, idempotency record
+    keys: tuple[str, str, str, str]
     args: tuple[Any, ...]
     pool: Pool
     burst_capacity: int
     burst_window: float
-
-    @property
-    def record_key(self) -> str:
-        return self.keys[3]
+    idempotent: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +175,6 @@ def plan_reservation(
         k.burst(terms.app_id, terms.dataset_id),
         pool.counter_key,
         k.paid_calls(terms.dataset_id, period),
-        k.reservation(call_id),
         k.idempotency(terms.app_id, idempotency_key),
     )
     interval_us = max(1, int(1_000_000 / terms.burst_per_second))
@@ -195,11 +187,8 @@ def plan_reservation(
         pool.kind,
         pool.limit,
         call_id,
-        COUNTER_TTL_SECONDS,
-        IDEMPOTENCY_TTL_SECONDS,
-        RESERVATION_TTL_SECONDS,
-        terms.per_call_e4,
         1 if idempotency_key else 0,
+        terms.per_call_e4,
         *tiers,
     )
     return Reservation(
@@ -210,6 +199,7 @@ def plan_reservation(
         pool,
         terms.burst_capacity,
         terms.burst_capacity / terms.burst_per_second,
+        idempotency_key is not None,
     )
 
 
@@ -230,6 +220,9 @@ class QuotaBatcher:
         self.client = client
         self.scripts = scripts or Scripts()
         self._pending: list[_Pending] = []
+        #: Cost of each reservation not yet settled or released, by call id:
+        #: settle and release happen once each, and never both.
+        self._held: dict[str, int] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -258,22 +251,34 @@ class QuotaBatcher:
             )
         return list(await pipe.execute(raise_on_error=False))
 
+    @staticmethod
+    def _fail(batch: Sequence[_Pending], error: QuotaStoreError) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
     async def _send(self, batch: list[_Pending]) -> None:
         try:
             results = await self._execute(batch)
             if any(isinstance(r, NoScriptError) for r in results):
-                # A restarted (or new) server: load the scripts and run the
-                # calls that found none. Scripts are idempotent per call id.
+                # A restarted (or new) server, or a Cluster primary that
+                # never saw the scripts (a failover, a new node): load them on
+                # every primary and run the calls that found none. Scripts
+                # are idempotent per call id.
                 await self.scripts.load(self.client)
                 retry = [item for item, r in zip(batch, results, strict=True) if isinstance(r, NoScriptError)]
                 again = iter(await self._execute(retry))
                 results = [next(again) if isinstance(r, NoScriptError) else r for r in results]
-        except (RedisError, OSError) as exc:
-            error = QuotaStoreError(f"quota store unreachable: {type(exc).__name__}")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # RedisClusterException is no RedisError (a slot no node owns, a
+            # Cluster no node of which answers): fail closed on it all the same.
+            self._fail(batch, QuotaStoreError(f"quota store unreachable: {type(exc).__name__}"))
             return
+        except BaseException:
+            # Anything else is a bug, and is raised; but no call waits forever
+            # for an answer from this batch.
+            self._fail(batch, QuotaStoreError("quota store failed"))
+            raise
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue
@@ -287,16 +292,35 @@ class QuotaBatcher:
         status, a, b = (int(x) for x in result)
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=a)
+        if status == RESERVED:
+            self._held[reservation.call_id] = b
         return Outcome(status, a, b)
 
     async def settle(self, reservation: Reservation, extra_e4: int = 0) -> bool:
-        result = await self._submit(
-            "settle", (reservation.record_key,), (reservation.call_id, extra_e4, IDEMPOTENCY_TTL_SECONDS)
-        )
-        return bool(result)
+        """The call was served: it stays charged. Only an idempotent call or a
+        per-record price costs a script call; any other is settled here."""
+        if self._held.pop(reservation.call_id, None) is None:
+            return False
+        extra = extra_e4 if reservation.pool.kind == "credit" else 0
+        if reservation.idempotent or extra:
+            _burst, pool, _paid, idem = reservation.keys
+            await self._submit(
+                "settle", (pool, idem), (extra, 1 if reservation.idempotent else 0, reservation.call_id)
+            )
+        return True
 
     async def release(self, reservation: Reservation) -> bool:
-        return bool(await self._submit("release", (reservation.record_key,), ()))
+        """The call failed or was cut short: give its quota back, once."""
+        cost = self._held.pop(reservation.call_id, None)
+        if cost is None:
+            return False
+        _burst, pool, paid, idem = reservation.keys
+        await self._submit(
+            "release",
+            (pool, paid, idem),
+            (cost, reservation.pool.kind, 1 if reservation.idempotent else 0, reservation.call_id),
+        )
+        return True
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -17,9 +17,14 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+
+from config.settings import ConfigurationError
 
 PERSISTENCE = {
     "appendonly": "yes",
@@ -118,11 +123,51 @@ class EmbeddedValkey:
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
 
+class _ClusterClient(aioredis.RedisCluster):
+    """A Cluster client that fails the way a one-server client does.
+
+    When no node answers, redis-py's Cluster client raises its
+    ``RedisClusterException``, which is no ``RedisError``: every caller that
+    fails closed on ``RedisError`` (the quota batcher, readiness, usage) would
+    let it through as a 500, or leave a call waiting for an answer that never
+    comes. Here it is the ``ConnectionError`` a single server raises.
+    """
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> aioredis.RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(str(exc).splitlines()[0]) from exc
+
+
+def _cluster_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a Cluster node, or ``None``."""
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        return "a Redis Cluster node is named by a redis:// or rediss:// URL"
+    try:
+        options = parse_url(url)
+    except ValueError as exc:
+        return str(exc)
+    if int(options.get("db") or 0) != 0:
+        # A Cluster has database 0 only: /0 or no path.
+        return f"a Redis Cluster has database 0 only, not {options['db']}"
+    return None
+
+
 def connect(url: str, *, cluster: bool = False) -> RedisClient:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); with
-    ``cluster``, ``url`` names one node of a Redis Cluster."""
+    ``cluster``, ``url`` names one node of a Redis Cluster (``/0`` or no
+    database) and the client finds the others and routes each command, and
+    each script by its keys' hash tag, to the node that owns it."""
     if cluster:
-        return aioredis.RedisCluster.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        problem = _cluster_url_problem(url)
+        if problem:
+            raise ConfigurationError(f"invalid setting storage.redis_url: {problem}")
+        return _ClusterClient.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
     return aioredis.Redis.from_url(
         url, socket_connect_timeout=2.0, socket_timeout=2.0, health_check_interval=15, retry_on_timeout=False
     )

@@ -1,13 +1,14 @@
 -- Reserve quota for one data call, atomically, before it is forwarded.
 -- Every key shares the licence's hash tag, so the script touches one
--- Redis Cluster slot.
+-- Redis Cluster slot. It writes counters only: what a release needs to give
+-- back (the keys, the cost) stays with the caller, which settles or releases
+-- each reservation exactly once.
 --
 -- KEYS[1] burst state (GCRA theoretical arrival time, microseconds)
 -- KEYS[2] pool counter: free calls used this period | prepaid calls used |
 --         credit used this period (1/10000 fen)
 -- KEYS[3] paid calls of this dataset this period (usage; prices graduated tiers)
--- KEYS[4] the reservation record (hash), for an exact, single release
--- KEYS[5] idempotency record (used only when ARGV[10] is 1; always a key of
+-- KEYS[4] idempotency record (used only when ARGV[6] is 1; always a key of
 --         the same hash tag, since an empty key would name another slot)
 --
 -- ARGV[1] burst emission interval (microseconds per call)
@@ -15,12 +16,9 @@
 -- ARGV[3] pool kind: free | prepaid | credit | none
 -- ARGV[4] pool limit (calls, or 1/10000 fen for credit)
 -- ARGV[5] call id
--- ARGV[6] counter time-to-live (seconds)
--- ARGV[7] idempotency time-to-live (seconds)
--- ARGV[8] reservation time-to-live (seconds)
--- ARGV[9] per-call price (1/10000 fen) when there are no tiers
--- ARGV[10] 1 when the call has an Idempotency-Key, else 0
--- ARGV[11..] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
+-- ARGV[6] 1 when the call has an Idempotency-Key, else 0
+-- ARGV[7] per-call price (1/10000 fen) when no tier applies
+-- ARGV[8..] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
 --
 -- Returns {outcome, a, b}:
 --   {0, used, cost}        reserved (used = pool counter after it)
@@ -29,13 +27,16 @@
 --   {3, 0, 0}              a retry of an idempotent call already charged
 --   {4, 0, 0}              the same idempotent call is still in flight
 
+local COUNTER_TTL = 400 * 24 * 3600   -- outlives the period for usage and reconciliation
+local IDEMPOTENCY_TTL = 24 * 3600
+
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
 -- Idempotency first: a repeat is neither rate limited nor charged again.
-local idem = ARGV[10] == '1'
+local idem = ARGV[6] == '1'
 if idem then
-  local seen = redis.call('GET', KEYS[5])
+  local seen = redis.call('GET', KEYS[4])
   if seen then
     if string.sub(seen, 1, 5) == 'done:' then return {3, 0, 0} end
     return {4, 0, 0}
@@ -54,17 +55,15 @@ end
 
 local kind = ARGV[3]
 local limit = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[6])
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
 local cost = 1
-local position = 0
 
 if kind == 'none' then
   return {2, used, 0}
 elseif kind == 'credit' then
-  position = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
-  cost = tonumber(ARGV[9])
-  local i = 11
+  local position = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
+  cost = tonumber(ARGV[7])
+  local i = 8
   while ARGV[i] do
     local up_to = tonumber(ARGV[i])
     if up_to == 0 or position <= up_to then cost = tonumber(ARGV[i + 1]) break end
@@ -78,16 +77,12 @@ end
 
 redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((tat + interval - now_us) / 1000) + 1000)
 used = redis.call('INCRBY', KEYS[2], cost)
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+if kind ~= 'prepaid' then redis.call('EXPIRE', KEYS[2], COUNTER_TTL) end
 if kind ~= 'free' then
-  -- paid calls of this dataset this period: usage reports, and tier positions
   redis.call('INCR', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[3], COUNTER_TTL)
 end
-redis.call('HSET', KEYS[4], 'pool', KEYS[2], 'cost', cost, 'kind', kind, 'tiers', KEYS[3],
-           'idem', idem and KEYS[5] or '')
-redis.call('EXPIRE', KEYS[4], tonumber(ARGV[8]))
 if idem then
-  redis.call('SET', KEYS[5], 'pending:' .. ARGV[5], 'EX', tonumber(ARGV[7]))
+  redis.call('SET', KEYS[4], 'pending:' .. ARGV[5], 'EX', IDEMPOTENCY_TTL)
 end
 return {0, used, cost}

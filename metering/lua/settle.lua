@@ -1,25 +1,20 @@
--- Settle a reservation: the call was served, so the reserved quota stays
--- charged; a per-record price is added to a credit pool now that the record
--- count is known; an idempotency record becomes "done". Settling twice, or
--- after a release, does nothing.
+-- Settle a served call that needs it: a per-record price is added to a
+-- credit pool now that the record count is known, and an idempotency record
+-- becomes "done" (only if it still names this call). A call with neither is
+-- settled by doing nothing: its reservation already counts.
 --
--- KEYS[1] the reservation record
--- ARGV[1] call id
--- ARGV[2] extra charge (1/10000 fen, credit pools only)
--- ARGV[3] idempotency time-to-live (seconds)
---
--- Returns 1 when settled now, 0 when there was nothing to settle.
+-- KEYS[1] pool counter
+-- KEYS[2] idempotency record
+-- ARGV[1] extra charge (1/10000 fen; credit pools only, else 0)
+-- ARGV[2] 1 when the call has an Idempotency-Key, else 0
+-- ARGV[3] call id
 
-local pool = redis.call('HGET', KEYS[1], 'pool')
-if not pool then return 0 end
-local kind = redis.call('HGET', KEYS[1], 'kind')
-local idem = redis.call('HGET', KEYS[1], 'idem')
-local extra = tonumber(ARGV[2])
-if kind == 'credit' and extra > 0 then
-  redis.call('INCRBY', pool, extra)
+local IDEMPOTENCY_TTL = 24 * 3600
+local extra = tonumber(ARGV[1])
+if extra > 0 then
+  redis.call('INCRBY', KEYS[1], extra)
 end
-if idem and idem ~= '' then
-  redis.call('SET', idem, 'done:' .. ARGV[1], 'EX', tonumber(ARGV[3]))
+if ARGV[2] == '1' and redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[3] then
+  redis.call('SET', KEYS[2], 'done:' .. ARGV[3], 'EX', IDEMPOTENCY_TTL)
 end
-redis.call('DEL', KEYS[1])
 return 1
