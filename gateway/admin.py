@@ -148,7 +148,7 @@ async def get_usage(request: web.Request, principal: AdminPrincipal) -> web.Resp
     tz = zone(settings.billing.time_zone)
     name = request.query.get("period")
     try:
-        period = parse_period(name, tz) if name else period_of(request.app[CLOCK](), tz)
+        period = parse_period(name, tz) if name else period_of(request.app[CLOCK].now(), tz)
     except PeriodError as exc:
         raise ValidationFailedError("period", str(exc)) from exc
     licensee = request.query.get("licensee")

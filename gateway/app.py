@@ -31,6 +31,7 @@ from gateway.state import (
     SETTINGS,
     TOKENS,
     UPSTREAM,
+    Clock,
 )
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
@@ -40,7 +41,7 @@ from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
 from storage import migrate
-from storage.db import create_engine, session_factory, utcnow
+from storage.db import create_engine, session_factory
 from storage.redis import redis_for
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[ACCEPTING] = [True]
-    app[CLOCK] = utcnow
+    app[CLOCK] = Clock()
     app.cleanup_ctx.extend([_storage, _redis, _licensing, _upstream])
     app.on_shutdown.append(_stop_accepting)
     proxy.setup(app)

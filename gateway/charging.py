@@ -15,6 +15,11 @@ A served call (any status below 500 whose body was sent whole) stays charged;
 an upstream failure (5xx, timeout, connection error) or a response cut short
 is released: never charged.
 
+Per-record prices are known only once the response is sent, so they are
+added at settlement: a credit pool can end past its limit by the records of
+the calls that were in flight when it ran out, and the next call gets 402.
+Reserving an estimate instead would refuse calls while credit remains.
+
 Responses carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
 (draft-ietf-httpapi-ratelimit-headers-10) for the pool that applied, named
 ``"free"`` or ``"paid"``, and for ``"burst"``. A credit pool is counted in fen
@@ -73,8 +78,9 @@ class Charge:
         try:
             await request.app[QUOTA].settle(self.reservation, extra)
         except QuotaStoreError:
-            # The call was served and stays reserved; the reservation expires
-            # and the call record (not this counter) is what billing reads.
+            # The call was served and its reservation already counts it; a
+            # per-record price or the "done" idempotency record may be
+            # missing. Billing reads the call record, not this counter.
             return
 
     async def release(self, request: web.Request) -> None:
@@ -84,8 +90,9 @@ class Charge:
         try:
             await request.app[QUOTA].release(self.reservation)
         except QuotaStoreError:
-            # Unreleased quota errs against the caller only until the
-            # reservation expires; it is never charged (nothing is settled).
+            # The counter keeps this call until reconciliation finds it
+            # through the call record, which says it failed: it is never
+            # billed, but it holds quota meanwhile.
             return
 
 
@@ -141,7 +148,7 @@ def idempotency_key(request: web.Request) -> str | None:
 
 async def reserve(request: web.Request, grant: Grant, app_id: str, call_id: str) -> Charge:
     """Reserve this call's quota, or raise the problem that refuses it."""
-    now = request.app[CLOCK]()
+    now = request.app[CLOCK].now()
     period = period_of(now, zone(request.app[SETTINGS].billing.time_zone))
     key = idempotency_key(request)
     reservation = plan_reservation(_terms(grant, app_id), period, now, call_id, key)
@@ -154,9 +161,11 @@ async def reserve(request: web.Request, grant: Grant, app_id: str, call_id: str)
     headers = _headers(reservation, outcome)
     if outcome.status == RATE_LIMITED:
         retry = str(max(1, math.ceil(outcome.retry_after_ms / 1000)))
+        # The burst limit applied; the pool's balance was not read (the
+        # script stops at the burst check), so it is not reported.
         raise RateLimitedError(
             f"app {app_id} exceeds the burst limit of dataset {grant.dataset.id}",
-            headers={**headers, "Retry-After": retry},
+            headers={**headers, "RateLimit": f'"burst";r=0;t={retry}', "Retry-After": retry},
         )
     if outcome.status == EXHAUSTED:
         if reservation.pool.name == "free":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import aiohttp
@@ -17,6 +18,7 @@ from licensing.clients import ClientAuthenticator
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
+from storage.db import utcnow
 from storage.redis import RedisClient
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,8 +26,20 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
 REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 QUOTA = web.AppKey("quota", QuotaBatcher)
-#: The gateway's clock (UTC, timezone-aware); tests may replace it.
-CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+
+
+@dataclass
+class Clock:
+    """The gateway's clock, UTC and timezone-aware. Periods and quota windows
+    are read from it; tests move it by replacing ``source``."""
+
+    source: Callable[[], datetime] = utcnow
+
+    def now(self) -> datetime:
+        return self.source()
+
+
+CLOCK = web.AppKey("clock", Clock)
 CATALOGUE = web.AppKey("catalogue", CatalogueCache)
 REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)

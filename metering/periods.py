@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_ZONE = "Asia/Shanghai"
-_NAME = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+#: ASCII digits only (``\d`` would take any script's digits, e.g. fullwidth).
+_NAME = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 
 
 class PeriodError(ValueError):
@@ -74,7 +75,13 @@ def period_of(instant: datetime, tz: ZoneInfo | None = None) -> Period:
 
 
 def parse_period(name: str, tz: ZoneInfo | None = None) -> Period:
-    match = _NAME.match(name.strip())
+    match = _NAME.fullmatch(name.strip())
     if not match:
         raise PeriodError(f"period must be YYYY-MM, not {name!r}")
-    return Period(int(match.group(1)), int(match.group(2)), tz or zone())
+    period = Period(int(match.group(1)), int(match.group(2)), tz or zone())
+    try:
+        # Both edges must be instants Python can hold (not year 0 or 10000).
+        period.start, period.end  # noqa: B018
+    except (ValueError, OverflowError) as exc:
+        raise PeriodError(f"period {name!r} is out of range") from exc
+    return period

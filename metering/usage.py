@@ -4,6 +4,8 @@ read from the quota counters (``GET /admin/v1/usage``, ``pdg usage``).
 The free allowance is per licence, dataset and period. Paid terms are per
 licence: a prepaid balance of calls (no period) or a monthly credit limit in
 fen; each row also gives the paid calls made on its dataset in the period.
+A prepaid balance has no period, so every period's row shows it as it stands
+now; a credit limit is used up per period.
 Money is in fen as a decimal string (four places at most), never a float.
 """
 
@@ -88,7 +90,8 @@ async def _licence_rows(
                 unit="fen",
             )
         else:
-            paid = PaidUsage(terms="none", calls=0, limit="0", used="0", remaining="0", unit="calls")
+            # No paid terms now; paid calls made earlier in the period still count.
+            paid = PaidUsage(terms="none", calls=paid_calls, limit="0", used="0", remaining="0", unit="calls")
         rows.append(
             UsageRow(
                 licence_id=licence.id,

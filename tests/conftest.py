@@ -165,7 +165,8 @@ async def upstream() -> AsyncIterator[Upstream]:
     ``/svc/status/{code}``, ``/svc/redirect/{code}``, ``/svc/slow?seconds=``,
     ``/svc/big?bytes=``, ``/svc/records?n=``, ``/svc/digest`` (length and
     SHA-256 of the body), ``/svc/upload-probe``, ``/svc/drip``, ``/svc/hop``,
-    ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``."""
+    ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``, ``/svc/cut``
+    (the head and part of the body, then the connection dropped)."""
     port = free_port()
     state = Upstream(url=f"http://127.0.0.1:{port}/svc")
 
@@ -293,6 +294,17 @@ async def upstream() -> AsyncIterator[Upstream]:
         code = int(request.match_info["code"])
         return web.Response(status=code, headers={"Location": f"{state.url}/evil-target"})
 
+    async def cut(request: web.Request) -> web.StreamResponse:
+        # Promises 1000 bytes, sends a few, then drops the connection.
+        await record(request)
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "X-Record-Count": "5"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'[{"id": 0}, ')
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
     @web.middleware
     async def arrival(request: web.Request, handler: UpstreamHandler) -> web.StreamResponse:
         state.arrived.append(request.raw_path)
@@ -311,6 +323,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/svc/slow", slow)
     app.router.add_route("*", "/svc/big", big)
     app.router.add_route("*", "/svc/records", records)
+    app.router.add_route("*", "/svc/cut", cut)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

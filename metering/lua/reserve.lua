@@ -24,26 +24,21 @@
 --   {0, used, cost}        reserved (used = pool counter after it)
 --   {1, retry_after_ms, 0} burst limit: try again later
 --   {2, used, 0}           pool exhausted (free: 429; paid: 402)
---   {3, 0, 0}              a retry of an idempotent call already charged
+--   {3, used, 0}           a retry of an idempotent call already charged
 --   {4, 0, 0}              the same idempotent call is still in flight
 
 local COUNTER_TTL = 400 * 24 * 3600   -- outlives the period for usage and reconciliation
-local IDEMPOTENCY_TTL = 24 * 3600
+-- A call in flight holds its Idempotency-Key at most this long (longer than
+-- the largest upstream timeout): a replica that dies mid-call does not lock
+-- the key for a day. Settlement then keeps it 24 h as "done".
+local PENDING_TTL = 900
 
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
--- Idempotency first: a repeat is neither rate limited nor charged again.
-local idem = ARGV[6] == '1'
-if idem then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then
-    if string.sub(seen, 1, 5) == 'done:' then return {3, 0, 0} end
-    return {4, 0, 0}
-  end
-end
-
--- Burst: GCRA. Allowed when the theoretical arrival time is within tolerance.
+-- Burst first: GCRA. Allowed when the theoretical arrival time is within
+-- tolerance. Replays of an idempotent call count here too: they are
+-- forwarded again, so the upstream is protected from them as from any call.
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -51,6 +46,22 @@ if tat < now_us then tat = now_us end
 local allow_at = tat + interval - tolerance
 if allow_at > now_us then
   return {1, math.ceil((allow_at - now_us) / 1000), 0}
+end
+local function take_burst()
+  redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((tat + interval - now_us) / 1000) + 1000)
+end
+
+-- An idempotent repeat is not charged again.
+local idem = ARGV[6] == '1'
+if idem then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then
+    if string.sub(seen, 1, 5) == 'done:' then
+      take_burst()
+      return {3, tonumber(redis.call('GET', KEYS[2]) or '0'), 0}
+    end
+    return {4, 0, 0}
+  end
 end
 
 local kind = ARGV[3]
@@ -75,7 +86,7 @@ if used + cost > limit then
   return {2, used, 0}
 end
 
-redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((tat + interval - now_us) / 1000) + 1000)
+take_burst()
 used = redis.call('INCRBY', KEYS[2], cost)
 if kind ~= 'prepaid' then redis.call('EXPIRE', KEYS[2], COUNTER_TTL) end
 if kind ~= 'free' then
@@ -83,6 +94,6 @@ if kind ~= 'free' then
   redis.call('EXPIRE', KEYS[3], COUNTER_TTL)
 end
 if idem then
-  redis.call('SET', KEYS[4], 'pending:' .. ARGV[5], 'EX', IDEMPOTENCY_TTL)
+  redis.call('SET', KEYS[4], 'pending:' .. ARGV[5], 'EX', PENDING_TTL)
 end
 return {0, used, cost}
