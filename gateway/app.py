@@ -4,13 +4,13 @@ the upstream client pool), routes of every surface on one port."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from config.settings import Settings
 from gateway import admin, health, oauth, proxy
@@ -36,13 +36,14 @@ from gateway.state import (
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
+from licensing.errors import ServiceUnavailableError
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
 from storage import migrate
 from storage.db import create_engine, session_factory
-from storage.redis import redis_for
+from storage.redis import COMMAND_TIMEOUT, redis_for
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,17 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
     redis = app[REDIS]
 
     async def first_use(key: str, ttl: int) -> bool:
-        return bool(await redis.set(f"pdg:{{assertion}}:{key}", b"1", nx=True, ex=ttl))
+        # The client id is the hash tag: replay records spread over a Cluster.
+        client_id = key.split(":", 1)[0]
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return bool(await redis.set(f"pdg:{{{client_id}}}:assertion:{key}", b"1", nx=True, ex=ttl))
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            # Without the replay store an assertion can not be checked for
+            # reuse: refuse it rather than accept a possible replay.
+            raise ServiceUnavailableError(
+                "client assertions cannot be checked for replay right now", headers={"Retry-After": "1"}
+            ) from exc
 
     app[CLIENTS] = ClientAuthenticator(
         audiences=[f"{settings.public_url}/oauth/token", settings.issuer],
@@ -143,9 +154,3 @@ def create_app(settings: Settings) -> web.Application:
     admin.setup(app)
     health.setup(app)
     return app
-
-
-async def check_redis(app: web.Application) -> bool:
-    with contextlib.suppress(RedisError, OSError):
-        return bool(await app[REDIS].ping())
-    return False

@@ -8,6 +8,7 @@ so nothing resets on a timer: a call at 2026-11-30T16:00:00Z is already on
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,12 +43,13 @@ class Period:
     @property
     def start(self) -> datetime:
         """First instant of the period, in UTC."""
-        return datetime(self.year, self.month, 1, tzinfo=self.tz).astimezone(UTC)
+        return _month_start(self.year, self.month, self.tz)
 
     @property
     def end(self) -> datetime:
         """First instant of the next period, in UTC (exclusive end)."""
-        return self.next().start
+        following = self.next()
+        return _month_start(following.year, following.month, self.tz)
 
     def next(self) -> Period:
         year, month = (self.year + 1, 1) if self.month == 12 else (self.year, self.month + 1)
@@ -63,6 +65,12 @@ class Period:
     def seconds_left(self, instant: datetime) -> int:
         """Whole seconds from ``instant`` to the next period, at least 1."""
         return max(1, int((self.end - instant).total_seconds() + 0.999999))
+
+
+@functools.lru_cache(maxsize=256)
+def _month_start(year: int, month: int, tz: ZoneInfo) -> datetime:
+    # Every data call asks for its period's bounds: worth remembering.
+    return datetime(year, month, 1, tzinfo=tz).astimezone(UTC)
 
 
 def period_of(instant: datetime, tz: ZoneInfo | None = None) -> Period:

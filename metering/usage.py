@@ -11,6 +11,7 @@ Money is in fen as a decimal string (four places at most), never a float.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from licensing.catalogue import Catalogue, DatasetView, LicenceView
 from licensing.schemas import e4_to_fen
 from metering.periods import Period
 from metering.quota import LicenceKeys, QuotaStoreError
-from storage.redis import RedisClient
+from storage.redis import COMMAND_TIMEOUT, RedisClient
 
 
 class FreeUsage(BaseModel):
@@ -61,8 +62,9 @@ async def _licence_rows(
     for dataset in datasets:
         keys += [k.free(dataset.id, period), k.paid_calls(dataset.id, period)]
     try:
-        values = [int(v or 0) for v in await client.mget(keys)]
-    except (RedisError, OSError, ValueError) as exc:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            values = [int(v or 0) for v in await client.mget(keys)]
+    except (RedisError, OSError, ValueError, TimeoutError) as exc:
         raise QuotaStoreError(f"quota store unreachable: {type(exc).__name__}") from exc
     paid_used = values[0]
     rows = []
