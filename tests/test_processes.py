@@ -86,6 +86,26 @@ def _request(
         return exc.code, json.loads(exc.read() or b"null")
 
 
+def _embedded_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a user on the embedded defaults in ``data_dir``."""
+    env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
+    for name in ("PDG_DATABASE_URL", "PDG_REDIS_URL", "PDG_CONFIG"):
+        env.pop(name, None)
+    return env
+
+
+def _admin_headers(env: dict[str, str]) -> dict[str, str]:
+    """Headers with a licence-admin token made by the CLI, as an operator would."""
+    created = subprocess.run(
+        [PDG, "admin-token", "create", "--role", "licence-admin", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {"Authorization": f"Bearer {json.loads(created.stdout)['token']}"}
+
+
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[str, str]]:
     port = free_port()
@@ -142,9 +162,7 @@ def test_demo_printed_steps_work_as_pasted(demo: tuple[str, str]) -> None:
 def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
-    env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
-    for name in ("PDG_DATABASE_URL", "PDG_REDIS_URL", "PDG_CONFIG"):
-        env.pop(name, None)
+    env = _embedded_env(data_dir)
     with (tmp_path / "serve.log").open("wb") as log:
         proc = subprocess.Popen(
             [PDG, "serve", "--port", str(port), "--workers", "2"],
@@ -157,14 +175,7 @@ def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
     try:
         _wait_http(base + "/healthz", proc)
         assert _valkeys_under(data_dir), "the embedded Valkey server runs under the data folder"
-        created = subprocess.run(
-            [PDG, "admin-token", "create", "--role", "licence-admin", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        admin = {"Authorization": f"Bearer {json.loads(created.stdout)['token']}"}
+        admin = _admin_headers(env)
         status, licensee = _request(
             "POST", base + "/admin/v1/licensees", {"name": "Workers Co", "credit_code": credit_code()}, admin
         )
@@ -189,17 +200,8 @@ def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
 
 def test_restart_on_the_same_data_folder_keeps_everything(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
-    for name in ("PDG_DATABASE_URL", "PDG_REDIS_URL", "PDG_CONFIG"):
-        env.pop(name, None)
-    created = subprocess.run(
-        [PDG, "admin-token", "create", "--role", "licence-admin", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    admin = {"Authorization": f"Bearer {json.loads(created.stdout)['token']}"}
+    env = _embedded_env(data_dir)
+    admin = _admin_headers(env)
     kids = []
     for _ in range(2):
         port = free_port()
