@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 from aiohttp import web
 
-from gateway.state import CATALOGUE, CLIENTS, METRICS, SETTINGS, TOKENS
+from gateway.state import CATALOGUE, CLIENTS, CLOCK, METRICS, SETTINGS, TOKENS
 from licensing.catalogue import AppView, Catalogue, LicenceView
 from licensing.clients import SIGNING_ALGORITHMS
 from licensing.errors import (
@@ -31,7 +32,6 @@ from licensing.errors import (
     PurposeNotAllowedError,
 )
 from licensing.schemas import PURPOSES
-from storage.db import utcnow
 
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR
 _DATASET = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")
@@ -82,10 +82,15 @@ def parse_scope(scope: str) -> ScopeRequest:
 
 
 def _grants(
-    catalogue: Catalogue, licence: LicenceView, request: ScopeRequest, *, check_status: bool = True
+    catalogue: Catalogue,
+    licence: LicenceView,
+    request: ScopeRequest,
+    now: datetime,
+    *,
+    check_status: bool = True,
 ) -> None:
-    """Raise the licence problem if ``licence`` does not grant all of ``request``."""
-    state = licence.effective_status(utcnow())
+    """Raise the licence problem if ``licence`` does not grant all of ``request`` at ``now``."""
+    state = licence.effective_status(now)
     if check_status and state != "active":
         raise LicenceInactiveError(f"licence {licence.id} is {state}")
     if request.purpose not in licence.purposes:
@@ -104,7 +109,7 @@ def _grants(
             raise DatasetNotLicensedError(f"licence {licence.id} does not grant dataset {wanted}")
 
 
-def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest) -> LicenceView:
+def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest, now: datetime) -> LicenceView:
     candidates = [lic for lic in catalogue.licences.values() if lic.licensee_id == app.licensee_id]
     if request.licence_id is not None:
         candidates = [lic for lic in candidates if lic.id == request.licence_id]
@@ -116,7 +121,7 @@ def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest) ->
     refusals: list[tuple[LicenceView, LicenceError]] = []
     for licence in candidates:
         try:
-            _grants(catalogue, licence, request)
+            _grants(catalogue, licence, request, now)
         except LicenceError as refusal:
             refusals.append((licence, refusal))
             continue
@@ -126,15 +131,15 @@ def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest) ->
     # licence that was active but lacked the purpose or dataset says more than
     # an inactive one that lacks them too.
     for refused, reason in refusals:
-        if isinstance(reason, LicenceInactiveError) and _would_grant(catalogue, refused, request):
+        if isinstance(reason, LicenceInactiveError) and _would_grant(catalogue, refused, request, now):
             raise reason
     refusals.sort(key=lambda pair: isinstance(pair[1], LicenceInactiveError))
     raise refusals[0][1]
 
 
-def _would_grant(catalogue: Catalogue, licence: LicenceView, request: ScopeRequest) -> bool:
+def _would_grant(catalogue: Catalogue, licence: LicenceView, request: ScopeRequest, now: datetime) -> bool:
     try:
-        _grants(catalogue, licence, request, check_status=False)
+        _grants(catalogue, licence, request, now, check_status=False)
     except LicenceError:
         return False
     return True
@@ -168,7 +173,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
                 error="invalid_client",
             )
         scope = parse_scope(form.get("scope", ""))
-        licence = choose_licence(catalogue, client, scope)
+        licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
         datasets = list(scope.datasets) or sorted(
             [*licence.dataset_ids, *(f"{p}/*" for p in licence.providers)]
         )

@@ -52,7 +52,7 @@ from yarl import URL
 
 from gateway import charging
 from gateway.problems import call_id_of, problem_response, render
-from gateway.state import CATALOGUE, METRICS, SETTINGS, TOKENS, UPSTREAM
+from gateway.state import CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
 from licensing.catalogue import Grant
 from licensing.errors import (
     AuthenticationError,
@@ -65,7 +65,6 @@ from licensing.errors import (
     UpstreamUnavailableError,
 )
 from licensing.tokens import AccessClaims
-from storage.db import utcnow
 
 HOP_BY_HOP = frozenset(
     {
@@ -228,7 +227,7 @@ def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
         token_datasets=claims.datasets,
         purpose=claims.purpose,
         dataset_id=dataset_id,
-        now=utcnow(),
+        now=request.app[CLOCK].now(),
     )
     if grant.dataset.classification >= SENDER_CONSTRAINED_FROM:
         # DESIGN §3: a DPoP-bound token (cnf.jkt) and a fresh proof are required.

@@ -679,3 +679,16 @@ async def test_every_served_call_carries_ratelimit_fields(world: World) -> None:
             {"paid": {"q": 1000, "w": 30 * DAY, "qu": "fen"}, "burst": burst},
             {"paid": {"r": left, "t": to_december}},
         )
+
+
+async def test_licence_window_and_quota_period_read_one_clock(world: World) -> None:
+    """The licence's validity window is judged on the gateway's clock, the
+    same one quota periods are read from: a call the clock puts after
+    ``valid_until`` is refused, on the data plane and at the token endpoint."""
+    ds, lic, app, token = await world.licensed(licence_fields={"valid_until": "2026-12-01T00:00:00Z"})
+    await served(world, f"/data/{ds['id']}/x", token)
+    stop_clock(world, datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC))
+    await refused(world, f"/data/{ds['id']}/x", token, 403, "licence-inactive")
+    status, body = await world.token_response(app, f"purpose:public-interest dataset:{ds['id']}")
+    assert (status, body["code"]) == (403, "licence-inactive"), body
+    assert lic["id"] in body["detail"]
