@@ -91,6 +91,30 @@ class BillingSettings(_Section):
         return value
 
 
+class LedgerSettings(_Section):
+    #: Hash of the call-record chain and of response digests. Fixed once the
+    #: ledger holds records.
+    hash_algorithm: Literal["sha256", "sm3"] = "sha256"
+    #: A signed checkpoint every this many records ...
+    checkpoint_records: int = Field(1000, ge=1, le=1_000_000)
+    #: ... or every this many seconds, whichever comes first.
+    checkpoint_seconds: float = Field(10.0, gt=0, le=3600)
+    #: PEM file of the EC P-256 key that signs checkpoints. Empty:
+    #: ``{data_dir}/keys/ledger-key.pem``, generated on first start.
+    signing_key_file: str = ""
+    #: This process moves the log into the SQL ledger (one process at a time
+    #: does, the others stand by). Turn off where ``pdg worker`` runs apart.
+    run_writer: bool = True
+    #: Records that may wait in the log (the SQL database down, the writer
+    #: behind) before data calls fail closed with 503 ``ledger-unavailable``.
+    max_backlog: int = Field(100_000, ge=100, le=100_000_000)
+    #: Records the writer moves per transaction, at most.
+    writer_batch: int = Field(5000, ge=1, le=100_000)
+    #: A replica not heard from for this long is dead: the writer releases its
+    #: unfinished calls and records them as ``incomplete``.
+    replica_timeout_seconds: float = Field(15.0, ge=3, le=600)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -103,6 +127,7 @@ class Settings(_Section):
     tokens: TokenSettings = TokenSettings()
     proxy: ProxySettings = ProxySettings()
     billing: BillingSettings = BillingSettings()
+    ledger: LedgerSettings = LedgerSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @field_validator("data_dir")
@@ -142,6 +167,12 @@ class Settings(_Section):
             return Path(self.tokens.signing_key_file).expanduser().absolute()
         return self.data_dir / "keys" / "signing-key.pem"
 
+    @property
+    def ledger_key_path(self) -> Path:
+        if self.ledger.signing_key_file:
+            return Path(self.ledger.signing_key_file).expanduser().absolute()
+        return self.data_dir / "keys" / "ledger-key.pem"
+
 
 #: Environment variable -> dotted setting.
 ENVIRONMENT: dict[str, str] = {
@@ -165,6 +196,14 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
     "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
     "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
+    "PDG_LEDGER_HASH_ALGORITHM": "ledger.hash_algorithm",
+    "PDG_LEDGER_CHECKPOINT_RECORDS": "ledger.checkpoint_records",
+    "PDG_LEDGER_CHECKPOINT_SECONDS": "ledger.checkpoint_seconds",
+    "PDG_LEDGER_SIGNING_KEY_FILE": "ledger.signing_key_file",
+    "PDG_LEDGER_RUN_WRITER": "ledger.run_writer",
+    "PDG_LEDGER_MAX_BACKLOG": "ledger.max_backlog",
+    "PDG_LEDGER_WRITER_BATCH": "ledger.writer_batch",
+    "PDG_LEDGER_REPLICA_TIMEOUT_SECONDS": "ledger.replica_timeout_seconds",
     "PDG_LOG_LEVEL": "logging.level",
     "PDG_ACCESS_LOG": "logging.access_log",
 }

@@ -1,6 +1,7 @@
 """The application factory: state through ``web.AppKey``, lifetimes in
-``cleanup_ctx`` (storage, then Redis, then keys, then the catalogue view, then
-the upstream client pool), routes of every surface on one port."""
+``cleanup_ctx`` (storage, then Redis, then the call-record log and its
+writer, then keys, then the catalogue view, then the upstream client pool),
+routes of every surface on one port."""
 
 from __future__ import annotations
 
@@ -24,19 +25,24 @@ from gateway.state import (
     CLOCK,
     ENGINE,
     METRICS,
+    PRESENCE,
     QUOTA,
     REDIS,
     REGISTRY,
+    REPLICA_ID,
     SESSIONS,
     SETTINGS,
     TOKENS,
     UPSTREAM,
     Clock,
 )
+from ledger.log import Presence
+from ledger.writer import start_writer
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
 from licensing.errors import ServiceUnavailableError
+from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
@@ -72,6 +78,29 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await quota.close()
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    presence = Presence(
+        app[REDIS],
+        app[REPLICA_ID],
+        timeout=settings.ledger.replica_timeout_seconds,
+        max_backlog=settings.ledger.max_backlog,
+    )
+    app[PRESENCE] = presence
+    await presence.start()
+    if not settings.ledger.run_writer:
+        try:
+            yield
+        finally:
+            await presence.stop()
+        return
+    async with start_writer(settings, app[ENGINE], app[REDIS], owner=app[REPLICA_ID]):
+        try:
+            yield
+        finally:
+            await presence.stop()
 
 
 async def _licensing(app: web.Application) -> AsyncIterator[None]:
@@ -147,7 +176,8 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[ACCEPTING] = [True]
     app[CLOCK] = Clock()
-    app.cleanup_ctx.extend([_storage, _redis, _licensing, _upstream])
+    app[REPLICA_ID] = new_call_id()
+    app.cleanup_ctx.extend([_storage, _redis, _ledger, _licensing, _upstream])
     app.on_shutdown.append(_stop_accepting)
     proxy.setup(app)
     oauth.setup(app)

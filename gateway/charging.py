@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.state import CLOCK, QUOTA, SETTINGS
+from gateway.recording import CallRecorder
+from gateway.state import CLOCK, PRESENCE, QUOTA, REPLICA_ID, SETTINGS
 from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
@@ -54,6 +55,7 @@ from metering.quota import (
     Reservation,
     Terms,
     plan_reservation,
+    pool_kind,
 )
 
 _IDEMPOTENCY_KEY_MAX = 255
@@ -68,32 +70,45 @@ class Charge:
     period: Period
     headers: dict[str, str]
     per_record_e4: int
+    pool: str
     done: bool = False
 
+    def price(self, records: int) -> int:
+        """What the call costs if served, in 1/10000 fen: its tier price plus
+        the per-record price, on a paid pool; nothing on the free allowance
+        or for a replay of an idempotent call already charged."""
+        if self.reservation is None or self.pool not in ("prepaid", "credit"):
+            return 0
+        return self.outcome.price + records * self.per_record_e4
+
     async def settle(self, request: web.Request, records: int) -> None:
-        if self.reservation is None or self.done:
-            return
-        self.done = True
-        extra = records * self.per_record_e4 if self.reservation.pool.kind == "credit" else 0
-        try:
-            await request.app[QUOTA].settle(self.reservation, extra)
-        except QuotaStoreError:
-            # The call was served and its reservation already counts it; a
-            # per-record price or the "done" idempotency record may be
-            # missing. Billing reads the call record, not this counter.
-            return
+        """Served: it stays charged (a credit pool also takes the per-record
+        price). Call after the call's record is written."""
+        await self._finish(request, "settle", records * self.per_record_e4)
 
     async def release(self, request: web.Request) -> None:
+        """Not served: give the quota back. Call after the call's record is
+        written; a call whose record could not be written is ``orphan``-ed."""
+        await self._finish(request, "release", 0)
+
+    async def _finish(self, request: web.Request, action: str, extra: int) -> None:
         if self.reservation is None or self.done:
             return
         self.done = True
         try:
-            await request.app[QUOTA].release(self.reservation)
+            await request.app[QUOTA].finish(self.reservation, action, extra)
         except QuotaStoreError:
-            # The counter keeps this call until reconciliation finds it
-            # through the call record, which says it failed: it is never
-            # billed, but it holds quota meanwhile.
+            # The call's in-flight entry stays: the ledger writer ends the
+            # call by what its record says.
+            request.app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
+
+    def orphan(self, request: web.Request) -> None:
+        """The call's record could not be written: leave the call to the
+        ledger writer, which records it and settles or releases it."""
+        if self.reservation is None or self.done:
             return
+        self.done = True
+        request.app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
 
 
 def _terms(grant: Grant, app_id: str) -> Terms:
@@ -146,12 +161,23 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def reserve(request: web.Request, grant: Grant, app_id: str, call_id: str) -> Charge:
-    """Reserve this call's quota, or raise the problem that refuses it."""
+async def reserve(
+    request: web.Request, grant: Grant, app_id: str, call_id: str, recorder: CallRecorder | None = None
+) -> Charge:
+    """Reserve this call's quota, or raise the problem that refuses it. The
+    call record so far (``recorder``) stays with the reservation while the
+    call is in flight."""
     now = request.app[CLOCK].now()
     period = period_of(now, zone(request.app[SETTINGS].billing.time_zone))
     key = idempotency_key(request)
-    reservation = plan_reservation(_terms(grant, app_id), period, now, call_id, key)
+    terms = _terms(grant, app_id)
+    record = b"{}"
+    if recorder is not None:
+        recorder.record["pool"] = pool_kind(terms)
+        record = recorder.skeleton()
+    reservation = plan_reservation(
+        terms, period, now, call_id, key, replica=request.app[REPLICA_ID], record=record
+    )
     try:
         outcome = await request.app[QUOTA].reserve(reservation)
     except QuotaStoreError as exc:
@@ -183,4 +209,4 @@ async def reserve(request: web.Request, grant: Grant, app_id: str, call_id: str)
             "a call with this Idempotency-Key is still in flight", headers={"Retry-After": "1"}
         )
     held = None if outcome.status == REPLAYED else reservation
-    return Charge(held, outcome, period, headers, grant.dataset.per_record_e4)
+    return Charge(held, outcome, period, headers, grant.dataset.per_record_e4, reservation.pool.kind)

@@ -50,6 +50,10 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (default 1)")
     serve.set_defaults(run=None)  # serving owns its event loop: see main()
 
+    worker = sub.add_parser("worker", help="run the ledger writer (moves the call-record log into SQL)")
+    _common(worker)
+    worker.set_defaults(run=_worker)
+
     demo = sub.add_parser("demo", help="everything in one process, with sample data services")
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -111,6 +115,40 @@ async def _db_current(args: argparse.Namespace, settings: Settings) -> int:
     cli_resources.emit(
         args, {"revision": revision, "head": head}, f"database at revision {revision} (newest {head})"
     )
+    return 0
+
+
+async def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    """The ledger writer on its own, until SIGINT or SIGTERM: one of any
+    number of ``pdg worker`` (and gateway) processes holds the writer lock
+    and works; the others stand by."""
+    import signal
+
+    from ledger.writer import start_writer
+    from licensing.ids import new_call_id
+    from storage import migrate
+    from storage.db import create_engine
+    from storage.redis import redis_for
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if settings.server.auto_migrate:
+            await migrate.upgrade(engine)
+        async with (
+            redis_for(
+                settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+            ) as client,
+            start_writer(settings, engine, client, owner=f"worker-{new_call_id()}"),
+        ):
+            sys.stderr.write("pdg worker: moving the call-record log into the ledger (Ctrl-C stops)\n")
+            await stop.wait()
+    finally:
+        await engine.dispose()
     return 0
 
 

@@ -42,6 +42,7 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -52,13 +53,17 @@ from yarl import URL
 
 from gateway import charging
 from gateway.problems import call_id_of, problem_response, render
+from gateway.recording import CallRecorder, request_id
 from gateway.state import CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
+from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import Grant
 from licensing.errors import (
     AuthenticationError,
     BadRequestError,
     GatewayError,
     InvalidTokenError,
+    LedgerUnavailableError,
+    QuotaUnavailableError,
     RequestTooLargeError,
     SenderConstraintError,
     TokenRequiredError,
@@ -93,7 +98,6 @@ NEVER_UPSTREAM = HOP_BY_HOP | {
     "expect",
 }
 NEVER_DOWNSTREAM = HOP_BY_HOP | {"content-length", "x-call-id", "set-cookie", "server"}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 #: In a decoded segment: a slash or backslash, a control character, or a
 #: percent-escape (the segment was encoded twice).
 _BAD_DECODED = re.compile(r"[/\\\x00-\x1f\x7f]|%[0-9a-f]{2}", re.IGNORECASE)
@@ -199,8 +203,7 @@ def _forward_headers(
         headers["X-Forwarded-For"] = peer
         headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
-    incoming = request.headers.get("X-Request-Id", "")
-    headers["X-Request-Id"] = incoming if _REQUEST_ID.match(incoming) else call_id
+    headers["X-Request-Id"] = request_id(request, call_id)
     if request.body_exists and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     return headers
@@ -255,22 +258,60 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     dataset_label = "unknown"
     try:
         claims = await app[TOKENS].verify(_bearer(request))
-        grant, rest = _authorize(request, claims)
-        dataset_label = grant.dataset.id
-        charge = await charging.reserve(request, grant, claims.app_id, call_id)
-        try:
-            response, served = await _forward(request, grant, rest, call_id, charge.headers)
-        except BaseException:
-            await asyncio.shield(charge.release(request))
-            raise
-        if served.complete:
-            await charge.settle(request, served.records)
-        else:
-            await charge.release(request)
+        # From here on the call is recorded, whatever its outcome.
+        recorder = CallRecorder(request, claims, call_id)
     except GatewayError as error:
         metrics.data_calls.labels(dataset_label, error.code).inc()
         _with_challenge(error)
         raise
+    charge: charging.Charge | None = None
+    try:
+        try:
+            grant, rest = _authorize(request, claims)
+            dataset_label = grant.dataset.id
+            recorder.record["dataset_id"] = grant.dataset.id
+            charge = await charging.reserve(request, grant, claims.app_id, call_id, recorder)
+            response, served = await _forward(request, grant, rest, call_id, charge, recorder)
+        except LedgerUnavailableError:
+            raise
+        except GatewayError as error:
+            metrics.data_calls.labels(dataset_label, error.code).inc()
+            refusal = render(_with_challenge(error), request)
+            body = bytes(refusal.body) if isinstance(refusal.body, bytes) else b""
+            upstream_status = error.extra.get("upstream_status")
+            try:
+                await recorder.write(
+                    status=refusal.status,
+                    outcome=UPSTREAM_FAILURE if isinstance(error, UpstreamUnavailableError) else REFUSED,
+                    problem=error.code,
+                    upstream_status=upstream_status if isinstance(upstream_status, int) else None,
+                    size=len(body),
+                    digest=recorder.digest_of(body),
+                )
+            except LedgerUnavailableError:
+                if isinstance(error, QuotaUnavailableError):
+                    # Redis, the home of both, is out of reach: the caller
+                    # learns why the call was refused. Nothing was reserved
+                    # or forwarded; the refusal is in the metrics only.
+                    return refusal
+                raise
+            if charge is not None:
+                await asyncio.shield(charge.release(request))
+            return refusal
+    except BaseException:
+        # No record, or no finish: the ledger writer ends the call.
+        if charge is not None:
+            charge.orphan(request)
+        raise
+    if served.orphaned:
+        charge.orphan(request)
+    elif served.complete:
+        await asyncio.shield(charge.settle(request, served.records))
+    else:
+        await asyncio.shield(charge.release(request))
+    if not served.complete:
+        # After the finish: cutting the connection may cancel this handler.
+        _abort(request)
     metrics.data_calls.labels(dataset_label, f"{response.status // 100}xx").inc()
     metrics.data_latency.labels(dataset_label).observe(time.perf_counter() - started)
     return response
@@ -306,7 +347,12 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _forward(
-    request: web.Request, grant: Grant, rest: str, call_id: str, quota_headers: dict[str, str]
+    request: web.Request,
+    grant: Grant,
+    rest: str,
+    call_id: str,
+    charge: charging.Charge,
+    recorder: CallRecorder,
 ) -> tuple[web.StreamResponse, Served]:
     settings = request.app[SETTINGS]
     limit = settings.proxy.max_body_bytes
@@ -331,8 +377,8 @@ async def _forward(
             compress=None,
             auto_decompress=False,
         ) as upstream:
-            return await _relay(request, upstream, grant, url, call_id, quota_headers)
-    except RequestTooLargeError:
+            return await _relay(request, upstream, grant, url, charge, recorder)
+    except (RequestTooLargeError, LedgerUnavailableError):
         raise
     except TimeoutError as exc:
         raise UpstreamUnavailableError(
@@ -368,10 +414,12 @@ def _gateway_location(value: str, requested: URL, grant: Grant) -> str | None:
 @dataclass(slots=True)
 class Served:
     """How the relay went: the whole body sent, and the records it held
-    (``X-Record-Count``, else counted when the body is a JSON array)."""
+    (``X-Record-Count``, else counted when the body is a JSON array);
+    ``orphaned`` when the call's record could not be written."""
 
     complete: bool
     records: int
+    orphaned: bool = False
 
 
 def _count_records(upstream: aiohttp.ClientResponse, body: bytes | None) -> int:
@@ -392,8 +440,8 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     grant: Grant,
     url: URL,
-    call_id: str,
-    quota_headers: dict[str, str],
+    charge: charging.Charge,
+    recorder: CallRecorder,
 ) -> tuple[web.StreamResponse, Served]:
     status = upstream.status
     if 300 <= status < 400 and status != 304:
@@ -424,35 +472,99 @@ async def _relay(
                 response.headers.add(name, rewritten)
             continue
         response.headers.add(name, value)
-    response.headers["X-Call-Id"] = call_id
-    response.headers.update(quota_headers)
+    response.headers["X-Call-Id"] = recorder.record["call_id"]
+    response.headers.update(charge.headers)
     if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
         response.content_length = upstream.content_length
     elif upstream.content_length is not None:
         response.headers["Content-Length"] = str(upstream.content_length)
-    # Records are counted from the body only when they are priced and the
-    # upstream does not say: a copy of at most _COUNTED_BODY_MAX bytes.
-    counting = grant.dataset.per_record_e4 > 0 and not upstream.headers.get("X-Record-Count", "").isdigit()
+    # Records are counted from the body when the upstream does not say and
+    # the body is JSON (or records are priced): a copy of at most
+    # _COUNTED_BODY_MAX bytes.
+    counting = not upstream.headers.get("X-Record-Count", "").isdigit() and (
+        grant.dataset.per_record_e4 > 0 or "json" in upstream.headers.get("Content-Type", "")
+    )
     kept: list[bytes] | None = [] if counting else None
+    digest = recorder.new_digest()
     size = 0
-    await response.prepare(request)
+    # What tells the caller the response is whole leaves only once the record
+    # is durable: the body's last byte when a Content-Length announces it,
+    # else the end of the chunked body (write_eof); an empty body's headers.
+    # Everything before streams as it comes.
+    expected = upstream.content_length
+    held = b""
     try:
         async for chunk in upstream.content.iter_any():
+            if not chunk:
+                continue
+            digest.update(chunk)
+            size += len(chunk)
             if kept is not None:
-                size += len(chunk)
                 if size <= _COUNTED_BODY_MAX:
                     kept.append(chunk)
                 else:
                     kept = None
-            await response.write(chunk)
+            if expected is not None and size >= expected:
+                chunk, held = chunk[:-1], chunk[-1:]
+            if chunk:
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
-        # Headers are gone already: the only honest signal left is to cut the
-        # connection, so the caller sees an incomplete body, not a short one.
-        if request.transport is not None:
-            request.transport.abort()
-        return response, Served(complete=False, records=0)
-    await response.write_eof()
-    return response, Served(complete=True, records=_count_records(upstream, b"".join(kept) if kept else None))
+        return response, await _cut(request, recorder, status, size, digest, "upstream-unavailable")
+    except ConnectionResetError:
+        return response, await _cut(request, recorder, status, size, digest, "client-disconnected")
+    records = _count_records(upstream, b"".join(kept) if kept else None)
+    try:
+        await recorder.write(
+            status=status,
+            outcome=SERVED,
+            upstream_status=status,
+            records=records,
+            size=size,
+            digest=digest.hexdigest(),
+            charge_e4=charge.price(records),
+        )
+    except LedgerUnavailableError:
+        if not response.prepared:
+            raise  # nothing left yet: the caller is told 503
+        return response, Served(complete=False, records=0, orphaned=True)
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        if held:
+            await response.write(held)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the caller left at the last moment; the call was served and recorded
+    return response, Served(complete=True, records=records)
+
+
+def _abort(request: web.Request) -> None:
+    """Cut the connection: after the headers, the only honest signal left
+    that the body is not whole."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _cut(
+    request: web.Request, recorder: CallRecorder, status: int, size: int, digest: Any, problem: str
+) -> Served:
+    """The response could not be sent whole: record it ``incomplete`` (the
+    caller cuts the connection once the call is finished)."""
+    orphaned = False
+    try:
+        await recorder.write(
+            status=status,
+            outcome=INCOMPLETE,
+            problem=problem,
+            upstream_status=status,
+            size=size,
+            digest=digest.hexdigest(),
+        )
+    except LedgerUnavailableError:
+        orphaned = True
+    return Served(complete=False, records=0, orphaned=orphaned)
 
 
 def setup(app: web.Application) -> None:

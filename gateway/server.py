@@ -100,6 +100,7 @@ def serve(settings: Settings) -> int:
 def _supervise(settings: Settings) -> int:
     asyncio.run(_prepare(settings))
     load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
+    load_or_create_signing_key(settings.ledger_key_path, "ES256")
     embedded = EmbeddedValkey(settings.data_dir) if settings.embedded_redis else None
     if embedded is not None:
         url = embedded.start_blocking()

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from config.settings import Settings
 from gateway.metrics import Metrics
+from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
@@ -26,6 +27,9 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
 REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 QUOTA = web.AppKey("quota", QuotaBatcher)
+PRESENCE = web.AppKey("presence", Presence)
+#: This process's id among the replicas (in-flight markers, the writer lock).
+REPLICA_ID = web.AppKey("replica_id", str)
 
 
 @dataclass

@@ -27,7 +27,8 @@ as RFC 9457 problem JSON (``gateway.problems``).
     ├── QuotaExhaustedError               429 quota-exhausted
     ├── UpstreamUnavailableError          502/503/504 upstream-unavailable
     ├── ServiceUnavailableError           503 service-unavailable
-    └── QuotaUnavailableError             503 quota-unavailable
+    ├── QuotaUnavailableError             503 quota-unavailable
+    └── LedgerUnavailableError            503 ledger-unavailable
 """
 
 from __future__ import annotations
@@ -166,3 +167,7 @@ class QuotaExhaustedError(GatewayError):
 
 class QuotaUnavailableError(GatewayError):
     status, code, title = 503, "quota-unavailable", "Quota store unavailable"
+
+
+class LedgerUnavailableError(GatewayError):
+    status, code, title = 503, "ledger-unavailable", "Call record unavailable"

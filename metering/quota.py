@@ -18,14 +18,17 @@ Pools:
   licence, dataset and period), per-record prices added at settlement;
 - ``none``: an industrial call on a licence without paid terms: 402.
 
-No call pays a round trip of its own: reservations, settlements and releases
-of all calls in flight are sent together, one pipeline per event-loop turn
-(``QuotaBatcher``). A served call without an ``Idempotency-Key`` or a
-per-record price needs no settlement script at all: its one script call is
-the reservation. The scripts write counters only; what a release gives back
-is held in process by the batcher, which settles or releases each
-reservation once. (A replica killed between the two leaves that call
-charged; the call record is what finds and releases such calls.)
+No call pays a round trip of its own: reservations, finishes (settle or
+release) and call-record appends of all calls in flight are sent together,
+one pipeline per event-loop turn (``QuotaBatcher``), each kind as one script
+run for the whole batch on a single server.
+
+A reservation enters the call in its licence's in-flight hash in the same
+script run that counts it, with the cost it took and a marker (the replica,
+the keys, the record so far); the finish removes it in the run that settles
+or releases. A replica killed in between leaves the entry, and the ledger
+writer uses it to release the call and record it as ``incomplete``
+(``ledger.writer``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from importlib import resources
 from typing import Any
 
 import hiredis
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
@@ -65,7 +69,7 @@ def _script(name: str) -> str:
 class Scripts:
     """The Lua scripts, loaded once per server (again after a restart)."""
 
-    names = ("reserve", "settle", "release")
+    names = ("reserve", "finish")
 
     def __init__(self) -> None:
         self.source = {name: _script(f"{name}.lua") for name in self.names}
@@ -113,6 +117,9 @@ class LicenceKeys:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key else "-"
         return f"{self.prefix}:idem:{app_id}:{digest}"
 
+    def inflight(self) -> str:
+        return f"{self.prefix}:inflight"
+
 
 @dataclass(frozen=True, slots=True)
 class Pool:
@@ -130,8 +137,9 @@ class Reservation:
 
     licence_id: str
     call_id: str
-    #: burst, pool counter, paid calls of the dataset, idempotency record
-    keys: tuple[str, str, str, str]
+    #: burst, pool counter, paid calls of the dataset, idempotency record,
+    #: the licence's in-flight hash
+    keys: tuple[str, str, str, str, str]
     args: tuple[Any, ...]
     pool: Pool
     burst_capacity: int
@@ -143,8 +151,11 @@ class Reservation:
 class Outcome:
     status: int
     used: int
+    #: What the pool took: calls, or 1/10000 fen on a credit pool.
     cost: int
     retry_after_ms: int = 0
+    #: The call's price (1/10000 fen) on a paid pool, by its tier.
+    price: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,18 +175,41 @@ class Terms:
     burst_capacity: int = 100
 
 
+def pool_kind(terms: Terms) -> str:
+    """The pool a call on these terms draws on: free | prepaid | credit | none."""
+    if terms.purpose == "public-interest":
+        return "free"
+    if terms.prepaid_calls is not None:
+        return "prepaid"
+    if terms.credit_limit_fen is not None:
+        return "credit"
+    return "none"
+
+
 def plan_reservation(
-    terms: Terms, period: Period, now: datetime, call_id: str, idempotency_key: str | None
+    terms: Terms,
+    period: Period,
+    now: datetime,
+    call_id: str,
+    idempotency_key: str | None,
+    *,
+    replica: str = "-",
+    record: bytes = b"{}",
 ) -> Reservation:
+    """The reservation of one call. While it is in flight the call is entered
+    in the licence's in-flight hash with a marker: the ``replica`` serving it,
+    its pool and keys, and ``record`` (JSON: the call record so far), which is
+    what the ledger writer needs to end it if the replica dies."""
     k = LicenceKeys(terms.licence_id)
     reset = period.seconds_left(now)
     window = int((period.end - period.start).total_seconds())
-    if terms.purpose == "public-interest":
+    kind = pool_kind(terms)
+    if kind == "free":
         pool = Pool("free", terms.free_limit, k.free(terms.dataset_id, period), "free", window, reset)
-    elif terms.prepaid_calls is not None:
-        pool = Pool("prepaid", terms.prepaid_calls, k.prepaid(), "paid", None, None)
-    elif terms.credit_limit_fen is not None:
-        pool = Pool("credit", terms.credit_limit_fen * 10000, k.credit(period), "paid", window, reset)
+    elif kind == "prepaid":
+        pool = Pool("prepaid", terms.prepaid_calls or 0, k.prepaid(), "paid", None, None)
+    elif kind == "credit":
+        pool = Pool("credit", (terms.credit_limit_fen or 0) * 10000, k.credit(period), "paid", window, reset)
     else:
         pool = Pool("none", 0, k.no_paid_terms(), "paid", None, None)
     keys = (
@@ -183,6 +217,19 @@ def plan_reservation(
         pool.counter_key,
         k.paid_calls(terms.dataset_id, period),
         k.idempotency(terms.app_id, idempotency_key),
+        k.inflight(),
+    )
+    marker = (
+        replica.encode()
+        + b"|"
+        + orjson.dumps(
+            {
+                "kind": pool.kind,
+                "idem": 1 if idempotency_key else 0,
+                "keys": keys[1:4],
+                "record": orjson.Fragment(record),
+            }
+        )
     )
     interval_us = max(1, int(1_000_000 / terms.burst_per_second))
     tiers: list[int] = []
@@ -196,6 +243,7 @@ def plan_reservation(
         call_id,
         1 if idempotency_key else 0,
         terms.per_call_e4,
+        marker,
         *tiers,
     )
     return Reservation(
@@ -236,9 +284,6 @@ class QuotaBatcher:
         self.client = client
         self.scripts = scripts or Scripts()
         self._pending: list[_Pending] = []
-        #: Cost of each reservation not yet settled or released, by call id:
-        #: settle and release happen once each, and never both.
-        self._held: dict[str, int] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -268,23 +313,24 @@ class QuotaBatcher:
         self._schedule(asyncio.get_running_loop())
 
     def _commands(self, batch: Sequence[_Pending], *, one_per_call: bool) -> list[_Command]:
-        """The script runs that answer ``batch``: all its reservations in one
-        run (or, on a Cluster, one run each: a run's keys share one slot),
-        then each settlement and release."""
+        """The commands that answer ``batch``: all its reservations in one
+        script run, all its finishes in another (or, on a Cluster, one run
+        per call: a run's keys share one slot), and an ``XADD`` per record."""
         sha = self.scripts.sha
-        reserves = [i for i, item in enumerate(batch) if item.script == "reserve"]
-        groups = [[i] for i in reserves] if one_per_call else ([reserves] if reserves else [])
         commands = []
-        for group in groups:
-            keys = [key for i in group for key in batch[i].keys]
-            args: list[Any] = [len(group)]
-            for i in group:
-                args += [len(batch[i].args), *batch[i].args]
-            commands.append(_Command(("EVALSHA", sha["reserve"], len(keys), *keys, *args), group, True))
+        for script in self.scripts.names:
+            calls = [i for i, item in enumerate(batch) if item.script == script]
+            groups = [[i] for i in calls] if one_per_call else ([calls] if calls else [])
+            for group in groups:
+                keys = [key for i in group for key in batch[i].keys]
+                args: list[Any] = [len(group)]
+                for i in group:
+                    # A reservation's argument count varies with its tiers.
+                    args += [len(batch[i].args), *batch[i].args] if script == "reserve" else batch[i].args
+                commands.append(_Command(("EVALSHA", sha[script], len(keys), *keys, *args), group, True))
         for i, item in enumerate(batch):
-            if item.script != "reserve":
-                command = ("EVALSHA", sha[item.script], len(item.keys), *item.keys, *item.args)
-                commands.append(_Command(command, [i], False))
+            if item.script == "append":
+                commands.append(_Command(("XADD", item.keys[0], "*", "r", *item.args), [i], False))
         return commands
 
     async def _execute(self, batch: Sequence[_Pending]) -> list[Any]:
@@ -380,38 +426,36 @@ class QuotaBatcher:
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
-        status, a, b = (int(x) for x in result)
+        status, a, b, *rest = (int(x) for x in result)
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=a)
-        if status == RESERVED:
-            self._held[reservation.call_id] = b
-        return Outcome(status, a, b)
+        return Outcome(status, a, b, price=rest[0] if rest else 0)
+
+    async def finish(self, reservation: Reservation, action: str, extra_e4: int = 0) -> bool:
+        """Settle (``"settle"``: served, stays charged, plus ``extra_e4`` on a
+        credit pool) or release (``"release"``: not charged) a reserved call.
+        Only the first finish of a call acts; the answer says whether this
+        one did."""
+        _burst, pool, paid, idem, inflight = reservation.keys
+        extra = extra_e4 if action == "settle" and reservation.pool.kind == "credit" else 0
+        result = await self._submit(
+            "finish",
+            (pool, paid, idem, inflight),
+            (action, extra, reservation.pool.kind, 1 if reservation.idempotent else 0, reservation.call_id),
+        )
+        return bool(int(result))
 
     async def settle(self, reservation: Reservation, extra_e4: int = 0) -> bool:
-        """The call was served: it stays charged. Only an idempotent call or a
-        per-record price costs a script call; any other is settled here."""
-        if self._held.pop(reservation.call_id, None) is None:
-            return False
-        extra = extra_e4 if reservation.pool.kind == "credit" else 0
-        if reservation.idempotent or extra:
-            _burst, pool, _paid, idem = reservation.keys
-            await self._submit(
-                "settle", (pool, idem), (extra, 1 if reservation.idempotent else 0, reservation.call_id)
-            )
-        return True
+        return await self.finish(reservation, "settle", extra_e4)
 
     async def release(self, reservation: Reservation) -> bool:
-        """The call failed or was cut short: give its quota back, once."""
-        cost = self._held.pop(reservation.call_id, None)
-        if cost is None:
-            return False
-        _burst, pool, paid, idem = reservation.keys
-        await self._submit(
-            "release",
-            (pool, paid, idem),
-            (cost, reservation.pool.kind, 1 if reservation.idempotent else 0, reservation.call_id),
-        )
-        return True
+        return await self.finish(reservation, "release")
+
+    async def append(self, stream: str, data: bytes) -> bytes:
+        """Append ``data`` to the stream (the call-record log); the answer is
+        its entry id, once the server has it."""
+        result = await self._submit("append", (stream,), (data,))
+        return bytes(result) if not isinstance(result, bytes) else result
 
     async def close(self) -> None:
         for task in list(self._tasks):

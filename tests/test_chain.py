@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.chain import (
+from ledger.chain import (
     GENESIS,
     Chain,
     ChainWriter,

@@ -8,7 +8,7 @@
 --
 -- ARGV[1] the number of reservations, n; then for each, in order, its
 -- argument count m and its m arguments (below, numbered from 1), and KEYS
--- holds four keys per reservation, in the same order.
+-- holds five keys per reservation, in the same order.
 --
 -- k[1] burst state (GCRA theoretical arrival time, microseconds)
 -- k[2] pool counter: free calls used this period | prepaid calls used |
@@ -16,6 +16,11 @@
 -- k[3] paid calls of this dataset this period (usage; prices graduated tiers)
 -- k[4] idempotency record (used only when a[6] is 1; always a key of
 --         the same hash tag, since an empty key would name another slot)
+-- k[5] the licence's in-flight calls: a hash, call id -> "cost|replica|marker".
+--         A reserved call is entered here in the same run that counts it, and
+--         leaves in the run that settles or releases it (finish.lua); an entry
+--         left by a replica that died is what the ledger writer uses to
+--         release the call and record it as incomplete.
 --
 -- a[1] burst emission interval (microseconds per call)
 -- a[2] burst tolerance (microseconds: capacity * interval)
@@ -24,10 +29,13 @@
 -- a[5] call id
 -- a[6] 1 when the call has an Idempotency-Key, else 0
 -- a[7] per-call price (1/10000 fen) when no tier applies
--- a[8..m] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
+-- a[8] the in-flight marker: "replica|JSON" (pool kind, keys, the record so far)
+-- a[9..m] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
 --
 -- Returns one {outcome, x, y} per reservation:
---   {0, used, cost}        reserved (used = pool counter after it)
+--   {0, used, cost, price} reserved (used = pool counter after it; cost = what
+--                          the pool took; price = the call's price in 1/10000
+--                          fen on a paid pool, by its tier, else 0)
 --   {1, retry_after_ms, 0} burst limit: try again later
 --   {2, used, 0}           pool exhausted (free: 429; paid: 402)
 --   {3, used, 0}           a retry of an idempotent call already charged
@@ -44,6 +52,7 @@ local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
 local function reserve(k, a, last)
   local burst_key, pool_key, paid_key, idem_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local inflight_key = KEYS[k + 4]
 
   -- Burst first: GCRA. Allowed when the theoretical arrival time is within
   -- tolerance. Replays of an idempotent call count here too: they are
@@ -77,18 +86,21 @@ local function reserve(k, a, last)
   local limit = tonumber(ARGV[a + 3])
   local used = tonumber(redis.call('GET', pool_key) or '0')
   local cost = 1
+  local price = 0
 
   if kind == 'none' then
     return {2, used, 0}
-  elseif kind == 'credit' then
+  elseif kind == 'credit' or kind == 'prepaid' then
+    -- The price by the call's position among this period's paid calls.
     local position = tonumber(redis.call('GET', paid_key) or '0') + 1
-    cost = tonumber(ARGV[a + 6])
-    local i = a + 7
+    price = tonumber(ARGV[a + 6])
+    local i = a + 8
     while i < last do
       local up_to = tonumber(ARGV[i])
-      if up_to == 0 or position <= up_to then cost = tonumber(ARGV[i + 1]) break end
+      if up_to == 0 or position <= up_to then price = tonumber(ARGV[i + 1]) break end
       i = i + 2
     end
+    if kind == 'credit' then cost = price end
   end
 
   if used + cost > limit then
@@ -105,14 +117,15 @@ local function reserve(k, a, last)
   if idem then
     redis.call('SET', idem_key, 'pending:' .. ARGV[a + 4], 'EX', PENDING_TTL)
   end
-  return {0, used, cost}
+  redis.call('HSET', inflight_key, ARGV[a + 4], cost .. '|' .. ARGV[a + 7])
+  return {0, used, cost, price}
 end
 
 local results = {}
 local a = 2
 for n = 1, tonumber(ARGV[1]) do
   local m = tonumber(ARGV[a])
-  results[n] = reserve(4 * n - 3, a + 1, a + m)
+  results[n] = reserve(5 * n - 4, a + 1, a + m)
   a = a + 1 + m
 end
 return results

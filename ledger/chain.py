@@ -368,6 +368,16 @@ class ChainWriter:
         self.head = head
         self._leaves: list[bytes] = []
 
+    @classmethod
+    def resume(
+        cls, algorithm: str, *, next_seq: int, head: bytes, open_leaves: Sequence[bytes]
+    ) -> ChainWriter:
+        """A writer that carries on a stored chain: ``open_leaves`` are the leaf
+        hashes of the records after the last checkpoint, in order."""
+        writer = cls(algorithm, next_seq=next_seq, head=head)
+        writer._leaves = list(open_leaves)
+        return writer
+
     @property
     def pending(self) -> int:
         return len(self._leaves)

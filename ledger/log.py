@@ -1,0 +1,184 @@
+"""The call-record log in Redis, and each replica's presence there.
+
+Gateways append each record to one Redis stream (``LOG``), in the pipeline
+batches they send anyway (``metering.quota.QuotaBatcher``): a response waits
+for its record's ``XADD`` to be acknowledged, never for SQL. The ledger writer
+moves the stream into SQL (``ledger.writer``). The stream's entry ids give
+the log its total order; all ledger keys share the ``{ledger}`` hash tag, so
+on a Cluster they live together on one node.
+
+Every replica announces itself once a second (:class:`Presence`): its id and
+a deadline in a sorted set, read with the server's clock, so replicas need
+not agree on time. The same round trip reads the log's length (the backlog).
+A replica fails closed (503 ``ledger-unavailable``) while:
+
+- the backlog is over ``ledger.max_backlog`` (the SQL database is down or the
+  writer is behind): records would pile up without bound;
+- it has not been heard for a third of ``ledger.replica_timeout_seconds``:
+  past the whole timeout the writer treats it as dead and ends its unfinished
+  calls as ``incomplete``, so it must stop completing calls well before that.
+  A call reserved before such a silence is not completed after it either
+  (:meth:`Presence.still_valid`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from licensing.errors import LedgerUnavailableError
+from storage.redis import COMMAND_TIMEOUT, RedisClient
+
+log = logging.getLogger(__name__)
+
+LOG: Final = "pdg:{ledger}:log"
+REPLICAS: Final = "pdg:{ledger}:replicas"
+WRITER_LOCK: Final = "pdg:{ledger}:writer"
+BEAT_SECONDS: Final = 1.0
+
+_BEAT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+return redis.call('XLEN', KEYS[2])
+"""
+#: The replicas whose deadline has passed (ARGV[1] = '-inf', '(now') or not.
+_DEAD = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms)
+"""
+_LIVE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
+"""
+
+#: Hand an in-flight call to the ledger writer's recovery: its marker names
+#: no live replica any more.
+_ORPHAN = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local cost, rest = string.match(v, '^(%d+)|[^|]*|(.*)$')
+redis.call('HSET', KEYS[1], ARGV[1], cost .. '|orphan|' .. rest)
+return 1
+"""
+
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def inflight_key(licence_id: str) -> str:
+    """The licence's in-flight hash (written by ``reserve.lua``)."""
+    return f"pdg:{{{licence_id}}}:inflight"
+
+
+class Presence:
+    """This replica in the log's eyes: its heartbeat and the backlog."""
+
+    def __init__(self, client: RedisClient, replica_id: str, *, timeout: float, max_backlog: int) -> None:
+        self.client = client
+        self.replica_id = replica_id
+        self.timeout = timeout
+        self.max_backlog = max_backlog
+        self.backlog = 0
+        #: Moves on after every silence long enough to fail closed.
+        self.epoch = 0
+        self._heard = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        #: (licence, call id) of calls this replica could not finish itself.
+        self._orphans: list[tuple[str, str]] = []
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() - self._heard < self.timeout / 3
+
+    async def beat(self) -> None:
+        """Announce this replica and read the backlog, or raise."""
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            backlog = await self.client.eval(
+                _BEAT, 2, REPLICAS, LOG, self.replica_id, int(self.timeout * 1000)
+            )
+        if not self.fresh:
+            self.epoch += 1
+        self.backlog = int(backlog)
+        self._heard = time.monotonic()
+
+    def orphan(self, licence_id: str, call_id: str) -> None:
+        """A reserved call whose record or finish could not be written (the
+        log unreachable): hand it to the ledger writer, which records it
+        (unless its record did land) and settles or releases it by that."""
+        self._orphans.append((licence_id, call_id))
+
+    async def _hand_over(self) -> None:
+        while self._orphans:
+            licence_id, call_id = self._orphans[0]
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await self.client.eval(_ORPHAN, 1, inflight_key(licence_id), call_id)
+            self._orphans.pop(0)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT_SECONDS)
+            try:
+                await self.beat()
+                await self._hand_over()
+            except REDIS_ERRORS as exc:
+                log.warning("ledger heartbeat failed: %s", type(exc).__name__)
+
+    async def start(self) -> None:
+        """Announce this replica before it serves (so its in-flight calls are
+        never taken for a dead replica's), then keep announcing it."""
+        try:
+            await self.beat()
+        except REDIS_ERRORS as exc:
+            log.warning("ledger heartbeat failed at start: %s", type(exc).__name__)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop announcing; on a clean stop leave the set at once, so what is
+        left in flight (nothing, after a graceful drain) is recovered now."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._hand_over()
+        with contextlib.suppress(*REDIS_ERRORS):
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await self.client.zrem(REPLICAS, self.replica_id)
+
+    def check(self) -> int:
+        """Refuse (503 ``ledger-unavailable``) when records cannot be taken
+        now; else the current epoch, for :meth:`still_valid`."""
+        if not self.fresh:
+            raise LedgerUnavailableError(
+                "the call record log cannot be reached; nothing was forwarded", headers={"Retry-After": "1"}
+            )
+        if self.backlog > self.max_backlog:
+            raise LedgerUnavailableError(
+                f"{self.backlog} call records are waiting to be stored (the limit is {self.max_backlog}); "
+                "nothing was forwarded",
+                headers={"Retry-After": "5"},
+            )
+        return self.epoch
+
+    def still_valid(self, epoch: int) -> bool:
+        """A call that began in ``epoch`` may still be completed."""
+        return self.epoch == epoch and self.fresh
+
+
+async def dead_replicas(client: RedisClient) -> set[str]:
+    async with asyncio.timeout(COMMAND_TIMEOUT):
+        found = await client.eval(_DEAD, 1, REPLICAS)
+    return {x.decode() if isinstance(x, bytes) else str(x) for x in found}
+
+
+async def live_replicas(client: RedisClient) -> set[str]:
+    async with asyncio.timeout(COMMAND_TIMEOUT):
+        found = await client.eval(_LIVE, 1, REPLICAS)
+    return {x.decode() if isinstance(x, bytes) else str(x) for x in found}

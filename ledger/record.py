@@ -1,0 +1,105 @@
+"""The call record: its fields, and its forms in the log and in the ledger.
+
+A record travels as compact JSON (orjson) in the log (a Redis stream), is
+given its ``seq`` and chain ``hash`` by the writer, and is stored as a row of
+``calls``. Its hashed form (:func:`hashed`) is every column but ``hash``,
+re-derived from the row, so the verifier checks what billing and tracing read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+import orjson
+
+SERVED: Final = "served"
+REFUSED: Final = "refused"
+UPSTREAM_FAILURE: Final = "upstream-failure"
+INCOMPLETE: Final = "incomplete"
+OUTCOMES: Final = (SERVED, REFUSED, UPSTREAM_FAILURE, INCOMPLETE)
+
+#: The columns of a record, in table order; all are hashed.
+FIELDS: Final[tuple[str, ...]] = (
+    "seq",
+    "call_id",
+    "request_id",
+    "time",
+    "started_at",
+    "app_id",
+    "licensee_id",
+    "licence_id",
+    "dataset_id",
+    "purpose",
+    "method",
+    "path",
+    "query_digest",
+    "status",
+    "upstream_status",
+    "outcome",
+    "problem",
+    "records",
+    "bytes",
+    "latency_us",
+    "pool",
+    "period",
+    "charge_e4",
+    "client_address",
+    "token_id",
+    "response_digest",
+)
+#: What the gateway writes to the log: every field but ``seq``.
+LOGGED_FIELDS: Final = FIELDS[1:]
+TIME_FIELDS: Final = ("time", "started_at")
+#: Column widths that bound what a caller can put in a record.
+LIMITS: Final = {"request_id": 128, "dataset_id": 64, "path": 2048, "method": 16, "client_address": 64}
+
+
+class RecordError(ValueError):
+    """A log entry that is not a call record."""
+
+
+def clip(value: str, field: str) -> str:
+    """``value`` cut to the column width of ``field`` (callers choose some values)."""
+    limit = LIMITS[field]
+    return value if len(value) <= limit else value[:limit]
+
+
+def to_log(record: Mapping[str, Any]) -> bytes:
+    """The bytes a gateway appends to the log for ``record`` (no ``seq``)."""
+    return orjson.dumps(record, option=orjson.OPT_UTC_Z)
+
+
+def from_log(data: bytes) -> dict[str, Any]:
+    """A record read back from the log, with its times as aware datetimes."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise RecordError("not a JSON object")
+    missing = [name for name in LOGGED_FIELDS if name not in record]
+    if missing:
+        raise RecordError(f"missing fields: {', '.join(missing)}")
+    try:
+        for name in TIME_FIELDS:
+            record[name] = datetime.fromisoformat(record[name])
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"bad time: {exc}") from exc
+    return {name: record[name] for name in LOGGED_FIELDS}
+
+
+def hashed(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The hashed form of a stored record: every field but ``hash``."""
+    return {name: row[name] for name in FIELDS}
+
+
+def public(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as the admin API and ``pdg audit`` show it: every column,
+    the charge also in fen (a decimal string: prices have 4 decimal places)."""
+    data = {name: row[name] for name in (*FIELDS, "hash")}
+    e4 = int(row["charge_e4"])
+    sign, e4 = ("-", -e4) if e4 < 0 else ("", e4)
+    data["charge_fen"] = f"{sign}{e4 // 10000}.{e4 % 10000:04d}"
+    return data

@@ -1,0 +1,275 @@
+"""The SQL ledger: append chained records and signed checkpoints, exactly once.
+
+:class:`LedgerStore` is the writer's half: it keeps the chain state
+(``ledger_state``) and appends a batch of records in one transaction, with
+their ``seq`` and chain ``hash``, a checkpoint when one is due, and the log
+position the batch came from. A record whose ``call_id`` is already in the
+ledger is skipped, so a log entry moved twice (a writer that crashed between
+its commit and trimming the log) lands once. Two writers fence each other on
+``next_seq``: the loser's transaction rolls back (:class:`FencedError`).
+
+On PostgreSQL rows go in with ``COPY`` (asyncpg), elsewhere with one
+multi-row ``INSERT``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical
+from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
+from ledger.record import FIELDS, hashed
+from licensing.keys import SigningKey
+
+log = logging.getLogger(__name__)
+
+_CALLS = cast(Table, CallRow.__table__)
+_STATE = cast(Table, LedgerStateRow.__table__)
+_CHECKPOINTS = cast(Table, CheckpointRow.__table__)
+_KEYS = cast(Table, LedgerKeyRow.__table__)
+_COLUMNS = (*FIELDS, "hash")
+_STATE_ID = 1
+
+
+class LedgerError(Exception):
+    """The ledger cannot be written as configured (one line, for humans)."""
+
+
+class FencedError(LedgerError):
+    """Another writer moved the ledger on: this writer's batch was not written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What one append did."""
+
+    written: int
+    skipped: int
+    checkpoint: Checkpoint | None
+
+
+def checkpoint_of(row: Any) -> Checkpoint:
+    return Checkpoint(
+        first_seq=row.first_seq,
+        last_seq=row.last_seq,
+        chain_head=bytes.fromhex(row.chain_head),
+        merkle_root=bytes.fromhex(row.merkle_root),
+        created_at=row.created_at,
+        algorithm=row.algorithm,
+        key_id=row.key_id,
+        signature=bytes.fromhex(row.signature),
+    )
+
+
+def public_pem(key: ec.EllipticCurvePublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+class LedgerStore:
+    """The writer's view of the SQL ledger. Not safe for two tasks at once."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        signing_key: SigningKey,
+        *,
+        algorithm: str = "sha256",
+        checkpoint_records: int = 1000,
+        checkpoint_seconds: float = 10.0,
+    ) -> None:
+        if not isinstance(signing_key.private_key, ec.EllipticCurvePrivateKey):
+            raise LedgerError("the ledger signing key must be an EC P-256 key (ES256)")
+        self.engine = engine
+        self.key = signing_key
+        self.private_key: ec.EllipticCurvePrivateKey = signing_key.private_key
+        self.algorithm = algorithm
+        self.checkpoint_records = checkpoint_records
+        self.checkpoint_seconds = checkpoint_seconds
+        self.writer: ChainWriter | None = None
+        self.position = "0-0"
+        self._last_checkpoint = datetime.now(UTC)
+        self._postgres = engine.dialect.name == "postgresql"
+
+    # -- state --------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the chain state (creating it on first use) and the leaves of
+        the interval not yet covered by a checkpoint."""
+        async with self.engine.begin() as conn:
+            state = (await conn.execute(select(_STATE))).first()
+            if state is None:
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(
+                            insert(_STATE).values(
+                                id=_STATE_ID,
+                                next_seq=1,
+                                head=GENESIS.hex(),
+                                algorithm=self.algorithm,
+                                log_position="0-0",
+                                checkpointed_seq=0,
+                                updated_at=datetime.now(UTC),
+                            )
+                        )
+                except IntegrityError:
+                    pass
+                state = (await conn.execute(select(_STATE))).one()
+            if state.algorithm != self.algorithm:
+                raise LedgerError(
+                    f"the ledger is chained with {state.algorithm}; "
+                    f"ledger.hash_algorithm ({self.algorithm}) cannot change once records exist"
+                )
+            await self._register_key(conn)
+            chain = Chain(self.algorithm)
+            open_rows = await conn.execute(
+                select(_CALLS).where(_CALLS.c.seq > state.checkpointed_seq).order_by(_CALLS.c.seq)
+            )
+            leaves = [chain.leaf_hash(canonical(hashed(dict(row._mapping)))) for row in open_rows]
+        if len(leaves) != state.next_seq - 1 - state.checkpointed_seq:
+            raise LedgerError(
+                f"the ledger holds {len(leaves)} records after seq {state.checkpointed_seq}, "
+                f"its state says {state.next_seq - 1 - state.checkpointed_seq}: run 'pdg audit verify'"
+            )
+        # The open interval's leaves make the next checkpoint's Merkle root.
+        self.writer = ChainWriter.resume(
+            self.algorithm, next_seq=state.next_seq, head=bytes.fromhex(state.head), open_leaves=leaves
+        )
+        self.position = state.log_position
+
+    async def _register_key(self, conn: AsyncConnection) -> None:
+        known = await conn.scalar(select(LedgerKeyRow.key_id).where(LedgerKeyRow.key_id == self.key.kid))
+        if known is None:
+            public = self.private_key.public_key()
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(_KEYS).values(
+                            key_id=self.key.kid, public_pem=public_pem(public), created_at=datetime.now(UTC)
+                        )
+                    )
+            except IntegrityError:
+                pass
+
+    # -- appending ----------------------------------------------------------
+
+    def checkpoint_due(self, now: datetime) -> bool:
+        writer = self.writer
+        if writer is None or not writer.pending:
+            return False
+        return (
+            writer.pending >= self.checkpoint_records
+            or (now - self._last_checkpoint).total_seconds() >= self.checkpoint_seconds
+        )
+
+    async def append(
+        self, records: Sequence[dict[str, Any]], position: str, *, force_checkpoint: bool = False
+    ) -> Appended:
+        """Chain and store ``records`` (log order) read up to log entry
+        ``position``, in one transaction. On any failure the in-memory state is
+        reloaded from the database, so a retry starts from what was committed."""
+        if self.writer is None:
+            await self.load()
+        try:
+            return await self._append(records, position, force_checkpoint)
+        except BaseException:
+            self.writer = None
+            raise
+
+    async def _append(self, records: Sequence[dict[str, Any]], position: str, force: bool) -> Appended:
+        writer = self.writer
+        if writer is None:
+            raise LedgerError("the ledger state is not loaded")
+        start_seq, start_head = writer.next_seq, writer.head
+        async with self.engine.begin() as conn:
+            fresh = await self._unseen(conn, records)
+            rows: list[dict[str, Any]] = []
+            for record in fresh:
+                record["seq"] = writer.next_seq
+                entry = writer.append(record)
+                record["hash"] = entry.hex()
+                rows.append(record)
+            if rows:
+                await self._insert(conn, rows)
+            now = datetime.now(UTC)
+            checkpoint = None
+            if writer.pending and (force or self.checkpoint_due(now)):
+                checkpoint = writer.checkpoint(now).sign(self.private_key, self.key.kid)
+                await conn.execute(
+                    insert(_CHECKPOINTS).values(
+                        first_seq=checkpoint.first_seq,
+                        last_seq=checkpoint.last_seq,
+                        chain_head=checkpoint.chain_head.hex(),
+                        merkle_root=checkpoint.merkle_root.hex(),
+                        created_at=checkpoint.created_at,
+                        algorithm=checkpoint.algorithm,
+                        key_id=checkpoint.key_id,
+                        signature=checkpoint.signature.hex(),
+                    )
+                )
+            values: dict[str, Any] = {
+                "next_seq": writer.next_seq,
+                "head": writer.head.hex(),
+                "log_position": position,
+                "updated_at": now,
+            }
+            if checkpoint is not None:
+                values["checkpointed_seq"] = checkpoint.last_seq
+            moved = await conn.execute(
+                update(_STATE)
+                .where(LedgerStateRow.id == _STATE_ID, LedgerStateRow.next_seq == start_seq)
+                .where(LedgerStateRow.head == start_head.hex())
+                .values(**values)
+            )
+            if moved.rowcount != 1:
+                raise FencedError("another ledger writer moved the ledger on; this batch was not written")
+        if checkpoint is not None:
+            self._last_checkpoint = now
+        self.position = position
+        return Appended(len(rows), len(records) - len(rows), checkpoint)
+
+    async def _unseen(self, conn: AsyncConnection, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` without those already in the ledger or repeated in the batch."""
+        ids = [r["call_id"] for r in records]
+        if not ids:
+            return []
+        stored: set[str] = set()
+        for start in range(0, len(ids), 5000):
+            chunk = ids[start : start + 5000]
+            result = await conn.execute(select(_CALLS.c.call_id).where(_CALLS.c.call_id.in_(chunk)))
+            stored.update(result.scalars())
+        fresh = []
+        for record in records:
+            if record["call_id"] in stored:
+                continue
+            stored.add(record["call_id"])
+            fresh.append(record)
+        return fresh
+
+    async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        if self._postgres:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            records = [tuple(_copy_value(row[c]) for c in _COLUMNS) for row in rows]
+            await driver.copy_records_to_table("calls", records=records, columns=_COLUMNS)  # type: ignore[union-attr]
+            return
+        await conn.execute(insert(_CALLS), rows)
+
+
+def _copy_value(value: Any) -> Any:
+    # COPY bypasses SQLAlchemy's types: times go in as naive UTC, as
+    # UTCDateTime stores them.
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value

@@ -1,0 +1,380 @@
+"""The ledger writer: moves the log (a Redis stream) into the SQL ledger, and
+ends the calls that dead replicas left unfinished.
+
+One writer runs at a time: it holds a lock in Redis (renewed while it works)
+and, should two ever overlap, the SQL state row fences them
+(``ledger.store``). Each batch is read from the position stored with the last
+committed batch, written in one transaction with the new position, then
+trimmed from the stream. A writer killed anywhere re-reads from the stored
+position; records already in the ledger are skipped by call id. So every log
+entry lands exactly once, with no gap.
+
+If SQL is down the writer retries with backoff and the records wait in the
+stream; gateways fail closed once the backlog passes ``ledger.max_backlog``.
+
+**Recovery** (every couple of seconds): a reserved call's in-flight entry
+names its replica. Entries of replicas that are no longer heard from
+(``ledger.log.Presence``) are ended here. First the log is drained, so the
+ledger holds whatever those replicas appended before they died; a call with
+no record then gets one, ``incomplete`` (appended to the log like any other,
+so it takes its place in the order); finally each call is settled or
+released by what its record says, by the same script a gateway uses, which
+acts only if the entry is still there. A served call stays charged; any
+other is released and never charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from config.settings import Settings
+from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, inflight_key, live_replicas
+from ledger.models import CallRow
+from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, to_log
+from ledger.store import FencedError, LedgerError, LedgerStore
+from licensing.keys import load_or_create_signing_key
+from metering.quota import Scripts
+from storage.redis import COMMAND_TIMEOUT, RedisClient
+
+log = logging.getLogger(__name__)
+
+#: How long the writer lock lasts unless renewed.
+LOCK_SECONDS = 10.0
+RECOVERY_SECONDS = 2.0
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: Forget replicas dead for a whole extra timeout (their calls are ended by then).
+_PRUNE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now_ms - tonumber(ARGV[1])))
+"""
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id`` (for ``XTRIM MINID``)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """An in-flight entry of a call whose replica is gone."""
+
+    licence_id: str
+    call_id: str
+    cost: int
+    marker: dict[str, Any]
+
+
+def incomplete_record(marker: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The record of a call its replica never finished: what was known when it
+    was reserved, no response."""
+    record = dict(marker["record"])
+    started = datetime.fromisoformat(record["started_at"])
+    record.update(
+        time=now,
+        status=0,
+        upstream_status=None,
+        outcome=INCOMPLETE,
+        problem=None,
+        records=0,
+        bytes=0,
+        latency_us=max(0, int((now - started).total_seconds() * 1_000_000)),
+        charge_e4=0,
+        response_digest=None,
+    )
+    return record
+
+
+class LedgerWriter:
+    def __init__(
+        self,
+        client: RedisClient,
+        store: LedgerStore,
+        *,
+        owner: str,
+        batch: int = 5000,
+        replica_timeout: float = 15.0,
+        licences: Callable[[], Awaitable[Sequence[str]]],
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.owner = owner
+        self.batch = batch
+        self.replica_timeout = replica_timeout
+        self.licences = licences
+        self.scripts = Scripts()
+        self.holding = False
+        self._renewed = float("-inf")
+        self._stopping = asyncio.Event()
+        #: Records moved and calls recovered since start (for metrics and tests).
+        self.moved = 0
+        self.recovered = 0
+
+    # -- the lock -----------------------------------------------------------
+
+    async def hold_lock(self) -> bool:
+        """Take or keep the writer lock; ``False`` while another writer has it."""
+        if self.holding and time.monotonic() - self._renewed < LOCK_SECONDS / 5:
+            return True
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            got = await self.client.eval(_RENEW, 1, WRITER_LOCK, self.owner, int(LOCK_SECONDS * 1000))
+        holding = bool(got)
+        if holding and not self.holding:
+            # Another writer may have moved the ledger on meanwhile.
+            self.store.writer = None
+        self.holding = holding
+        if holding:
+            self._renewed = time.monotonic()
+        return holding
+
+    async def let_go(self) -> None:
+        if self.holding:
+            self.holding = False
+            with contextlib.suppress(*REDIS_ERRORS):
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    await self.client.eval(_RELEASE, 1, WRITER_LOCK, self.owner)
+
+    # -- moving the log -----------------------------------------------------
+
+    async def step(self, block_ms: int | None = None) -> int:
+        """Move one batch from the log into the ledger; the number of log
+        entries consumed (0 when the log is drained)."""
+        if self.store.writer is None:
+            await self.store.load()
+        async with asyncio.timeout(COMMAND_TIMEOUT + (block_ms or 0) / 1000):
+            reply: Any = await self.client.xread({LOG: self.store.position}, count=self.batch, block=block_ms)
+        entries: list[Any] = reply[0][1] if reply else []
+        if not entries:
+            if self.store.checkpoint_due(datetime.now(UTC)):
+                await self.store.append([], self.store.position)
+            return 0
+        records = []
+        for entry_id, fields in entries:
+            try:
+                records.append(from_log(fields[b"r"]))
+            except (RecordError, KeyError) as exc:
+                log.error("log entry %s is not a call record (%s); it is skipped", entry_id, exc)
+        last = entries[-1][0]
+        last = last.decode() if isinstance(last, bytes) else str(last)
+        done = await self.store.append(records, last)
+        self.moved += done.written
+        with contextlib.suppress(*REDIS_ERRORS):
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await self.client.xtrim(LOG, minid=_after(last))
+        return len(entries)
+
+    async def drain(self) -> int:
+        moved = 0
+        while n := await self.step():
+            moved += n
+        return moved
+
+    # -- recovery -----------------------------------------------------------
+
+    async def _unfinished(self) -> list[Unfinished]:
+        live = await live_replicas(self.client)
+        licences = list(await self.licences())
+        if not licences:
+            return []
+        found: list[Unfinished] = []
+        async with asyncio.timeout(COMMAND_TIMEOUT * 2):
+            pipe = self.client.pipeline(transaction=False)
+            for licence_id in licences:
+                pipe.hgetall(inflight_key(licence_id))
+            replies = await pipe.execute()
+        for licence_id, entries in zip(licences, replies, strict=True):
+            for call_id, value in entries.items():
+                cost, _, rest = bytes(value).partition(b"|")
+                replica, _, raw = rest.decode(errors="replace").partition("|")
+                try:
+                    marker = orjson.loads(raw)
+                    marker["keys"], marker["record"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    log.error("in-flight entry %s of licence %s is unreadable", call_id, licence_id)
+                    continue
+                if replica not in live:
+                    found.append(Unfinished(licence_id, bytes(call_id).decode(), int(cost), marker))
+        return found
+
+    async def _recorded(self, call_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        calls = CallRow.__table__
+        async with self.store.engine.connect() as conn:
+            query = select(calls.c.call_id, calls.c.outcome, calls.c.charge_e4)
+            rows = await conn.execute(query.where(calls.c.call_id.in_(call_ids)))
+            return {row.call_id: (row.outcome, row.charge_e4) for row in rows}
+
+    async def recover(self) -> int:
+        """End the calls of dead replicas; the number ended."""
+        unfinished = await self._unfinished()
+        if not unfinished:
+            await self._prune()
+            return 0
+        await self.drain()
+        recorded = await self._recorded([u.call_id for u in unfinished])
+        missing = [u for u in unfinished if u.call_id not in recorded]
+        if missing:
+            now = datetime.now(UTC)
+            async with asyncio.timeout(COMMAND_TIMEOUT * 2):
+                pipe = self.client.pipeline(transaction=False)
+                for u in missing:
+                    pipe.xadd(LOG, {"r": to_log(incomplete_record(u.marker, now))})
+                await pipe.execute()
+            await self.drain()
+            recorded = await self._recorded([u.call_id for u in unfinished])
+        ended = 0
+        source = self.scripts.source["finish"]
+        for u in unfinished:
+            outcome, charge = recorded.get(u.call_id, (INCOMPLETE, 0))
+            kind = str(u.marker.get("kind", "free"))
+            pool, paid, idem = u.marker["keys"]
+            if outcome == SERVED:
+                action, extra = "settle", max(0, charge - u.cost) if kind == "credit" else 0
+            else:
+                action, extra = "release", 0
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                result = await self.client.eval(
+                    source,
+                    4,
+                    pool,
+                    paid,
+                    idem,
+                    inflight_key(u.licence_id),
+                    1,
+                    action,
+                    extra,
+                    kind,
+                    int(u.marker.get("idem", 0)),
+                    u.call_id,
+                )
+            ended += int(result[0])
+        self.recovered += ended
+        if ended:
+            log.warning("ended %d call(s) left unfinished by replicas that stopped", ended)
+        await self._prune()
+        return ended
+
+    async def _prune(self) -> None:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            await self.client.eval(_PRUNE, 1, REPLICAS, int(self.replica_timeout * 1000))
+
+    # -- the loop -----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the step it is in."""
+        self._stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def run(self) -> None:
+        """Work while holding the lock; stand by otherwise; until :meth:`stop`."""
+        backoff = 0.5
+        next_recovery = 0.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not await self.hold_lock():
+                        await self._pause(1.0)
+                        continue
+                    await self.step(block_ms=200)
+                    if time.monotonic() >= next_recovery:
+                        await self.recover()
+                        next_recovery = time.monotonic() + RECOVERY_SECONDS
+                    backoff = 0.5
+                except FencedError as exc:
+                    log.warning("%s", exc)
+                    self.store.writer = None
+                except LedgerError as exc:
+                    log.error("ledger writer: %s", exc)
+                    await self._pause(5.0)
+                except (SQLAlchemyError, *REDIS_ERRORS) as exc:
+                    log.warning("ledger writer: %s; retrying in %.1f s", type(exc).__name__, backoff)
+                    await self._pause(backoff)
+                    backoff = min(5.0, backoff * 2)
+        finally:
+            await self.let_go()
+
+    async def finish(self, within: float = 5.0) -> None:
+        """On a clean stop: move what is in the log now, if this writer may."""
+        with contextlib.suppress(SQLAlchemyError, LedgerError, *REDIS_ERRORS):
+            async with asyncio.timeout(within):
+                if await self.hold_lock():
+                    await self.drain()
+                    await self.store.append([], self.store.position, force_checkpoint=True)
+
+
+def _licence_lister(engine: AsyncEngine) -> Callable[[], Awaitable[Sequence[str]]]:
+    from licensing.models import LicenceRow
+
+    async def licences() -> Sequence[str]:
+        async with engine.connect() as conn:
+            return list((await conn.execute(select(LicenceRow.id))).scalars())
+
+    return licences
+
+
+def build_writer(settings: Settings, engine: AsyncEngine, client: RedisClient, *, owner: str) -> LedgerWriter:
+    """The writer of a deployment, as its settings say."""
+    key = load_or_create_signing_key(settings.ledger_key_path, "ES256")
+    ledger = settings.ledger
+    store = LedgerStore(
+        engine,
+        key,
+        algorithm=ledger.hash_algorithm,
+        checkpoint_records=ledger.checkpoint_records,
+        checkpoint_seconds=ledger.checkpoint_seconds,
+    )
+    return LedgerWriter(
+        client,
+        store,
+        owner=owner,
+        batch=ledger.writer_batch,
+        replica_timeout=ledger.replica_timeout_seconds,
+        licences=_licence_lister(engine),
+    )
+
+
+@contextlib.asynccontextmanager
+async def start_writer(
+    settings: Settings, engine: AsyncEngine, client: RedisClient, *, owner: str
+) -> AsyncIterator[LedgerWriter]:
+    """Run a writer in the background for the life of the block; on the way
+    out, move what is left in the log (bounded) and let go of the lock."""
+    writer = build_writer(settings, engine, client, owner=owner)
+    task = asyncio.get_running_loop().create_task(writer.run(), name="ledger-writer")
+    try:
+        yield writer
+    finally:
+        writer.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), COMMAND_TIMEOUT * 3)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await writer.finish()
+        await writer.let_go()

@@ -1,0 +1,52 @@
+-- Finish reserved calls: settle (served: it stays charged) or release (an
+-- upstream failure, a response cut short, a call that never finished: it is
+-- not charged). One or more calls per run, each on its own; on a Cluster one
+-- call per run, whose keys share the licence's hash tag.
+--
+-- A call is finished once: only while its in-flight entry (written by
+-- reserve.lua, with the cost the reservation took) is there, and the entry
+-- goes in the same run. So a gateway finishing a call and the ledger writer
+-- recovering it after the gateway died can not both act on it.
+--
+-- ARGV[1] the number of calls, n; then five arguments per call:
+--   action (settle | release), extra charge (1/10000 fen, credit pools
+--   only, else 0; settle only), pool kind, 1 when the call has an
+--   Idempotency-Key else 0, call id.
+-- KEYS, four per call: pool counter, paid calls of the dataset this period,
+--   idempotency record, the licence's in-flight hash.
+--
+-- Returns one integer per call: 1 finished now, 0 already finished.
+
+local IDEMPOTENCY_TTL = 24 * 3600
+local results = {}
+for n = 1, tonumber(ARGV[1]) do
+  local a = 2 + 5 * (n - 1)
+  local k = 4 * n - 3
+  local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local entry = redis.call('HGET', inflight_key, call_id)
+  if not entry then
+    results[n] = 0
+  else
+    local cost = tonumber(string.match(entry, '^(%d+)|'))
+    if action == 'settle' then
+      if extra > 0 then
+        redis.call('INCRBY', pool_key, extra)
+      end
+      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+        redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
+      end
+    else
+      redis.call('DECRBY', pool_key, cost)
+      if kind ~= 'free' then
+        redis.call('DECR', paid_key)
+      end
+      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+        redis.call('DEL', idem_key)
+      end
+    end
+    redis.call('HDEL', inflight_key, call_id)
+    results[n] = 1
+  end
+end
+return results
