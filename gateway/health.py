@@ -1,6 +1,7 @@
 """Operations endpoints: ``/healthz`` (the process is alive), ``/readyz``
-(the AND of its components: database, Redis, the catalogue view, and not
-shutting down) and ``/metrics`` (Prometheus)."""
+(the AND of its components: database, Redis, the call-record log — heard
+from and its backlog within bounds —, the catalogue view, and not shutting
+down) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, REDIS
+from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS
 
 _CHECK_TIMEOUT = 2.0
 
@@ -44,6 +45,7 @@ async def readyz(request: web.Request) -> web.Response:
     components = {
         "database": database,
         "redis": redis,
+        "ledger": app[PRESENCE].fresh and app[PRESENCE].backlog <= app[PRESENCE].max_backlog,
         "catalogue": app[CATALOGUE].healthy,
         "accepting": app[ACCEPTING][0],
     }

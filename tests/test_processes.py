@@ -187,6 +187,7 @@ def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
             assert ready["components"] == {
                 "database": True,
                 "redis": True,
+                "ledger": True,
                 "catalogue": True,
                 "accepting": True,
             }
