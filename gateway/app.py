@@ -49,7 +49,7 @@ from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
 from storage import migrate
 from storage.db import create_engine, session_factory
-from storage.redis import COMMAND_TIMEOUT, redis_for
+from storage.redis import COMMAND_TIMEOUT, RedisClient, redis_for
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,30 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
             await presence.stop()
 
 
+class RedisVersionMirror:
+    """The catalogue version every replica holds, shared through Redis, so a
+    replica that cannot reach the database knows whether its view is still
+    current (``CatalogueCache``)."""
+
+    KEY = "pdg:catalogue:version"
+    _MAX = (
+        "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '-1') "
+        "then redis.call('SET', KEYS[1], ARGV[1]) end"
+    )
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+
+    async def publish(self, version: int) -> None:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            await self.client.eval(self._MAX, 1, self.KEY, version)
+
+    async def read(self) -> int | None:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            value = await self.client.get(self.KEY)
+        return int(value) if value is not None else None
+
+
 async def _licensing(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sessions = app[SESSIONS]
@@ -138,7 +162,7 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         max_assertion_age=settings.tokens.client_assertion_max_age_seconds,
         first_use=first_use,
     )
-    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds)
+    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds, RedisVersionMirror(redis))
     app[CATALOGUE] = cache
     app[REGISTRY] = Registry(sessions, on_change=cache.reload)
     app[ADMIN_TOKENS] = AdminTokens(sessions)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 LOG: Final = "pdg:{ledger}:log"
 REPLICAS: Final = "pdg:{ledger}:replicas"
 WRITER_LOCK: Final = "pdg:{ledger}:writer"
+#: At most this long between heartbeats (shorter for short timeouts: a third
+#: of the timeout always spans several beats).
 BEAT_SECONDS: Final = 1.0
 
 _BEAT = """
@@ -84,6 +86,7 @@ class Presence:
         self.client = client
         self.replica_id = replica_id
         self.timeout = timeout
+        self.beat_seconds = min(BEAT_SECONDS, timeout / 9)
         self.max_backlog = max_backlog
         self.backlog = 0
         #: Moves on after every silence long enough to fail closed.
@@ -123,7 +126,7 @@ class Presence:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(BEAT_SECONDS)
+            await asyncio.sleep(self.beat_seconds)
             try:
                 await self.beat()
                 await self._hand_over()

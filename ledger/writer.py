@@ -170,6 +170,12 @@ class LedgerWriter:
         if not entries:
             if self.store.checkpoint_due(datetime.now(UTC)):
                 await self.store.append([], self.store.position)
+            # Entries moved by a writer that died before trimming them (or
+            # whose trim failed) still count in the backlog: trim them now.
+            if self.store.position != "0-0":
+                with contextlib.suppress(*REDIS_ERRORS):
+                    async with asyncio.timeout(COMMAND_TIMEOUT):
+                        await self.client.xtrim(LOG, minid=_after(self.store.position))
             return 0
         records = []
         for entry_id, fields in entries:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -234,14 +234,28 @@ async def load_catalogue(sessions: async_sessionmaker[AsyncSession]) -> Catalogu
     )
 
 
+class VersionMirror(Protocol):
+    """Where replicas share the catalogue version they hold (Redis)."""
+
+    async def publish(self, version: int) -> None: ...
+
+    async def read(self) -> int | None: ...
+
+
 class CatalogueCache:
     """Holds the current :class:`Catalogue` and keeps it fresh."""
 
     #: DESIGN §7: licence changes reach every replica within this many seconds.
     PROMISE_SECONDS = 2.0
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], refresh_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        refresh_seconds: float = 1.0,
+        mirror: VersionMirror | None = None,
+    ) -> None:
         self._sessions = sessions
+        self._mirror = mirror
         self._refresh_seconds = refresh_seconds
         self._lock = asyncio.Lock()
         self.current = Catalogue()
@@ -257,14 +271,34 @@ class CatalogueCache:
             started = time.monotonic()
             self.current = await load_catalogue(self._sessions)
             self.confirmed_at = max(self.confirmed_at, started)
-            return self.current
+        await self._publish(self.current.version)
+        return self.current
+
+    async def _publish(self, version: int) -> None:
+        if self._mirror is not None:
+            with contextlib.suppress(Exception):
+                await self._mirror.publish(version)
 
     async def _poll_once(self) -> None:
         started = time.monotonic()
-        async with self._sessions() as session:
-            version = await current_version(session)
+        try:
+            async with self._sessions() as session:
+                version = await current_version(session)
+        except Exception:
+            # The database is out of reach: no change can be committed while
+            # it is, so the view stays current as long as the mirror (Redis,
+            # where every replica publishes the version it loads) holds no
+            # newer version. A replica that still reaches the database and
+            # loads a change publishes it, and this view is then stale.
+            if self._mirror is not None and await self._mirror.read() == self.current.version:
+                self.confirmed_at = max(self.confirmed_at, started)
+                self.healthy = True
+                return
+            raise
         if version != self.current.version:
             await self.reload()
+        else:
+            await self._publish(version)
         self.confirmed_at = max(self.confirmed_at, started)
 
     def fresh(self) -> Catalogue:
