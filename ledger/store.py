@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -55,7 +55,12 @@ class Appended:
 
     written: int
     skipped: int
-    checkpoint: Checkpoint | None
+    checkpoints: list[Checkpoint]
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint cut, if any."""
+        return self.checkpoints[-1] if self.checkpoints else None
 
 
 def checkpoint_of(row: Any) -> Checkpoint:
@@ -195,29 +200,38 @@ class LedgerStore:
         async with self.engine.begin() as conn:
             fresh = await self._unseen(conn, records)
             rows: list[dict[str, Any]] = []
+            now = datetime.now(UTC)
+            checkpoints: list[Checkpoint] = []
             for record in fresh:
                 record["seq"] = writer.next_seq
                 entry = writer.append(record)
                 record["hash"] = entry.hex()
                 rows.append(record)
+                # Every N records exactly, however large the batch.
+                if writer.pending >= self.checkpoint_records:
+                    checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
             if rows:
                 await self._insert(conn, rows)
-            now = datetime.now(UTC)
-            checkpoint = None
             if writer.pending and (force or self.checkpoint_due(now)):
-                checkpoint = writer.checkpoint(now).sign(self.private_key, self.key.kid)
+                checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
+            if checkpoints:
                 await conn.execute(
-                    insert(_CHECKPOINTS).values(
-                        first_seq=checkpoint.first_seq,
-                        last_seq=checkpoint.last_seq,
-                        chain_head=checkpoint.chain_head.hex(),
-                        merkle_root=checkpoint.merkle_root.hex(),
-                        created_at=checkpoint.created_at,
-                        algorithm=checkpoint.algorithm,
-                        key_id=checkpoint.key_id,
-                        signature=checkpoint.signature.hex(),
-                    )
+                    insert(_CHECKPOINTS),
+                    [
+                        {
+                            "first_seq": cp.first_seq,
+                            "last_seq": cp.last_seq,
+                            "chain_head": cp.chain_head.hex(),
+                            "merkle_root": cp.merkle_root.hex(),
+                            "created_at": cp.created_at,
+                            "algorithm": cp.algorithm,
+                            "key_id": cp.key_id,
+                            "signature": cp.signature.hex(),
+                        }
+                        for cp in checkpoints
+                    ],
                 )
+            checkpoint = checkpoints[-1] if checkpoints else None
             values: dict[str, Any] = {
                 "next_seq": writer.next_seq,
                 "head": writer.head.hex(),
@@ -237,7 +251,7 @@ class LedgerStore:
         if checkpoint is not None:
             self._last_checkpoint = now
         self.position = position
-        return Appended(len(rows), len(records) - len(rows), checkpoint)
+        return Appended(len(rows), len(records) - len(rows), checkpoints)
 
     async def _unseen(self, conn: AsyncConnection, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """``records`` without those already in the ledger or repeated in the batch."""
@@ -245,10 +259,19 @@ class LedgerStore:
         if not ids:
             return []
         stored: set[str] = set()
-        for start in range(0, len(ids), 5000):
-            chunk = ids[start : start + 5000]
-            result = await conn.execute(select(_CALLS.c.call_id).where(_CALLS.c.call_id.in_(chunk)))
+        if self._postgres:
+            # One array parameter, planned for its values: a cached generic
+            # plan of this query was seen to scan the table.
+            await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+            result = await conn.execute(
+                text("SELECT call_id FROM calls WHERE call_id = ANY(:ids)"), {"ids": ids}
+            )
             stored.update(result.scalars())
+        else:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                result = await conn.execute(select(_CALLS.c.call_id).where(_CALLS.c.call_id.in_(chunk)))
+                stored.update(result.scalars())
         fresh = []
         for record in records:
             if record["call_id"] in stored:

@@ -175,7 +175,7 @@ class LedgerWriter:
             if self.store.position != "0-0":
                 with contextlib.suppress(*REDIS_ERRORS):
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        await self.client.xtrim(LOG, minid=_after(self.store.position))
+                        await self.client.xtrim(LOG, minid=_after(self.store.position), approximate=False)
             return 0
         records = []
         for entry_id, fields in entries:
@@ -189,7 +189,7 @@ class LedgerWriter:
         self.moved += done.written
         with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self.client.xtrim(LOG, minid=_after(last))
+                await self.client.xtrim(LOG, minid=_after(last), approximate=False)
         return len(entries)
 
     async def drain(self) -> int:
