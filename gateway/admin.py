@@ -11,14 +11,15 @@ resources answer 404, as if they did not exist.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, REDIS, REGISTRY, SETTINGS
+from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
+from ledger import audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
 from licensing.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
@@ -210,6 +211,33 @@ def _app_switch(enabled: bool) -> Handler:
     return handler
 
 
+# -- call records ---------------------------------------------------------------
+
+
+async def get_call(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    call_id = request.match_info["id"]
+    record = await audit.get_call(request.app[ENGINE], call_id)
+    if record is None or principal.own_licensee not in (None, record["licensee_id"]):
+        raise NotFoundError(f"no call {call_id}")
+    return _json(record)
+
+
+async def list_calls(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """Oldest first (by ``seq``): pages stay put while new calls are appended.
+    The next page is ``after=<seq of the last call>``, also given as a ``Link``
+    header (``rel="next"``) when there is one."""
+    query = audit.CallQuery.from_params(request.query)
+    if principal.own_licensee is not None:
+        if query.licensee not in (None, principal.own_licensee):
+            return _json([])
+        query = replace(query, licensee=principal.own_licensee)
+    page = await audit.find_calls(request.app[ENGINE], query)
+    response = _json(page.calls)
+    if page.next_after is not None:
+        response.headers["Link"] = f'<{request.rel_url.update_query(after=page.next_after)}>; rel="next"'
+    return response
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/datasets", list_datasets, "read", "List datasets", None, schemas.Dataset, True),
     Route(
@@ -344,6 +372,19 @@ ROUTES: tuple[Route, ...] = (
         True,
         query=("licence", "dataset", "period", "licensee"),
     ),
+    Route(
+        "GET",
+        "/calls",
+        list_calls,
+        "read",
+        "Call records, oldest first; from inclusive, to exclusive (RFC 3339); "
+        "next page: after=<seq of the last one>, also in the Link header",
+        None,
+        audit.CallRecord,
+        True,
+        query=("licensee", "dataset", "from", "to", "request_id", "limit", "after"),
+    ),
+    Route("GET", "/calls/{id}", get_call, "read", "One call record, by call id", None, audit.CallRecord),
 )
 
 

@@ -63,8 +63,8 @@ class CallRow(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (
-        Index("ix_calls_licensee_time", "licensee_id", "time"),
-        Index("ix_calls_dataset_time", "dataset_id", "time"),
+        Index("ix_calls_licensee_seq", "licensee_id", "seq"),
+        Index("ix_calls_dataset_seq", "dataset_id", "seq"),
         Index("ix_calls_period_licensee", "period", "licensee_id"),
     )
 

@@ -54,8 +54,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("call_id", name=op.f("uq_calls_call_id")),
     )
     with op.batch_alter_table("calls", schema=None) as batch_op:
-        batch_op.create_index("ix_calls_dataset_time", ["dataset_id", "time"], unique=False)
-        batch_op.create_index("ix_calls_licensee_time", ["licensee_id", "time"], unique=False)
+        batch_op.create_index("ix_calls_dataset_seq", ["dataset_id", "seq"], unique=False)
+        batch_op.create_index("ix_calls_licensee_seq", ["licensee_id", "seq"], unique=False)
         batch_op.create_index("ix_calls_period_licensee", ["period", "licensee_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_calls_request_id"), ["request_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_calls_time"), ["time"], unique=False)
@@ -126,7 +126,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_calls_time"))
         batch_op.drop_index(batch_op.f("ix_calls_request_id"))
         batch_op.drop_index("ix_calls_period_licensee")
-        batch_op.drop_index("ix_calls_licensee_time")
-        batch_op.drop_index("ix_calls_dataset_time")
+        batch_op.drop_index("ix_calls_licensee_seq")
+        batch_op.drop_index("ix_calls_dataset_seq")
 
     op.drop_table("calls")

@@ -1,0 +1,404 @@
+"""``pdg audit verify|trace|export|prove|check-proof``: the auditor's commands,
+over the same service layer as the admin API (``ledger.audit``).
+
+``verify`` exits 0 when the ledger (or an export, ``--export``) re-derives,
+and 1 with the first bad seq and its kind on stdout when it does not. Keys
+are trusted only from files: the deployment's ledger key file (if this
+machine has it) and ``--public-key`` files. ``--trust-stored-keys`` also
+trusts the keys the database (or the export's manifest) carries: convenient,
+but whoever could rewrite the ledger could have put a key there too.
+
+Progress bars go to stderr, and only when it is a terminal, so ``--json``
+on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from config.settings import Settings
+from gateway.cli_resources import emit
+from licensing.errors import BadRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from ledger.audit import Progress
+
+Common = Callable[[argparse.ArgumentParser], None]
+
+TRACE_COLUMNS = (
+    "seq",
+    "call_id",
+    "time",
+    "licensee_id",
+    "dataset_id",
+    "purpose",
+    "status",
+    "outcome",
+    "charge_fen",
+)
+
+
+@contextlib.asynccontextmanager
+async def _engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The deployment's database, read as it is (no migrations: an auditor
+    may hold read-only rights)."""
+    from sqlalchemy.engine import make_url
+
+    from storage.db import create_engine
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not _exists(url.database):
+        raise BadRequestError(f"no database at {url.database} (is --data-dir or --config right?)")
+    engine = create_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def _read_proof(path: str) -> dict[str, Any]:
+    try:
+        proof = orjson.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise BadRequestError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(proof, dict):
+        raise BadRequestError(f"{path}: not a pdg inclusion proof")
+    return proof
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr when it is a terminal; else nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _file_keys(settings: Settings, args: argparse.Namespace) -> dict[str, ec.EllipticCurvePublicKey]:
+    """Trusted keys: ``--public-key`` files and the deployment's ledger key file."""
+    from ledger.audit import AuditError, read_public_keys
+
+    given = [Path(p) for p in getattr(args, "public_key", None) or []]
+    keys = read_public_keys(given)
+    if settings.ledger_key_path.exists():
+        try:
+            keys.update(read_public_keys([settings.ledger_key_path]))
+        except AuditError:
+            if not given:
+                raise
+    return keys
+
+
+# -- verify ------------------------------------------------------------------------
+
+
+async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    keys = _file_keys(settings, args)
+    with _progress("verifying") as progress:
+        if args.export:
+            manifest = Path(args.export)
+            if args.trust_stored_keys:
+                keys = {**audit.manifest_keys(audit.read_manifest(manifest)), **keys}
+            report = audit.verify_export(manifest, keys, progress=progress)
+        else:
+            async with _engine(settings) as engine:
+                if args.trust_stored_keys:
+                    keys = {**await audit.stored_keys(engine), **keys}
+                report = await audit.verify(engine, keys, progress=progress)
+    data = report.as_dict()
+    problem = report.problem
+    if problem is not None and problem.kind == "checkpoint" and "unknown key id" in problem.reason:
+        data["problem"]["reason"] += " (give its public key with --public-key, or --trust-stored-keys)"
+    emit(args, data, _verify_text(data))
+    return 0 if report.ok else 1
+
+
+def _verify_text(data: dict[str, Any]) -> str:
+    what = "export" if data["source"] != "database" else "ledger"
+    span = f"seq {data['first_seq']}..{data['last_seq']}"
+    if data["problem"] is not None:
+        p = data["problem"]
+        return (
+            f"{what} verification FAILED at seq {p['seq']}: {p['kind']}\n"
+            f"  {p['reason']}\n"
+            f"  {data['records']:,} records re-derived before it ({span}, {data['algorithm']})"
+        )
+    tail = data["unsigned_tail"]
+    speed = f", {data['records_per_second']:,} records/s" if data["records_per_second"] else ""
+    lines = [
+        f"{what} OK: {data['records']:,} records ({span}) re-derived with {data['algorithm']}, "
+        f"{data['checkpoints']:,} signed checkpoints checked ({data['seconds']} s{speed})"
+    ]
+    if tail:
+        lines.append(f"  the last {tail:,} records are chained but not yet under a signed checkpoint")
+    return "\n".join(lines)
+
+
+# -- trace -------------------------------------------------------------------------
+
+
+async def audit_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    filters = {
+        "request_id": args.request_id,
+        "licensee": args.licensee,
+        "dataset": args.dataset,
+        "from": args.since,
+        "to": args.until,
+        "limit": args.limit,
+        "after": args.after,
+    }
+    given = {k: str(v) for k, v in filters.items() if v is not None}
+    if args.call_id is not None:
+        if given:
+            raise BadRequestError(
+                "give a CALL_ID or search options (--request-id, --licensee, ...), not both"
+            )
+        async with _engine(settings) as engine:
+            record = await audit.get_call(engine, args.call_id)
+        if record is None:
+            raise NotFoundError(f"no call {args.call_id}")
+        emit(args, record)
+        return 0
+    query = audit.CallQuery.from_params(given)
+    async with _engine(settings) as engine:
+        page = await audit.find_calls(engine, query)
+    if getattr(args, "json", False):
+        emit(args, {"calls": page.calls, "next_after": page.next_after})
+        return 0
+    if not page.calls:
+        emit(args, {}, "no calls match")
+        return 0
+    _table(page.calls)
+    if page.next_after is not None:
+        emit(args, {}, f"more: add --after {page.next_after}")
+    return 0
+
+
+def _table(calls: list[dict[str, Any]]) -> None:
+    """Calls as a table, never cut short: call ids and times are what an
+    auditor copies from it (a pipe gets 160 columns, not rich's 80)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(soft_wrap=True, width=160)
+    table = Table(*TRACE_COLUMNS)
+    for call in calls:
+        table.add_row(*("" if call[c] is None else str(call[c]) for c in TRACE_COLUMNS))
+    console.print(table)
+
+
+# -- export ------------------------------------------------------------------------
+
+
+async def audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    since = audit.parse_time(args.since, "from") if args.since else None
+    until = audit.parse_time(args.until, "to") if args.until else None
+    if (args.from_seq is not None or args.to_seq is not None) and (since or until):
+        raise BadRequestError(
+            "give a seq range (--from-seq/--to-seq) or a time range (--from/--to), not both"
+        )
+    out = Path(args.out)
+    with _progress("exporting") as progress:
+        async with _engine(settings) as engine:
+            manifest = await audit.export(
+                engine,
+                out,
+                fmt=args.format,
+                from_seq=args.from_seq,
+                to_seq=args.to_seq,
+                since=since,
+                until=until,
+                public_keys=_file_keys(settings, args),
+                progress=progress,
+            )
+    data = {
+        **manifest,
+        "manifest_path": str(out / audit.MANIFEST),
+        "data_path": str(out / manifest["data_file"]),
+    }
+    text = (
+        f"exported seq {manifest['first_seq']}..{manifest['last_seq']} ({manifest['records']:,} records, "
+        f"{len(manifest['checkpoints'])} signed checkpoints) to {out}\n"
+        f"  data: {manifest['data_file']} (sha256 {manifest['data_sha256']})\n"
+        f"  check it with: pdg audit verify --export {out / audit.MANIFEST}"
+    )
+    emit(args, data, text)
+    return 0
+
+
+# -- proofs ------------------------------------------------------------------------
+
+
+async def audit_prove(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    async with _engine(settings) as engine:
+        proof = await audit.prove(engine, args.call_id, _file_keys(settings, args))
+    body = orjson.dumps(proof, option=orjson.OPT_INDENT_2) + b"\n"
+    if args.out is None:
+        sys.stdout.write(body.decode())
+        return 0
+    audit.atomic_write(Path(args.out), body)
+    cp = proof["checkpoint"]
+    summary = {"call_id": proof["call_id"], "seq": proof["seq"], "checkpoint": cp, "out": args.out}
+    emit(
+        args,
+        summary,
+        f"proof of call {proof['call_id']} (seq {proof['seq']}) against checkpoint "
+        f"{cp['first_seq']}..{cp['last_seq']} written to {args.out}",
+    )
+    return 0
+
+
+async def audit_check_proof(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    proof = _read_proof(args.file)
+    keys = _file_keys(settings, args)
+    wanted = (
+        (proof.get("checkpoint") or {}).get("key_id") if isinstance(proof.get("checkpoint"), dict) else None
+    )
+    if wanted in keys:
+        key = keys[wanted]
+    elif args.public_key:
+        key = next(iter(audit.read_public_keys([Path(args.public_key[-1])]).values()))
+    elif args.trust_embedded_key:
+        key = audit.proof_key(proof)
+    else:
+        raise BadRequestError(
+            "no trusted key for this proof: give the ledger's public key with --public-key "
+            "(or --trust-embedded-key to use the key inside the proof)"
+        )
+    result = audit.check_proof(proof, key)
+    emit(args, result.as_dict(), f"proof {'OK' if result.ok else 'FAILED'}: {result.reason}")
+    return 0 if result.ok else 1
+
+
+# -- the command group -----------------------------------------------------------------
+
+
+def _seq(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("sequence numbers start at 1")
+    return number
+
+
+def add_commands(sub: Any, common: Common) -> None:
+    group = sub.add_parser("audit", help="verify, trace, export and prove the call record")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", parser_class=type(group))
+    actions.required = True
+
+    def command(name: str, help_text: str, run: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
+        common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.set_defaults(run=run)
+        return parser
+
+    def key_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--public-key",
+            action="append",
+            metavar="PEM",
+            help="trust this ledger public key (repeatable); "
+            "the deployment's ledger key file is always trusted",
+        )
+
+    p = command(
+        "verify",
+        "re-derive the whole call record (or an export) and check every signed checkpoint; "
+        "exit 1 with the first bad seq",
+        audit_verify,
+    )
+    key_options(p)
+    p.add_argument(
+        "--trust-stored-keys",
+        action="store_true",
+        help="also trust the keys stored in the database (or carried in the export)",
+    )
+    p.add_argument("--export", metavar="MANIFEST", help="verify an export offline, from its manifest.json")
+
+    p = command("trace", "find call records: by call id, request id, or licensee/dataset/time", audit_trace)
+    p.add_argument("call_id", nargs="?", metavar="CALL_ID")
+    p.add_argument("--request-id")
+    p.add_argument("--licensee", help="licensee id")
+    p.add_argument("--dataset", help="dataset id")
+    p.add_argument("--from", dest="since", metavar="TIME", help="RFC 3339, inclusive")
+    p.add_argument("--to", dest="until", metavar="TIME", help="RFC 3339, exclusive")
+    p.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
+    p.add_argument(
+        "--after", type=int, metavar="SEQ", help="continue after this seq (from the previous page)"
+    )
+
+    p = command(
+        "export",
+        "write call records (JSON Lines or CSV) and a manifest "
+        "that 'pdg audit verify --export' checks offline",
+        audit_export,
+    )
+    key_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not hold an export)")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--from-seq", type=_seq, metavar="SEQ")
+    p.add_argument("--to-seq", type=_seq, metavar="SEQ")
+    p.add_argument("--from", dest="since", metavar="TIME", help="RFC 3339, inclusive")
+    p.add_argument("--to", dest="until", metavar="TIME", help="RFC 3339, exclusive")
+
+    p = command("prove", "an inclusion proof of one call against its signed checkpoint", audit_prove)
+    key_options(p)
+    p.add_argument("call_id", metavar="CALL_ID")
+    p.add_argument("--out", metavar="FILE", help="write the proof here (default: stdout)")
+
+    p = command("check-proof", "check an inclusion proof (exit 1 if it does not hold)", audit_check_proof)
+    key_options(p)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--trust-embedded-key",
+        action="store_true",
+        help="use the public key inside the proof (only if you have checked it some other way)",
+    )
