@@ -137,6 +137,10 @@ pdg demo is running at {base}
    # ...step 2 now answers 403 licence-inactive; /resume undoes it.
    The API is described at {base}/admin/v1/openapi.json
 
+5. Audit the call record (every call above that carried a token has one):
+   curl -s -H "Authorization: Bearer $ADMIN" {base}/admin/v1/calls
+   pdg audit verify --data-dir {shlex.quote(str(data_dir))}
+
 Press Ctrl-C to stop.
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,32 @@ def test_demo_printed_steps_work_as_pasted(demo: tuple[str, str]) -> None:
         assert served
     assert outputs[3]["code"] == "dataset-closed"
     assert outputs[3]["status"] == 403
+
+    # Step 5: the four calls are in the call record, which verifies.
+    admin = re.search(r"^   (ADMIN=\S+)$", text, re.M)
+    listing = re.search(r"^   (curl -s -H \"Authorization: Bearer \$ADMIN\" \S+/admin/v1/calls)$", text, re.M)
+    verify = re.search(r"^   pdg (audit verify --data-dir \S+)$", text, re.M)
+    assert admin, text
+    assert listing, text
+    assert verify, text
+    recorded: list[dict[str, object]] = []
+    end = time.monotonic() + 15
+    while len(recorded) < 4 and time.monotonic() < end:
+        time.sleep(0.3)
+        done = subprocess.run(
+            ["bash", "-c", f"{admin.group(1)}\n{listing.group(1)}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        recorded = json.loads(done.stdout)
+    assert len(recorded) == 4, recorded
+    assert sorted(str(r["outcome"]) for r in recorded) == ["refused", "served", "served", "served"]
+    checked = subprocess.run(
+        [PDG, *shlex.split(verify.group(1)), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True
 
 
 def test_serve_with_workers_on_embedded_defaults(tmp_path: Path) -> None:
