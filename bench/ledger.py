@@ -706,7 +706,7 @@ async def one_run(
             result["verify"] = await timed(
                 "verify", lambda: verify_sqlalchemy(engine, writer, algorithm), n, pids
             )
-            result["verify"]["path"] = "SQLAlchemy stream -> ledger.chain.Verifier (ledger/audit.py absent)"
+            result["verify"]["path"] = "SQLAlchemy stream -> ledger.chain.Verifier (ledger.audit absent)"
         result["read_only"] = await timed("reading rows", lambda: read_only(engine), n, pids)
 
         rows = [

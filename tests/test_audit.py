@@ -239,7 +239,7 @@ async def test_untouched_ledger_verifies(
             split = await audit.verify(ledger.engine, ledger.keys, parallel_min=1, segments=segments)
             assert (split.ok, split.records, split.checkpoints) == (True, N, 2)
         # A child that cannot do its part leaves it to one pass.
-        monkeypatch.setattr(audit, "_CHILD", "raise SystemExit('cannot start')")
+        monkeypatch.setattr(audit.parallel, "_CHILD", "raise SystemExit('cannot start')")
         split = await audit.verify(ledger.engine, ledger.keys, parallel_min=1, segments=2)
         assert (split.ok, split.records, split.checkpoints) == (True, N, 2)
         monkeypatch.undo()

@@ -1,0 +1,232 @@
+"""Verifying a large PostgreSQL ledger on several cores.
+
+One process re-derives ~200,000 records/s and PostgreSQL needs a fifth of a
+core to serve them. So a large ledger is cut into segments at checkpoint
+boundaries; child processes verify all but the first, each from the same
+snapshot (pg_export_snapshot), starting from the signed chain head of the
+checkpoint before its segment. The segment before closes that checkpoint
+itself, so together the segments check exactly what one pass would; the
+first problem is the lowest-numbered one any segment found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Final, cast
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.audit.common import AuditError, PublicKeys, checkpoint_from_json, checkpoint_json
+from ledger.audit.keys import load_public_key
+from ledger.audit.scan import _NO_END, _scan_postgres, _Scanned
+from ledger.chain import Checkpoint, Problem, ProblemKind, Verifier
+from ledger.store import public_pem
+
+#: Ledgers smaller than this are verified in one process (a child takes ~0.5 s to start).
+PARALLEL_MIN_RECORDS: Final = 300_000
+MAX_SEGMENTS: Final = 4
+_SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
+#: What a child runs: the entry point by its module path (``sys.path`` is passed on).
+_CHILD = "from ledger.audit.parallel import child_main; child_main()"
+
+
+class _ChildFailedError(AuditError):
+    """A verifying child process could not do its part (one pass will)."""
+
+
+def _split_points(cps: Sequence[Checkpoint], last: int, parts: int) -> list[Checkpoint]:
+    """The checkpoints to cut after, for ``parts`` segments of about equal size;
+    none unless the checkpoints tile the ledger (otherwise one pass says why)."""
+    expected = 1
+    for cp in cps:
+        if cp.first_seq != expected:
+            return []
+        expected = cp.last_seq + 1
+    inner = [cp for cp in cps if cp.last_seq < last]
+    cuts: list[Checkpoint] = []
+    for part in range(1, parts):
+        target = last * part // parts
+        best = min(inner, key=lambda cp: abs(cp.last_seq - target), default=None)
+        if best is not None and best not in cuts and (not cuts or best.last_seq > cuts[-1].last_seq):
+            cuts.append(best)
+    return cuts
+
+
+def child_main() -> None:
+    """The child process of :func:`_verify_parallel`: a job (JSON) on stdin;
+    ``P <rows>`` progress lines, then ``R <json>`` or ``E <reason>``, on stdout."""
+    import sys
+
+    job = json.loads(sys.stdin.buffer.read())
+
+    def tick(rows: int) -> bool:
+        sys.stdout.write(f"P {rows}\n")
+        sys.stdout.flush()
+        return True
+
+    try:
+        scanned = asyncio.run(_verify_segment(job, tick))
+    except (AuditError, OSError, ValueError) as exc:
+        sys.stdout.write(f"E {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+        sys.exit(1)
+    p = scanned.problem
+    result = {
+        "problem": None if p is None else [p.seq, p.kind, p.reason],
+        "last_seq": scanned.last_seq,
+        "head": scanned.head.hex(),
+    }
+    sys.stdout.write(f"R {json.dumps(result)}\n")
+
+
+async def _verify_segment(job: dict[str, Any], tick: Callable[[int], bool]) -> _Scanned:
+    import asyncpg
+
+    snapshot = str(job["snapshot"])
+    if not _SNAPSHOT_ID.match(snapshot):
+        raise AuditError(f"unexpected snapshot id {snapshot!r}")
+    first, until = int(job["first_seq"]), int(job["until"])
+    verifier = Verifier(
+        job["algorithm"],
+        checkpoints=[checkpoint_from_json(cp, "checkpoint") for cp in job["checkpoints"]],
+        public_keys={kid: load_public_key(pem.encode(), kid) for kid, pem in job["keys"].items()},
+        first_seq=first,
+        prev_hash=bytes.fromhex(job["prev_hash"]),
+    )
+    try:
+        driver = await asyncpg.connect(job["dsn"])
+    except asyncpg.PostgresError as exc:
+        raise AuditError(f"database: {exc}") from exc
+    try:
+        async with driver.transaction(isolation="repeatable_read", readonly=True):
+            await driver.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return await _scan_postgres(driver, verifier, first, until, tick)
+    finally:
+        await driver.close()
+
+
+class _Child:
+    """One segment's child process, and what it has said so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process, first: int) -> None:
+        self.process = process
+        self.first = first
+        self.done = 0
+        self.answer: dict[str, str] = {}
+
+    async def listen(self, progress: Callable[[], None]) -> None:
+        if self.process.stdout is None:  # pragma: no cover (started with PIPE)
+            return
+        async for line in self.process.stdout:
+            kind, _, rest = line.decode().rstrip("\n").partition(" ")
+            if kind == "P":
+                self.done += int(rest)
+                progress()
+            elif kind in ("R", "E"):
+                self.answer[kind] = rest
+
+    async def result(self) -> _Scanned:
+        errors = await self.process.stderr.read() if self.process.stderr is not None else b""
+        await self.process.wait()
+        if "R" not in self.answer:
+            lines = errors.decode(errors="replace").strip().splitlines()
+            reason = self.answer.get("E") or (
+                lines[-1] if lines else f"exit status {self.process.returncode}"
+            )
+            raise _ChildFailedError(f"verifying records from seq {self.first} failed: {reason}")
+        data = json.loads(self.answer["R"])
+        found = data["problem"]
+        problem = (
+            None if found is None else Problem(int(found[0]), cast(ProblemKind, found[1]), str(found[2]))
+        )
+        return _Scanned(problem, int(data["last_seq"]), bytes.fromhex(data["head"]))
+
+
+async def _verify_parallel(
+    conn: AsyncConnection,
+    algorithm: str,
+    cps: list[Checkpoint],
+    keys: PublicKeys,
+    cuts: list[Checkpoint],
+    progress: Callable[[int], None],
+) -> _Scanned:
+    import sys
+
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    snapshot = await driver.fetchval("SELECT pg_export_snapshot()")
+    dsn = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    pems = {kid: public_pem(key) for kid, key in keys.items()}
+    starts = [cut.last_seq + 1 for cut in cuts]
+    ends = [*starts[1:], _NO_END]
+    # The children import what we imported, from where we imported it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    children: list[_Child] = []
+    listening: list[asyncio.Task[None]] = []
+    ours = 0
+
+    def report() -> None:
+        progress(ours + sum(child.done for child in children))
+
+    try:
+        for cut, first, until in zip(cuts, starts, ends, strict=True):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _CHILD,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            children.append(_Child(process, first))
+            job = {
+                "dsn": dsn,
+                "snapshot": snapshot,
+                "algorithm": algorithm,
+                "checkpoints": [
+                    checkpoint_json(cp) for cp in cps if first <= cp.first_seq and cp.last_seq < until
+                ],
+                "keys": pems,
+                "first_seq": first,
+                "until": until,
+                "prev_hash": cut.chain_head.hex(),
+            }
+            if process.stdin is not None:
+                process.stdin.write(json.dumps(job).encode())
+                await process.stdin.drain()
+                process.stdin.close()
+        listening += [asyncio.create_task(child.listen(report)) for child in children]
+
+        def tick(rows: int) -> bool:
+            nonlocal ours
+            ours += rows
+            report()
+            return True
+
+        first_part = Verifier(
+            algorithm, checkpoints=[cp for cp in cps if cp.last_seq < starts[0]], public_keys=keys
+        )
+        scanned = await _scan_postgres(driver, first_part, 1, starts[0], tick)
+        if scanned.problem is not None:
+            return scanned  # nothing after our segment can come earlier
+        await asyncio.gather(*listening)
+        for child in children:
+            theirs = await child.result()
+            if theirs.problem is not None:
+                return theirs
+            if theirs.last_seq >= child.first:  # an empty last segment leaves the head where it was
+                scanned = theirs
+        return scanned
+    finally:
+        for child in children:
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
+        for task in listening:
+            task.cancel()
+        await asyncio.gather(*listening, return_exceptions=True)
+        report()
