@@ -363,9 +363,15 @@ def find_pdg(explicit: str | None) -> str:
     raise BenchError("no `pdg` found: run with the project's venv python or pass --pdg")
 
 
+#: Settings given to the gateway (``--set NAME=VALUE``), e.g. the ledger
+#: writer moved out of the gateway's process.
+GATEWAY_SETTINGS: dict[str, str] = {}
+
+
 def gateway_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDG_")}
     env["PDG_DATA_DIR"] = str(data_dir)
+    env.update(GATEWAY_SETTINGS)
     return env
 
 
@@ -777,6 +783,7 @@ class Options:
     start_timeout: float
     quiet_wait: float
     keep_data: bool
+    settings: tuple[str, ...] = ()
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -817,6 +824,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="before each run, wait up to this many seconds for other processes to go idle (15)",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the gateway's temporary data folder")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PDG_NAME=VALUE",
+        help="a setting for the gateway (repeatable), e.g. PDG_LEDGER_RUN_WRITER=false",
+    )
     a = parser.parse_args(argv)
     duration = a.duration if a.duration is not None else (3 if a.quick else 10)
     runs = a.runs if a.runs is not None else (1 if a.quick else 3)
@@ -845,6 +859,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         start_timeout=a.start_timeout,
         quiet_wait=a.quiet_wait,
         keep_data=a.keep_data,
+        settings=tuple(a.set),
     )
 
 
@@ -971,6 +986,11 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    for item in opts.settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("PDG_"):
+            raise SystemExit(f"bench: --set takes PDG_NAME=VALUE, not {item!r}")
+        GATEWAY_SETTINGS[name] = value
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _raise_interrupt)
     with contextlib.suppress(AttributeError):
