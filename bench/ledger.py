@@ -98,6 +98,7 @@ from ledger.models import CallRow, CheckpointRow  # noqa: E402
 from ledger.record import FIELDS, TIME_FIELDS, hashed, to_log  # noqa: E402
 from ledger.store import checkpoint_of  # noqa: E402
 from ledger.writer import LedgerWriter, build_writer  # noqa: E402
+from licensing.ids import uuid7  # noqa: E402
 from storage.db import create_engine  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
 from storage.redis import RedisClient, connect  # noqa: E402
@@ -120,14 +121,7 @@ class BenchError(Exception):
 
 
 def _uuid7(ms: int, rng: random.Random) -> str:
-    rand = rng.getrandbits(80)
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 68) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid7(ms, rng.getrandbits(80))
 
 
 DATASETS = (

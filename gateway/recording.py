@@ -25,8 +25,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -48,10 +47,6 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 def request_id(request: web.Request, call_id: str) -> str:
     incoming = request.headers.get("X-Request-Id", "")
     return incoming if REQUEST_ID.match(incoming) else call_id
-
-
-class Digest(Protocol):
-    def update(self, data: bytes, /) -> None: ...
 
 
 class _SM3:
@@ -164,8 +159,3 @@ class CallRecorder:
                 "the call record cannot be made durable", headers={"Retry-After": "1"}
             ) from exc
         self.written = True
-
-    @property
-    def started(self) -> datetime:
-        started: datetime = self.record["started_at"]
-        return started

@@ -14,8 +14,11 @@ def new_id(prefix: str) -> str:
 
 def new_call_id() -> str:
     """A UUIDv7 (RFC 9562): time-ordered, so call ids sort by arrival."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    return uuid7(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10), "big"))
+
+
+def uuid7(ms: int, rand: int) -> str:
+    """The UUIDv7 of Unix time ``ms`` (milliseconds) and 80 random bits."""
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= ((rand >> 68) & 0xFFF) << 64
