@@ -33,6 +33,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from licensing.errors import LedgerUnavailableError
 from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ class Presence:
         """Stop announcing; on a clean stop leave the set at once, so what is
         left in flight (nothing, after a graceful drain) is recovered now."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         with contextlib.suppress(*REDIS_ERRORS):
             await self._hand_over()
         with contextlib.suppress(*REDIS_ERRORS):

@@ -47,6 +47,7 @@ from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
 from metering.quota import Scripts
 from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,8 @@ class LedgerWriter:
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     async def run(self) -> None:
         """Work while holding the lock; stand by otherwise; until :meth:`stop`."""
@@ -377,10 +379,9 @@ async def start_writer(
     finally:
         writer.stop()
         try:
-            await asyncio.wait_for(asyncio.shield(task), COMMAND_TIMEOUT * 3)
+            async with asyncio.timeout(COMMAND_TIMEOUT * 3):
+                await asyncio.shield(task)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await writer.finish()
         await writer.let_go()

@@ -38,6 +38,7 @@ from licensing.errors import (
     UnknownDatasetError,
 )
 from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow
+from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,4 @@ class CatalogueCache:
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)

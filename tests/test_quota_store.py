@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +23,7 @@ from metering.quota import (
     Terms,
     plan_reservation,
 )
+from storage.redis import connect
 from tests.conftest import REDIS_URL, free_port
 
 NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
@@ -35,7 +37,7 @@ async def batcher(request: pytest.FixtureRequest, embedded_valkey_url: str) -> A
         if not REDIS_URL:
             pytest.skip("PDG_TEST_REDIS_URL is not set (CI sets it)")
         url = REDIS_URL
-    client = aioredis.Redis.from_url(url)
+    client = connect(url)
     await client.flushdb()
     store = QuotaBatcher(client)
     try:
@@ -182,3 +184,27 @@ async def test_unreachable_store_fails_closed() -> None:
             await store.reserve(plan(terms(), "u1"))
     finally:
         await client.aclose()
+
+
+async def test_a_task_sending_commands_stops_when_cancelled(batcher: QuotaBatcher) -> None:
+    """A cancellation reaches a task whatever command it is in the middle of.
+    (A client whose sends go through ``asyncio.wait_for`` -- redis-py's
+    per-command socket timeout -- loses some on Python 3.11, and the task
+    carries on: a background loop that never stops, a timeout that never
+    fires.)"""
+    client = batcher.client
+    rng = random.Random(7)
+
+    async def busy() -> None:
+        while True:
+            await client.eval("return redis.call('INCR', KEYS[1])", 1, "pdg:test:busy")
+            await client.get("pdg:test:busy")
+
+    for _ in range(200):
+        task = asyncio.create_task(busy())
+        await asyncio.sleep(rng.random() * 0.003)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert task in done, "the task went on after it was cancelled"
+        assert task.cancelled()
+    assert int(await client.get("pdg:test:busy") or 0) > 0
