@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.recording import CallRecorder
-from gateway.state import CLOCK, PRESENCE, QUOTA, REPLICA_ID, SETTINGS
+from gateway.state import PRESENCE, QUOTA, REPLICA_ID
 from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
@@ -44,7 +44,7 @@ from licensing.errors import (
     QuotaUnavailableError,
     RateLimitedError,
 )
-from metering.periods import Period, period_of, zone
+from metering.periods import Period
 from metering.quota import (
     EXHAUSTED,
     IN_FLIGHT,
@@ -81,26 +81,30 @@ class Charge:
             return 0
         return self.outcome.price + records * self.per_record_e4
 
-    async def settle(self, request: web.Request, records: int) -> None:
-        """Served: it stays charged (a credit pool also takes the per-record
-        price). Call after the call's record is written."""
-        await self._finish(request, "settle", records * self.per_record_e4)
+    async def record_and_finish(
+        self, app: web.Application, log: str, entry: bytes, *, served: bool, records: int
+    ) -> None:
+        """Append the call's record (``entry``, to the stream ``log``) and
+        settle the call (``served``: it stays charged, a credit pool also takes
+        the per-record price) or release it: one round trip on a single server
+        (``QuotaBatcher.finish``). With nothing to finish, only the append.
 
-    async def release(self, request: web.Request) -> None:
-        """Not served: give the quota back. Call after the call's record is
-        written; a call whose record could not be written is ``orphan``-ed."""
-        await self._finish(request, "release", 0)
-
-    async def _finish(self, request: web.Request, action: str, extra: int) -> None:
-        if self.reservation is None or self.done:
+        Raises :class:`QuotaStoreError` if that failed. Then, and if this is
+        cancelled while it waits, whether the record landed is not known here:
+        the call is handed to the ledger writer, which settles or releases it
+        by what the ledger holds (the hand-over of a call finished meanwhile
+        finds nothing to do)."""
+        reservation = self.reservation
+        if reservation is None or self.done:
+            await app[QUOTA].append(log, entry)
             return
         self.done = True
+        action, extra = ("settle", records * self.per_record_e4) if served else ("release", 0)
         try:
-            await request.app[QUOTA].finish(self.reservation, action, extra)
-        except QuotaStoreError:
-            # The call's in-flight entry stays: the ledger writer ends the
-            # call by what its record says.
-            request.app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
+            await app[QUOTA].finish(reservation, action, extra, record=(log, entry))
+        except BaseException:
+            app[PRESENCE].orphan(reservation.licence_id, reservation.call_id)
+            raise
 
     def orphan(self, request: web.Request) -> None:
         """The call's record could not be written: leave the call to the
@@ -162,19 +166,17 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 async def reserve(
-    request: web.Request, grant: Grant, app_id: str, call_id: str, recorder: CallRecorder | None = None
+    request: web.Request, grant: Grant, app_id: str, call_id: str, recorder: CallRecorder
 ) -> Charge:
     """Reserve this call's quota, or raise the problem that refuses it. The
     call record so far (``recorder``) stays with the reservation while the
     call is in flight."""
-    now = request.app[CLOCK].now()
-    period = period_of(now, zone(request.app[SETTINGS].billing.time_zone))
     key = idempotency_key(request)
     terms = _terms(grant, app_id)
-    record = b"{}"
-    if recorder is not None:
-        recorder.record["pool"] = pool_kind(terms)
-        record = recorder.skeleton()
+    # Judged at the instant and in the period the call record says.
+    now, period = recorder.now, recorder.period
+    recorder.record["pool"] = pool_kind(terms)
+    record = recorder.skeleton()
     reservation = plan_reservation(
         terms, period, now, call_id, key, replica=request.app[REPLICA_ID], record=record
     )

@@ -36,6 +36,7 @@ Forwarding rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import time
@@ -287,6 +288,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
                     upstream_status=upstream_status if isinstance(upstream_status, int) else None,
                     size=len(body),
                     digest=recorder.digest_of(body),
+                    charge=charge,
                 )
             except LedgerUnavailableError:
                 if isinstance(error, QuotaUnavailableError):
@@ -295,22 +297,15 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
                     # or forwarded; the refusal is in the metrics only.
                     return refusal
                 raise
-            if charge is not None:
-                await asyncio.shield(charge.release(request))
             return refusal
     except BaseException:
         # No record, or no finish: the ledger writer ends the call.
         if charge is not None:
             charge.orphan(request)
         raise
-    if served.orphaned:
-        charge.orphan(request)
-    elif served.complete:
-        await asyncio.shield(charge.settle(request, served.records))
-    else:
-        await asyncio.shield(charge.release(request))
     if not served.complete:
-        # After the finish: cutting the connection may cancel this handler.
+        # The call is recorded and finished (or handed to the ledger writer):
+        # cutting the connection now, which may cancel this handler, is safe.
         _abort(request)
     metrics.data_calls.labels(dataset_label, f"{response.status // 100}xx").inc()
     metrics.data_latency.labels(dataset_label).observe(time.perf_counter() - started)
@@ -414,12 +409,10 @@ def _gateway_location(value: str, requested: URL, grant: Grant) -> str | None:
 @dataclass(slots=True)
 class Served:
     """How the relay went: the whole body sent, and the records it held
-    (``X-Record-Count``, else counted when the body is a JSON array);
-    ``orphaned`` when the call's record could not be written."""
+    (``X-Record-Count``, else counted when the body is a JSON array)."""
 
     complete: bool
     records: int
-    orphaned: bool = False
 
 
 def _count_records(upstream: aiohttp.ClientResponse, body: bytes | None) -> int:
@@ -488,9 +481,10 @@ async def _relay(
     digest = recorder.new_digest()
     size = 0
     # What tells the caller the response is whole leaves only once the record
-    # is durable: the body's last byte when a Content-Length announces it,
-    # else the end of the chunked body (write_eof); an empty body's headers.
-    # Everything before streams as it comes.
+    # is durable: the body's last chunk when a Content-Length announces it
+    # (a small body's only chunk: then headers and body leave together, in
+    # one write), else the end of the chunked body (write_eof); an empty
+    # body's headers. Everything before streams as it comes.
     expected = upstream.content_length
     held = b""
     try:
@@ -505,15 +499,15 @@ async def _relay(
                 else:
                     kept = None
             if expected is not None and size >= expected:
-                chunk, held = chunk[:-1], chunk[-1:]
+                chunk, held = b"", chunk
             if chunk:
                 if not response.prepared:
                     await response.prepare(request)
                 await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
-        return response, await _cut(request, recorder, status, size, digest, "upstream-unavailable")
+        return response, await _cut(recorder, charge, status, size, digest, "upstream-unavailable")
     except ConnectionResetError:
-        return response, await _cut(request, recorder, status, size, digest, "client-disconnected")
+        return response, await _cut(recorder, charge, status, size, digest, "client-disconnected")
     records = _count_records(upstream, b"".join(kept) if kept else None)
     try:
         await recorder.write(
@@ -523,18 +517,16 @@ async def _relay(
             records=records,
             size=size,
             digest=digest.hexdigest(),
-            charge_e4=charge.price(records),
+            charge=charge,
         )
     except LedgerUnavailableError:
         if not response.prepared:
             raise  # nothing left yet: the caller is told 503
-        return response, Served(complete=False, records=0, orphaned=True)
+        return response, Served(complete=False, records=0)
     try:
         if not response.prepared:
             await response.prepare(request)
-        if held:
-            await response.write(held)
-        await response.write_eof()
+        await response.write_eof(held)
     except ConnectionResetError:
         pass  # the caller left at the last moment; the call was served and recorded
     return response, Served(complete=True, records=records)
@@ -548,12 +540,12 @@ def _abort(request: web.Request) -> None:
 
 
 async def _cut(
-    request: web.Request, recorder: CallRecorder, status: int, size: int, digest: Any, problem: str
+    recorder: CallRecorder, charge: charging.Charge, status: int, size: int, digest: Any, problem: str
 ) -> Served:
-    """The response could not be sent whole: record it ``incomplete`` (the
-    caller cuts the connection once the call is finished)."""
-    orphaned = False
-    try:
+    """The response could not be sent whole: record it ``incomplete`` and
+    release it (the caller then cuts the connection). If the record cannot be
+    written the call is the ledger writer's to end."""
+    with contextlib.suppress(LedgerUnavailableError):
         await recorder.write(
             status=status,
             outcome=INCOMPLETE,
@@ -561,10 +553,9 @@ async def _cut(
             upstream_status=status,
             size=size,
             digest=digest.hexdigest(),
+            charge=charge,
         )
-    except LedgerUnavailableError:
-        orphaned = True
-    return Served(complete=False, records=0, orphaned=orphaned)
+    return Served(complete=False, records=0)
 
 
 def setup(app: web.Application) -> None:

@@ -25,7 +25,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -33,11 +33,14 @@ from cryptography.hazmat.primitives import hashes
 
 from gateway.state import CLOCK, PRESENCE, QUOTA, SETTINGS
 from ledger.log import LOG
-from ledger.record import clip, to_log
+from ledger.record import SERVED, clip, to_log
 from licensing.errors import LedgerUnavailableError
 from licensing.tokens import AccessClaims
 from metering.periods import period_of, zone
 from metering.quota import QuotaStoreError
+
+if TYPE_CHECKING:
+    from gateway.charging import Charge
 
 #: An ``X-Request-Id`` passed on (and recorded) as the caller sent it; any
 #: other is replaced by the call id.
@@ -71,7 +74,7 @@ def digest_factory(algorithm: str) -> Callable[[], Any]:
 class CallRecorder:
     """The record of one authenticated data call, filled in as it goes."""
 
-    __slots__ = ("_perf", "app", "epoch", "new_digest", "record", "written")
+    __slots__ = ("_perf", "app", "epoch", "new_digest", "now", "period", "record", "written")
 
     def __init__(self, request: web.Request, claims: AccessClaims, call_id: str) -> None:
         app = request.app
@@ -80,7 +83,10 @@ class CallRecorder:
         #: Raises 503 ledger-unavailable when records cannot be taken now.
         self.epoch = app[PRESENCE].check()
         settings = app[SETTINGS]
-        now = app[CLOCK].now()
+        #: When the call began, and its billing period: the reservation is
+        #: judged at the same instant.
+        self.now = now = app[CLOCK].now()
+        self.period = period_of(now, zone(settings.billing.time_zone))
         self.new_digest = digest_factory(settings.ledger.hash_algorithm)
         target, sep, query = request.raw_path.partition("?")
         dataset = target.split("/", 3)[2] if target.count("/") >= 2 else ""
@@ -98,7 +104,7 @@ class CallRecorder:
             "path": clip(target, "path"),
             "query_digest": self._digest_hex(query.encode()) if sep else None,
             "pool": None,
-            "period": period_of(now, zone(settings.billing.time_zone)).name,
+            "period": self.period.name,
             "client_address": clip(request.remote or "", "client_address"),
             "token_id": claims.token_id[:64],
         }
@@ -128,9 +134,11 @@ class CallRecorder:
         records: int = 0,
         size: int = 0,
         digest: str | None = None,
-        charge_e4: int = 0,
+        charge: Charge | None = None,
     ) -> None:
-        """Append the finished record to the log and wait for it to be there.
+        """Append the finished record to the log and wait for it to be there;
+        with the call's ``charge``, settle it (``served``) or release it (any
+        other outcome) in the same step.
 
         Raises :class:`LedgerUnavailableError` if it could not be (the call is
         then the ledger writer's to end).
@@ -147,13 +155,18 @@ class CallRecorder:
             records=records,
             bytes=size,
             latency_us=int((time.perf_counter() - self._perf) * 1_000_000),
-            charge_e4=charge_e4,
+            charge_e4=charge.price(records) if charge is not None and outcome == SERVED else 0,
             response_digest=digest,
         )
         if not self.still_valid():
             raise LedgerUnavailableError("the call record log was out of reach during this call")
         try:
-            await self.app[QUOTA].append(LOG, to_log(record))
+            if charge is None:
+                await self.app[QUOTA].append(LOG, to_log(record))
+            else:
+                await charge.record_and_finish(
+                    self.app, LOG, to_log(record), served=outcome == SERVED, records=records
+                )
         except QuotaStoreError as exc:
             raise LedgerUnavailableError(
                 "the call record cannot be made durable", headers={"Retry-After": "1"}

@@ -15,14 +15,15 @@ multi-row ``INSERT``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Table, insert, select, text, update
+from sqlalchemy import Dialect, Table, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -106,6 +107,7 @@ class LedgerStore:
         self.position = "0-0"
         self._last_checkpoint = datetime.now(UTC)
         self._postgres = engine.dialect.name == "postgresql"
+        self._sqlite_insert: tuple[str, list[tuple[int, Callable[[Any], Any]]]] | None = None
 
     # -- state --------------------------------------------------------------
 
@@ -287,7 +289,32 @@ class LedgerStore:
             records = [tuple(_copy_value(row[c]) for c in _COLUMNS) for row in rows]
             await driver.copy_records_to_table("calls", records=records, columns=_COLUMNS)  # type: ignore[union-attr]
             return
-        await conn.execute(insert(_CALLS), rows)
+        # One prepared INSERT run over plain tuples: SQLAlchemy's per-row
+        # parameter handling cost more than SQLite's own work. Values are
+        # bound by the columns' own types (times as UTCDateTime stores them).
+        if self._sqlite_insert is None:
+            self._sqlite_insert = _plain_insert(conn.dialect)
+        statement, processors = self._sqlite_insert
+        values = []
+        for row in rows:
+            one = list(_COLUMN_VALUES(row))
+            for i, process in processors:
+                one[i] = process(one[i])
+            values.append(tuple(one))
+        await conn.exec_driver_sql(statement, values)
+
+
+_COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
+
+
+def _plain_insert(dialect: Dialect) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
+    """The ``calls`` INSERT with positional parameters, and the bind
+    processors of the columns that have one (by position)."""
+    statement = "INSERT INTO calls ({}) VALUES ({})".format(  # noqa: S608 - fixed column names
+        ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
+    )
+    processors = [(i, _CALLS.c[c].type.bind_processor(dialect)) for i, c in enumerate(_COLUMNS)]
+    return statement, [(i, p) for i, p in processors if p is not None]
 
 
 def _copy_value(value: Any) -> Any:

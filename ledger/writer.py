@@ -270,11 +270,13 @@ class LedgerWriter:
                     idem,
                     inflight_key(u.licence_id),
                     1,
+                    0,
                     action,
                     extra,
                     kind,
                     int(u.marker.get("idem", 0)),
                     u.call_id,
+                    "",
                 )
             ended += int(result[0])
         self.recovered += ended

@@ -264,6 +264,8 @@ class _Pending:
     keys: Sequence[str]
     args: Sequence[Any]
     future: asyncio.Future[Any]
+    #: A finish that appends the call's record: the log's key.
+    log: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,15 +284,18 @@ class QuotaBatcher:
 
     def __init__(self, client: RedisClient, scripts: Scripts | None = None) -> None:
         self.client = client
+        self._cluster = isinstance(client, aioredis.RedisCluster)
         self.scripts = scripts or Scripts()
         self._pending: list[_Pending] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _submit(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+    def _submit(
+        self, script: str, keys: Sequence[str], args: Sequence[Any], log: str | None = None
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Pending(script, keys, args, future))
+        self._pending.append(_Pending(script, keys, args, future, log))
         self._schedule(loop)
         return future
 
@@ -314,16 +319,27 @@ class QuotaBatcher:
 
     def _commands(self, batch: Sequence[_Pending], *, one_per_call: bool) -> list[_Command]:
         """The commands that answer ``batch``: all its reservations in one
-        script run, all its finishes in another (or, on a Cluster, one run
-        per call: a run's keys share one slot), and an ``XADD`` per record."""
+        script run, all its finishes in another, with the records they append
+        (or, on a Cluster, one run per call: a run's keys share one slot), and
+        an ``XADD`` per record appended on its own."""
         sha = self.scripts.sha
         commands = []
         for script in self.scripts.names:
             calls = [i for i, item in enumerate(batch) if item.script == script]
-            groups = [[i] for i in calls] if one_per_call else ([calls] if calls else [])
+            if one_per_call:
+                groups = [[i] for i in calls]
+            else:
+                by_log: dict[str | None, list[int]] = {}
+                for i in calls:
+                    by_log.setdefault(batch[i].log, []).append(i)
+                groups = list(by_log.values())
             for group in groups:
+                log = batch[group[0]].log
                 keys = [key for i in group for key in batch[i].keys]
                 args: list[Any] = [len(group)]
+                if script == "finish":
+                    args.append(1 if log else 0)
+                    keys = [log, *keys] if log else keys
                 for i in group:
                     # A reservation's argument count varies with its tiers.
                     args += [len(batch[i].args), *batch[i].args] if script == "reserve" else batch[i].args
@@ -336,8 +352,7 @@ class QuotaBatcher:
     async def _execute(self, batch: Sequence[_Pending]) -> list[Any]:
         """One answer per call of ``batch``, in order (an exception for a call
         whose script failed)."""
-        cluster = isinstance(self.client, aioredis.RedisCluster)
-        commands = self._commands(batch, one_per_call=cluster)
+        commands = self._commands(batch, one_per_call=self._cluster)
         if isinstance(self.client, aioredis.RedisCluster):
             # The Cluster client routes each run to the node of its slot.
             pipe = self.client.pipeline(transaction=False)
@@ -431,17 +446,36 @@ class QuotaBatcher:
             return Outcome(status, 0, 0, retry_after_ms=a)
         return Outcome(status, a, b, price=rest[0] if rest else 0)
 
-    async def finish(self, reservation: Reservation, action: str, extra_e4: int = 0) -> bool:
+    async def finish(
+        self,
+        reservation: Reservation,
+        action: str,
+        extra_e4: int = 0,
+        *,
+        record: tuple[str, bytes] | None = None,
+    ) -> bool:
         """Settle (``"settle"``: served, stays charged, plus ``extra_e4`` on a
         credit pool) or release (``"release"``: not charged) a reserved call.
         Only the first finish of a call acts; the answer says whether this
-        one did."""
+        one did.
+
+        ``record`` (a stream and an entry: the call record and its log) is
+        appended first: on a single server in the same script run, so one
+        round trip makes the record durable and finishes the call; on a
+        Cluster, where the log has a slot of its own, the finish is sent once
+        the append is acknowledged."""
+        log, entry = record if record is not None else (None, b"")
+        if log is not None and self._cluster:
+            await self.append(log, entry)
+            log, entry = None, b""
         _burst, pool, paid, idem, inflight = reservation.keys
         extra = extra_e4 if action == "settle" and reservation.pool.kind == "credit" else 0
+        idempotent = 1 if reservation.idempotent else 0
         result = await self._submit(
             "finish",
             (pool, paid, idem, inflight),
-            (action, extra, reservation.pool.kind, 1 if reservation.idempotent else 0, reservation.call_id),
+            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry),
+            log,
         )
         return bool(int(result))
 

@@ -208,3 +208,29 @@ async def test_a_task_sending_commands_stops_when_cancelled(batcher: QuotaBatche
         assert task in done, "the task went on after it was cancelled"
         assert task.cancelled()
     assert int(await client.get("pdg:test:busy") or 0) > 0
+
+
+async def test_a_finish_appends_the_call_record_in_the_same_run(batcher: QuotaBatcher) -> None:
+    client = batcher.client
+    t = terms(free_limit=10)
+    calls = [plan(t, f"r{i}") for i in range(6)]
+    assert all(o.status == RESERVED for o in await asyncio.gather(*(batcher.reserve(r) for r in calls)))
+    assert await client.hlen(calls[0].keys[4]) == 6
+    # One batch: settles, releases and records together.
+    done = await asyncio.gather(
+        *(
+            batcher.finish(
+                r, "settle" if i % 2 else "release", record=("pdg:test:log", f"record {i}".encode())
+            )
+            for i, r in enumerate(calls)
+        )
+    )
+    assert done == [True] * 6
+    entries = await client.xrange("pdg:test:log")
+    assert sorted(fields[b"r"] for _id, fields in entries) == [f"record {i}".encode() for i in range(6)]
+    assert await client.hlen(calls[0].keys[4]) == 0, "no call left in flight"
+    assert int(await client.get(calls[0].pool.counter_key)) == 3, "the three released calls were given back"
+    # A call finished already: its record is still appended; nothing else moves.
+    assert not await batcher.finish(calls[0], "release", record=("pdg:test:log", b"late"))
+    assert await client.xlen("pdg:test:log") == 7
+    assert int(await client.get(calls[0].pool.counter_key)) == 3

@@ -8,22 +8,38 @@
 -- goes in the same run. So a gateway finishing a call and the ledger writer
 -- recovering it after the gateway died can not both act on it.
 --
--- ARGV[1] the number of calls, n; then five arguments per call:
---   action (settle | release), extra charge (1/10000 fen, credit pools
---   only, else 0; settle only), pool kind, 1 when the call has an
---   Idempotency-Key else 0, call id.
--- KEYS, four per call: pool counter, paid calls of the dataset this period,
---   idempotency record, the licence's in-flight hash.
+-- On a single server a call's record is appended to the call-record log in
+-- the run that finishes the call, before it: the record is durable when the
+-- call is settled or released, and one run does both. (On a Cluster the log
+-- lives in another slot: the gateway appends first, then finishes.)
+--
+-- ARGV[1] the number of calls, n; ARGV[2] 1 when KEYS[1] is the call-record
+--   log, else 0; then six arguments per call: action (settle | release),
+--   extra charge (1/10000 fen, credit pools only, else 0; settle only), pool
+--   kind, 1 when the call has an Idempotency-Key else 0, call id, the call's
+--   record for the log ('' for none).
+-- KEYS: the log when ARGV[2] is 1; then four per call: pool counter, paid
+--   calls of the dataset this period, idempotency record, the licence's
+--   in-flight hash.
 --
 -- Returns one integer per call: 1 finished now, 0 already finished.
 
 local IDEMPOTENCY_TTL = 24 * 3600
+local has_log = ARGV[2] == '1'
+local base = has_log and 1 or 0
 local results = {}
 for n = 1, tonumber(ARGV[1]) do
-  local a = 2 + 5 * (n - 1)
-  local k = 4 * n - 3
+  local a = 3 + 6 * (n - 1)
+  local k = base + 4 * n - 3
   local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local record = ARGV[a + 5]
+  if record ~= '' then
+    if not has_log then
+      return redis.error_reply('a record needs the log key')
+    end
+    redis.call('XADD', KEYS[1], '*', 'r', record)
+  end
   local entry = redis.call('HGET', inflight_key, call_id)
   if not entry then
     results[n] = 0
