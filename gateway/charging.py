@@ -106,13 +106,13 @@ class Charge:
             app[PRESENCE].orphan(reservation.licence_id, reservation.call_id)
             raise
 
-    def orphan(self, request: web.Request) -> None:
+    def orphan(self, app: web.Application) -> None:
         """The call's record could not be written: leave the call to the
         ledger writer, which records it and settles or releases it."""
         if self.reservation is None or self.done:
             return
         self.done = True
-        request.app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
+        app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
 
 
 def _terms(grant: Grant, app_id: str) -> Terms:

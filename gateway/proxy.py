@@ -301,7 +301,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     except BaseException:
         # No record, or no finish: the ledger writer ends the call.
         if charge is not None:
-            charge.orphan(request)
+            charge.orphan(request.app)
         raise
     if not served.complete:
         # The call is recorded and finished (or handed to the ledger writer):

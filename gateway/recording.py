@@ -159,6 +159,8 @@ class CallRecorder:
             response_digest=digest,
         )
         if not self.still_valid():
+            if charge is not None:
+                charge.orphan(self.app)
             raise LedgerUnavailableError("the call record log was out of reach during this call")
         try:
             if charge is None:

@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
-from gateway.state import ENGINE, QUOTA, REDIS, SETTINGS
+from gateway.state import ENGINE, PRESENCE, QUOTA, REDIS, SETTINGS
 from ledger.chain import Verifier
 from ledger.log import LOG
 from ledger.models import CallRow, CheckpointRow
@@ -280,3 +281,43 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
     assert int(await redis.get(prepaid) or 0) == 0  # released: never charged
     problem, _n = await verify_rows(world)
     assert problem is None
+
+
+@pytest.mark.parametrize("answer", ["slow", "drip"])
+async def test_a_call_outliving_its_heartbeat_is_handed_to_the_writer(world: World, answer: str) -> None:
+    """A replica whose heartbeat lapsed while a call was in flight must not
+    complete it (the writer may already take it for dead): the caller gets
+    503 (``slow``: nothing sent yet) or a cut connection (``drip``: part of
+    the body sent), and the writer records the call ``incomplete`` and
+    releases it."""
+    ds, lic, _app, token = await world.licensed()
+    redis = world.app[REDIS]
+    inflight = f"pdg:{{{lic['id']}}}:inflight"
+    period = period_of(datetime.now(UTC), zone(world.settings.billing.time_zone))
+    free = f"pdg:{{{lic['id']}}}:free:{ds['id']}:{period.name}"
+    path = f"/data/{ds['id']}/slow?seconds=0.5" if answer == "slow" else f"/data/{ds['id']}/drip"
+    call = asyncio.create_task(world.call(path, token))
+    for _ in range(100):
+        if await redis.hlen(inflight):
+            break
+        await asyncio.sleep(0.01)
+    assert await redis.hlen(inflight) == 1
+    assert int(await redis.get(free) or 0) == 1
+    # What a heartbeat after a silence long enough to fail closed records.
+    world.app[PRESENCE].epoch += 1
+    if answer == "slow":
+        code, body, _resp = await call
+        assert code == 503, body
+        assert body["code"] == "ledger-unavailable"
+    else:
+        world.upstream.drip_release.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await call
+    rows = await records_of(world, 1, within=15)
+    assert [(r["outcome"], r["charge_e4"]) for r in rows] == [("incomplete", 0)]
+    for _ in range(100):
+        if await redis.hlen(inflight) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await redis.hlen(inflight) == 0
+    assert int(await redis.get(free) or 0) == 0, "released: never charged"
