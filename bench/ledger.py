@@ -582,7 +582,7 @@ def instrument(writer: LedgerWriter) -> Phases:
     phases.wrap_sync(ChainWriter, "append", "chain records (canonical + 2 hashes)")
     phases.wrap_sync(ChainWriter, "checkpoint", "Merkle root of checkpoints")
     phases.wrap_async(asyncpg.connection.Connection, "copy_records_to_table", "COPY to PostgreSQL (asyncpg)")
-    # _insert = building the COPY row tuples (_copy_value per value) + the COPY.
+    # _insert = building the row tuples (the columns' bind processors) + the COPY.
     phases.wrap_async(store, "_insert", "_insert total")
     phases.wrap_sync(Checkpoint, "sign", "sign checkpoints (ECDSA)")
     return phases
@@ -757,8 +757,8 @@ async def diagnostic_run(
     insert_total = phases.seconds.pop("_insert total", 0.0)
     phases.calls.pop("_insert total", None)
     copy_wire = phases.seconds.get("COPY to PostgreSQL (asyncpg)", 0.0)
-    phases.seconds["build COPY rows (_copy_value + tuples)"] = max(0.0, insert_total - copy_wire)
-    phases.calls["build COPY rows (_copy_value + tuples)"] = phases.calls.get(
+    phases.seconds["build COPY rows (bind processors + tuples)"] = max(0.0, insert_total - copy_wire)
+    phases.calls["build COPY rows (bind processors + tuples)"] = phases.calls.get(
         "COPY to PostgreSQL (asyncpg)", 0
     )
     accounted = sum(phases.seconds.values())

@@ -8,8 +8,9 @@ ledger is skipped, so a log entry moved twice (a writer that crashed between
 its commit and trimming the log) lands once. Two writers fence each other on
 ``next_seq``: the loser's transaction rolls back (:class:`FencedError`).
 
-On PostgreSQL rows go in with ``COPY`` (asyncpg), elsewhere with one
-multi-row ``INSERT``.
+On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with one prepared
+``INSERT`` run over the batch; both take plain tuples, bound once by the
+columns' own types.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class LedgerStore:
         self.position = "0-0"
         self._last_checkpoint = datetime.now(UTC)
         self._postgres = engine.dialect.name == "postgresql"
-        self._sqlite_insert: tuple[str, list[tuple[int, Callable[[Any], Any]]]] | None = None
+        self._binders = _binders(engine.dialect)
 
     # -- state --------------------------------------------------------------
 
@@ -283,43 +284,31 @@ class LedgerStore:
         return fresh
 
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        if self._postgres:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            records = [tuple(_copy_value(row[c]) for c in _COLUMNS) for row in rows]
-            await driver.copy_records_to_table("calls", records=records, columns=_COLUMNS)  # type: ignore[union-attr]
-            return
-        # One prepared INSERT run over plain tuples: SQLAlchemy's per-row
-        # parameter handling cost more than SQLite's own work. Values are
-        # bound by the columns' own types (times as UTCDateTime stores them).
-        if self._sqlite_insert is None:
-            self._sqlite_insert = _plain_insert(conn.dialect)
-        statement, processors = self._sqlite_insert
+        # Plain tuples, bound here by the columns' own types (times as
+        # UTCDateTime stores them, naive UTC): SQLAlchemy's per-row parameter
+        # handling cost more than the database's own work.
         values = []
         for row in rows:
             one = list(_COLUMN_VALUES(row))
-            for i, process in processors:
-                one[i] = process(one[i])
+            for i, bind in self._binders:
+                one[i] = bind(one[i])
             values.append(tuple(one))
-        await conn.exec_driver_sql(statement, values)
+        if self._postgres:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            await driver.copy_records_to_table("calls", records=values, columns=_COLUMNS)  # type: ignore[union-attr]
+        else:
+            await conn.exec_driver_sql(_SQLITE_INSERT, values)
 
 
 _COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
+_SQLITE_INSERT = "INSERT INTO calls ({}) VALUES ({})".format(  # noqa: S608 - fixed column names
+    ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
+)
 
 
-def _plain_insert(dialect: Dialect) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
-    """The ``calls`` INSERT with positional parameters, and the bind
-    processors of the columns that have one (by position)."""
-    statement = "INSERT INTO calls ({}) VALUES ({})".format(  # noqa: S608 - fixed column names
-        ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
-    )
-    processors = [(i, _CALLS.c[c].type.bind_processor(dialect)) for i, c in enumerate(_COLUMNS)]
-    return statement, [(i, p) for i, p in processors if p is not None]
-
-
-def _copy_value(value: Any) -> Any:
-    # COPY bypasses SQLAlchemy's types: times go in as naive UTC, as
-    # UTCDateTime stores them.
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
+def _binders(dialect: Dialect) -> list[tuple[int, Callable[[Any], Any]]]:
+    """The bind processors of the ``calls`` columns that have one on
+    ``dialect``, by column position."""
+    found = [(i, _CALLS.c[c].type.bind_processor(dialect)) for i, c in enumerate(_COLUMNS)]
+    return [(i, bind) for i, bind in found if bind is not None]
