@@ -24,7 +24,13 @@ as a ratio against the honest minimum any gateway does. One run of
 5. prints a ``rich`` table (requests/s, p50, p99, the proxy's CPU use, errors) and the
    gateway/bare throughput ratio, and writes the same figures, per-run details and the
    machine facts to ``bench/results/proxy.json`` (git-ignored);
-6. stops everything it started - each process is the leader of its own process group,
+6. with ``--against PDG`` (another build's ``pdg``, e.g. an earlier commit checked out
+   in a worktree with its own venv), starts that gateway too, provisioned the same way
+   in its own data folder, and measures it in the same runs, after the gateway: bare,
+   gateway, against, bare, ... Both gateways then meet the same machine, and the report
+   gives each one's ratio to the bare proxy and the difference in points -- the way to
+   compare builds on a machine whose speed drifts between runs;
+7. stops everything it started - each process is the leader of its own process group,
    and the whole group is stopped (SIGTERM, then SIGKILL) on success, error, Ctrl-C or
    SIGTERM.
 
@@ -383,14 +389,20 @@ def log_tail(path: Path, chars: int = 1500) -> str:
 
 
 def start_gateway(
-    procs: Processes, pdg: str, data_dir: Path, cpus: frozenset[int] | None, attempts: int, timeout: float
+    procs: Processes,
+    pdg: str,
+    data_dir: Path,
+    cpus: frozenset[int] | None,
+    attempts: int,
+    timeout: float,
+    name: str = "gateway",
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``pdg serve`` on a free port; retried a few times (the gateway may be mid-change)."""
-    log = data_dir / "gateway.log"
+    log = data_dir / f"{name}.log"
     for attempt in range(1, attempts + 1):
         port = free_port()
         argv = [pdg, "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
-        proc = procs.start("gateway", argv, cpus, log=log, env=gateway_env(data_dir))
+        proc = procs.start(name, argv, cpus, log=log, env=gateway_env(data_dir))
         if wait_ready(f"http://127.0.0.1:{port}/healthz", proc, timeout):
             return proc, port
         console.print(
@@ -640,6 +652,23 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def ratio_of(g: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """A gateway's medians against the bare proxy's."""
+    return {
+        "throughput_pct": round(100.0 * g["requests_per_s"] / b["requests_per_s"], 1)
+        if b["requests_per_s"]
+        else 0.0,
+        "p50_x": round(g["p50_ms"] / b["p50_ms"], 2) if b["p50_ms"] else 0.0,
+        "p99_x": round(g["p99_ms"] / b["p99_ms"], 2) if b["p99_ms"] else 0.0,
+        "cpu_per_request_x": round(g["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"], 2)
+        if b["proxy_cpu_us_per_request"]
+        else 0.0,
+    }
+
+
+LABELS = {"bare": "bare proxy", "gateway": "pdg gateway", "against": "pdg (--against)"}
+
+
 def render(report: dict[str, Any]) -> None:
     s = report["settings"]
     table = Table(
@@ -655,10 +684,9 @@ def render(report: dict[str, Any]) -> None:
     table.add_column("proxy CPU %", justify="right")
     table.add_column("CPU µs/req", justify="right")
     table.add_column("errors", justify="right")
-    for key, label in (("bare", "bare proxy"), ("gateway", "pdg gateway")):
-        r = report["results"][key]
+    for key, r in report["results"].items():
         table.add_row(
-            label,
+            LABELS[key],
             f"{r['requests_per_s']:,.0f}",
             f"{r['p50_ms']:.2f}",
             f"{r['p99_ms']:.2f}",
@@ -671,6 +699,14 @@ def render(report: dict[str, Any]) -> None:
         f"gateway / bare throughput: [bold]{ratio['throughput_pct']:.1f} %[/]   "
         f"p50 x{ratio['p50_x']:.2f}   p99 x{ratio['p99_x']:.2f}   CPU/req x{ratio['cpu_per_request_x']:.2f}"
     )
+    if "against" in report:
+        other = report["against"]["ratio"]
+        table.caption += (
+            f"\n--against / bare throughput: [bold]{other['throughput_pct']:.1f} %[/]   "
+            f"p50 x{other['p50_x']:.2f}   p99 x{other['p99_x']:.2f}   "
+            f"CPU/req x{other['cpu_per_request_x']:.2f}   "
+            f"(gateway {ratio['throughput_pct'] - other['throughput_pct']:+.1f} points)"
+        )
     console.print(table)
     m = report["machine"]
     console.print(
@@ -684,12 +720,13 @@ def render(report: dict[str, Any]) -> None:
 
 def notes_for(report: dict[str, Any]) -> list[str]:
     notes = []
-    for key in ("bare", "gateway"):
+    keys = list(report["results"])
+    for key in keys:
         if report["results"][key]["errors"]:
             notes.append(
                 f"{key}: {report['results'][key]['errors']} failed or non-2xx calls - figures suspect"
             )
-    others = [r["other_processes_cpu_pct"] for k in ("bare", "gateway") for r in report["results"][k]["runs"]]
+    others = [r["other_processes_cpu_pct"] for k in keys for r in report["results"][k]["runs"]]
     if others and max(others) >= 15.0:
         notes.append(
             f"other processes used up to {max(others):.0f} % of a core during the runs "
@@ -702,7 +739,8 @@ def notes_for(report: dict[str, Any]) -> list[str]:
             return None
         return min(statistics.median(r["core_busy_pct"].get(f"cpu{c}", 0.0) for r in runs) for c in cores)
 
-    for key, label in (("bare", "the bare proxy"), ("gateway", "the gateway")):
+    for key in keys:
+        label = "the bare proxy" if key == "bare" else f"the {LABELS[key]}"
         r = report["results"][key]
         if r["proxy_cpu_pct"] >= 90.0:
             continue
@@ -716,7 +754,7 @@ def notes_for(report: dict[str, Any]) -> list[str]:
             why = "something other than CPU was the limit"
         notes.append(
             f"{label} used only {r['proxy_cpu_pct']:.0f} % of a core, so it was not CPU-bound: {why}; "
-            "its requests/s understate it" + ("" if key == "gateway" else " and can flatter the ratio")
+            "its requests/s understate it" + (" and can flatter the ratio" if key == "bare" else "")
         )
     return notes
 
@@ -784,6 +822,7 @@ class Options:
     quiet_wait: float
     keep_data: bool
     settings: tuple[str, ...] = ()
+    against: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -811,6 +850,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--pdg", default=None, help="the pdg executable (default: beside python, or PATH)")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="PDG",
+        help="another pdg executable (an earlier build), measured in the same run, alternating",
+    )
     parser.add_argument("--records", type=int, default=11, help="records in the upstream body (11: ~1 KB)")
     parser.add_argument(
         "--max-requests", type=int, default=5_000_000, help="cap per run for the Python client (5e6)"
@@ -860,6 +905,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         quiet_wait=a.quiet_wait,
         keep_data=a.keep_data,
         settings=tuple(a.set),
+        against=a.against,
     )
 
 
@@ -890,33 +936,42 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
     if not wait_ready(f"http://127.0.0.1:{bare_port}/", bare, 30):
         raise BenchError(f"the bare proxy did not start:\n{log_tail(data_dir / 'bare.log')}")
 
-    gateway, gw_port = start_gateway(
-        procs, pdg, data_dir, layout.proxy, opts.start_attempts, opts.start_timeout
-    )
-    gw_base = f"http://127.0.0.1:{gw_port}"
-    gw = provision(pdg, data_dir, gw_base, up_base)
-    token = gw.token()
+    # Each gateway: its executable, data folder, process and provisioned world.
+    builds = {"gateway": (pdg, data_dir)}
+    if opts.against:
+        (data_dir / "against").mkdir()
+        builds["against"] = (find_pdg(opts.against), data_dir / "against")
+    gateways: dict[str, tuple[subprocess.Popen[bytes], Gateway]] = {}
+    for name, (exe, folder) in builds.items():
+        proc, port = start_gateway(
+            procs, exe, folder, layout.proxy, opts.start_attempts, opts.start_timeout, name=name
+        )
+        gateways[name] = (proc, provision(exe, folder, f"http://127.0.0.1:{port}", up_base))
 
-    targets = {
-        "bare": (f"http://127.0.0.1:{bare_port}{UPSTREAM_PREFIX}{CALL_PATH}", bare),
-        "gateway": (f"{gw_base}/data/{DATASET}{CALL_PATH}", gateway),
+    targets: dict[str, tuple[str, subprocess.Popen[bytes]]] = {
+        "bare": (f"http://127.0.0.1:{bare_port}{UPSTREAM_PREFIX}{CALL_PATH}", bare)
     }
+    for name, (proc, world) in gateways.items():
+        targets[name] = (f"{world.base}/data/{DATASET}{CALL_PATH}", proc)
+    token = gateways["gateway"][1].token()
     for name, (url, _proc) in targets.items():
-        check_target(name, url, token, expected)
-    console.print(f"both paths return the upstream's {len(expected)}-byte body; measuring...")
+        check_target(name, url, gateways[name][1].token() if name in gateways else token, expected)
+    console.print(f"every path returns the upstream's {len(expected)}-byte body; measuring...")
 
-    own = [upstream.pid, bare.pid, gateway.pid]
+    own = [upstream.pid, bare.pid, *(proc.pid for proc, _ in gateways.values())]
     load = Load(opts.tool, opts.connections, opts.duration, opts.max_requests, layout, procs)
     if opts.warmup:
         warm = Load(opts.tool, opts.connections, opts.warmup, opts.max_requests, layout, procs)
         for name, (url, proc) in targets.items():
+            if name in gateways:
+                token = gateways[name][1].token()
             warm.run(url, token, proc.pid, upstream.pid, own)
             console.print(f"  warm-up {name}: done")
-    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "gateway": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for i in range(opts.runs):
         for name, (url, proc) in targets.items():
-            if name == "gateway":
-                token = gw.token()  # fresh each run: tokens live 300 s by default
+            if name in gateways:
+                token = gateways[name][1].token()  # fresh each run: tokens live 300 s by default
             time.sleep(1.0)  # let the previous run's connections close
             quiet, busy_before = wait_quiet(opts.quiet_wait)
             result = load.run(url, token, proc.pid, upstream.pid, own)
@@ -930,11 +985,12 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
                 f"others {result['other_processes_cpu_pct']:3.0f} %  "
                 f"errors {result['errors'] + result['non_2xx']}"
             )
-        if gateway.poll() is not None:
-            raise BenchError(f"pdg serve exited during the benchmark:\n{log_tail(data_dir / 'gateway.log')}")
+        for name, (proc, _) in gateways.items():
+            if proc.poll() is not None:
+                log = builds[name][1] / f"{name}.log"
+                raise BenchError(f"pdg serve ({name}) exited during the benchmark:\n{log_tail(log)}")
 
     results = {name: summarise(r) for name, r in runs.items()}
-    b, g = results["bare"], results["gateway"]
     report: dict[str, Any] = {
         "benchmark": "proxy",
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -964,18 +1020,15 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
         "pinning": {**layout.describe(), "text": layout.text()},
         "source": source_facts(pdg),
         "results": results,
-        "ratio": {
-            "throughput_pct": round(100.0 * g["requests_per_s"] / b["requests_per_s"], 1)
-            if b["requests_per_s"]
-            else 0.0,
-            "p50_x": round(g["p50_ms"] / b["p50_ms"], 2) if b["p50_ms"] else 0.0,
-            "p99_x": round(g["p99_ms"] / b["p99_ms"], 2) if b["p99_ms"] else 0.0,
-            "cpu_per_request_x": round(g["proxy_cpu_us_per_request"] / b["proxy_cpu_us_per_request"], 2)
-            if b["proxy_cpu_us_per_request"]
-            else 0.0,
-        },
+        "ratio": ratio_of(results["gateway"], results["bare"]),
         "output": str(opts.output),
     }
+    if "against" in results:
+        report["against"] = {
+            "pdg": builds["against"][0],
+            "source": source_facts(builds["against"][0]),
+            "ratio": ratio_of(results["against"], results["bare"]),
+        }
     report["notes"] = notes_for(report)
     return report
 

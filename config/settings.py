@@ -110,6 +110,12 @@ class LedgerSettings(_Section):
     max_backlog: int = Field(100_000, ge=100, le=100_000_000)
     #: Records the writer moves per transaction, at most.
     writer_batch: int = Field(5000, ge=1, le=100_000)
+    #: Each batch costs the same fixed work (a transaction, the chain state,
+    #: trimming the log) whatever its size, so the writer lets records gather:
+    #: it starts a batch at most this often unless a whole batch is waiting.
+    #: Records are durable in the log meanwhile; this only delays when they
+    #: show in the SQL ledger. 0: move each record as soon as it arrives.
+    writer_linger_seconds: float = Field(0.25, ge=0, le=10)
     #: A replica not heard from for this long is dead: the writer releases its
     #: unfinished calls and records them as ``incomplete``.
     replica_timeout_seconds: float = Field(15.0, ge=3, le=600)
@@ -203,6 +209,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LEDGER_RUN_WRITER": "ledger.run_writer",
     "PDG_LEDGER_MAX_BACKLOG": "ledger.max_backlog",
     "PDG_LEDGER_WRITER_BATCH": "ledger.writer_batch",
+    "PDG_LEDGER_WRITER_LINGER_SECONDS": "ledger.writer_linger_seconds",
     "PDG_LEDGER_REPLICA_TIMEOUT_SECONDS": "ledger.replica_timeout_seconds",
     "PDG_LOG_LEVEL": "logging.level",
     "PDG_ACCESS_LOG": "logging.access_log",

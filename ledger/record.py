@@ -9,7 +9,7 @@ re-derived from the row, so the verifier checks what billing and tracing read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -51,6 +51,8 @@ FIELDS: Final[tuple[str, ...]] = (
 )
 #: What the gateway writes to the log: every field but ``seq``.
 LOGGED_FIELDS: Final = FIELDS[1:]
+_LOGGED: Final = frozenset(LOGGED_FIELDS)
+_ZERO: Final = timedelta(0)
 TIME_FIELDS: Final = ("time", "started_at")
 #: Column widths that bound what a caller can put in a record.
 LIMITS: Final = {"request_id": 128, "dataset_id": 64, "path": 2048, "method": 16, "client_address": 64}
@@ -72,22 +74,27 @@ def to_log(record: Mapping[str, Any]) -> bytes:
 
 
 def from_log(data: bytes) -> dict[str, Any]:
-    """A record read back from the log, with its times as aware datetimes."""
+    """A record read back from the log, with its times as aware datetimes
+    (fields other than the logged ones are dropped)."""
     try:
         record = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"not JSON: {exc}") from exc
     if not isinstance(record, dict):
         raise RecordError("not a JSON object")
-    missing = [name for name in LOGGED_FIELDS if name not in record]
-    if missing:
-        raise RecordError(f"missing fields: {', '.join(missing)}")
+    if record.keys() != _LOGGED:
+        missing = [name for name in LOGGED_FIELDS if name not in record]
+        if missing:
+            raise RecordError(f"missing fields: {', '.join(missing)}")
+        record = {name: record[name] for name in LOGGED_FIELDS}
     try:
         for name in TIME_FIELDS:
-            record[name] = datetime.fromisoformat(record[name])
+            value = record[name] = datetime.fromisoformat(record[name])
+            if value.utcoffset() != _ZERO:
+                raise ValueError(f"{name} is not in UTC")
     except (TypeError, ValueError) as exc:
         raise RecordError(f"bad time: {exc}") from exc
-    return {name: record[name] for name in LOGGED_FIELDS}
+    return record
 
 
 def hashed(row: Mapping[str, Any]) -> dict[str, Any]:

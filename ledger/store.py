@@ -4,8 +4,9 @@
 (``ledger_state``) and appends a batch of records in one transaction, with
 their ``seq`` and chain ``hash``, a checkpoint when one is due, and the log
 position the batch came from. A record whose ``call_id`` is already in the
-ledger is skipped, so a log entry moved twice (a writer that crashed between
-its commit and trimming the log) lands once. Two writers fence each other on
+ledger is skipped, so a log entry appended or moved twice lands once: batches
+go in without a look-up first, and one that meets a stored call id (the
+unique index refuses it) is rolled back and written again with one. Two writers fence each other on
 ``next_seq``: the loser's transaction rolls back (:class:`FencedError`).
 
 On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with one prepared
@@ -19,7 +20,7 @@ import logging
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
@@ -32,6 +33,7 @@ from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import FIELDS, hashed
 from licensing.keys import SigningKey
+from storage.db import UTCDateTime
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,16 @@ _CHECKPOINTS = cast(Table, CheckpointRow.__table__)
 _KEYS = cast(Table, LedgerKeyRow.__table__)
 _COLUMNS = (*FIELDS, "hash")
 _STATE_ID = 1
+_ZERO = timedelta(0)
+#: A call id already stored: SQLAlchemy's error, or asyncpg's own from COPY
+#: (which goes to the driver directly).
+_DUPLICATE: tuple[type[BaseException], ...]
+try:
+    from asyncpg.exceptions import UniqueViolationError
+
+    _DUPLICATE = (IntegrityError, UniqueViolationError)
+except ImportError:  # pragma: no cover - asyncpg is a dependency
+    _DUPLICATE = (IntegrityError,)
 
 
 class LedgerError(Exception):
@@ -190,26 +202,36 @@ class LedgerStore:
         if self.writer is None:
             await self.load()
         try:
-            return await self._append(records, position, force_checkpoint)
+            try:
+                # Log entries are moved once in the normal course: insert
+                # without looking for them first, and look only when the
+                # database says a call id is already there.
+                return await self._append(records, position, force_checkpoint, check=False)
+            except _DUPLICATE:
+                await self.load()
+                return await self._append(records, position, force_checkpoint, check=True)
         except BaseException:
             self.writer = None
             raise
 
-    async def _append(self, records: Sequence[dict[str, Any]], position: str, force: bool) -> Appended:
+    async def _append(
+        self, records: Sequence[dict[str, Any]], position: str, force: bool, *, check: bool
+    ) -> Appended:
         writer = self.writer
         if writer is None:
             raise LedgerError("the ledger state is not loaded")
         start_seq, start_head = writer.next_seq, writer.head
         async with self.engine.begin() as conn:
-            fresh = await self._unseen(conn, records)
+            fresh = await self._unseen(conn, records) if check else records
             rows: list[dict[str, Any]] = []
             now = datetime.now(UTC)
             checkpoints: list[Checkpoint] = []
             for record in fresh:
-                record["seq"] = writer.next_seq
-                entry = writer.append(record)
-                record["hash"] = entry.hex()
-                rows.append(record)
+                # A copy: a batch written again (see append) starts from the
+                # records as they were read.
+                row = {**record, "seq": writer.next_seq}
+                row["hash"] = writer.append(row).hex()
+                rows.append(row)
                 # Every N records exactly, however large the batch.
                 if writer.pending >= self.checkpoint_records:
                     checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
@@ -309,6 +331,21 @@ _SQLITE_INSERT = "INSERT INTO calls ({}) VALUES ({})".format(  # noqa: S608 - fi
 
 def _binders(dialect: Dialect) -> list[tuple[int, Callable[[Any], Any]]]:
     """The bind processors of the ``calls`` columns that have one on
-    ``dialect``, by column position."""
-    found = [(i, _CALLS.c[c].type.bind_processor(dialect)) for i, c in enumerate(_COLUMNS)]
+    ``dialect``, by column position (times on SQLite: :func:`sqlite_utc`)."""
+    found: list[tuple[int, Callable[[Any], Any] | None]] = []
+    for i, name in enumerate(_COLUMNS):
+        kind = _CALLS.c[name].type
+        if dialect.name == "sqlite" and isinstance(kind, UTCDateTime):
+            found.append((i, sqlite_utc))
+        else:
+            found.append((i, kind.bind_processor(dialect)))
     return [(i, bind) for i, bind in found if bind is not None]
+
+
+def sqlite_utc(value: datetime) -> str:
+    """An aware UTC datetime as a ``UTCDateTime`` column stores it in SQLite
+    (naive UTC, which the driver spells ``value.isoformat(" ")``), in two C
+    calls rather than through the column's processor and the driver's adapter."""
+    if value.utcoffset() != _ZERO:
+        raise ValueError(f"expected an aware UTC datetime, got {value!r}")
+    return value.replace(tzinfo=None).isoformat(" ")

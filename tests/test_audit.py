@@ -11,11 +11,12 @@ service and by the CLI (exit 1); the table is restored between cases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
@@ -722,3 +723,51 @@ async def test_sm3_ledger(backend: Backend, tmp_path: Path) -> None:
         assert (report.problem.seq, report.problem.kind) == (222, "altered")
     finally:
         await engine.dispose()
+
+
+# -- the writer's side ------------------------------------------------------------------------
+
+
+async def test_records_already_stored_or_repeated_land_once(ledger: Ledger) -> None:
+    """A batch is inserted without a look-up first; one that meets a stored
+    call id is written again, without the records already there."""
+    store = LedgerStore(ledger.engine, ledger.key, checkpoint_records=1000, checkpoint_seconds=3600)
+    again = [make_record(N - 1), make_record(N + 1), make_record(N + 1), make_record(N + 2), make_record(N)]
+    done = await store.append(again, f"{N + 1}-0")
+    assert (done.written, done.skipped) == (2, 3)
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(select(CALLS.c.seq, CALLS.c.call_id).where(CALLS.c.seq > N))).all()
+    assert [(r.seq, r.call_id) for r in rows] == [(N + 1, call_id(N + 1)), (N + 2, call_id(N + 2))]
+    # A batch of new records alone goes straight in.
+    done = await store.append([make_record(N + 3)], f"{N + 2}-0")
+    assert (done.written, done.skipped) == (1, 0)
+    report = await audit.verify(ledger.engine, ledger.keys)
+    assert report.ok, report
+    assert report.records == N + 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 3, 1, 8, 0, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 3, 1, 8, 0, 0, 10, tzinfo=timezone(timedelta(0))),
+    ],
+)
+def test_sqlite_time_binding_is_the_columns_own(value: datetime) -> None:
+    """The writer's fast spelling of a time on SQLite is exactly what the
+    column's bind processor and the driver store (and queries compare against)."""
+    import sqlite3
+
+    from sqlalchemy.dialects import sqlite
+
+    from ledger.store import sqlite_utc
+
+    own = CALLS.c.time.type.bind_processor(sqlite.dialect())
+    assert own is not None
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        stored = db.execute("SELECT ?", (own(value),)).fetchone()[0]
+    assert sqlite_utc(value) == stored
+    with pytest.raises(ValueError, match="aware UTC"):
+        sqlite_utc(value.replace(tzinfo=timezone(timedelta(hours=8))))
