@@ -54,7 +54,7 @@ from yarl import URL
 
 from gateway import charging
 from gateway.problems import call_id_of, problem_response, render
-from gateway.recording import CallRecorder, request_id
+from gateway.recording import CallRecorder
 from gateway.state import CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import Grant
@@ -182,7 +182,7 @@ def _trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
 
 
 def _forward_headers(
-    request: web.Request, call_id: str, trusted_proxies: tuple[str, ...]
+    request: web.Request, request_id: str, trusted_proxies: tuple[str, ...]
 ) -> CIMultiDict[str]:
     connection_named = {
         name.strip().lower()
@@ -204,7 +204,7 @@ def _forward_headers(
         headers["X-Forwarded-For"] = peer
         headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
-    headers["X-Request-Id"] = request_id(request, call_id)
+    headers["X-Request-Id"] = request_id
     if request.body_exists and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     return headers
@@ -355,7 +355,7 @@ async def _forward(
         raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
     base = str(grant.dataset.upstream).rstrip("/")
     url = URL(f"{base}/{rest}", encoded=True)
-    headers = _forward_headers(request, call_id, settings.server.trusted_proxies)
+    headers = _forward_headers(request, recorder.record["request_id"], settings.server.trusted_proxies)
     timeout_s = grant.dataset.timeout_seconds or settings.proxy.default_timeout_seconds
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
     exceeded = [False]

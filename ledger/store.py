@@ -9,13 +9,14 @@ go in without a look-up first, and one that meets a stored call id (the
 unique index refuses it) is rolled back and written again with one. Two writers fence each other on
 ``next_seq``: the loser's transaction rolls back (:class:`FencedError`).
 
-On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with one prepared
-``INSERT`` run over the batch; both take plain tuples, bound once by the
-columns' own types.
+On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with multi-row
+``INSERT`` statements; both take plain tuples, bound once by the columns' own
+types.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -320,13 +321,25 @@ class LedgerStore:
             driver = raw.driver_connection
             await driver.copy_records_to_table("calls", records=values, columns=_COLUMNS)  # type: ignore[union-attr]
         else:
-            await conn.exec_driver_sql(_SQLITE_INSERT, values)
+            # Many rows per statement: the driver lets go of the GIL once per
+            # statement step, and a gateway's event loop shares this process.
+            for start in range(0, len(values), _SQLITE_ROWS):
+                chunk = values[start : start + _SQLITE_ROWS]
+                flat = tuple(value for row in chunk for value in row)
+                await conn.exec_driver_sql(_sqlite_insert(len(chunk)), flat)
 
 
 _COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
-_SQLITE_INSERT = "INSERT INTO calls ({}) VALUES ({})".format(  # noqa: S608 - fixed column names
-    ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
-)
+#: Rows per INSERT on SQLite (within its 32,766 parameters per statement).
+_SQLITE_ROWS = 1000
+
+
+@functools.cache
+def _sqlite_insert(rows: int) -> str:
+    one = "({})".format(", ".join("?" * len(_COLUMNS)))
+    return "INSERT INTO calls ({}) VALUES {}".format(  # noqa: S608 - fixed column names
+        ", ".join(_COLUMNS), ", ".join([one] * rows)
+    )
 
 
 def _binders(dialect: Dialect) -> list[tuple[int, Callable[[Any], Any]]]:
