@@ -236,10 +236,32 @@ class LedgerStore:
                 # Every N records exactly, however large the batch.
                 if writer.pending >= self.checkpoint_records:
                     checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
-            if rows:
-                await self._insert(conn, rows)
             if writer.pending and (force or self.checkpoint_due(now)):
                 checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
+            checkpoint = checkpoints[-1] if checkpoints else None
+            values: dict[str, Any] = {
+                "next_seq": writer.next_seq,
+                "head": writer.head.hex(),
+                "log_position": position,
+                "updated_at": now,
+            }
+            if checkpoint is not None:
+                values["checkpointed_seq"] = checkpoint.last_seq
+            # The state first: it fences another writer out before any row
+            # goes in, and as the transaction's first statement it opens the
+            # transaction that COPY, sent straight to the driver, then joins
+            # (the driver begins one lazily, on SQLAlchemy's first statement;
+            # a COPY sent before that would commit on its own).
+            moved = await conn.execute(
+                update(_STATE)
+                .where(LedgerStateRow.id == _STATE_ID, LedgerStateRow.next_seq == start_seq)
+                .where(LedgerStateRow.head == start_head.hex())
+                .values(**values)
+            )
+            if moved.rowcount != 1:
+                raise FencedError("another ledger writer moved the ledger on; this batch was not written")
+            if rows:
+                await self._insert(conn, rows)
             if checkpoints:
                 await conn.execute(
                     insert(_CHECKPOINTS),
@@ -257,23 +279,6 @@ class LedgerStore:
                         for cp in checkpoints
                     ],
                 )
-            checkpoint = checkpoints[-1] if checkpoints else None
-            values: dict[str, Any] = {
-                "next_seq": writer.next_seq,
-                "head": writer.head.hex(),
-                "log_position": position,
-                "updated_at": now,
-            }
-            if checkpoint is not None:
-                values["checkpointed_seq"] = checkpoint.last_seq
-            moved = await conn.execute(
-                update(_STATE)
-                .where(LedgerStateRow.id == _STATE_ID, LedgerStateRow.next_seq == start_seq)
-                .where(LedgerStateRow.head == start_head.hex())
-                .values(**values)
-            )
-            if moved.rowcount != 1:
-                raise FencedError("another ledger writer moved the ledger on; this batch was not written")
         if checkpoint is not None:
             self._last_checkpoint = now
         self.position = position

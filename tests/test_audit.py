@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Table, delete, insert, select, text, update
+from sqlalchemy import Table, delete, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
@@ -29,7 +30,7 @@ from gateway import cli
 from gateway.state import ADMIN_TOKENS, ENGINE
 from ledger import audit
 from ledger.chain import Chain, canonical, sm3_available
-from ledger.models import CallRow, CheckpointRow
+from ledger.models import CallRow, CheckpointRow, LedgerStateRow
 from ledger.record import FIELDS
 from ledger.store import LedgerStore
 from licensing.errors import NotFoundError, ValidationFailedError
@@ -771,3 +772,33 @@ def test_sqlite_time_binding_is_the_columns_own(value: datetime) -> None:
     assert sqlite_utc(value) == stored
     with pytest.raises(ValueError, match="aware UTC"):
         sqlite_utc(value.replace(tzinfo=timezone(timedelta(hours=8))))
+
+
+async def test_a_batch_lands_whole_or_not_at_all(ledger: Ledger) -> None:
+    """Rows, checkpoint and state commit together: a batch whose checkpoint
+    cannot be stored (after its rows went in) leaves no row behind."""
+    if ledger.postgres:
+        await ledger.sql(
+            "CREATE FUNCTION pdg_test_refuse() RETURNS trigger AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER pdg_test_refuse BEFORE INSERT ON ledger_checkpoints "
+            "FOR EACH ROW EXECUTE FUNCTION pdg_test_refuse()",
+        )
+    else:
+        await ledger.sql(
+            "CREATE TRIGGER pdg_test_refuse BEFORE INSERT ON ledger_checkpoints "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    store = LedgerStore(ledger.engine, ledger.key, checkpoint_records=1000, checkpoint_seconds=3600)
+    batch = [make_record(i) for i in range(N + 1, N + 11)]
+    with pytest.raises(DBAPIError, match="refused by the test"):
+        await store.append(batch, f"{N + 1}-0", force_checkpoint=True)
+    async with ledger.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(CALLS).where(CALLS.c.seq > N)) == 0
+        assert await conn.scalar(select(LedgerStateRow.next_seq)) == N + 1
+    await ledger.sql("DROP TRIGGER pdg_test_refuse" + (" ON ledger_checkpoints" if ledger.postgres else ""))
+    done = await store.append(batch, f"{N + 1}-0", force_checkpoint=True)
+    assert (done.written, len(done.checkpoints)) == (10, 1)
+    report = await audit.verify(ledger.engine, ledger.keys)
+    assert report.ok, report
+    assert report.records == N + 10
