@@ -83,6 +83,17 @@ def _after(entry_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Batch:
+    """Log entries read after ``after``: the records among them, the last
+    entry's id (``None``: there were none) and how many there were."""
+
+    after: str
+    records: list[dict[str, Any]]
+    last: str | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Unfinished:
     """An in-flight entry of a call whose replica is gone."""
 
@@ -133,6 +144,7 @@ class LedgerWriter:
         self.licences = licences
         self.scripts = Scripts()
         self.holding = False
+        self._ahead: asyncio.Task[_Batch] | None = None
         self._renewed = float("-inf")
         self._stopping = asyncio.Event()
         #: Records moved and calls recovered since start (for metrics and tests).
@@ -165,15 +177,52 @@ class LedgerWriter:
 
     # -- moving the log -----------------------------------------------------
 
+    async def _read(self, after: str, block_ms: int | None) -> _Batch:
+        """Up to a batch of log entries after ``after``, parsed."""
+        async with asyncio.timeout(COMMAND_TIMEOUT + (block_ms or 0) / 1000):
+            reply: Any = await self.client.xread({LOG: after}, count=self.batch, block=block_ms)
+        entries: list[Any] = reply[0][1] if reply else []
+        records = []
+        for entry_id, fields in entries:
+            try:
+                records.append(from_log(fields[b"r"]))
+            except (RecordError, KeyError) as exc:
+                log.error("log entry %s is not a call record (%s); it is skipped", entry_id, exc)
+        last = entries[-1][0] if entries else None
+        last = last.decode() if isinstance(last, bytes) else None if last is None else str(last)
+        return _Batch(after, records, last, len(entries))
+
+    async def _next(self, block_ms: int | None) -> _Batch:
+        """The batch after the ledger's position: the one read ahead, if it
+        still follows on, else a fresh read."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            current = asyncio.current_task()
+            try:
+                batch = await ahead
+            except asyncio.CancelledError:
+                if current is not None and current.cancelling():
+                    raise
+            except (*REDIS_ERRORS, TimeoutError):
+                pass  # read again below, where a failure counts
+            else:
+                if batch.after == self.store.position and batch.last is not None:
+                    return batch
+        return await self._read(self.store.position, block_ms)
+
+    async def _discard_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(Exception):
+                await cancel_and_wait(ahead)
+
     async def step(self, block_ms: int | None = None) -> int:
         """Move one batch from the log into the ledger; the number of log
         entries consumed (0 when the log is drained)."""
         if self.store.writer is None:
             await self.store.load()
-        async with asyncio.timeout(COMMAND_TIMEOUT + (block_ms or 0) / 1000):
-            reply: Any = await self.client.xread({LOG: self.store.position}, count=self.batch, block=block_ms)
-        entries: list[Any] = reply[0][1] if reply else []
-        if not entries:
+        batch = await self._next(block_ms)
+        if batch.last is None:
             if self.store.checkpoint_due(datetime.now(UTC)):
                 await self.store.append([], self.store.position)
             # Entries moved by a writer that died before trimming them (or
@@ -183,22 +232,19 @@ class LedgerWriter:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
                         await self.client.xtrim(LOG, minid=_after(self.store.position), approximate=False)
             return 0
-        records = []
-        for entry_id, fields in entries:
-            try:
-                records.append(from_log(fields[b"r"]))
-            except (RecordError, KeyError) as exc:
-                log.error("log entry %s is not a call record (%s); it is skipped", entry_id, exc)
-        last = entries[-1][0]
-        last = last.decode() if isinstance(last, bytes) else str(last)
-        done = await self.store.append(records, last)
+        if batch.count == self.batch:
+            # A backlog: read and parse the next batch while this one is
+            # written (the database works meanwhile). A batch read ahead is
+            # used only if this one lands.
+            self._ahead = asyncio.get_running_loop().create_task(self._read(batch.last, None))
+        done = await self.store.append(batch.records, batch.last)
         self.moved += done.written
         # Trimmed by whole stream nodes here (cheap; a node holds ~100
         # entries), exactly once the log is drained.
         with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self.client.xtrim(LOG, minid=_after(last), approximate=True)
-        return len(entries)
+                await self.client.xtrim(LOG, minid=_after(batch.last), approximate=True)
+        return batch.count
 
     async def drain(self) -> int:
         moved = 0
@@ -337,15 +383,19 @@ class LedgerWriter:
                     await self._pause(backoff)
                     backoff = min(5.0, backoff * 2)
         finally:
+            await self._discard_ahead()
             await self.let_go()
 
     async def finish(self, within: float = 5.0) -> None:
         """On a clean stop: move what is in the log now, if this writer may."""
-        with contextlib.suppress(SQLAlchemyError, LedgerError, *REDIS_ERRORS):
-            async with asyncio.timeout(within):
-                if await self.hold_lock():
-                    await self.drain()
-                    await self.store.append([], self.store.position, force_checkpoint=True)
+        try:
+            with contextlib.suppress(SQLAlchemyError, LedgerError, *REDIS_ERRORS):
+                async with asyncio.timeout(within):
+                    if await self.hold_lock():
+                        await self.drain()
+                        await self.store.append([], self.store.position, force_checkpoint=True)
+        finally:
+            await self._discard_ahead()
 
 
 def _licence_lister(engine: AsyncEngine) -> Callable[[], Awaitable[Sequence[str]]]:
