@@ -272,7 +272,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             dataset_label = grant.dataset.id
             recorder.record["dataset_id"] = grant.dataset.id
             charge = await charging.reserve(request, grant, claims.app_id, call_id, recorder)
-            response, served = await _forward(request, grant, rest, call_id, charge, recorder)
+            response, served = await _forward(request, grant, rest, charge, recorder)
         except LedgerUnavailableError:
             raise
         except GatewayError as error:
@@ -345,7 +345,6 @@ async def _forward(
     request: web.Request,
     grant: Grant,
     rest: str,
-    call_id: str,
     charge: charging.Charge,
     recorder: CallRecorder,
 ) -> tuple[web.StreamResponse, Served]:

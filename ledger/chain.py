@@ -65,7 +65,7 @@ _OPTIONS: Final = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z
 _ZERO: Final = timedelta(0)
 
 
-def _require_utc(value: datetime, what: str) -> None:
+def require_utc(value: datetime, what: str) -> None:
     """Refuse naive and non-UTC datetimes: the hashed spelling must not depend on
     the zone a host or a database driver happened to hand back."""
     if value.tzinfo is not UTC and value.utcoffset() != _ZERO:
@@ -103,7 +103,7 @@ def canonical(record: Mapping[str, Any]) -> bytes:
         raise ValueError(f"call record seq must be an integer, got {seq!r}")
     if not isinstance(time, datetime):
         raise ValueError("call record time must be a datetime")
-    _require_utc(time, "call record time")
+    require_utc(time, "call record time")
     if not isinstance(call_id, str):
         raise ValueError(f"call record call_id must be a string, got {call_id!r}")
     # orjson encodes only real dicts; copy other mappings.
@@ -307,7 +307,7 @@ class Checkpoint:
             raise ValueError("checkpoint hashes are 32 bytes")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown hash algorithm {self.algorithm!r}")
-        _require_utc(self.created_at, "checkpoint created_at")
+        require_utc(self.created_at, "checkpoint created_at")
 
     def payload(self) -> bytes:
         """The signed bytes: every field but the signature, as sorted-key JSON.

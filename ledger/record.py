@@ -9,10 +9,12 @@ re-derived from the row, so the verifier checks what billing and tracing read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
+
+from ledger.chain import require_utc
 
 SERVED: Final = "served"
 REFUSED: Final = "refused"
@@ -52,7 +54,6 @@ FIELDS: Final[tuple[str, ...]] = (
 #: What the gateway writes to the log: every field but ``seq``.
 LOGGED_FIELDS: Final = FIELDS[1:]
 _LOGGED: Final = frozenset(LOGGED_FIELDS)
-_ZERO: Final = timedelta(0)
 TIME_FIELDS: Final = ("time", "started_at")
 #: Column widths that bound what a caller can put in a record.
 LIMITS: Final = {"request_id": 128, "dataset_id": 64, "path": 2048, "method": 16, "client_address": 64}
@@ -89,9 +90,8 @@ def from_log(data: bytes) -> dict[str, Any]:
         record = {name: record[name] for name in LOGGED_FIELDS}
     try:
         for name in TIME_FIELDS:
-            value = record[name] = datetime.fromisoformat(record[name])
-            if value.utcoffset() != _ZERO:
-                raise ValueError(f"{name} is not in UTC")
+            record[name] = datetime.fromisoformat(record[name])
+            require_utc(record[name], name)
     except (TypeError, ValueError) as exc:
         raise RecordError(f"bad time: {exc}") from exc
     return record

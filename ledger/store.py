@@ -6,8 +6,9 @@ their ``seq`` and chain ``hash``, a checkpoint when one is due, and the log
 position the batch came from. A record whose ``call_id`` is already in the
 ledger is skipped, so a log entry appended or moved twice lands once: batches
 go in without a look-up first, and one that meets a stored call id (the
-unique index refuses it) is rolled back and written again with one. Two writers fence each other on
-``next_seq``: the loser's transaction rolls back (:class:`FencedError`).
+unique index refuses it) is rolled back and written again with one. Two
+writers fence each other on ``next_seq``: the loser's transaction rolls back
+(:class:`FencedError`).
 
 On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with multi-row
 ``INSERT`` statements; both take plain tuples, bound once by the columns' own
@@ -21,16 +22,17 @@ import logging
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
+from asyncpg.exceptions import UniqueViolationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Dialect, Table, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical
+from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical, require_utc
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import FIELDS, hashed
 from licensing.keys import SigningKey
@@ -44,16 +46,9 @@ _CHECKPOINTS = cast(Table, CheckpointRow.__table__)
 _KEYS = cast(Table, LedgerKeyRow.__table__)
 _COLUMNS = (*FIELDS, "hash")
 _STATE_ID = 1
-_ZERO = timedelta(0)
 #: A call id already stored: SQLAlchemy's error, or asyncpg's own from COPY
 #: (which goes to the driver directly).
-_DUPLICATE: tuple[type[BaseException], ...]
-try:
-    from asyncpg.exceptions import UniqueViolationError
-
-    _DUPLICATE = (IntegrityError, UniqueViolationError)
-except ImportError:  # pragma: no cover - asyncpg is a dependency
-    _DUPLICATE = (IntegrityError,)
+_DUPLICATE = (IntegrityError, UniqueViolationError)
 
 
 class LedgerError(Exception):
@@ -364,6 +359,5 @@ def sqlite_utc(value: datetime) -> str:
     """An aware UTC datetime as a ``UTCDateTime`` column stores it in SQLite
     (naive UTC, which the driver spells ``value.isoformat(" ")``), in two C
     calls rather than through the column's processor and the driver's adapter."""
-    if value.utcoffset() != _ZERO:
-        raise ValueError(f"expected an aware UTC datetime, got {value!r}")
+    require_utc(value, "a call record time")
     return value.replace(tzinfo=None).isoformat(" ")

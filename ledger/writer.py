@@ -188,8 +188,10 @@ class LedgerWriter:
                 records.append(from_log(fields[b"r"]))
             except (RecordError, KeyError) as exc:
                 log.error("log entry %s is not a call record (%s); it is skipped", entry_id, exc)
-        last = entries[-1][0] if entries else None
-        last = last.decode() if isinstance(last, bytes) else None if last is None else str(last)
+        last = None
+        if entries:
+            entry_id = entries[-1][0]
+            last = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return _Batch(after, records, last, len(entries))
 
     async def _next(self, block_ms: int | None) -> _Batch:
@@ -203,7 +205,7 @@ class LedgerWriter:
             except asyncio.CancelledError:
                 if current is not None and current.cancelling():
                     raise
-            except (*REDIS_ERRORS, TimeoutError):
+            except REDIS_ERRORS:
                 pass  # read again below, where a failure counts
             else:
                 if batch.after == self.store.position and batch.last is not None:
