@@ -230,6 +230,28 @@ async def expect(
         assert f"FAILED at seq {seq}: {kind}" in plain.out
 
 
+async def test_the_postgres_scan_streams_from_the_primary_key(ledger: Ledger) -> None:
+    """Verify reads the whole ledger in seq order; a plan that sorts it (what the
+    planner picks for a table it has no statistics for) spills the ledger to disk.
+    Here the planner is pushed hard towards a sequential scan and a sort (random
+    reads made 1,000 times dearer); the scan's settings must still get the index."""
+    if not ledger.postgres:
+        pytest.skip("the scan's plan is PostgreSQL's")
+    from ledger import segment
+
+    async with ledger.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        async with driver.transaction():
+            await driver.execute("SET LOCAL random_page_cost = 1000")
+            plain = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + segment._SCAN, 1, segment.NO_END))
+            await driver.execute(segment._SETTINGS)
+            plan = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + segment._SCAN, 1, segment.NO_END))
+    assert "Index Scan using pk_calls" not in plain  # the push works: without the settings, no index
+    assert "Index Scan using pk_calls" in plan, plan
+    assert "Sort" not in plan, plan
+
+
 async def test_untouched_ledger_verifies(
     ledger: Ledger, pdg: PdgRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,20 +36,17 @@ third party runs.
 from __future__ import annotations
 
 from ledger.audit.common import (
-    CHUNK,
     AuditError,
     Progress,
     PublicKeys,
     VerifyReport,
     atomic_write,
     checkpoint_from_json,
-    checkpoint_json,
     public_json,
-    rfc3339,
 )
 from ledger.audit.export import EXPORT_FORMAT, MANIFEST, export, manifest_keys, read_manifest, verify_export
 from ledger.audit.keys import key_id, load_public_key, read_public_keys, stored_keys
-from ledger.audit.parallel import MAX_SEGMENTS, PARALLEL_MIN_RECORDS, child_main
+from ledger.audit.parallel import MAX_SEGMENTS, PARALLEL_MIN_RECORDS
 from ledger.audit.proof import PROOF_FORMAT, ProofCheck, check_proof, proof_key, prove
 from ledger.audit.query import (
     MAX_PAGE,
@@ -62,6 +59,8 @@ from ledger.audit.query import (
     parse_time,
 )
 from ledger.audit.verification import verify
+from ledger.chain import rfc3339
+from ledger.segment import CHUNK, child_main
 
 __all__ = [
     "CHUNK",
@@ -82,7 +81,6 @@ __all__ = [
     "atomic_write",
     "check_proof",
     "checkpoint_from_json",
-    "checkpoint_json",
     "child_main",
     "export",
     "find_calls",

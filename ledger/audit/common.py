@@ -5,27 +5,22 @@ the public (JSON) forms of records and checkpoints.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, cast
 
-import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger.chain import GENESIS, Checkpoint, Problem
+from ledger.chain import GENESIS, Checkpoint, Problem, rfc3339
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import FIELDS, TIME_FIELDS, public
 from ledger.store import checkpoint_of
 from licensing.errors import BadRequestError
-
-#: Rows per fetch while verifying and exporting.
-CHUNK: Final = 20_000
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)
@@ -134,25 +129,7 @@ async def _snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             await conn.rollback()
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Hold the cyclic collector off: a scan makes millions of short-lived
-    dicts and no cycles, and generation sweeps would cost a good part of it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 # -- records in their public form ------------------------------------------------
-
-
-def rfc3339(value: datetime) -> str:
-    """``value`` spelled as in the hashed bytes (UTC, ``Z``)."""
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z).decode()[1:-1]
 
 
 def public_json(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -166,39 +143,11 @@ def public_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 # -- checkpoints and records as JSON ----------------------------------------------
 
 
-def checkpoint_json(cp: Checkpoint) -> dict[str, Any]:
-    return {
-        "first_seq": cp.first_seq,
-        "last_seq": cp.last_seq,
-        "chain_head": cp.chain_head.hex(),
-        "merkle_root": cp.merkle_root.hex(),
-        "created_at": rfc3339(cp.created_at),
-        "algorithm": cp.algorithm,
-        "key_id": cp.key_id,
-        "signature": cp.signature.hex(),
-    }
-
-
 def checkpoint_from_json(data: Any, where: str) -> Checkpoint:
     try:
-        return Checkpoint(
-            first_seq=_int(data["first_seq"]),
-            last_seq=_int(data["last_seq"]),
-            chain_head=bytes.fromhex(data["chain_head"]),
-            merkle_root=bytes.fromhex(data["merkle_root"]),
-            created_at=datetime.fromisoformat(data["created_at"]),
-            algorithm=str(data["algorithm"]),
-            key_id=str(data["key_id"]),
-            signature=bytes.fromhex(data["signature"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        return Checkpoint.from_json(data)
+    except ValueError as exc:
         raise AuditError(f"{where}: not a checkpoint ({exc})") from exc
-
-
-def _int(value: Any) -> int:
-    if value.__class__ is not int:
-        raise TypeError(f"{value!r} is not an integer")
-    return int(value)
 
 
 def _record_from_public(data: Mapping[str, Any]) -> dict[str, Any]:

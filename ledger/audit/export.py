@@ -23,7 +23,6 @@ from ledger.audit.common import (
     _CHECKPOINTS,
     _KEYS,
     _STATE,
-    CHUNK,
     AuditError,
     Progress,
     PublicKeys,
@@ -31,18 +30,15 @@ from ledger.audit.common import (
     _checkpoints,
     _count_checked,
     _first,
-    _int,
-    _no_gc,
     _record_from_public,
     _snapshot,
     checkpoint_from_json,
-    checkpoint_json,
     public_json,
-    rfc3339,
 )
 from ledger.audit.keys import load_public_key
-from ledger.chain import GENESIS, Problem, Verifier
+from ledger.chain import GENESIS, Problem, Verifier, rfc3339, strict_int
 from ledger.record import FIELDS
+from ledger.segment import CHUNK, no_gc
 from ledger.store import public_pem
 
 EXPORT_FORMAT: Final = "pdg.audit-export.v1"
@@ -196,8 +192,8 @@ async def export(
         "last_seq": end,
         "records": sink.count,
         "prev_hash": prev_hash.hex(),
-        "anchor_checkpoint": checkpoint_json(anchor) if anchor is not None else None,
-        "checkpoints": [checkpoint_json(cp) for cp in inside],
+        "anchor_checkpoint": anchor.as_json() if anchor is not None else None,
+        "checkpoints": [cp.as_json() for cp in inside],
         "public_keys": keys,
         "data_file": data_name,
         "data_format": fmt,
@@ -295,7 +291,7 @@ def verify_export(
     manifest = read_manifest(manifest_path)
     try:
         algorithm = str(manifest["algorithm"])
-        first, last = _int(manifest["first_seq"]), _int(manifest["last_seq"])
+        first, last = strict_int(manifest["first_seq"]), strict_int(manifest["last_seq"])
         prev_hash = bytes.fromhex(manifest["prev_hash"])
         data_path = manifest_path.parent / Path(str(manifest["data_file"])).name
         fmt = str(manifest["data_format"])
@@ -331,7 +327,7 @@ def verify_export(
         raise AuditError(f"{manifest_path}: {exc}") from exc
     problem: Problem | None = None
     count = 0
-    with _no_gc():
+    with no_gc():
         for number, item in _read_records(data_path, fmt):
             seq = verifier.last_seq + 1
             if isinstance(item, str):

@@ -14,24 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger.audit.common import AuditError, PublicKeys, checkpoint_from_json, checkpoint_json
-from ledger.audit.keys import load_public_key
-from ledger.audit.scan import _NO_END, _scan_postgres, _Scanned
+from ledger.audit.common import AuditError, PublicKeys
+from ledger.audit.scan import _scan_postgres
 from ledger.chain import Checkpoint, Problem, ProblemKind, Verifier
+from ledger.segment import NO_END, Scanned
 from ledger.store import public_pem
 
-#: Ledgers smaller than this are verified in one process (a child takes ~0.5 s to start).
-PARALLEL_MIN_RECORDS: Final = 300_000
+#: Ledgers smaller than this are verified in one process (a child takes ~0.15 s to start).
+PARALLEL_MIN_RECORDS: Final = 100_000
 MAX_SEGMENTS: Final = 4
-_SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
 #: What a child runs: the entry point by its module path (``sys.path`` is passed on).
-_CHILD = "from ledger.audit.parallel import child_main; child_main()"
+_CHILD = "from ledger.segment import child_main; child_main()"
 
 
 class _ChildFailedError(AuditError):
@@ -56,58 +54,6 @@ def _split_points(cps: Sequence[Checkpoint], last: int, parts: int) -> list[Chec
     return cuts
 
 
-def child_main() -> None:
-    """The child process of :func:`_verify_parallel`: a job (JSON) on stdin;
-    ``P <rows>`` progress lines, then ``R <json>`` or ``E <reason>``, on stdout."""
-    import sys
-
-    job = json.loads(sys.stdin.buffer.read())
-
-    def tick(rows: int) -> bool:
-        sys.stdout.write(f"P {rows}\n")
-        sys.stdout.flush()
-        return True
-
-    try:
-        scanned = asyncio.run(_verify_segment(job, tick))
-    except (AuditError, OSError, ValueError) as exc:
-        sys.stdout.write(f"E {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-        sys.exit(1)
-    p = scanned.problem
-    result = {
-        "problem": None if p is None else [p.seq, p.kind, p.reason],
-        "last_seq": scanned.last_seq,
-        "head": scanned.head.hex(),
-    }
-    sys.stdout.write(f"R {json.dumps(result)}\n")
-
-
-async def _verify_segment(job: dict[str, Any], tick: Callable[[int], bool]) -> _Scanned:
-    import asyncpg
-
-    snapshot = str(job["snapshot"])
-    if not _SNAPSHOT_ID.match(snapshot):
-        raise AuditError(f"unexpected snapshot id {snapshot!r}")
-    first, until = int(job["first_seq"]), int(job["until"])
-    verifier = Verifier(
-        job["algorithm"],
-        checkpoints=[checkpoint_from_json(cp, "checkpoint") for cp in job["checkpoints"]],
-        public_keys={kid: load_public_key(pem.encode(), kid) for kid, pem in job["keys"].items()},
-        first_seq=first,
-        prev_hash=bytes.fromhex(job["prev_hash"]),
-    )
-    try:
-        driver = await asyncpg.connect(job["dsn"])
-    except asyncpg.PostgresError as exc:
-        raise AuditError(f"database: {exc}") from exc
-    try:
-        async with driver.transaction(isolation="repeatable_read", readonly=True):
-            await driver.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            return await _scan_postgres(driver, verifier, first, until, tick)
-    finally:
-        await driver.close()
-
-
 class _Child:
     """One segment's child process, and what it has said so far."""
 
@@ -128,7 +74,7 @@ class _Child:
             elif kind in ("R", "E"):
                 self.answer[kind] = rest
 
-    async def result(self) -> _Scanned:
+    async def result(self) -> Scanned:
         errors = await self.process.stderr.read() if self.process.stderr is not None else b""
         await self.process.wait()
         if "R" not in self.answer:
@@ -142,7 +88,7 @@ class _Child:
         problem = (
             None if found is None else Problem(int(found[0]), cast(ProblemKind, found[1]), str(found[2]))
         )
-        return _Scanned(problem, int(data["last_seq"]), bytes.fromhex(data["head"]))
+        return Scanned(problem, int(data["last_seq"]), bytes.fromhex(data["head"]))
 
 
 async def _verify_parallel(
@@ -152,7 +98,7 @@ async def _verify_parallel(
     keys: PublicKeys,
     cuts: list[Checkpoint],
     progress: Callable[[int], None],
-) -> _Scanned:
+) -> Scanned:
     import sys
 
     raw = await conn.get_raw_connection()
@@ -161,7 +107,7 @@ async def _verify_parallel(
     dsn = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     pems = {kid: public_pem(key) for kid, key in keys.items()}
     starts = [cut.last_seq + 1 for cut in cuts]
-    ends = [*starts[1:], _NO_END]
+    ends = [*starts[1:], NO_END]
     # The children import what we imported, from where we imported it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     children: list[_Child] = []
@@ -187,9 +133,7 @@ async def _verify_parallel(
                 "dsn": dsn,
                 "snapshot": snapshot,
                 "algorithm": algorithm,
-                "checkpoints": [
-                    checkpoint_json(cp) for cp in cps if first <= cp.first_seq and cp.last_seq < until
-                ],
+                "checkpoints": [cp.as_json() for cp in cps if first <= cp.first_seq and cp.last_seq < until],
                 "keys": pems,
                 "first_seq": first,
                 "until": until,

@@ -18,15 +18,13 @@ from ledger.audit.common import (
     _KEYS,
     AuditError,
     PublicKeys,
-    _int,
     _record_from_public,
     _snapshot,
     checkpoint_from_json,
-    checkpoint_json,
     public_json,
 )
 from ledger.audit.keys import load_public_key
-from ledger.chain import Chain, canonical
+from ledger.chain import Chain, canonical, strict_int
 from ledger.record import FIELDS
 from ledger.store import checkpoint_of, public_pem
 from licensing.errors import NotFoundError
@@ -95,7 +93,7 @@ async def prove(engine: AsyncEngine, call_id: str, public_keys: PublicKeys | Non
         "tree_size": len(leaves),
         "audit_path": [h.hex() for h in chain.path_of_hashes(leaves, index)],
         "merkle_root": cp.merkle_root.hex(),
-        "checkpoint": checkpoint_json(cp),
+        "checkpoint": cp.as_json(),
         "public_key": {"key_id": cp.key_id, "pem": pem},
         "check": (
             "leaf = H(0x00 || leaf_data as UTF-8); fold audit_path per RFC 9162 2.1.3.2 to "
@@ -123,7 +121,11 @@ def check_proof(proof: Mapping[str, Any], public_key: ec.EllipticCurvePublicKey)
         cp = checkpoint_from_json(proof["checkpoint"], "checkpoint")
         leaf_data = str(proof["leaf_data"]).encode()
         record = _record_from_public(proof["record"])
-        seq, index, size = _int(proof["seq"]), _int(proof["leaf_index"]), _int(proof["tree_size"])
+        seq, index, size = (
+            strict_int(proof["seq"]),
+            strict_int(proof["leaf_index"]),
+            strict_int(proof["tree_size"]),
+        )
         path = [bytes.fromhex(h) for h in proof["audit_path"]]
         root = bytes.fromhex(proof["merkle_root"])
         algorithm = str(proof["algorithm"])

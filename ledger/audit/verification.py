@@ -33,7 +33,7 @@ from ledger.audit.parallel import (
     _split_points,
     _verify_parallel,
 )
-from ledger.audit.scan import _NO_END, _scan_postgres, _scan_sqlite, _Scanned
+from ledger.audit.scan import NO_END, Scanned, _scan_postgres, _scan_sqlite
 from ledger.chain import Chain, Problem, Verifier, canonical
 from ledger.record import FIELDS
 
@@ -93,7 +93,7 @@ async def verify(
                 log.warning("verifying in one process instead: %s", exc)
         if scanned is None and postgres:
             raw = await conn.get_raw_connection()
-            scanned = await _scan_postgres(raw.driver_connection, verifier, 1, _NO_END, tick)
+            scanned = await _scan_postgres(raw.driver_connection, verifier, 1, NO_END, tick)
         elif scanned is None:
             scanned = await _scan_sqlite(conn, verifier, tick)
         problem = await _tail(conn, scanned, state, last)
@@ -116,7 +116,7 @@ async def verify(
     )
 
 
-async def _tail(conn: AsyncConnection, scanned: _Scanned, state: Any, last: int) -> Problem | None:
+async def _tail(conn: AsyncConnection, scanned: Scanned, state: Any, last: int) -> Problem | None:
     """What the rows alone do not show: records past the writer's last one,
     a missing tail, or a tail rewritten off the writer's head."""
     problem = scanned.problem
