@@ -26,10 +26,12 @@ as a ratio against the honest minimum any gateway does. One run of
    machine facts to ``bench/results/proxy.json`` (git-ignored);
 6. with ``--against PDG`` (another build's ``pdg``, e.g. an earlier commit checked out
    in a worktree with its own venv), starts that gateway too, provisioned the same way
-   in its own data folder, and measures it in the same runs, after the gateway: bare,
-   gateway, against, bare, ... Both gateways then meet the same machine, and the report
-   gives each one's ratio to the bare proxy and the difference in points -- the way to
-   compare builds on a machine whose speed drifts between runs;
+   in its own data folder, and measures it in the same runs: bare, gateway, against in
+   odd rounds, bare, against, gateway in even ones (so neither build always runs right
+   after the bare proxy: a build was once seen to lose 15 % in that slot and gain 5 % in
+   the other against the same rival; use an even ``--runs``). Both gateways then meet the same machine, and the report gives each
+   one's ratio to the bare proxy and the difference in points -- the way to compare
+   builds on a machine whose speed drifts between runs;
 7. stops everything it started - each process is the leader of its own process group,
    and the whole group is stopped (SIGTERM, then SIGKILL) on success, error, Ctrl-C or
    SIGTERM.
@@ -732,6 +734,12 @@ def notes_for(report: dict[str, Any]) -> list[str]:
             f"other processes used up to {max(others):.0f} % of a core during the runs "
             "(a shared machine?): the figures are noisy, compare CPU µs/req rather than requests/s"
         )
+    runs = len(report["results"]["bare"]["runs"]) if "bare" in report["results"] else 0
+    if "against" in report["results"] and runs % 2:
+        notes.append(
+            f"{runs} runs: one gateway held the slot right after the bare proxy once more than the "
+            "other; use an even --runs for a fair comparison"
+        )
     pin = report["pinning"]
 
     def median_busy(runs: list[dict[str, Any]], cores: list[int] | None) -> float | None:
@@ -969,7 +977,10 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             console.print(f"  warm-up {name}: done")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for i in range(opts.runs):
-        for name, (url, proc) in targets.items():
+        # Each gateway in each slot after the bare proxy, alternately.
+        order = list(targets) if i % 2 == 0 else ["bare", *reversed([n for n in targets if n != "bare"])]
+        for name in order:
+            url, proc = targets[name]
             if name in gateways:
                 token = gateways[name][1].token()  # fresh each run: tokens live 300 s by default
             time.sleep(1.0)  # let the previous run's connections close
