@@ -29,9 +29,10 @@ as a ratio against the honest minimum any gateway does. One run of
    in its own data folder, and measures it in the same runs: bare, gateway, against in
    odd rounds, bare, against, gateway in even ones (so neither build always runs right
    after the bare proxy: a build was once seen to lose 15 % in that slot and gain 5 % in
-   the other against the same rival; use an even ``--runs``). Both gateways then meet the same machine, and the report gives each
-   one's ratio to the bare proxy and the difference in points -- the way to compare
-   builds on a machine whose speed drifts between runs;
+   the other against the same rival; use an even ``--runs``). Both gateways then meet
+   the same machine, and the report gives each one's ratio to the bare proxy and the
+   difference in points -- the way to compare builds on a machine whose speed drifts
+   between runs;
 7. stops everything it started - each process is the leader of its own process group,
    and the whole group is stopped (SIGTERM, then SIGKILL) on success, error, Ctrl-C or
    SIGTERM.

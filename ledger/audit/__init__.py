@@ -4,7 +4,8 @@ Used by ``pdg audit`` and the admin API; pure service code over an
 :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (and files, for exports).
 
 **Verify** (:mod:`ledger.audit.verification`, :mod:`ledger.audit.scan`,
-:mod:`ledger.audit.parallel`) re-derives the whole chain from the ``calls``
+:mod:`ledger.audit.parallel`, and :mod:`ledger.segment` for the PostgreSQL scan
+and the parallel verify's child processes) re-derives the whole chain from the ``calls``
 rows in ``seq`` order with :class:`ledger.chain.Verifier`, checks every
 checkpoint (signature, chain head, Merkle root, tiling) and then what the rows
 alone cannot show: that the last record is the one the writer's state

@@ -1,8 +1,9 @@
 """Verifying a large PostgreSQL ledger on several cores.
 
-One process re-derives ~200,000 records/s and PostgreSQL needs a fifth of a
-core to serve them. So a large ledger is cut into segments at checkpoint
-boundaries; child processes verify all but the first, each from the same
+One process reads the rows, then hashes them, one after the other (~8 us of
+its own CPU per record, and ~2.5 us of the PostgreSQL backend's). So a large
+ledger is cut into segments at checkpoint boundaries; child processes
+(:func:`ledger.segment.child_main`) verify all but the first, each from the same
 snapshot (pg_export_snapshot), starting from the signed chain head of the
 checkpoint before its segment. The segment before closes that checkpoint
 itself, so together the segments check exactly what one pass would; the
