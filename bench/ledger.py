@@ -25,9 +25,10 @@ Needs a local PostgreSQL and Redis (not the embedded defaults). Each run (``--ru
 4. **verify**: times a full re-derivation of that ledger: ``ledger.audit.verify`` when
    the module exists, else rows read in ``seq`` order through SQLAlchemy fed to
    ``ledger.chain.Verifier`` (the report names the path). Then, to show where that time
-   goes, its two halves apart: reading alone (the asyncpg scan ``ledger.audit`` does and
-   one dict per row, no hashing) and hashing alone (``Verifier`` over the same rows
-   already in memory; the garbage collector off, as in ``ledger.audit``);
+   goes, its two halves apart, in one process: reading alone (verify's own scan,
+   ``ledger.segment``: its query and planner settings, each row made back into its
+   record, no hashing) and hashing alone (``Verifier.feed_many`` over the same records
+   already in memory; the garbage collector off, as in verify);
 5. drops the database.
 
 Then one more run, not counted, times each phase of the writer's batches with timers
@@ -92,10 +93,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 import ledger.writer as ledger_writer  # noqa: E402
 from bench.proxy import core_busy, core_times, wait_quiet  # noqa: E402
 from config.settings import Settings, load_settings  # noqa: E402
+from ledger import segment  # noqa: E402
 from ledger.chain import ChainWriter, Checkpoint, Verifier  # noqa: E402
 from ledger.log import LOG  # noqa: E402
 from ledger.models import CallRow, CheckpointRow  # noqa: E402
-from ledger.record import FIELDS, TIME_FIELDS, hashed, to_log  # noqa: E402
+from ledger.record import hashed, to_log  # noqa: E402
 from ledger.store import checkpoint_of  # noqa: E402
 from ledger.writer import LedgerWriter, build_writer  # noqa: E402
 from licensing.ids import uuid7  # noqa: E402
@@ -464,33 +466,27 @@ async def verify_sqlalchemy(engine: AsyncEngine, writer: LedgerWriter, algorithm
     return n, verifier.finish(), {}
 
 
-#: The rows as ``ledger.audit`` reads them on PostgreSQL (times as timestamptz in UTC).
-_PG_SCAN = "SELECT {} FROM calls ORDER BY seq".format(  # noqa: S608 (constant columns)
-    ", ".join(f"{c} AT TIME ZONE 'UTC' AS {c}" if c in TIME_FIELDS else c for c in (*FIELDS, "hash"))
-)
-
-
-async def fetch_raw(engine: AsyncEngine, batch: int = 20_000) -> AsyncIterator[list[Any]]:
-    """Batches of rows as asyncpg records (columns in FIELDS order, then hash)."""
+async def fetch_raw(engine: AsyncEngine) -> AsyncIterator[list[Any]]:
+    """Chunks of rows as ``pdg audit verify`` reads them on PostgreSQL: its query,
+    its planner settings, its chunk size (``ledger.segment``)."""
     async with engine.connect() as conn:
         raw = await conn.get_raw_connection()
         pg: Any = raw.driver_connection
         async with pg.transaction(isolation="repeatable_read", readonly=True):
-            cursor = await pg.cursor(_PG_SCAN)
-            while rows := await cursor.fetch(batch):
+            await pg.execute(segment._SETTINGS)
+            cursor = await pg.cursor(segment._SCAN, 1, segment.NO_END)
+            while rows := await cursor.fetch(segment.CHUNK):
                 yield rows
 
 
 async def read_only(engine: AsyncEngine) -> Verified:
-    """The reading half of a verify: the asyncpg scan and one dict per row, no hashing."""
+    """The reading half of a verify: the scan, and each row made back into its
+    record and stored hash as verify does it, no hashing."""
     n = 0
-    fields, fromhex = FIELDS, bytes.fromhex
     with no_gc():
         async for rows in fetch_raw(engine):
-            for row in rows:
-                dict(zip(fields, row, strict=False))
-                fromhex(row[-1])
-            n += len(rows)
+            for _ in segment._records(rows):
+                n += 1
     return n, None, {}
 
 
@@ -499,12 +495,9 @@ def verify_in_memory(
 ) -> Any:
     """The hashing half: ``Verifier`` over rows already in memory."""
     verifier = Verifier(algorithm, checkpoints=checkpoints, public_keys=keys)
-    feed = verifier.feed
     with no_gc():
-        for record, stored in rows:
-            if (problem := feed(record, stored)) is not None:
-                return problem
-    return verifier.finish()
+        problem = verifier.feed_many(rows)
+    return problem or verifier.finish()
 
 
 def audit_module() -> Any:
@@ -703,11 +696,7 @@ async def one_run(
             result["verify"]["path"] = "SQLAlchemy stream -> ledger.chain.Verifier (ledger.audit absent)"
         result["read_only"] = await timed("reading rows", lambda: read_only(engine), n, pids)
 
-        rows = [
-            (dict(zip(FIELDS, r, strict=False)), bytes.fromhex(r[-1]))
-            async for b in fetch_raw(engine)
-            for r in b
-        ]
+        rows = [pair async for b in fetch_raw(engine) for pair in segment._records(b)]
         checkpoints, keys = await _checkpoints_and_keys(engine, writer)
         t0 = time.perf_counter()
         problem = verify_in_memory(rows, checkpoints, keys, algorithm)
@@ -924,7 +913,7 @@ def render(report: dict[str, Any], console: Console) -> None:
 
     row("write: writer.drain() into PostgreSQL", r["write_records_per_s"], t["write_records_per_s"])
     row(f"verify: {s['verify_path'].split(' (')[0]}", r["verify_records_per_s"], t["verify_records_per_s"])
-    row("  its reading alone (asyncpg scan, dict per row)", r["read_rows_only_records_per_s"], None)
+    row("  its reading alone (its scan, records rebuilt)", r["read_rows_only_records_per_s"], None)
     row("  its hashing alone (Verifier, rows in memory)", r["verifier_only_records_per_s"], None)
     console.print(table)
     w, v = r["write_cpu_median_pct"], r["verify_cpu_median_pct"]
