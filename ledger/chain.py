@@ -623,6 +623,10 @@ class Verifier:
         if seq > expected:
             self._gap, self._gap_seen = expected, seq
             return None
+        if seq == expected:  # an int subclass in its place: canonical() refuses it
+            return self._fail(
+                seq, "altered", f"record {seq} cannot be encoded: call record seq must be an integer"
+            )
         return self._fail(seq, "inserted", f"a second record numbered {seq} after record {expected - 1}")
 
     def _close_checkpoint(self) -> Problem | None:

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -40,7 +41,8 @@ SORTED_FIELDS: Final = tuple(sorted(FIELDS))
 _SCAN: Final = "SELECT {} FROM calls WHERE seq >= $1 AND seq < $2 ORDER BY seq".format(  # noqa: S608
     ", ".join(f"{c}::text || '+00' AS {c}" if c in TIME_FIELDS else c for c in (*SORTED_FIELDS, "hash"))
 )
-#: Set in the scan's transaction: the rows must stream in ``seq`` order from
+#: Set in the scan's transaction (and reset after it, for the queries that
+#: follow in the same transaction): the rows must stream in ``seq`` order from
 #: the primary key. Without statistics (a table just loaded, not yet analysed)
 #: the planner expects a few hundred rows for ``$1 <= seq < $2`` and picks a
 #: bitmap scan and a sort, which for a whole ledger spills to disk: 400,000
@@ -54,6 +56,9 @@ _SETTINGS: Final = "; ".join(
         "SET LOCAL enable_seqscan = off",
     )
 )
+_RESET: Final = "RESET enable_sort; RESET enable_bitmapscan; RESET enable_seqscan"
+#: What the driver raises when the database or the connection fails.
+_DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError)
 _SNAPSHOT_ID: Final = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
 
 
@@ -114,14 +119,18 @@ async def scan_postgres(
                 problem = verifier.feed_many(_records(rows))
                 if problem is not None or not tick(len(rows)):
                     break
-    except asyncpg.PostgresError as exc:
+        await driver.execute(_RESET)
+    except _DATABASE_ERRORS as exc:
         raise ScanError(f"database: {exc}") from exc
     return Scanned(problem or verifier.finish(), verifier.last_seq, verifier.head)
 
 
 def _public_key(pem: str) -> ec.EllipticCurvePublicKey:
-    key = serialization.load_pem_public_key(pem.encode())
-    if not isinstance(key, ec.EllipticCurvePublicKey):
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(f"unsupported key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("ledger keys are EC P-256")
     return key
 
@@ -143,12 +152,14 @@ async def verify_segment(job: dict[str, Any], tick: Callable[[int], bool]) -> Sc
     )
     try:
         driver = await asyncpg.connect(job["dsn"])
-    except asyncpg.PostgresError as exc:
+    except _DATABASE_ERRORS as exc:
         raise ScanError(f"database: {exc}") from exc
     try:
         async with driver.transaction(isolation="repeatable_read", readonly=True):
             await driver.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             return await scan_postgres(driver, verifier, first, until, tick)
+    except _DATABASE_ERRORS as exc:
+        raise ScanError(f"database: {exc}") from exc
     finally:
         await driver.close()
 

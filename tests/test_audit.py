@@ -29,7 +29,7 @@ from config.settings import Settings
 from gateway import cli
 from gateway.state import ADMIN_TOKENS, ENGINE
 from ledger import audit
-from ledger.chain import Chain, canonical, sm3_available
+from ledger.chain import Chain, Verifier, canonical, sm3_available
 from ledger.models import CallRow, CheckpointRow, LedgerStateRow
 from ledger.record import FIELDS
 from ledger.store import LedgerStore
@@ -250,6 +250,17 @@ async def test_the_postgres_scan_streams_from_the_primary_key(ledger: Ledger) ->
     assert "Index Scan using pk_calls" not in plain  # the push works: without the settings, no index
     assert "Index Scan using pk_calls" in plan, plan
     assert "Sort" not in plan, plan
+
+    # The settings end with the scan: what runs after it in the same transaction
+    # (the tail checks, the diagnosis of an altered record) is planned freely.
+    async with ledger.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        async with driver.transaction(isolation="repeatable_read", readonly=True):
+            scanned = await segment.scan_postgres(driver, Verifier(), 1, segment.NO_END, lambda rows: True)
+            assert scanned.last_seq >= 1
+            after = [await driver.fetchval(f"SHOW {name}") for name in ("enable_sort", "enable_seqscan")]
+    assert after == ["on", "on"]
 
 
 async def test_untouched_ledger_verifies(

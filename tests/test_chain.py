@@ -233,6 +233,43 @@ def test_swapping_contents_but_keeping_numbers_is_found() -> None:
     assert (problem.seq, problem.kind) == (7, "altered")
 
 
+class _Seq(int):
+    """An int subclass: not an integer the canonical form accepts."""
+
+
+@pytest.mark.parametrize("seq", [True, 1.0, _Seq(1)], ids=["bool", "float", "int-subclass"])
+def test_a_seq_that_is_not_a_plain_integer_is_altered(seq: Any) -> None:
+    rows, _ = build(3)
+    rows[0] = (rows[0][0] | {"seq": seq}, rows[0][1])
+    problem = run(rows)
+    assert problem is not None
+    assert (problem.seq, problem.kind) == (1, "altered"), problem
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("tamper", ["none", "delete", "swap", "hash", "duplicate", "tail"])
+def test_feeding_in_chunks_gives_the_same_verdict(tamper: str, chunk: int) -> None:
+    rows, cps = build(45)
+    if tamper == "delete":
+        del rows[17]
+    elif tamper == "swap":
+        rows[8], rows[9] = rows[9], rows[8]
+    elif tamper == "hash":
+        rows[33] = (rows[33][0], bytes(32))
+    elif tamper == "duplicate":
+        rows.insert(21, rows[20])
+    elif tamper == "tail":
+        rows = rows[:25]
+    expected = run(rows, cps)
+    v = Verifier(checkpoints=cps, public_keys=KEYS)
+    problem = None
+    for start in range(0, len(rows), chunk):
+        if (problem := v.feed_many(rows[start : start + chunk])) is not None:
+            break
+    assert (problem or v.finish()) == expected
+    assert (expected is None) == (tamper == "none")
+
+
 def test_problem_is_sticky() -> None:
     rows, _ = build(5)
     v = Verifier()
