@@ -22,13 +22,11 @@ Needs a local PostgreSQL and Redis (not the embedded defaults). Each run (``--ru
    ``writer.drain()`` alone (the chain state is loaded first). Then checks that every
    record landed once and in order, and counts the checkpoints and what is left in the
    stream (it should be trimmed);
-4. **verify**: times a full re-derivation of that ledger: ``ledger.audit.verify`` when
-   the module exists, else rows read in ``seq`` order through SQLAlchemy fed to
-   ``ledger.chain.Verifier`` (the report names the path). Then, to show where that time
-   goes, its two halves apart, in one process: reading alone (verify's own scan,
-   ``ledger.segment``: its query and planner settings, each row made back into its
-   record, no hashing) and hashing alone (``Verifier.feed_many`` over the same records
-   already in memory; the garbage collector off, as in verify);
+4. **verify**: times a full re-derivation of that ledger with ``ledger.audit.verify``.
+   Then, to show where that time goes, its two halves apart, in one process: reading
+   alone (verify's own scan, ``ledger.segment``: its query and planner settings, each
+   row made back into its record, no hashing) and hashing alone (``Verifier.feed_many``
+   over the same records already in memory; the garbage collector off, as in verify);
 5. drops the database.
 
 Then one more run, not counted, times each phase of the writer's batches with timers
@@ -62,7 +60,6 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import gc  # noqa: E402
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -76,11 +73,11 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping  # noqa: E402
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from types import FrameType  # noqa: E402
-from typing import Any, cast  # noqa: E402
+from typing import Any  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 import asyncpg  # noqa: E402
@@ -93,11 +90,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 import ledger.writer as ledger_writer  # noqa: E402
 from bench.proxy import core_busy, core_times, wait_quiet  # noqa: E402
 from config.settings import Settings, load_settings  # noqa: E402
-from ledger import segment  # noqa: E402
+from ledger import audit, segment  # noqa: E402
 from ledger.chain import ChainWriter, Checkpoint, Verifier  # noqa: E402
 from ledger.log import LOG  # noqa: E402
 from ledger.models import CallRow, CheckpointRow  # noqa: E402
-from ledger.record import hashed, to_log  # noqa: E402
+from ledger.record import to_log  # noqa: E402
 from ledger.store import checkpoint_of  # noqa: E402
 from ledger.writer import LedgerWriter, build_writer  # noqa: E402
 from licensing.ids import uuid7  # noqa: E402
@@ -437,33 +434,12 @@ def no_gc() -> Iterator[None]:
 Verified = tuple[int, Any, dict[str, Any]]
 
 
-async def verify_audit(audit: Any, engine: AsyncEngine, writer: LedgerWriter) -> Verified:
+async def verify_audit(engine: AsyncEngine, writer: LedgerWriter) -> Verified:
     """``ledger.audit.verify(engine, public_keys)``, trusting the writer's key."""
     _, keys = await _checkpoints_and_keys(engine, writer)
     report = await audit.verify(engine, keys)
     problem = None if report.ok else (report.problem or report)
     return report.records, problem, {"own_seconds": round(report.seconds, 3), "checked": report.checkpoints}
-
-
-async def verify_sqlalchemy(engine: AsyncEngine, writer: LedgerWriter, algorithm: str) -> Verified:
-    """Rows in ``seq`` order through SQLAlchemy (server-side cursor), fed to Verifier."""
-    checkpoints, keys = await _checkpoints_and_keys(engine, writer)
-    verifier = Verifier(algorithm, checkpoints=checkpoints, public_keys=keys)
-    feed, fromhex = verifier.feed, bytes.fromhex
-    n = 0
-    problem = None
-    async with engine.connect() as conn:
-        query = select(_CALLS).order_by(_CALLS.c.seq).execution_options(yield_per=5000)
-        result = await conn.stream(query)
-        with no_gc():
-            async for part in result.partitions():
-                for row in part:
-                    m = row._mapping
-                    problem = feed(hashed(cast(Mapping[str, Any], m)), fromhex(m["hash"]))
-                    n += 1
-                    if problem is not None:
-                        return n, problem, {}
-    return n, verifier.finish(), {}
 
 
 async def fetch_raw(engine: AsyncEngine) -> AsyncIterator[list[Any]]:
@@ -498,15 +474,6 @@ def verify_in_memory(
     with no_gc():
         problem = verifier.feed_many(rows)
     return problem or verifier.finish()
-
-
-def audit_module() -> Any:
-    """``ledger.audit`` if it exists and has ``verify``, else None."""
-    if importlib.util.find_spec("ledger.audit") is None:
-        return None
-    import ledger.audit as audit
-
-    return audit if callable(getattr(audit, "verify", None)) else None
 
 
 # --------------------------------------------------------------------------- phases
@@ -682,18 +649,9 @@ async def one_run(
             f"{write['checkpoints']} checkpoints; {write['log_left']} entries left in the log)"
         )
 
-        audit = audit_module()
         algorithm = settings.ledger.hash_algorithm
-        if audit is not None:
-            result["verify"] = await timed(
-                "ledger.audit.verify", lambda: verify_audit(audit, engine, writer), n, pids
-            )
-            result["verify"]["path"] = "ledger.audit.verify"
-        else:
-            result["verify"] = await timed(
-                "verify", lambda: verify_sqlalchemy(engine, writer, algorithm), n, pids
-            )
-            result["verify"]["path"] = "SQLAlchemy stream -> ledger.chain.Verifier (ledger.audit absent)"
+        result["verify"] = await timed("ledger.audit.verify", lambda: verify_audit(engine, writer), n, pids)
+        result["verify"]["path"] = "ledger.audit.verify"
         result["read_only"] = await timed("reading rows", lambda: read_only(engine), n, pids)
 
         rows = [pair async for b in fetch_raw(engine) for pair in segment._records(b)]
