@@ -59,7 +59,6 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import cProfile  # noqa: E402
-import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -419,18 +418,6 @@ async def _checkpoints_and_keys(
     return checkpoints, keys
 
 
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    """The cyclic collector off, as ``ledger.audit.verify`` runs its scan."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 Verified = tuple[int, Any, dict[str, Any]]
 
 
@@ -459,7 +446,7 @@ async def read_only(engine: AsyncEngine) -> Verified:
     """The reading half of a verify: the scan, and each row made back into its
     record and stored hash as verify does it, no hashing."""
     n = 0
-    with no_gc():
+    with segment.no_gc():
         async for rows in fetch_raw(engine):
             for _ in segment._records(rows):
                 n += 1
@@ -471,7 +458,7 @@ def verify_in_memory(
 ) -> Any:
     """The hashing half: ``Verifier`` over rows already in memory."""
     verifier = Verifier(algorithm, checkpoints=checkpoints, public_keys=keys)
-    with no_gc():
+    with segment.no_gc():
         problem = verifier.feed_many(rows)
     return problem or verifier.finish()
 

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import orjson
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -121,8 +121,10 @@ def _sm3_digest(data: bytes) -> bytes:
     return h.finalize()
 
 
-def _sha256_digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+class _OneShot(Protocol):
+    """A hash of some bytes, in :mod:`hashlib`'s shape."""
+
+    def digest(self) -> bytes: ...
 
 
 class _SM3:
@@ -151,52 +153,45 @@ def sm3_available() -> bool:
 class Chain:
     """One hash algorithm and the constructions built on it (see module docstring)."""
 
-    __slots__ = ("_h", "_new", "algorithm")
+    __slots__ = ("_new", "algorithm")
 
     def __init__(self, algorithm: str = "sha256") -> None:
         if algorithm == "sha256":
-            self._h: Callable[[bytes], bytes] = _sha256_digest
-            self._new: Callable[[bytes], Any] = hashlib.sha256
+            self._new: Callable[[bytes], _OneShot] = hashlib.sha256
         elif algorithm == "sm3":
             if not sm3_available():
                 raise ValueError(
                     "SM3 is not available in this OpenSSL build; "
                     "use an OpenSSL with SM3 enabled or configure sha256"
                 )
-            self._h = _sm3_digest
             self._new = _SM3
         else:
             raise ValueError(f"unknown hash algorithm {algorithm!r}; expected one of {ALGORITHMS}")
         self.algorithm = algorithm
 
     @property
-    def hash_function(self) -> Callable[[bytes], bytes]:
-        """``H`` itself, for hot loops that cannot afford a method call per hash."""
-        return self._h
-
-    @property
-    def new(self) -> Callable[[bytes], Any]:
-        """``H`` in :mod:`hashlib`'s shape: ``new(data).digest()``. Cheaper than
-        :attr:`hash_function` per call for SHA-256 (no Python frame)."""
+    def new(self) -> Callable[[bytes], _OneShot]:
+        """``H`` in :mod:`hashlib`'s shape, ``new(data).digest()``, for hot loops
+        (for SHA-256, two C calls and no Python frame)."""
         return self._new
 
     def digest(self, data: bytes) -> bytes:
         """Plain ``H(data)``."""
-        return self._h(data)
+        return self._new(data).digest()
 
     def leaf_hash(self, record_bytes: bytes) -> bytes:
         """``H(0x00 || record_bytes)``: the RFC 6962 leaf hash, shared with the chain."""
-        return self._h(_LEAF + record_bytes)
+        return self._new(_LEAF + record_bytes).digest()
 
     def node_hash(self, left: bytes, right: bytes) -> bytes:
         """``H(0x01 || left || right)``: an RFC 6962 interior node."""
-        return self._h(_NODE + left + right)
+        return self._new(_NODE + left + right).digest()
 
     def link_leaf(self, prev_hash: bytes, leaf: bytes) -> bytes:
         """``H(0x02 || prev_hash || leaf)``, for callers that already have the leaf hash."""
         if len(prev_hash) != DIGEST_SIZE or len(leaf) != DIGEST_SIZE:
             raise ValueError("chain hashes are 32 bytes")
-        return self._h(_LINK + prev_hash + leaf)
+        return self._new(_LINK + prev_hash + leaf).digest()
 
     def link(self, prev_hash: bytes, record_bytes: bytes) -> bytes:
         """The chain entry of a record: ``H(0x02 || prev_hash || H(0x00 || record_bytes))``.
@@ -215,7 +210,7 @@ class Chain:
         left-balanced either way), without recursion.
         """
         if not leaf_hashes:
-            return self._h(b"")
+            return self._new(b"").digest()
         new = self._new  # node_hash inlined: verify builds a tree over every record
         level = list(leaf_hashes)
         while len(level) > 1:
