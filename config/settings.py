@@ -102,8 +102,10 @@ class LedgerSettings(_Section):
     #: PEM file of the EC P-256 key that signs checkpoints. Empty:
     #: ``{data_dir}/keys/ledger-key.pem``, generated on first start.
     signing_key_file: str = ""
-    #: This process moves the log into the SQL ledger (one process at a time
-    #: does, the others stand by). Turn off where ``pdg worker`` runs apart.
+    #: Move the log into the SQL ledger beside this gateway: ``pdg serve``
+    #: runs the writer in a process of its own (one per ``pdg serve``, however
+    #: many ``--workers``), ``pdg demo`` as a task. One writer works at a time,
+    #: the others stand by. Turn off where ``pdg worker`` runs apart.
     run_writer: bool = True
     #: Records that may wait in the log (the SQL database down, the writer
     #: behind) before data calls fail closed with 503 ``ledger-unavailable``.

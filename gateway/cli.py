@@ -121,35 +121,28 @@ async def _db_current(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     """The ledger writer on its own, until SIGINT or SIGTERM: one of any
-    number of ``pdg worker`` (and gateway) processes holds the writer lock
-    and works; the others stand by."""
+    number of ``pdg worker`` (and ``pdg serve``) processes holds the writer
+    lock and works; the others stand by."""
     import signal
 
-    from ledger.writer import start_writer
+    from ledger import process
     from licensing.ids import new_call_id
     from storage import migrate
     from storage.db import create_engine
-    from storage.redis import redis_for
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(settings.database_url)
+    if settings.server.auto_migrate:
+        engine = create_engine(settings.database_url)
+        try:
+            await migrate.upgrade(engine)
+        finally:
+            await engine.dispose()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    try:
-        if settings.server.auto_migrate:
-            await migrate.upgrade(engine)
-        async with (
-            redis_for(
-                settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
-            ) as client,
-            start_writer(settings, engine, client, owner=f"worker-{new_call_id()}"),
-        ):
-            sys.stderr.write("pdg worker: moving the call-record log into the ledger (Ctrl-C stops)\n")
-            await stop.wait()
-    finally:
-        await engine.dispose()
+    sys.stderr.write("pdg worker: moving the call-record log into the ledger (Ctrl-C stops)\n")
+    await process.run(settings, owner=f"worker-{new_call_id()}", stop=stop)
     return 0
 
 

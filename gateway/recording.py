@@ -27,13 +27,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 
 from gateway.state import CLOCK, PRESENCE, QUOTA, SETTINGS
 from ledger.log import LOG
-from ledger.record import SERVED, clip, to_log
+from ledger.record import SERVED, clip, opening, to_log
 from licensing.errors import LedgerUnavailableError
 from licensing.tokens import AccessClaims
 from metering.periods import period_of, zone
@@ -119,7 +118,7 @@ class CallRecorder:
 
     def skeleton(self) -> bytes:
         """The record so far (kept with the reservation while in flight)."""
-        return orjson.dumps(self.record, option=orjson.OPT_UTC_Z)
+        return opening(self.record)
 
     def still_valid(self) -> bool:
         return bool(self.app[PRESENCE].still_valid(self.epoch))

@@ -1,32 +1,38 @@
-"""``pdg serve``: one process, or a supervisor of ``--workers`` processes that
-share the port (``SO_REUSEPORT``).
+"""``pdg serve``: the gateway in this process, or a supervisor of ``--workers``
+processes that share the port (``SO_REUSEPORT``); either way with the ledger
+writer in a process of its own beside it (``ledger.process``), one per
+``pdg serve``, unless ``ledger.run_writer`` is off.
 
-With several workers the supervisor prepares what must happen once — the
-embedded Valkey server, the migrations, the signing key — then starts the
-workers (spawned, not forked, so no worker inherits the supervisor's
-resources), restarts one that dies, and on SIGTERM / SIGINT stops them all
-before stopping Valkey.
+First what must happen once — the migrations, the signing keys, the embedded
+Valkey server — then the writer and the workers are started (spawned, not
+forked, so none inherits this process's resources); one that dies is started
+again. On SIGTERM / SIGINT the gateway stops taking calls and finishes those
+in flight, then the writer moves what is left in the log, then Valkey stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import multiprocessing
+import os
 import signal
+import threading
 import time
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import SpawnContext, SpawnProcess
 from types import FrameType
 
 from aiohttp import web
 
 from config.settings import Settings
 from gateway.app import create_app
+from ledger import process
+from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key
 from storage import migrate
 from storage.db import create_engine
 from storage.redis import EmbeddedValkey
+from storage.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +49,8 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-#: The cyclic collector's first threshold while serving. Each call makes and
-#: frees hundreds of container objects, almost all by reference counting; at
-#: the default (700) the collector ran every few dozen calls and took several
-#: per cent of the gateway's CPU, scanning objects that were about to go anyway.
-GC_YOUNG_THRESHOLD = 20_000
-
-
 async def _freeze_heap(app: web.Application) -> None:
-    # Everything allocated while starting (modules, settings, the catalogue
-    # view, connection pools) lives for the whole process: moving it out of
-    # the collector's generations keeps full collections, and the latency
-    # spikes they cause under load, short.
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    freeze_heap()
 
 
 def _run_one(settings: Settings, reuse_port: bool) -> None:
@@ -92,6 +84,71 @@ async def _prepare(settings: Settings) -> None:
             await engine.dispose()
 
 
+#: Seconds between a child's death and its restart.
+RESTART_SECONDS = 1.0
+#: How long the writer may take to move what is left in the log when stopped.
+WRITER_STOP_SECONDS = 20.0
+
+
+class WriterChild:
+    """The ledger writer's process (:func:`ledger.process.child_main`), started
+    again by a watching thread if it dies, until :meth:`stop`."""
+
+    def __init__(self, context: SpawnContext, settings: Settings) -> None:
+        self._context = context
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._process: SpawnProcess | None = None
+        self._watcher = threading.Thread(target=self._watch, name="pdg-writer-watch", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _spawn(self) -> None:
+        self._process = self._context.Process(
+            target=process.child_main,
+            args=(self._settings, f"writer-{new_call_id()}", os.getpid()),
+            name="pdg-ledger-writer",
+            daemon=False,
+        )
+        self._process.start()
+
+    def start(self) -> None:
+        with self._lock:
+            self._spawn()
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                proc = self._process
+                if proc is None or proc.is_alive() or self._stopping.is_set():
+                    continue
+                log.error("the ledger writer (pid %s) exited with %s; restarting it", proc.pid, proc.exitcode)
+            if self._stopping.wait(RESTART_SECONDS):
+                return
+            with self._lock:
+                if not self._stopping.is_set():
+                    self._spawn()
+
+    def stop(self) -> None:
+        """SIGTERM, and wait while it moves what is left in the log."""
+        self._stopping.set()
+        with self._lock:
+            proc = self._process
+        if proc is None:
+            return
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(WRITER_STOP_SECONDS)
+        if proc.is_alive():
+            log.error("the ledger writer did not stop in %.0f s; killing it", WRITER_STOP_SECONDS)
+            proc.kill()
+            proc.join(5)
+
+
 def serve(settings: Settings) -> int:
     _configure_logging(settings)
     log.warning(
@@ -100,23 +157,38 @@ def serve(settings: Settings) -> int:
         settings.server.port,
         settings.data_dir,
     )
-    if settings.server.workers == 1:
-        _run_one(settings, reuse_port=False)
-        return 0
-    return _supervise(settings)
-
-
-def _supervise(settings: Settings) -> int:
     asyncio.run(_prepare(settings))
     load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
     load_or_create_signing_key(settings.ledger_key_path, "ES256")
     embedded = EmbeddedValkey(settings.data_dir) if settings.embedded_redis else None
-    if embedded is not None:
-        url = embedded.start_blocking()
-        settings = settings.model_copy(
-            update={"storage": settings.storage.model_copy(update={"redis_url": url})}
-        )
     context = multiprocessing.get_context("spawn")
+    writer: WriterChild | None = None
+    try:
+        if embedded is not None:
+            url = embedded.start_blocking()
+            settings = settings.model_copy(
+                update={"storage": settings.storage.model_copy(update={"redis_url": url})}
+            )
+        if settings.ledger.run_writer:
+            writer = WriterChild(context, settings)
+            writer.start()
+        # The gateway's own processes leave the writer to that one.
+        gateway = settings.model_copy(
+            update={"ledger": settings.ledger.model_copy(update={"run_writer": False})}
+        )
+        if settings.server.workers == 1:
+            _run_one(gateway, reuse_port=False)
+        else:
+            _supervise(context, gateway)
+    finally:
+        if writer is not None:
+            writer.stop()
+        if embedded is not None:
+            embedded.stop_blocking()
+    return 0
+
+
+def _supervise(context: SpawnContext, settings: Settings) -> None:
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -136,7 +208,7 @@ def _supervise(settings: Settings) -> int:
             for i, proc in enumerate(workers):
                 if not proc.is_alive() and not stopping:
                     log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
-                    time.sleep(1.0)
+                    time.sleep(RESTART_SECONDS)
                     workers[i] = context.Process(target=_worker, args=(settings,), daemon=False)
                     workers[i].start()
     finally:
@@ -147,6 +219,3 @@ def _supervise(settings: Settings) -> int:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
-        if embedded is not None:
-            embedded.stop_blocking()
-    return 0

@@ -1,13 +1,24 @@
 """The call record: its fields, and its forms in the log and in the ledger.
 
-A record travels as compact JSON (orjson) in the log (a Redis stream), is
-given its ``seq`` and chain ``hash`` by the writer, and is stored as a row of
-``calls``. Its hashed form (:func:`hashed`) is every column but ``hash``,
-re-derived from the row, so the verifier checks what billing and tracing read.
+A record travels in the log (a Redis stream) as a compact JSON array of its
+values in :data:`LOGGED_FIELDS` order (:func:`to_log`), is given its ``seq``
+and chain ``hash`` by the writer, and is stored as a row of ``calls``. Its
+hashed form (:func:`hashed`) is every column but ``hash``, re-derived from the
+row, so the verifier checks what billing and tracing read.
+
+Positional, not an object with names: every byte a gateway appends is written
+again to the Redis server's append-only file, and the names were two fifths of
+each entry. :func:`from_log` reads an object with the names too.
+
+While the call is in flight its opening fields (:data:`OPENING_FIELDS`, known
+when it is reserved) wait in the in-flight entry the same way
+(:func:`opening`), for the writer to record the call ``incomplete`` should its
+gateway die.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -51,9 +62,41 @@ FIELDS: Final[tuple[str, ...]] = (
     "token_id",
     "response_digest",
 )
-#: What the gateway writes to the log: every field but ``seq``.
-LOGGED_FIELDS: Final = FIELDS[1:]
+#: What is known of a call when it is reserved.
+OPENING_FIELDS: Final = (
+    "call_id",
+    "request_id",
+    "started_at",
+    "app_id",
+    "licensee_id",
+    "licence_id",
+    "dataset_id",
+    "purpose",
+    "method",
+    "path",
+    "query_digest",
+    "pool",
+    "period",
+    "client_address",
+    "token_id",
+)
+#: What the gateway writes to the log, in this order: every field but ``seq``.
+LOGGED_FIELDS: Final = (
+    *OPENING_FIELDS,
+    "time",
+    "status",
+    "upstream_status",
+    "outcome",
+    "problem",
+    "records",
+    "bytes",
+    "latency_us",
+    "charge_e4",
+    "response_digest",
+)
 _LOGGED: Final = frozenset(LOGGED_FIELDS)
+_LOGGED_VALUES: Final = operator.itemgetter(*LOGGED_FIELDS)
+_OPENING_VALUES: Final = operator.itemgetter(*OPENING_FIELDS)
 TIME_FIELDS: Final = ("time", "started_at")
 #: Column widths that bound what a caller can put in a record.
 LIMITS: Final = {"request_id": 128, "dataset_id": 64, "path": 2048, "method": 16, "client_address": 64}
@@ -71,19 +114,39 @@ def clip(value: str, field: str) -> str:
 
 def to_log(record: Mapping[str, Any]) -> bytes:
     """The bytes a gateway appends to the log for ``record`` (no ``seq``)."""
-    return orjson.dumps(record, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(_LOGGED_VALUES(record), option=orjson.OPT_UTC_Z)
+
+
+def opening(record: Mapping[str, Any]) -> bytes:
+    """The opening fields of ``record``, as its in-flight entry keeps them."""
+    return orjson.dumps(_OPENING_VALUES(record), option=orjson.OPT_UTC_Z)
+
+
+def from_opening(data: bytes | str) -> dict[str, Any]:
+    """The opening fields back from :func:`opening`'s bytes (times as text)."""
+    try:
+        values = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"not JSON: {exc}") from exc
+    if not isinstance(values, list) or len(values) != len(OPENING_FIELDS):
+        raise RecordError(f"not the {len(OPENING_FIELDS)} opening fields of a call record")
+    return dict(zip(OPENING_FIELDS, values, strict=True))
 
 
 def from_log(data: bytes) -> dict[str, Any]:
     """A record read back from the log, with its times as aware datetimes
-    (fields other than the logged ones are dropped)."""
+    (an object's fields other than the logged ones are dropped)."""
     try:
         record = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"not JSON: {exc}") from exc
-    if not isinstance(record, dict):
-        raise RecordError("not a JSON object")
-    if record.keys() != _LOGGED:
+    if isinstance(record, list):
+        if len(record) != len(LOGGED_FIELDS):
+            raise RecordError(f"{len(record)} values, not the {len(LOGGED_FIELDS)} of a call record")
+        record = dict(zip(LOGGED_FIELDS, record, strict=True))
+    elif not isinstance(record, dict):
+        raise RecordError("not a JSON array or object")
+    elif record.keys() != _LOGGED:
         missing = [name for name in LOGGED_FIELDS if name not in record]
         if missing:
             raise RecordError(f"missing fields: {', '.join(missing)}")

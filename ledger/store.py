@@ -310,23 +310,29 @@ class LedgerStore:
         # Plain tuples, bound here by the columns' own types (times as
         # UTCDateTime stores them, naive UTC): SQLAlchemy's per-row parameter
         # handling cost more than the database's own work.
-        values = []
-        for row in rows:
-            one = list(_COLUMN_VALUES(row))
-            for i, bind in self._binders:
-                one[i] = bind(one[i])
-            values.append(tuple(one))
+        binders = self._binders
         if self._postgres:
+            values = []
+            for row in rows:
+                one = list(_COLUMN_VALUES(row))
+                for i, bind in binders:
+                    one[i] = bind(one[i])
+                values.append(tuple(one))
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             await driver.copy_records_to_table("calls", records=values, columns=_COLUMNS)  # type: ignore[union-attr]
-        else:
-            # Many rows per statement: the driver lets go of the GIL once per
-            # statement step, and a gateway's event loop shares this process.
-            for start in range(0, len(values), _SQLITE_ROWS):
-                chunk = values[start : start + _SQLITE_ROWS]
-                flat = tuple(value for row in chunk for value in row)
-                await conn.exec_driver_sql(_sqlite_insert(len(chunk)), flat)
+            return
+        # Many rows per statement: the driver lets go of the GIL once per
+        # statement step, and a gateway's event loop shares this process. The
+        # statement's parameters are the rows' values one after the other.
+        for start in range(0, len(rows), _SQLITE_ROWS):
+            flat: list[Any] = []
+            for row in rows[start : start + _SQLITE_ROWS]:
+                one = list(_COLUMN_VALUES(row))
+                for i, bind in binders:
+                    one[i] = bind(one[i])
+                flat += one
+            await conn.exec_driver_sql(_sqlite_insert(len(flat) // len(_COLUMNS)), tuple(flat))
 
 
 _COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
@@ -357,7 +363,9 @@ def _binders(dialect: Dialect) -> list[tuple[int, Callable[[Any], Any]]]:
 
 def sqlite_utc(value: datetime) -> str:
     """An aware UTC datetime as a ``UTCDateTime`` column stores it in SQLite
-    (naive UTC, which the driver spells ``value.isoformat(" ")``), in two C
-    calls rather than through the column's processor and the driver's adapter."""
+    (naive UTC, which the driver spells ``value.isoformat(" ")``): its own
+    ``isoformat(" ")`` less the ``+00:00`` that :func:`require_utc` vouches
+    for, in one C call rather than through the column's processor and the
+    driver's adapter."""
     require_utc(value, "a call record time")
-    return value.replace(tzinfo=None).isoformat(" ")
+    return value.isoformat(" ")[:-6]

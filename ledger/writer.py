@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
+import redis.asyncio as aioredis
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -45,11 +45,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from config.settings import Settings
 from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, inflight_key, live_replicas
 from ledger.models import CallRow
-from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, to_log
+from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, from_opening, to_log
 from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
 from metering.quota import Scripts
-from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,16 @@ return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now_ms - tonumber
 """
 
 
+def _entries(reply: Any) -> list[Any]:
+    """The entries in ``XREAD``'s reply for one stream, ``[id, fields]`` each
+    (the reply is a map in RESP3, a list of ``[stream, entries]`` in RESP2)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(next(iter(reply.values())))
+    return list(reply[0][1])
+
+
 def _after(entry_id: str) -> str:
     """The smallest stream id after ``entry_id`` (for ``XTRIM MINID``)."""
     ms, _, seq = entry_id.partition("-")
@@ -95,18 +105,38 @@ class _Batch:
 
 @dataclass(frozen=True, slots=True)
 class Unfinished:
-    """An in-flight entry of a call whose replica is gone."""
+    """An in-flight entry of a call whose replica is gone: what its
+    reservation took and where, and the opening fields of its record."""
 
     licence_id: str
     call_id: str
     cost: int
-    marker: dict[str, Any]
+    kind: str
+    idempotent: bool
+    #: Its pool counter, paid calls and idempotency record (``reserve.lua``).
+    keys: tuple[str, str, str]
+    record: dict[str, Any]
 
 
-def incomplete_record(marker: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _in_flight(licence_id: str, call_id: str, value: bytes) -> tuple[str, Unfinished]:
+    """An in-flight entry, ``cost|replica|kind|idem|pool|paid|idem key|record``
+    (``metering.quota.plan_reservation``), and the replica that holds it."""
+    cost, replica, kind, idem, pool, paid, idem_key, record = value.split(b"|", 7)
+    return replica.decode(), Unfinished(
+        licence_id,
+        call_id,
+        int(cost),
+        kind.decode(),
+        idem == b"1",
+        (pool.decode(), paid.decode(), idem_key.decode()),
+        from_opening(record),
+    )
+
+
+def incomplete_record(opened: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The record of a call its replica never finished: what was known when it
     was reserved, no response."""
-    record = dict(marker["record"])
+    record = dict(opened)
     started = datetime.fromisoformat(record["started_at"])
     record.update(
         time=now,
@@ -180,13 +210,22 @@ class LedgerWriter:
     async def _read(self, after: str, block_ms: int | None) -> _Batch:
         """Up to a batch of log entries after ``after``, parsed."""
         async with asyncio.timeout(COMMAND_TIMEOUT + (block_ms or 0) / 1000):
-            reply: Any = await self.client.xread({LOG: after}, count=self.batch, block=block_ms)
-        entries: list[Any] = reply[0][1] if reply else []
+            if isinstance(self.client, aioredis.RedisCluster):
+                reply: Any = await self.client.xread({LOG: after}, count=self.batch, block=block_ms)
+                entries = [(entry_id, [b"r", fields.get(b"r")]) for entry_id, fields in _entries(reply)]
+            else:
+                # As the server sent it: redis-py would build a dict per entry.
+                block = ("BLOCK", block_ms) if block_ms is not None else ()
+                command = ("XREAD", "COUNT", self.batch, *block, "STREAMS", LOG, after)
+                (reply,) = await execute_raw(self.client, (command,))
+                if isinstance(reply, Exception):
+                    raise reply
+                entries = _entries(reply)
         records = []
         for entry_id, fields in entries:
             try:
-                records.append(from_log(fields[b"r"]))
-            except (RecordError, KeyError) as exc:
+                records.append(from_log(fields[1]))
+            except (RecordError, IndexError, TypeError) as exc:
                 log.error("log entry %s is not a call record (%s); it is skipped", entry_id, exc)
         last = None
         if entries:
@@ -269,16 +308,13 @@ class LedgerWriter:
             replies = await pipe.execute()
         for licence_id, entries in zip(licences, replies, strict=True):
             for call_id, value in entries.items():
-                cost, _, rest = bytes(value).partition(b"|")
-                replica, _, raw = rest.decode(errors="replace").partition("|")
                 try:
-                    marker = orjson.loads(raw)
-                    marker["keys"], marker["record"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    replica, call = _in_flight(licence_id, bytes(call_id).decode(), bytes(value))
+                except (ValueError, UnicodeDecodeError):  # RecordError is a ValueError
                     log.error("in-flight entry %s of licence %s is unreadable", call_id, licence_id)
                     continue
                 if replica not in live:
-                    found.append(Unfinished(licence_id, bytes(call_id).decode(), int(cost), marker))
+                    found.append(call)
         return found
 
     async def _recorded(self, call_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -302,7 +338,7 @@ class LedgerWriter:
             async with asyncio.timeout(COMMAND_TIMEOUT * 2):
                 pipe = self.client.pipeline(transaction=False)
                 for u in missing:
-                    pipe.xadd(LOG, {"r": to_log(incomplete_record(u.marker, now))})
+                    pipe.xadd(LOG, {"r": to_log(incomplete_record(u.record, now))})
                 await pipe.execute()
             await self.drain()
             recorded = await self._recorded([u.call_id for u in unfinished])
@@ -310,10 +346,9 @@ class LedgerWriter:
         source = self.scripts.source["finish"]
         for u in unfinished:
             outcome, charge = recorded.get(u.call_id, (INCOMPLETE, 0))
-            kind = str(u.marker.get("kind", "free"))
-            pool, paid, idem = u.marker["keys"]
+            pool, paid, idem = u.keys
             if outcome == SERVED:
-                action, extra = "settle", max(0, charge - u.cost) if kind == "credit" else 0
+                action, extra = "settle", max(0, charge - u.cost) if u.kind == "credit" else 0
             else:
                 action, extra = "release", 0
             async with asyncio.timeout(COMMAND_TIMEOUT):
@@ -328,8 +363,8 @@ class LedgerWriter:
                     0,
                     action,
                     extra,
-                    kind,
-                    int(u.marker.get("idem", 0)),
+                    u.kind,
+                    1 if u.idempotent else 0,
                     u.call_id,
                     "",
                 )

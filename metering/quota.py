@@ -42,13 +42,11 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-import hiredis
-import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from metering.periods import Period
-from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 
 RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
@@ -194,12 +192,13 @@ def plan_reservation(
     idempotency_key: str | None,
     *,
     replica: str = "-",
-    record: bytes = b"{}",
+    record: bytes = b"[]",
 ) -> Reservation:
     """The reservation of one call. While it is in flight the call is entered
     in the licence's in-flight hash with a marker: the ``replica`` serving it,
-    its pool and keys, and ``record`` (JSON: the call record so far), which is
-    what the ledger writer needs to end it if the replica dies."""
+    its pool and keys, and ``record`` (the call record so far, as
+    ``ledger.record.opening`` spells it), which is what the ledger writer
+    needs to end it if the replica dies."""
     k = LicenceKeys(terms.licence_id)
     reset = period.seconds_left(now)
     window = int((period.end - period.start).total_seconds())
@@ -219,18 +218,9 @@ def plan_reservation(
         k.idempotency(terms.app_id, idempotency_key),
         k.inflight(),
     )
-    marker = (
-        replica.encode()
-        + b"|"
-        + orjson.dumps(
-            {
-                "kind": pool.kind,
-                "idem": 1 if idempotency_key else 0,
-                "keys": keys[1:4],
-                "record": orjson.Fragment(record),
-            }
-        )
-    )
+    # "replica|kind|idem|pool key|paid key|idempotency key|record": ids and
+    # keys never hold a "|" (ID_PATTERN), the record comes last.
+    marker = "|".join((replica, pool.kind, "1" if idempotency_key else "0", *keys[1:4], "")).encode() + record
     interval_us = max(1, int(1_000_000 / terms.burst_per_second))
     tiers: list[int] = []
     for up_to, price in terms.tiers:
@@ -360,7 +350,7 @@ class QuotaBatcher:
                 pipe.execute_command(*command.args)
             replies = list(await pipe.execute(raise_on_error=False))
         else:
-            replies = await self._execute_on_one_connection(self.client, commands)
+            replies = await execute_raw(self.client, [command.args for command in commands])
         answers: list[Any] = [None] * len(batch)
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception) or not command.many:
@@ -370,31 +360,6 @@ class QuotaBatcher:
                 for i, one in zip(command.answers, reply, strict=True):
                     answers[i] = one
         return answers
-
-    @staticmethod
-    async def _execute_on_one_connection(client: aioredis.Redis, commands: Sequence[_Command]) -> list[Any]:
-        """The commands as one write and their replies in order, on one pooled
-        connection: a pipeline, done here with hiredis packing the commands
-        because redis-py's asyncio pipeline packs each argument in Python, at
-        ten times the cost, paid by every data call."""
-        packed = b"".join(hiredis.pack_command(command.args) for command in commands)
-        pool = client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # that run's error (NOSCRIPT, say): its calls' answer
-                    replies.append(exc)
-        except BaseException:
-            # Replies not read would answer the next batch: drop the connection.
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
-        return replies
 
     @staticmethod
     def _fail(batch: Sequence[_Pending], error: QuotaStoreError) -> None:

@@ -15,14 +15,16 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from config.settings import ConfigurationError
 
@@ -189,6 +191,36 @@ def connect(url: str, *, cluster: bool = False) -> RedisClient:
         health_check_interval=15,
         retry_on_timeout=False,
     )
+
+
+async def execute_raw(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``commands`` as one write and their replies in order, on one pooled
+    connection of a single server: a pipeline, with hiredis packing the
+    commands (redis-py's asyncio pipeline packs each argument in Python, at ten
+    times the cost) and the replies as the server sent them, without redis-py's
+    per-command response callbacks (which for ``XREAD`` build a dict per entry).
+    A command's error reply (``NOSCRIPT``, say) is its reply, as a
+    :class:`ResponseError`. Bound the call with ``asyncio.timeout``: on any
+    failure or cancellation the connection is dropped, never reused with
+    replies unread."""
+    packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+    pool = client.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await connection.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        # Replies not read would answer the next caller: drop the connection.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
+    return replies
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,7 @@ from gateway.state import ENGINE, PRESENCE, QUOTA, REDIS, SETTINGS
 from ledger.chain import Verifier
 from ledger.log import LOG
 from ledger.models import CallRow, CheckpointRow
-from ledger.record import hashed
+from ledger.record import hashed, opening
 from ledger.store import checkpoint_of
 from ledger.writer import start_writer
 from licensing.keys import load_or_create_signing_key
@@ -240,8 +240,6 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
         "client_address": "127.0.0.1",
         "token_id": "jti-lost",
     }
-    import orjson
-
     terms = Terms(
         licence_id=lic["id"],
         app_id=app["client_id"],
@@ -259,7 +257,7 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
         skeleton["call_id"],
         None,
         replica="replica-that-died",
-        record=orjson.dumps(skeleton),
+        record=opening(skeleton),
     )
     outcome = await world.app[QUOTA].reserve(reservation)
     assert outcome.status == 0
@@ -273,6 +271,9 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
     assert lost[0]["outcome"] == "incomplete"
     assert lost[0]["charge_e4"] == 0
     assert lost[0]["status"] == 0
+    # What was known when it was reserved is all in its record.
+    for field in ("call_id", "app_id", "licence_id", "dataset_id", "path", "client_address", "token_id"):
+        assert lost[0][field] == skeleton[field], field
     for _ in range(50):
         if await redis.hlen(f"pdg:{{{lic['id']}}}:inflight") == 0:
             break

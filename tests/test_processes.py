@@ -4,6 +4,7 @@ defaults, and a restart on the same data folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -250,3 +251,71 @@ def test_restart_on_the_same_data_folder_keeps_everything(tmp_path: Path) -> Non
             assert _stop(proc) == 0
     assert kids[0] == kids[1], "the signing key survives a restart"
     assert (data_dir / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append((int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _writer_of(serve: int) -> int:
+    """The ledger writer process ``pdg serve`` started beside the gateway."""
+    writers = [pid for pid, cmd in _children(serve) if "spawn_main" in cmd]
+    assert len(writers) == 1, _children(serve)
+    return writers[0]
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat[stat.rindex(")") + 2] == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_runs_the_ledger_writer_beside_it_and_takes_it_along(tmp_path: Path, signum: int) -> None:
+    """``pdg serve`` runs the ledger writer in a process of its own. Stopped
+    (SIGTERM to the gateway alone, as a process manager does) it stops the
+    writer; killed (SIGKILL), it leaves no writer behind either: the writer
+    notices its parent is gone and stops by itself."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PDG, "serve", "--port", str(port)],
+            env=_embedded_env(data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        writer = _writer_of(proc.pid)
+        os.kill(proc.pid, signum)
+        assert _gone(writer, 20), "the ledger writer outlived its gateway"
+        if signum == signal.SIGTERM:
+            assert proc.wait(30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for pid in _valkeys_under(data_dir):  # a killed gateway leaves its Valkey, to be adopted
+            os.kill(pid, signal.SIGKILL)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()

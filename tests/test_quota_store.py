@@ -234,3 +234,24 @@ async def test_a_finish_appends_the_call_record_in_the_same_run(batcher: QuotaBa
     assert not await batcher.finish(calls[0], "release", record=("pdg:test:log", b"late"))
     assert await client.xlen("pdg:test:log") == 7
     assert int(await client.get(calls[0].pool.counter_key)) == 3
+
+
+async def test_counters_get_their_time_to_live_when_made(batcher: QuotaBatcher) -> None:
+    """A period's counters outlive it (usage and reconciliation read them) and
+    then go: each gets its time to live when the period's first call makes it,
+    and keeps it (no EXPIRE on every call)."""
+    client = batcher.client
+    credit = terms(purpose="industrial", credit_limit_fen=1000)
+    free = terms(dataset_id="ds-2")
+    first = [plan(free, "f1"), plan(credit, "p1")]
+    for reservation in first:
+        assert (await batcher.reserve(reservation)).status == RESERVED
+    keys = [first[0].keys[1], first[1].keys[1], first[1].keys[2]]  # free, credit, paid calls
+    ttls = [await client.ttl(key) for key in keys]
+    assert all(399 * 24 * 3600 < ttl <= 400 * 24 * 3600 for ttl in ttls), ttls
+    for key in keys:
+        await client.expire(key, 1000)  # as if made long ago
+    for reservation in (plan(free, "f2"), plan(credit, "p2")):
+        assert (await batcher.reserve(reservation)).status == RESERVED
+    assert [await client.ttl(key) for key in keys] == [pytest.approx(1000, abs=5)] * 3
+    assert int(await client.get(keys[0]) or 0) == 2

@@ -6,7 +6,9 @@
 -- A call is finished once: only while its in-flight entry (written by
 -- reserve.lua, with the cost the reservation took) is there, and the entry
 -- goes in the same run. So a gateway finishing a call and the ledger writer
--- recovering it after the gateway died can not both act on it.
+-- recovering it after the gateway died can not both act on it. A settle
+-- needs only to know that the entry was there (HDEL's answer); a release
+-- reads the cost it gives back from the entry first.
 --
 -- On a single server a call's record is appended to the call-record log in
 -- the run that finishes the call, before it: the record is durable when the
@@ -40,29 +42,33 @@ for n = 1, tonumber(ARGV[1]) do
     end
     redis.call('XADD', KEYS[1], '*', 'r', record)
   end
-  local entry = redis.call('HGET', inflight_key, call_id)
-  if not entry then
-    results[n] = 0
-  else
-    local cost = tonumber(string.match(entry, '^(%d+)|'))
-    if action == 'settle' then
+  if action == 'settle' then
+    if redis.call('HDEL', inflight_key, call_id) == 0 then
+      results[n] = 0
+    else
       if extra > 0 then
         redis.call('INCRBY', pool_key, extra)
       end
       if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
         redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
       end
+      results[n] = 1
+    end
+  else
+    local entry = redis.call('HGET', inflight_key, call_id)
+    if not entry then
+      results[n] = 0
     else
-      redis.call('DECRBY', pool_key, cost)
+      redis.call('HDEL', inflight_key, call_id)
+      redis.call('DECRBY', pool_key, tonumber(string.match(entry, '^(%d+)|')))
       if kind ~= 'free' then
         redis.call('DECR', paid_key)
       end
       if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
         redis.call('DEL', idem_key)
       end
+      results[n] = 1
     end
-    redis.call('HDEL', inflight_key, call_id)
-    results[n] = 1
   end
 end
 return results

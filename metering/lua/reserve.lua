@@ -109,9 +109,10 @@ local function reserve(k, a, last)
 
   take_burst()
   used = redis.call('INCRBY', pool_key, cost)
-  if kind ~= 'prepaid' then redis.call('EXPIRE', pool_key, COUNTER_TTL) end
-  if kind ~= 'free' then
-    redis.call('INCR', paid_key)
+  -- Counters get their time to live when they are made (the first call of
+  -- the period), not again on every call.
+  if kind ~= 'prepaid' and used == cost then redis.call('EXPIRE', pool_key, COUNTER_TTL) end
+  if kind ~= 'free' and redis.call('INCR', paid_key) == 1 then
     redis.call('EXPIRE', paid_key, COUNTER_TTL)
   end
   if idem then
