@@ -669,6 +669,20 @@ def ratio_of(g: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def round_by_round(results: dict[str, Any]) -> dict[str, Any]:
+    """The two gateways compared within each round (each against that round's
+    bare proxy): the machine's speed drifts between rounds, less within one,
+    so the median of these is steadier than the difference of the medians."""
+    rounds = zip(
+        (r["requests_per_s"] for r in results["bare"]["runs"]),
+        (r["requests_per_s"] for r in results["gateway"]["runs"]),
+        (r["requests_per_s"] for r in results["against"]["runs"]),
+        strict=True,
+    )
+    points = [round(100.0 * (g - a) / b, 1) if b else 0.0 for b, g, a in rounds]
+    return {"points": points, "median_points": round(statistics.median(points), 1) if points else 0.0}
+
+
 LABELS = {"bare": "bare proxy", "gateway": "pdg gateway", "against": "pdg (--against)"}
 
 
@@ -709,6 +723,11 @@ def render(report: dict[str, Any]) -> None:
             f"p50 x{other['p50_x']:.2f}   p99 x{other['p99_x']:.2f}   "
             f"CPU/req x{other['cpu_per_request_x']:.2f}   "
             f"(gateway {ratio['throughput_pct'] - other['throughput_pct']:+.1f} points)"
+        )
+        rounds = report["against"]["rounds"]
+        table.caption += (
+            f"\nround by round, gateway - --against: median [bold]{rounds['median_points']:+.1f}[/] points "
+            f"({', '.join(f'{p:+.1f}' for p in rounds['points'])})"
         )
     console.print(table)
     m = report["machine"]
@@ -1040,6 +1059,7 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             "pdg": builds["against"][0],
             "source": source_facts(builds["against"][0]),
             "ratio": ratio_of(results["against"], results["bare"]),
+            "rounds": round_by_round(results),
         }
     report["notes"] = notes_for(report)
     return report
