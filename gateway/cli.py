@@ -125,18 +125,11 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     lock and works; the others stand by."""
     import signal
 
+    from gateway.server import prepare
     from ledger import process
     from licensing.ids import new_call_id
-    from storage import migrate
-    from storage.db import create_engine
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.server.auto_migrate:
-        engine = create_engine(settings.database_url)
-        try:
-            await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
+    await prepare(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

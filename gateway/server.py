@@ -74,7 +74,8 @@ def _worker(settings: Settings) -> None:
     _run_one(settings, reuse_port=True)
 
 
-async def _prepare(settings: Settings) -> None:
+async def prepare(settings: Settings) -> None:
+    """The data folder, and the migrations unless ``server.auto_migrate`` is off."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.server.auto_migrate:
         engine = create_engine(settings.database_url)
@@ -157,7 +158,7 @@ def serve(settings: Settings) -> int:
         settings.server.port,
         settings.data_dir,
     )
-    asyncio.run(_prepare(settings))
+    asyncio.run(prepare(settings))
     load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
     load_or_create_signing_key(settings.ledger_key_path, "ES256")
     embedded = EmbeddedValkey(settings.data_dir) if settings.embedded_redis else None

@@ -62,27 +62,8 @@ FIELDS: Final[tuple[str, ...]] = (
     "token_id",
     "response_digest",
 )
-#: What is known of a call when it is reserved.
-OPENING_FIELDS: Final = (
-    "call_id",
-    "request_id",
-    "started_at",
-    "app_id",
-    "licensee_id",
-    "licence_id",
-    "dataset_id",
-    "purpose",
-    "method",
-    "path",
-    "query_digest",
-    "pool",
-    "period",
-    "client_address",
-    "token_id",
-)
-#: What the gateway writes to the log, in this order: every field but ``seq``.
-LOGGED_FIELDS: Final = (
-    *OPENING_FIELDS,
+#: What is known of a call only when it ends.
+CLOSING_FIELDS: Final = (
     "time",
     "status",
     "upstream_status",
@@ -94,6 +75,10 @@ LOGGED_FIELDS: Final = (
     "charge_e4",
     "response_digest",
 )
+#: What is known of it when it is reserved: the others but ``seq``.
+OPENING_FIELDS: Final = tuple(name for name in FIELDS[1:] if name not in CLOSING_FIELDS)
+#: What the gateway writes to the log, in this order: every field but ``seq``.
+LOGGED_FIELDS: Final = (*OPENING_FIELDS, *CLOSING_FIELDS)
 _LOGGED: Final = frozenset(LOGGED_FIELDS)
 _LOGGED_VALUES: Final = operator.itemgetter(*LOGGED_FIELDS)
 _OPENING_VALUES: Final = operator.itemgetter(*OPENING_FIELDS)
