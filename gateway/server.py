@@ -103,10 +103,6 @@ class WriterChild:
         self._process: SpawnProcess | None = None
         self._watcher = threading.Thread(target=self._watch, name="pdg-writer-watch", daemon=True)
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def _spawn(self) -> None:
         self._process = self._context.Process(
             target=process.child_main,

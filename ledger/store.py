@@ -307,17 +307,8 @@ class LedgerStore:
         return fresh
 
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        # Plain tuples, bound here by the columns' own types (times as
-        # UTCDateTime stores them, naive UTC): SQLAlchemy's per-row parameter
-        # handling cost more than the database's own work.
-        binders = self._binders
         if self._postgres:
-            values = []
-            for row in rows:
-                one = list(_COLUMN_VALUES(row))
-                for i, bind in binders:
-                    one[i] = bind(one[i])
-                values.append(tuple(one))
+            values = [tuple(self._bound(row)) for row in rows]
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             await driver.copy_records_to_table("calls", records=values, columns=_COLUMNS)  # type: ignore[union-attr]
@@ -328,11 +319,17 @@ class LedgerStore:
         for start in range(0, len(rows), _SQLITE_ROWS):
             flat: list[Any] = []
             for row in rows[start : start + _SQLITE_ROWS]:
-                one = list(_COLUMN_VALUES(row))
-                for i, bind in binders:
-                    one[i] = bind(one[i])
-                flat += one
+                flat += self._bound(row)
             await conn.exec_driver_sql(_sqlite_insert(len(flat) // len(_COLUMNS)), tuple(flat))
+
+    def _bound(self, row: dict[str, Any]) -> list[Any]:
+        """The row's column values, bound here by the columns' own types (times
+        as UTCDateTime stores them, naive UTC): SQLAlchemy's per-row parameter
+        handling cost more than the database's own work."""
+        one = list(_COLUMN_VALUES(row))
+        for i, bind in self._binders:
+            one[i] = bind(one[i])
+        return one
 
 
 _COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
