@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from config.settings import Settings
 from gateway import cli
 from gateway.state import ADMIN_TOKENS, ENGINE
 from ledger import audit
-from ledger.chain import Chain, Verifier, canonical, sm3_available
+from ledger.chain import Chain, Checkpoint, Verifier, canonical, sm3_available
 from ledger.models import CallRow, CheckpointRow, LedgerStateRow
 from ledger.record import FIELDS
 from ledger.store import LedgerStore
@@ -230,6 +231,38 @@ async def expect(
         assert f"FAILED at seq {seq}: {kind}" in plain.out
 
 
+def _tiling(n: int, every: int) -> list[Any]:
+    cp = Checkpoint(1, 1, bytes(32), bytes(32), datetime(2026, 1, 1, tzinfo=UTC), "sha256", "k", b"")
+    return [
+        dataclasses.replace(cp, first_seq=s, last_seq=min(s + every - 1, n)) for s in range(1, n + 1, every)
+    ]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_a_parallel_verify_cuts_pieces_that_shrink_towards_the_end(processes: int) -> None:
+    from ledger.audit.parallel import PIECE_MIN_RECORDS, _split_points
+
+    n = 1_000_000
+    cps = _tiling(n, 1000)
+    cuts = _split_points(cps, n, processes)
+    ends = [0, *(cut.last_seq for cut in cuts), n]
+    sizes = [b - a for a, b in itertools.pairwise(ends)]
+    assert all(cut in cps for cut in cuts)
+    assert ends == sorted(set(ends))
+    # A quarter of the ledger per process first, then a quarter of what is left,
+    # each to the next checkpoint, down to the smallest piece.
+    assert n // (4 * processes) <= sizes[0] < n // (4 * processes) + 1000
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)
+    smallest = min(PIECE_MIN_RECORDS, n // (32 * processes))
+    assert smallest <= min(sizes[:-1]) < smallest + 1000
+    assert sizes[-1] <= smallest + 1000
+    # Checkpoints that do not tile the ledger: no cuts (one pass says why).
+    assert _split_points([cps[0], *cps[2:]], n, processes) == []
+    # A small ledger is still cut, finer.
+    small = _split_points(_tiling(2500, 1000), 2500, processes)
+    assert [cut.last_seq for cut in small] == [1000, 2000]
+
+
 @pytest.mark.parametrize("backend", ["servers"], indirect=True)
 async def test_the_postgres_scan_streams_from_the_primary_key(ledger: Ledger) -> None:
     """Verify reads the whole ledger in seq order; a plan that sorts it (what the
@@ -263,7 +296,7 @@ async def test_the_postgres_scan_streams_from_the_primary_key(ledger: Ledger) ->
 
 
 async def test_untouched_ledger_verifies(
-    ledger: Ledger, pdg: PdgRunner, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, pdg: PdgRunner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     report = await audit.verify(ledger.engine, ledger.keys)
     assert report.ok, report
@@ -272,10 +305,15 @@ async def test_untouched_ledger_verifies(
         for segments in (2, 3):
             split = await audit.verify(ledger.engine, ledger.keys, parallel_min=1, segments=segments)
             assert (split.ok, split.records, split.checkpoints) == (True, N, 2)
-        # A child that cannot do its part leaves it to one pass.
-        monkeypatch.setattr(audit.parallel, "_CHILD", "raise SystemExit('cannot start')")
-        split = await audit.verify(ledger.engine, ledger.keys, parallel_min=1, segments=2)
-        assert (split.ok, split.records, split.checkpoints) == (True, N, 2)
+        # A child that cannot do its part, or takes its pieces and dies, leaves
+        # them to this process.
+        for child in ("raise SystemExit('cannot start')", "import sys; sys.stdin.readline(); sys.exit(3)"):
+            monkeypatch.setattr(audit.parallel, "_CHILD", child)
+            with caplog.at_level("WARNING", logger="ledger.audit"):
+                split = await audit.verify(ledger.engine, ledger.keys, parallel_min=1, segments=2)
+            assert (split.ok, split.records, split.checkpoints) == (True, N, 2)
+            assert "a verifying child failed" in caplog.text
+            caplog.clear()
         monkeypatch.undo()
 
     run = await pdg("audit", "verify", "--config", str(ledger.config), "--json")

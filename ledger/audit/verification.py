@@ -4,7 +4,6 @@ cores), then what the rows alone cannot show.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from datetime import timedelta
@@ -26,13 +25,7 @@ from ledger.audit.common import (
     _first,
     _snapshot,
 )
-from ledger.audit.parallel import (
-    MAX_SEGMENTS,
-    PARALLEL_MIN_RECORDS,
-    _ChildFailedError,
-    _split_points,
-    _verify_parallel,
-)
+from ledger.audit.parallel import MAX_SEGMENTS, PARALLEL_MIN_RECORDS, _split_points, _verify_parallel
 from ledger.audit.scan import NO_END, Scanned, _scan_postgres, _scan_sqlite
 from ledger.chain import Chain, Problem, Verifier, canonical
 from ledger.record import FIELDS
@@ -40,8 +33,6 @@ from ledger.record import FIELDS
 #: How far around a misfit record to look for the place it was moved from.
 _MOVED_WINDOW: Final = timedelta(minutes=5)
 _MOVED_CANDIDATES: Final = 50_000
-
-log = logging.getLogger("ledger.audit")
 
 
 async def verify(
@@ -55,8 +46,9 @@ async def verify(
     """Re-derive the whole ledger and report the first problem, if any.
 
     ``progress(done, total)`` is called after each chunk of rows. A PostgreSQL
-    ledger of ``parallel_min`` records or more is verified in ``segments``
-    processes (default: one per core, at most :data:`MAX_SEGMENTS`).
+    ledger of ``parallel_min`` records or more is verified in pieces by
+    ``segments`` processes (default: one per core, at most :data:`MAX_SEGMENTS`;
+    see :mod:`ledger.audit.parallel`).
     """
     started = time.perf_counter()
     async with _snapshot(engine) as conn:
@@ -85,16 +77,12 @@ async def verify(
         postgres = engine.dialect.name == "postgresql"
         parts = segments or min(MAX_SEGMENTS, os.cpu_count() or 1)
         cuts = _split_points(cps, last, parts) if postgres and last >= parallel_min and parts > 1 else []
-        scanned = None
         if cuts:
-            try:
-                scanned = await _verify_parallel(conn, algorithm, cps, public_keys, cuts, report)
-            except _ChildFailedError as exc:
-                log.warning("verifying in one process instead: %s", exc)
-        if scanned is None and postgres:
+            scanned = await _verify_parallel(conn, algorithm, cps, public_keys, cuts, report, parts)
+        elif postgres:
             raw = await conn.get_raw_connection()
             scanned = await _scan_postgres(raw.driver_connection, verifier, 1, NO_END, tick)
-        elif scanned is None:
+        else:
             scanned = await _scan_sqlite(conn, verifier, tick)
         problem = await _tail(conn, scanned, state, last)
         if problem is not None and problem.kind == "altered":
