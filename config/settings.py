@@ -80,6 +80,15 @@ class ProxySettings(_Section):
 class BillingSettings(_Section):
     #: Periods are calendar months in this IANA time zone.
     time_zone: str = "Asia/Shanghai"
+    #: VAT on invoices, shown as its own amount (a decimal, at most 4 places).
+    vat_rate: str = "0.06"
+
+    @field_validator("vat_rate")
+    @classmethod
+    def _vat_rate(cls, value: str) -> str:
+        from billing.money import parse_vat_rate
+
+        return str(parse_vat_rate(value))
 
     @field_validator("time_zone")
     @classmethod
@@ -198,6 +207,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_REDIS_URL": "storage.redis_url",
     "PDG_REDIS_CLUSTER": "storage.redis_cluster",
     "PDG_BILLING_TIME_ZONE": "billing.time_zone",
+    "PDG_BILLING_VAT_RATE": "billing.vat_rate",
     "PDG_ACCESS_TOKEN_TTL_SECONDS": "tokens.access_token_ttl_seconds",
     "PDG_TOKEN_LEEWAY_SECONDS": "tokens.leeway_seconds",
     "PDG_TOKEN_ALGORITHM": "tokens.algorithm",

@@ -18,13 +18,16 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
+from billing import schemas as billing_schemas
+from billing.invoices import close_period, get_invoice, list_invoices
+from billing.money import parse_vat_rate
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
 from licensing.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
 from licensing.registry import dump
-from metering.periods import PeriodError, parse_period, period_of, zone
+from metering.periods import Period, PeriodError, parse_period, period_of, zone
 from metering.quota import QuotaStoreError
 from metering.usage import UsageRow, usage_report
 
@@ -169,6 +172,48 @@ async def get_usage(request: web.Request, principal: AdminPrincipal) -> web.Resp
     except QuotaStoreError as exc:
         raise QuotaUnavailableError("the quota store cannot be reached") from exc
     return _json([row.model_dump(mode="json") for row in rows])
+
+
+# -- billing ------------------------------------------------------------------
+
+
+def _period_param(request: web.Request, value: str) -> Period:
+    try:
+        return parse_period(value, zone(request.app[SETTINGS].billing.time_zone))
+    except PeriodError as exc:
+        raise ValidationFailedError("period", str(exc)) from exc
+
+
+async def close_billing_period(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    settings = request.app[SETTINGS]
+    period = _period_param(request, request.match_info["period"])
+    closed = await close_period(
+        request.app[ENGINE],
+        period,
+        vat_rate=parse_vat_rate(settings.billing.vat_rate),
+        now=request.app[CLOCK].now(),
+    )
+    return _json(closed.as_dict(), 200 if closed.already_closed else 201)
+
+
+async def list_invoices_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.query.get("licensee")
+    if principal.own_licensee is not None:
+        if wanted not in (None, principal.own_licensee):
+            return _json([])
+        wanted = principal.own_licensee
+    name = request.query.get("period")
+    period = _period_param(request, name).name if name is not None else None
+    return _json(await list_invoices(request.app[ENGINE], period=period, licensee_id=wanted))
+
+
+async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.match_info["id"]
+    invoice = await get_invoice(request.app[ENGINE], wanted)
+    if invoice is None:
+        raise NotFoundError(f"no invoice {wanted}")
+    _own(principal, invoice["licensee_id"], f"invoice {wanted}")
+    return _json(invoice)
 
 
 def _licence_action(action: str) -> Handler:
@@ -385,6 +430,30 @@ ROUTES: tuple[Route, ...] = (
         query=("licensee", "dataset", "from", "to", "request_id", "limit", "after"),
     ),
     Route("GET", "/calls/{id}", get_call, "read", "One call record, by call id", None, audit.CallRecord),
+    Route(
+        "POST",
+        "/billing/{period}/close",
+        close_billing_period,
+        "billing:write",
+        "Close a period that has ended: one invoice per licensee (201); closing it again answers "
+        "its invoices, unchanged (200)",
+        None,
+        billing_schemas.ClosedPeriod,
+        status=201,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/invoices",
+        list_invoices_handler,
+        "read",
+        "Closed invoices, by id",
+        None,
+        billing_schemas.Invoice,
+        True,
+        query=("period", "licensee"),
+    ),
+    Route("GET", "/invoices/{id}", get_invoice_handler, "read", "One invoice", None, billing_schemas.Invoice),
 )
 
 

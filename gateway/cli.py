@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from config.settings import ConfigurationError, Settings, load_settings
-from gateway import __version__, cli_audit, cli_resources
+from gateway import __version__, cli_audit, cli_billing, cli_resources
 from licensing.errors import GatewayError
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -74,6 +74,7 @@ def build_parser() -> OneLineParser:
 
     cli_resources.add_commands(sub, _common)
     cli_audit.add_commands(sub, _common)
+    cli_billing.add_commands(sub, _common)
     return parser
 
 

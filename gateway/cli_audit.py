@@ -17,21 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from config.settings import Settings
-from gateway.cli_resources import emit
+from gateway.cli_resources import command_group, emit, progress_bar
 from licensing.errors import BadRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from ledger.audit import Progress
 
 Common = Callable[[argparse.ArgumentParser], None]
 
@@ -82,31 +81,6 @@ def _read_proof(path: str) -> dict[str, Any]:
     return proof
 
 
-@contextlib.contextmanager
-def _progress(label: str) -> Iterator[Progress | None]:
-    """A rich progress bar on stderr when it is a terminal; else nothing."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 def _file_keys(settings: Settings, args: argparse.Namespace) -> dict[str, ec.EllipticCurvePublicKey]:
     """Trusted keys: ``--public-key`` files and the deployment's ledger key file."""
     from ledger.audit import AuditError, read_public_keys
@@ -129,7 +103,7 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import audit
 
     keys = _file_keys(settings, args)
-    with _progress("verifying") as progress:
+    with progress_bar("verifying") as progress:
         if args.export:
             manifest = Path(args.export)
             if args.trust_stored_keys:
@@ -239,7 +213,7 @@ async def audit_export(args: argparse.Namespace, settings: Settings) -> int:
             "give a seq range (--from-seq/--to-seq) or a time range (--from/--to), not both"
         )
     out = Path(args.out)
-    with _progress("exporting") as progress:
+    with progress_bar("exporting") as progress:
         async with _engine(settings) as engine:
             manifest = await audit.export(
                 engine,
@@ -329,16 +303,7 @@ def _seq(value: str) -> int:
 
 
 def add_commands(sub: Any, common: Common) -> None:
-    group = sub.add_parser("audit", help="verify, trace, export and prove the call record")
-    actions = group.add_subparsers(dest="action", metavar="ACTION", parser_class=type(group))
-    actions.required = True
-
-    def command(name: str, help_text: str, run: Any) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
-        common(parser)
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.set_defaults(run=run)
-        return parser
+    command = command_group(sub, "audit", "verify, trace, export and prove the call record", common)
 
     def key_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,8 @@ from licensing import schemas
 from licensing.errors import BadRequestError
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from licensing.admin_tokens import AdminTokens
     from licensing.registry import Registry
 
@@ -37,21 +39,76 @@ class Services:
 
 
 @contextlib.asynccontextmanager
-async def services(settings: Settings) -> AsyncIterator[Services]:
-    from licensing.admin_tokens import AdminTokens
-    from licensing.registry import Registry
+async def migrated_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The deployment's database, migrated first when ``server.auto_migrate``."""
     from storage import migrate
-    from storage.db import create_engine, session_factory
+    from storage.db import create_engine
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     try:
         if settings.server.auto_migrate:
             await migrate.upgrade(engine)
-        sessions = session_factory(engine)
-        yield Services(Registry(sessions), AdminTokens(sessions))
+        yield engine
     finally:
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    from licensing.admin_tokens import AdminTokens
+    from licensing.registry import Registry
+    from storage.db import session_factory
+
+    async with migrated_engine(settings) as engine:
+        sessions = session_factory(engine)
+        yield Services(Registry(sessions), AdminTokens(sessions))
+
+
+@contextlib.contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr when it is a terminal; else nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def command_group(
+    sub: Any, name: str, help_text: str, common: Common
+) -> Callable[[str, str, Any], argparse.ArgumentParser]:
+    """A ``pdg NAME ACTION`` group; returns what adds one action to it (with the
+    common options and ``--json``), running ``run``."""
+    group = sub.add_parser(name, help=help_text)
+    actions = group.add_subparsers(dest="action", metavar="ACTION", parser_class=type(group))
+    actions.required = True
+
+    def command(action: str, action_help: str, run: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            action, help=action_help, description=action_help
+        )
+        common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.set_defaults(run=run)
+        return parser
+
+    return command
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | None = None, columns: tuple[str, ...] = ()) -> None:

@@ -5,6 +5,7 @@ which OpenAPI 3.1 uses as is)."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -71,11 +72,10 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "403": _problem("the token's role may not do this"),
             },
         }
-        parameters = (
-            [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-            if "{id}" in route.path
-            else []
-        )
+        parameters: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", route.path)
+        ]
         parameters += [
             {"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in route.query
         ]
@@ -109,8 +109,9 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
         "info": {
             "title": "pdg admin API",
             "version": __version__,
-            "description": "Catalogue, licensees, licences and apps of the Public Data Gateway. "
-            "Ids are strings, times RFC 3339, money in fen. Errors are RFC 9457 problem JSON.",
+            "description": "Catalogue, licensees, licences, apps, call records and invoices of the "
+            "Public Data Gateway. Ids are strings, times RFC 3339, money in fen. "
+            "Errors are RFC 9457 problem JSON.",
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "servers": [{"url": "/"}],

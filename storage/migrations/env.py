@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from alembic import context
 
-import ledger.models  # noqa: F401  (registers the tables)
+import billing.models  # noqa: F401  (registers the tables)
+import ledger.models  # noqa: F401
 import licensing.models  # noqa: F401
 from storage.db import Base
 

@@ -1,0 +1,380 @@
+"""Closing a period into invoices, and reading them back.
+
+**What a close bills.** Closing period ``P`` reads the ledger writer's last
+record ``T`` (``ledger_state``) and bills the *served* calls of the call record:
+
+* of period ``P`` with ``seq <= T`` -- lines of kind ``usage``;
+* of earlier periods with ``A < seq <= T``, where ``A`` is the previous close's
+  ``T`` -- lines of kind ``late``, labelled with the period the calls belong to.
+  These are records that reached the ledger after their own period closed
+  (they waited in the log while the database was down, say).
+
+Periods close in order (the first one closed is the ledger's first period with
+served calls) and only once they have ended in the billing time zone, so each
+record is billed exactly once: by its own period's close, or as late usage by
+the first close after it landed. Closing a closed period returns its invoices
+unchanged; two closes of one period at once make one set of invoices (the
+period's row is the guard: the second close's insert fails, and it answers
+with what the first wrote).
+
+**What an invoice holds.** One invoice per licensee with billed calls, a line
+per dataset, purpose and kind (and period, for late lines): its calls and
+records, the exact charge (the calls' ``charge_e4`` summed, in 1/10000 fen),
+the amount rounded half up to the fen once (:mod:`billing.money`), and the
+amount split by the dataset's revenue split by largest remainder. Free
+(``public-interest``) calls are listed at zero. VAT is computed once on the
+subtotal at the configured rate. The invoice is stored as canonical JSON with
+the SHA-256 of those bytes (``content_hash``), next to its rows, and each call
+it billed is copied (``invoice_calls``: seq, call id, charge), so that
+reconciliation can name a call by its id even if the ledger lost it; all
+billing tables are append-only, so a closed invoice's bytes never change.
+
+The sums run in SQL (``GROUP BY`` over the call record), not in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final, cast
+
+import orjson
+from sqlalchemy import BigInteger, Table, and_, func, insert, literal, select
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.money import E4, fen_of_e4, split, vat_of
+from ledger.chain import rfc3339
+from ledger.models import CallRow, LedgerStateRow
+from ledger.record import SERVED
+from licensing.errors import ConflictError
+from licensing.models import DatasetRow
+from metering.periods import Period
+
+_CALLS = cast(Table, CallRow.__table__)
+_STATE = cast(Table, LedgerStateRow.__table__)
+_CLOSES = cast(Table, BillingCloseRow.__table__)
+_INVOICES = cast(Table, InvoiceRow.__table__)
+_LINES = cast(Table, InvoiceLineRow.__table__)
+_DATASETS = cast(Table, DatasetRow.__table__)
+_BILLED = cast(Table, InvoiceCallRow.__table__)
+
+FORMAT: Final = "pdg.invoice.v1"
+USAGE: Final = "usage"
+LATE: Final = "late"
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """What closing a period did: the invoices, and whether they were already there."""
+
+    period: str
+    already_closed: bool
+    after_seq: int
+    through_seq: int
+    closed_at: str
+    invoices: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "already_closed": self.already_closed,
+            "after_seq": self.after_seq,
+            "through_seq": self.through_seq,
+            "closed_at": self.closed_at,
+            "invoices": self.invoices,
+        }
+
+
+def invoice_id(period: str, licensee_id: str) -> str:
+    return f"inv-{period}-{licensee_id}"
+
+
+def e4_text(amount_e4: int) -> str:
+    """An exact amount in 1/10000 fen as a decimal string of fen (``"12.3456"``)."""
+    sign, amount = ("-", -amount_e4) if amount_e4 < 0 else ("", amount_e4)
+    return f"{sign}{amount // E4}.{amount % E4:04d}"
+
+
+def _fraction(basis_points: int) -> str:
+    return str((Decimal(basis_points) / E4).normalize())
+
+
+def canonical(invoice: dict[str, Any]) -> bytes:
+    """An invoice's hashed bytes: compact JSON, sorted keys, without ``content_hash``."""
+    return orjson.dumps(
+        {k: v for k, v in invoice.items() if k != "content_hash"}, option=orjson.OPT_SORT_KEYS
+    )
+
+
+#: The steps of a close, as ``progress(done, STEPS)`` counts them.
+STEPS: Final = 4
+Progress = Callable[[int, int], None]
+
+
+def _quiet(done: int, total: int) -> None:
+    return None
+
+
+async def close_period(
+    engine: AsyncEngine,
+    period: Period,
+    *,
+    vat_rate: Decimal,
+    now: datetime,
+    progress: Progress | None = None,
+) -> Closed:
+    """Close ``period`` (see the module docstring); ConflictError when it may
+    not be closed yet. ``progress(done, STEPS)`` after each step: the usage
+    summed, the late usage summed, the invoices written, the calls copied."""
+    if now < period.end:
+        raise ConflictError(f"period {period.name} has not ended (it ends at {rfc3339(period.end)})")
+    try:
+        async with engine.begin() as conn:
+            done = await _existing(conn, period.name)
+            if done is not None:
+                return done
+            return await _close(conn, period, vat_rate, now, progress or _quiet)
+    except IntegrityError:
+        # Another close of this period committed first: answer with its invoices.
+        async with engine.connect() as conn:
+            done = await _existing(conn, period.name)
+        if done is None:
+            raise
+        return done
+
+
+async def _existing(conn: AsyncConnection, period: str) -> Closed | None:
+    row = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == period))).first()
+    if row is None:
+        return None
+    invoices = await _invoices(conn, _INVOICES.c.period == period)
+    return Closed(period, True, row.after_seq, row.through_seq, rfc3339(row.closed_at), invoices)
+
+
+async def _close(
+    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
+) -> Closed:
+    name = period.name
+    last = (await conn.execute(select(_CLOSES).order_by(_CLOSES.c.period.desc()).limit(1))).first()
+    if last is not None:
+        if last.period > name:
+            raise ConflictError(
+                f"periods close in order: {last.period} is closed, so {name} can no longer be"
+            )
+        expected = _next_name(last.period)
+        if name != expected:
+            raise ConflictError(f"periods close in order: close {expected} first")
+        after = int(last.through_seq)
+    else:
+        first = await conn.scalar(select(func.min(_CALLS.c.period)).where(_CALLS.c.outcome == SERVED))
+        if first is not None and first < name:
+            raise ConflictError(f"periods close in order: close {first} first (the ledger's first period)")
+        after = 0
+    state = await conn.scalar(select(_STATE.c.next_seq))
+    through = int(state) - 1 if state is not None else 0
+
+    total = sql_cast(func.sum(_CALLS.c.charge_e4), BigInteger)
+    records = sql_cast(func.sum(_CALLS.c.records), BigInteger)
+    columns = (
+        _CALLS.c.licensee_id,
+        _CALLS.c.dataset_id,
+        _CALLS.c.purpose,
+        _CALLS.c.period,
+        func.count(),
+        records,
+        total,
+    )
+    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period)
+    served = _CALLS.c.outcome == SERVED
+    usage_where = (served, _CALLS.c.period == name, _CALLS.c.seq <= through)
+    late_where = (served, and_(_CALLS.c.period < name, _CALLS.c.seq > after, _CALLS.c.seq <= through))
+    usage = (await conn.execute(select(*columns).where(*usage_where).group_by(*groups))).all()
+    progress(1, STEPS)
+    late = (await conn.execute(select(*columns).where(*late_where).group_by(*groups))).all()
+    progress(2, STEPS)
+    rows = [(USAGE, r) for r in usage] + [(LATE, r) for r in late]
+    splits = await _splits(conn, {r[1] for _, r in rows})
+    closed_at = rfc3339(now)
+    rate = str(vat_rate)
+    by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for kind, (licensee, dataset, purpose, of_period, calls, recs, charge) in rows:
+        basis = splits[dataset]
+        amount = fen_of_e4(int(charge or 0))
+        provider, operator, fund = split(amount, basis)
+        by_licensee[licensee].append(
+            {
+                "dataset": dataset,
+                "purpose": purpose,
+                "kind": kind,
+                "usage_period": of_period,
+                "calls": int(calls),
+                "records": int(recs or 0),
+                "charge_fen": e4_text(int(charge or 0)),
+                "amount_fen": amount,
+                "split": {"provider_fen": provider, "operator_fen": operator, "public_fund_fen": fund},
+                "revenue_split": {
+                    "provider": _fraction(basis[0]),
+                    "operator": _fraction(basis[1]),
+                    "public_fund": _fraction(basis[2]),
+                },
+            }
+        )
+    invoices: list[dict[str, Any]] = []
+    for licensee in sorted(by_licensee):
+        lines = sorted(
+            by_licensee[licensee],
+            key=lambda line: (line["kind"] != USAGE, line["usage_period"], line["dataset"], line["purpose"]),
+        )
+        for number, line in enumerate(lines, 1):
+            line["line_no"] = number
+        subtotal = sum(line["amount_fen"] for line in lines)
+        vat = vat_of(subtotal, vat_rate)
+        invoice: dict[str, Any] = {
+            "format": FORMAT,
+            "id": invoice_id(name, licensee),
+            "licensee_id": licensee,
+            "period": name,
+            "status": "closed",
+            "closed_at": closed_at,
+            "covers": {"after_seq": after, "through_seq": through},
+            "calls": sum(line["calls"] for line in lines),
+            "lines": lines,
+            "subtotal_fen": subtotal,
+            "vat_rate": rate,
+            "vat_fen": vat,
+            "total_fen": subtotal + vat,
+        }
+        content = canonical(invoice)
+        invoice["content_hash"] = hashlib.sha256(content).hexdigest()
+        invoice["_content"] = content
+        invoices.append(invoice)
+
+    # The period's row first: a second close of the period fails here.
+    await conn.execute(
+        insert(_CLOSES).values(
+            period=name,
+            after_seq=after,
+            through_seq=through,
+            vat_rate=rate,
+            invoices=len(invoices),
+            closed_at=now,
+        )
+    )
+    if invoices:
+        await conn.execute(
+            insert(_INVOICES),
+            [
+                {
+                    "id": inv["id"],
+                    "licensee_id": inv["licensee_id"],
+                    "period": name,
+                    "status": inv["status"],
+                    "calls": inv["calls"],
+                    "subtotal_fen": inv["subtotal_fen"],
+                    "vat_rate": rate,
+                    "vat_fen": inv["vat_fen"],
+                    "total_fen": inv["total_fen"],
+                    "closed_at": now,
+                    "content_hash": inv["content_hash"],
+                    "content": inv.pop("_content").decode(),
+                }
+                for inv in invoices
+            ],
+        )
+        line_rows = [
+            {
+                "invoice_id": inv["id"],
+                "line_no": line["line_no"],
+                "dataset_id": line["dataset"],
+                "purpose": line["purpose"],
+                "kind": line["kind"],
+                "usage_period": line["usage_period"],
+                "calls": line["calls"],
+                "records": line["records"],
+                "charge_e4": int(Decimal(line["charge_fen"]) * E4),
+                "amount_fen": line["amount_fen"],
+                "provider_fen": line["split"]["provider_fen"],
+                "operator_fen": line["split"]["operator_fen"],
+                "public_fund_fen": line["split"]["public_fund_fen"],
+                "split_provider": splits[line["dataset"]][0],
+                "split_operator": splits[line["dataset"]][1],
+                "split_public_fund": splits[line["dataset"]][2],
+            }
+            for inv in invoices
+            for line in inv["lines"]
+        ]
+        await conn.execute(insert(_LINES), line_rows)
+    progress(3, STEPS)
+    if invoices:
+        # The calls billed, copied in the database (a million rows never pass through Python).
+        prefix = literal(invoice_id(name, ""))
+        for where in (usage_where, late_where):
+            await conn.execute(
+                insert(_BILLED).from_select(
+                    ["seq", "call_id", "invoice_id", "charge_e4"],
+                    select(
+                        _CALLS.c.seq, _CALLS.c.call_id, prefix + _CALLS.c.licensee_id, _CALLS.c.charge_e4
+                    ).where(*where),
+                )
+            )
+    progress(4, STEPS)
+    return Closed(name, False, after, through, closed_at, invoices)
+
+
+def _next_name(name: str) -> str:
+    year, month = int(name[:4]), int(name[5:7])
+    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return f"{year:04d}-{month:02d}"
+
+
+async def _splits(conn: AsyncConnection, datasets: set[str]) -> dict[str, tuple[int, int, int]]:
+    found: dict[str, tuple[int, int, int]] = {}
+    if datasets:
+        rows = await conn.execute(
+            select(
+                _DATASETS.c.id,
+                _DATASETS.c.split_provider,
+                _DATASETS.c.split_operator,
+                _DATASETS.c.split_public_fund,
+            ).where(_DATASETS.c.id.in_(sorted(datasets)))
+        )
+        found = {r.id: (int(r.split_provider), int(r.split_operator), int(r.split_public_fund)) for r in rows}
+    missing = sorted(datasets - found.keys())
+    if missing:
+        raise ConflictError(
+            f"dataset {missing[0]} of the call record is not in the catalogue: its revenue split is unknown"
+        )
+    return found
+
+
+async def _invoices(conn: AsyncConnection, *where: Any) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        select(_INVOICES.c.content, _INVOICES.c.content_hash).where(*where).order_by(_INVOICES.c.id)
+    )
+    return [{**orjson.loads(r.content), "content_hash": r.content_hash} for r in rows]
+
+
+async def list_invoices(
+    engine: AsyncEngine, *, period: str | None = None, licensee_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Closed invoices, by id; of one period and/or one licensee."""
+    where = []
+    if period is not None:
+        where.append(_INVOICES.c.period == period)
+    if licensee_id is not None:
+        where.append(_INVOICES.c.licensee_id == licensee_id)
+    async with engine.connect() as conn:
+        return await _invoices(conn, *where)
+
+
+async def get_invoice(engine: AsyncEngine, invoice: str) -> dict[str, Any] | None:
+    async with engine.connect() as conn:
+        found = await _invoices(conn, _INVOICES.c.id == invoice)
+    return found[0] if found else None

@@ -1,0 +1,100 @@
+"""The billing tables: one row per closed period, its invoices, their lines,
+and the calls each invoice billed.
+
+All four are append-only (triggers refuse UPDATE and DELETE): a closed
+period, an invoice and its lines never change. Each invoice also keeps the
+exact bytes its ``content_hash`` was made from, so an edit made behind the
+triggers' back shows up in reconciliation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.db import Base, UTCDateTime
+
+
+class BillingCloseRow(Base):
+    """A closed period: which records its invoices cover.
+
+    Close ``P`` bills the served calls of period ``P`` with ``seq <= through_seq``
+    and, as labelled late lines, those of earlier periods with
+    ``after_seq < seq <= through_seq`` (``after_seq`` is the previous close's
+    ``through_seq``). Periods close in order, so every record is billed once."""
+
+    __tablename__ = "billing_closes"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    after_seq: Mapped[int] = mapped_column(BigInteger)
+    through_seq: Mapped[int] = mapped_column(BigInteger)
+    vat_rate: Mapped[str] = mapped_column(String(16))
+    invoices: Mapped[int] = mapped_column(Integer)
+    closed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class InvoiceRow(Base):
+    __tablename__ = "invoices"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    licensee_id: Mapped[str] = mapped_column(String(64))
+    period: Mapped[str] = mapped_column(ForeignKey("billing_closes.period"))
+    status: Mapped[str] = mapped_column(String(16))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    subtotal_fen: Mapped[int] = mapped_column(BigInteger)
+    vat_rate: Mapped[str] = mapped_column(String(16))
+    vat_fen: Mapped[int] = mapped_column(BigInteger)
+    total_fen: Mapped[int] = mapped_column(BigInteger)
+    closed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: SHA-256 (hex) of ``content``.
+    content_hash: Mapped[str] = mapped_column(String(64))
+    #: The invoice as canonical JSON (sorted keys, compact): what was hashed.
+    content: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("licensee_id", "period"), Index("ix_invoices_period", "period"))
+
+
+class InvoiceLineRow(Base):
+    """One line: a dataset and purpose (and, for late usage, the period the
+    calls belong to), its calls, their records, the exact charge and the
+    rounded amount with its split."""
+
+    __tablename__ = "invoice_lines"
+
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"), primary_key=True)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    dataset_id: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(32))
+    #: ``usage`` (calls of the invoice's period) or ``late`` (calls of ``usage_period``).
+    kind: Mapped[str] = mapped_column(String(16))
+    usage_period: Mapped[str] = mapped_column(String(7))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(BigInteger)
+    #: The calls' charges summed, in 1/10000 fen (before rounding).
+    charge_e4: Mapped[int] = mapped_column(BigInteger)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    provider_fen: Mapped[int] = mapped_column(BigInteger)
+    operator_fen: Mapped[int] = mapped_column(BigInteger)
+    public_fund_fen: Mapped[int] = mapped_column(BigInteger)
+    #: The revenue split applied, in basis points.
+    split_provider: Mapped[int] = mapped_column(Integer)
+    split_operator: Mapped[int] = mapped_column(Integer)
+    split_public_fund: Mapped[int] = mapped_column(Integer)
+
+
+class InvoiceCallRow(Base):
+    """A call an invoice billed: the billing side's own copy of its id and
+    charge, so reconciliation can name a call the ledger no longer holds. Its
+    line is the invoice's line of the call's dataset, purpose and period. The
+    key is the record's ``seq``: no record is billed twice."""
+
+    __tablename__ = "invoice_calls"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    call_id: Mapped[str] = mapped_column(String(36))
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"))
+    charge_e4: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_invoice_calls_invoice_seq", "invoice_id", "seq"),)

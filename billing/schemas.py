@@ -1,0 +1,77 @@
+"""The billing resources as the admin API shows them (DESIGN §3): pydantic
+models for its OpenAPI document; the JSON itself is what
+:mod:`billing.invoices` stored and hashed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel
+
+
+class LineSplit(BaseModel):
+    provider_fen: int
+    operator_fen: int
+    public_fund_fen: int
+
+
+class RevenueShares(BaseModel):
+    """The dataset's revenue split applied to the line (fractions as decimal strings)."""
+
+    provider: str
+    operator: str
+    public_fund: str
+
+
+class InvoiceLine(BaseModel):
+    line_no: int
+    dataset: str
+    purpose: str
+    #: ``usage``: calls of the invoice's period; ``late``: calls of ``usage_period``
+    #: that reached the ledger after that period closed.
+    kind: Literal["usage", "late"]
+    usage_period: str
+    calls: int
+    records: int
+    #: The calls' charges summed, exactly (fen, 4 decimal places).
+    charge_fen: str
+    #: ``charge_fen`` rounded half up to the fen.
+    amount_fen: int
+    split: LineSplit
+    revenue_split: RevenueShares
+
+
+class Covers(BaseModel):
+    """The ledger records the invoice's period close billed: ``after_seq < seq <= through_seq``
+    for late usage, ``seq <= through_seq`` for the period's own."""
+
+    after_seq: int
+    through_seq: int
+
+
+class Invoice(BaseModel):
+    format: str
+    id: str
+    licensee_id: str
+    period: str
+    status: Literal["closed"]
+    closed_at: AwareDatetime
+    covers: Covers
+    calls: int
+    lines: list[InvoiceLine]
+    subtotal_fen: int
+    vat_rate: str
+    vat_fen: int
+    total_fen: int
+    #: SHA-256 (hex) of the invoice's canonical JSON (sorted keys, compact, without this field).
+    content_hash: str
+
+
+class ClosedPeriod(BaseModel):
+    period: str
+    #: True when the period had been closed before: these are its invoices, unchanged.
+    already_closed: bool
+    after_seq: int
+    through_seq: int
+    closed_at: AwareDatetime
+    invoices: list[Invoice]

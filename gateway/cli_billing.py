@@ -1,0 +1,127 @@
+"""``pdg billing close|show``: finance's commands, over the same service
+layer as the admin API (:mod:`billing.invoices`).
+
+``close PERIOD`` closes a period that has ended in the billing time zone and
+prints its invoices (closing it again prints the same invoices and says they
+were already there). ``show PERIOD`` prints a period's statement, ``show
+INVOICE_ID`` one invoice with its lines; ``--json`` gives the admin API's
+invoice objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from config.settings import Settings
+from gateway.cli_resources import command_group, emit, migrated_engine, progress_bar
+from licensing.errors import BadRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from metering.periods import Period
+
+Common = Callable[[argparse.ArgumentParser], None]
+_PERIOD = re.compile(r"^\d{4}-\d{2}$")
+
+
+def _period(settings: Settings, name: str) -> Period:
+    from metering.periods import PeriodError, parse_period, zone
+
+    try:
+        return parse_period(name, zone(settings.billing.time_zone))
+    except PeriodError as exc:
+        raise BadRequestError(str(exc)) from exc
+
+
+def fen(amount: int) -> str:
+    """Fen as yuan for people: ``123456`` -> ``1,234.56``."""
+    sign, amount = ("-", -amount) if amount < 0 else ("", amount)
+    return f"{sign}{amount // 100:,}.{amount % 100:02d}"
+
+
+def statement(invoice: dict[str, Any]) -> str:
+    """One invoice as a readable statement (amounts in yuan)."""
+    out = [
+        f"invoice {invoice['id']}  licensee {invoice['licensee_id']}  period {invoice['period']}  "
+        f"({invoice['status']} {invoice['closed_at']})",
+        f"  {'#':>3}  {'dataset':<24} {'purpose':<16} {'kind':<13} {'calls':>10} {'records':>12} "
+        f"{'amount':>14}   provider / operator / public fund",
+    ]
+    for line in invoice["lines"]:
+        kind = line["kind"] if line["kind"] == "usage" else f"late {line['usage_period']}"
+        parts = line["split"]
+        out.append(
+            f"  {line['line_no']:>3}  {line['dataset']:<24} {line['purpose']:<16} {kind:<13} "
+            f"{line['calls']:>10,} {line['records']:>12,} {fen(line['amount_fen']):>14}   "
+            f"{fen(parts['provider_fen'])} / {fen(parts['operator_fen'])} / {fen(parts['public_fund_fen'])}"
+        )
+    vat_pct = f"{(Decimal(invoice['vat_rate']) * 100).normalize():f}"
+    out += [
+        f"  subtotal {fen(invoice['subtotal_fen']):>14} CNY",
+        f"  VAT {vat_pct} % {fen(invoice['vat_fen']):>12} CNY",
+        f"  total    {fen(invoice['total_fen']):>14} CNY   content hash {invoice['content_hash']}",
+    ]
+    return "\n".join(out)
+
+
+async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.invoices import close_period
+    from billing.money import parse_vat_rate
+    from storage.db import utcnow
+
+    period = _period(settings, args.period)
+    async with migrated_engine(settings) as engine:
+        with progress_bar(f"closing {period.name}") as progress:
+            closed = await close_period(
+                engine,
+                period,
+                vat_rate=parse_vat_rate(settings.billing.vat_rate),
+                now=utcnow(),
+                progress=progress,
+            )
+    data = closed.as_dict()
+    said = "was already closed" if closed.already_closed else "closed"
+    total = sum(inv["total_fen"] for inv in closed.invoices)
+    text = [
+        f"period {closed.period} {said}: {len(closed.invoices)} invoice(s), {fen(total)} CNY in all "
+        f"(records up to seq {closed.through_seq})"
+    ]
+    text += [statement(inv) for inv in closed.invoices]
+    emit(args, data, "\n\n".join(text))
+    return 0
+
+
+async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.invoices import get_invoice, list_invoices
+
+    async with migrated_engine(settings) as engine:
+        if _PERIOD.match(args.what):
+            invoices = await list_invoices(
+                engine, period=_period(settings, args.what).name, licensee_id=args.licensee
+            )
+            if not invoices:
+                raise NotFoundError(f"no invoices for {args.what} (is the period closed?)")
+            emit(args, invoices, "\n\n".join(statement(inv) for inv in invoices))
+            return 0
+        invoice = await get_invoice(engine, args.what)
+    if invoice is None:
+        raise NotFoundError(f"no invoice {args.what}")
+    emit(args, invoice, statement(invoice))
+    return 0
+
+
+def add_commands(sub: Any, common: Common) -> None:
+    command = command_group(sub, "billing", "close periods into invoices and show them", common)
+
+    p = command(
+        "close",
+        "close a period that has ended: one invoice per licensee (again: the same invoices)",
+        billing_close,
+    )
+    p.add_argument("period", metavar="PERIOD", help="YYYY-MM, in the billing time zone")
+    p = command("show", "print a period's invoices, or one invoice", billing_show)
+    p.add_argument("what", metavar="PERIOD|INVOICE_ID")
+    p.add_argument("--licensee", help="only this licensee's invoice (with PERIOD)")
