@@ -60,16 +60,17 @@ from ledger.models import CallRow  # noqa: E402
 from ledger.record import from_log  # noqa: E402
 from ledger.store import LedgerStore  # noqa: E402
 from licensing.keys import load_or_create_signing_key  # noqa: E402
-from licensing.models import DatasetRow  # noqa: E402
+from licensing.registry import Registry  # noqa: E402
+from licensing.schemas import DatasetIn, RevenueSplit  # noqa: E402
 from metering.periods import parse_period, zone  # noqa: E402
-from storage.db import create_engine  # noqa: E402
+from storage.db import create_engine, session_factory  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "billing.json"
 TARGET_SECONDS = 15.0
 TARGET_RECORDS = 1_000_000
-#: Revenue splits in basis points (provider, operator, public fund), one per dataset.
-SPLITS = ((6000, 3000, 1000), (5000, 3000, 2000), (7000, 2000, 1000), (3333, 3333, 3334))
+#: Revenue splits (provider, operator, public fund), taken in turn by the datasets.
+SPLITS = (("0.6", "0.3", "0.1"), ("0.5", "0.3", "0.2"), ("0.7", "0.2", "0.1"), ("0.3333", "0.3333", "0.3334"))
 BATCH = 10_000
 
 
@@ -83,28 +84,20 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
         engine = create_engine(url)
         try:
             await upgrade(engine)
-            async with engine.begin() as conn:
-                for i, ds in enumerate(DATASETS):
-                    bp = SPLITS[i % len(SPLITS)]
-                    await conn.execute(
-                        DatasetRow.__table__.insert().values(
-                            id=ds,
-                            name=ds,
-                            provider="bench",
-                            upstream_url="http://127.0.0.1:9/",
-                            classification=1,
-                            open_class="open",
-                            free_monthly_calls=0,
-                            per_call_e4=12345,
-                            per_record_e4=0,
-                            tiers=[],
-                            split_provider=bp[0],
-                            split_operator=bp[1],
-                            split_public_fund=bp[2],
-                            burst_per_second=100.0,
-                            burst_capacity=100,
-                        )
+            registry = Registry(session_factory(engine))
+            for i, ds in enumerate(DATASETS):
+                provider, operator, fund = SPLITS[i % len(SPLITS)]
+                await registry.create_dataset(
+                    DatasetIn(
+                        id=ds,
+                        name=ds,
+                        provider="bench",
+                        upstream_url="http://127.0.0.1:9/",
+                        classification=1,
+                        open_class="open",
+                        revenue_split=RevenueSplit(provider=provider, operator=operator, public_fund=fund),
                     )
+                )
             with tempfile.TemporaryDirectory() as tmp:
                 key = load_or_create_signing_key(Path(tmp) / "ledger-key.pem", "ES256")
             store = LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600)

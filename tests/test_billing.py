@@ -30,11 +30,11 @@ from ledger.models import CallRow
 from ledger.store import LedgerStore
 from licensing.errors import ConflictError
 from licensing.keys import load_or_create_signing_key
-from licensing.models import DatasetRow
-from licensing.schemas import AdminTokenIn
+from licensing.registry import Registry
+from licensing.schemas import AdminTokenIn, DatasetIn, RevenueSplit
 from metering.periods import parse_period, period_of, zone
 from storage import migrate
-from storage.db import create_engine
+from storage.db import create_engine, session_factory
 from tests.conftest import Backend, make_settings
 from tests.test_audit import PdgRunner, pdg  # noqa: F401  (the fixture)
 from tests.test_ledger import records_of
@@ -181,27 +181,22 @@ async def books(backend: Backend, tmp_path: Path) -> AsyncIterator[Books]:
     engine = create_engine(backend.database_url)
     try:
         await migrate.upgrade(engine)
-        async with engine.begin() as conn:
-            for ds, bp in (("ds-weather", (6000, 3000, 1000)), ("ds-registry", (5000, 2500, 2500))):
-                await conn.execute(
-                    DatasetRow.__table__.insert().values(
-                        id=ds,
-                        name=ds,
-                        provider="prov",
-                        upstream_url="http://127.0.0.1:9/",
-                        classification=1,
-                        open_class="open",
-                        free_monthly_calls=100,
-                        per_call_e4=12345,
-                        per_record_e4=0,
-                        tiers=[],
-                        split_provider=bp[0],
-                        split_operator=bp[1],
-                        split_public_fund=bp[2],
-                        burst_per_second=100.0,
-                        burst_capacity=100,
-                    )
+        registry = Registry(session_factory(engine))
+        for ds, provider, operator, fund in (
+            ("ds-weather", "0.6", "0.3", "0.1"),
+            ("ds-registry", "0.5", "0.25", "0.25"),
+        ):
+            await registry.create_dataset(
+                DatasetIn(
+                    id=ds,
+                    name=ds,
+                    provider="prov",
+                    upstream_url="http://127.0.0.1:9/",
+                    classification=1,
+                    open_class="open",
+                    revenue_split=RevenueSplit(provider=provider, operator=operator, public_fund=fund),
                 )
+            )
         key = load_or_create_signing_key(settings.ledger_key_path, "ES256")
         yield Books(
             engine, LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600), backend
