@@ -55,7 +55,7 @@ from ledger.models import CallRow, LedgerStateRow
 from ledger.record import SERVED
 from licensing.errors import ConflictError
 from licensing.models import DatasetRow
-from metering.periods import Period
+from metering.periods import Period, parse_period
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)
@@ -168,7 +168,7 @@ async def _close(
             raise ConflictError(
                 f"periods close in order: {last.period} is closed, so {name} can no longer be"
             )
-        expected = _next_name(last.period)
+        expected = parse_period(last.period, period.tz).next().name
         if name != expected:
             raise ConflictError(f"periods close in order: close {expected} first")
         after = int(last.through_seq)
@@ -326,12 +326,6 @@ async def _close(
             )
     progress(4, STEPS)
     return Closed(name, False, after, through, closed_at, invoices)
-
-
-def _next_name(name: str) -> str:
-    year, month = int(name[:4]), int(name[5:7])
-    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return f"{year:04d}-{month:02d}"
 
 
 async def _splits(conn: AsyncConnection, datasets: set[str]) -> dict[str, tuple[int, int, int]]:
