@@ -52,7 +52,7 @@ from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, Invo
 from billing.money import E4, fen_of_e4, split, vat_of
 from ledger.chain import rfc3339
 from ledger.models import CallRow, LedgerStateRow
-from ledger.record import SERVED
+from ledger.record import REPLAY_POOL, SERVED
 from licensing.errors import ConflictError
 from licensing.models import DatasetRow
 from metering.periods import Period, parse_period
@@ -90,6 +90,12 @@ class Closed:
             "closed_at": self.closed_at,
             "invoices": self.invoices,
         }
+
+
+def billable(calls: Table = _CALLS) -> Any:
+    """A record an invoice bills: served, and not a replay of an idempotent
+    call already charged (served again, drawn on no pool, never billed)."""
+    return and_(calls.c.outcome == SERVED, calls.c.pool.is_distinct_from(REPLAY_POOL))
 
 
 def invoice_id(period: str, licensee_id: str) -> str:
@@ -192,7 +198,7 @@ async def _close(
         total,
     )
     groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period)
-    served = _CALLS.c.outcome == SERVED
+    served = billable()
     usage_where = (served, _CALLS.c.period == name, _CALLS.c.seq <= through)
     late_where = (served, and_(_CALLS.c.period < name, _CALLS.c.seq > after, _CALLS.c.seq <= through))
     usage = (await conn.execute(select(*columns).where(*usage_where).group_by(*groups))).all()

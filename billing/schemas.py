@@ -75,3 +75,72 @@ class ClosedPeriod(BaseModel):
     through_seq: int
     closed_at: AwareDatetime
     invoices: list[Invoice]
+
+
+class Difference(BaseModel):
+    """One difference a reconciliation found (:mod:`billing.reconcile` lists the causes)."""
+
+    #: The call it concerns; null for a counter no recorded call belongs to.
+    call_id: str | None
+    cause: Literal[
+        "ledger-chain",
+        "record-missing",
+        "record-altered",
+        "unbilled",
+        "invoice-altered",
+        "invoice-line-altered",
+        "counter-mismatch",
+    ]
+    detail: str
+    seq: int | None = None
+    invoice_id: str | None = None
+    line_no: int | None = None
+    #: For ``counter-mismatch``: the Redis key, what it reads, what the call record holds.
+    counter: str | None = None
+    counter_value: int | None = None
+    recorded: int | None = None
+
+
+class Pending(BaseModel):
+    #: Records in the call-record log, not yet in the ledger.
+    log_records: int
+    #: Calls reserved and not yet finished.
+    in_flight: int
+
+
+class Checked(BaseModel):
+    billed_calls: int
+    invoices: int
+    lines: int
+    counters: int
+
+
+class LedgerVerification(BaseModel):
+    ok: bool
+    records: int
+    checkpoints: int
+    first_seq: int
+    last_seq: int
+    problem: dict[str, int | str] | None
+
+
+class ReconciliationReport(BaseModel):
+    period: str
+    #: True when there are zero differences.
+    clean: bool
+    #: The verdict in one sentence.
+    summary: str
+    after_seq: int
+    through_seq: int
+    #: The call record's verification (as ``pdg audit verify``).
+    ledger: LedgerVerification
+    checked: Checked
+    pending: Pending
+    #: Served calls of the period that reached the ledger after its close: the
+    #: next close bills them as late usage.
+    late_after_close: int
+    difference_count: int
+    by_cause: dict[str, int]
+    #: True when ``differences`` lists fewer than ``difference_count`` (raise ``limit``).
+    truncated: bool
+    differences: list[Difference]

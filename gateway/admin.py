@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from billing import schemas as billing_schemas
 from billing.invoices import close_period, get_invoice, list_invoices
 from billing.money import parse_vat_rate
+from billing.reconcile import reconcile
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
 from licensing import schemas
@@ -205,6 +206,28 @@ async def list_invoices_handler(request: web.Request, principal: AdminPrincipal)
     name = request.query.get("period")
     period = _period_param(request, name).name if name is not None else None
     return _json(await list_invoices(request.app[ENGINE], period=period, licensee_id=wanted))
+
+
+#: Differences a reconciliation lists unless ``limit`` says otherwise (all are counted).
+RECONCILIATION_LIMIT = 1000
+RECONCILIATION_MAX_LIMIT = 100_000
+
+
+async def get_reconciliation(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """Run with the deployment's ledger key file as the trusted key (as
+    ``pdg audit verify``): keys stored in the ledger are not trusted."""
+    period = _period_param(request, request.match_info["period"])
+    raw = request.query.get("limit")
+    limit = RECONCILIATION_LIMIT
+    if raw is not None:
+        limit = audit.parse_int(raw, "limit", 1, RECONCILIATION_MAX_LIMIT)
+    path = request.app[SETTINGS].ledger_key_path
+    keys = audit.read_public_keys([path]) if path.exists() else {}
+    try:
+        found = await reconcile(request.app[ENGINE], request.app[REDIS], period, keys, limit=limit)
+    except QuotaStoreError as exc:
+        raise QuotaUnavailableError("the quota counters cannot be read") from exc
+    return _json(found.as_dict())
 
 
 async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -454,6 +477,18 @@ ROUTES: tuple[Route, ...] = (
         query=("period", "licensee"),
     ),
     Route("GET", "/invoices/{id}", get_invoice_handler, "read", "One invoice", None, billing_schemas.Invoice),
+    Route(
+        "GET",
+        "/reconciliation/{period}",
+        get_reconciliation,
+        "billing:reconcile",
+        "Reconcile a closed period: its invoices, the verified call record and the quota counters; "
+        "every difference by call id and cause (clean: zero differences)",
+        None,
+        billing_schemas.ReconciliationReport,
+        query=("limit",),
+        conflict=True,
+    ),
 )
 
 

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from gateway.recording import CallRecorder
 from gateway.state import PRESENCE, QUOTA, REPLICA_ID
+from ledger.record import REPLAY_POOL
 from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
@@ -210,5 +211,10 @@ async def reserve(
         raise ConflictError(
             "a call with this Idempotency-Key is still in flight", headers={"Retry-After": "1"}
         )
-    held = None if outcome.status == REPLAYED else reservation
+    held: Reservation | None = reservation
+    if outcome.status == REPLAYED:
+        # Served again, drawn on no pool: the record says so, and billing and
+        # reconciliation leave it out (the pool counted the call it repeats).
+        held = None
+        recorder.record["pool"] = REPLAY_POOL
     return Charge(held, outcome, period, headers, grant.dataset.per_record_e4, reservation.pool.kind)

@@ -1,11 +1,13 @@
-"""``pdg billing close|show``: finance's commands, over the same service
-layer as the admin API (:mod:`billing.invoices`).
+"""``pdg billing close|show|reconcile``: finance's commands, over the same
+service layer as the admin API (:mod:`billing.invoices`, :mod:`billing.reconcile`).
 
 ``close PERIOD`` closes a period that has ended in the billing time zone and
 prints its invoices (closing it again prints the same invoices and says they
 were already there). ``show PERIOD`` prints a period's statement, ``show
 INVOICE_ID`` one invoice with its lines; ``--json`` gives the admin API's
-invoice objects.
+invoice objects. ``reconcile PERIOD`` compares a closed period's invoices,
+the verified call record and the quota counters, prints every difference by
+call id and cause, and exits 0 only when there are none (1 when there are).
 """
 
 from __future__ import annotations
@@ -113,8 +115,47 @@ async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def billing_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.reconcile import reconcile
+    from gateway.cli_audit import _file_keys
+    from metering.quota import QuotaStoreError
+    from storage.redis import redis_for
+
+    period = _period(settings, args.period)
+    if args.limit is not None and args.limit < 1:
+        raise BadRequestError("--limit must be at least 1")
+    keys = _file_keys(settings, args)
+    async with (
+        migrated_engine(settings) as engine,
+        redis_for(
+            settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+        ) as client,
+    ):
+        with progress_bar(f"reconciling {period.name}") as progress:
+            try:
+                found = await reconcile(engine, client, period, keys, limit=args.limit, progress=progress)
+            except QuotaStoreError as exc:
+                raise BadRequestError(str(exc)) from exc
+    data = found.as_dict()
+    emit(args, data, reconciliation_text(data))
+    return 0 if found.clean else 1
+
+
+def reconciliation_text(data: dict[str, Any]) -> str:
+    """A reconciliation for people: the verdict, then each difference."""
+    out = [data["summary"]]
+    ledger = data["ledger"]
+    verdict = "OK" if ledger["ok"] else f"FAILED at seq {ledger['problem']['seq']}"
+    out.append(f"  call record: {ledger['records']:,} records re-derived, verification {verdict}")
+    for diff in data["differences"]:
+        out.append(f"  {diff['cause']:<21} {diff['call_id'] or '-':<36}  {diff['detail']}")
+    if data["truncated"]:
+        out.append(f"  ... {data['difference_count'] - len(data['differences']):,} more (raise --limit)")
+    return "\n".join(out)
+
+
 def add_commands(sub: Any, common: Common) -> None:
-    command = command_group(sub, "billing", "close periods into invoices and show them", common)
+    command = command_group(sub, "billing", "close periods into invoices, show and reconcile them", common)
 
     p = command(
         "close",
@@ -125,3 +166,11 @@ def add_commands(sub: Any, common: Common) -> None:
     p = command("show", "print a period's invoices, or one invoice", billing_show)
     p.add_argument("what", metavar="PERIOD|INVOICE_ID")
     p.add_argument("--licensee", help="only this licensee's invoice (with PERIOD)")
+    p = command(
+        "reconcile",
+        "compare a closed period's invoices, the verified call record and the quota counters "
+        "(exit 1 when they differ)",
+        billing_reconcile,
+    )
+    p.add_argument("period", metavar="PERIOD", help="YYYY-MM, a closed period")
+    p.add_argument("--limit", type=int, help="list at most this many differences (all are counted)")

@@ -48,7 +48,8 @@ class CallRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     latency_us: Mapped[int] = mapped_column(BigInteger)
     #: The quota pool the call drew on (free | prepaid | credit | none), null
-    #: when it was refused before a reservation.
+    #: when it was refused before a reservation; ``replay`` for a repeat of an
+    #: idempotent call already charged (served, drawn on no pool).
     pool: Mapped[str | None] = mapped_column(String(16), nullable=True)
     #: The billing period of the call's start (``YYYY-MM``).
     period: Mapped[str] = mapped_column(String(7))

@@ -32,6 +32,9 @@ REFUSED: Final = "refused"
 UPSTREAM_FAILURE: Final = "upstream-failure"
 INCOMPLETE: Final = "incomplete"
 OUTCOMES: Final = (SERVED, REFUSED, UPSTREAM_FAILURE, INCOMPLETE)
+#: The ``pool`` of a repeat of an idempotent call already charged: served
+#: again, drawn on no pool, never billed.
+REPLAY_POOL: Final = "replay"
 
 #: The columns of a record, in table order; all are hashed.
 FIELDS: Final[tuple[str, ...]] = (

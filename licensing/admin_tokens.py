@@ -39,8 +39,8 @@ _CACHE_SECONDS = 60.0
 #: Permissions each role holds.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "licence-admin": frozenset({"read", "catalogue:write", "licensing:write"}),
-    "finance": frozenset({"read", "billing:write"}),
-    "auditor": frozenset({"read", "audit:read"}),
+    "finance": frozenset({"read", "billing:write", "billing:reconcile"}),
+    "auditor": frozenset({"read", "audit:read", "billing:reconcile"}),
     "viewer": frozenset({"read"}),
     "licensee": frozenset({"read:own"}),
 }

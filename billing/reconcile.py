@@ -1,0 +1,614 @@
+"""Reconciling a closed period: the verified call record, the invoices and the
+quota counters, compared call by call (``pdg billing reconcile``,
+``GET /admin/v1/reconciliation/{period}``).
+
+Three sources say what a period's calls were, and each is checked against the
+others:
+
+* **the call record** is re-derived first (:func:`ledger.audit.verify`: the
+  hash chain and its signed checkpoints), so what the comparisons read is the
+  record the auditor can prove;
+* **the invoices**: the calls each billed (``invoice_calls``: seq, call id,
+  charge, copied at the close), each invoice's stored content and its hash,
+  and its line rows;
+* **the quota counters** in Redis, which the gateway moved as it reserved and
+  settled each call.
+
+Each difference names a call by its id and a cause:
+
+``ledger-chain``
+    the call record fails verification at this record (altered, inserted,
+    reordered); only the first such place is known.
+``record-missing``
+    an invoice billed this call, and the ledger no longer holds its record.
+``record-altered``
+    an invoice billed this call, and the ledger's record at its seq now says
+    otherwise (another call id, not served, another licensee, charge or period).
+``unbilled``
+    a served call the close covered that no invoice billed.
+``invoice-altered``
+    the invoice that billed this call no longer hashes to its
+    ``content_hash``, or its row disagrees with its content.
+``invoice-line-altered``
+    the line that billed this call: its row in ``invoice_lines`` disagrees
+    with the invoice's hashed content (or is missing).
+``counter-mismatch``
+    a quota counter of the period disagrees with the calls the ledger holds
+    for it: the free calls of a licence and dataset, its paid calls, or its
+    credit used. A counter counts calls, not one call, so the difference names
+    the last call the ledger holds for that counter (after which it should
+    read the ledger's figure), or no call (``null``) for a counter the ledger
+    has no call for.
+
+The counters follow the rules of ``metering/lua``: a served call counts, a
+released one (an upstream failure, a call cut short, one recorded
+``incomplete``) does not, and a replay of an idempotent call already charged
+(``pool`` = ``replay``) draws on no pool. The counters live 400 days, so a
+period can be reconciled for that long; a prepaid balance has no period and
+is not compared here. Calls still in the call-record log or in flight are
+reported (``pending``): the counters already count them and the ledger not
+yet, so reconcile once they are written.
+
+A clean period has zero differences and says so. All reads of the database
+are from one snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final, cast
+
+import orjson
+from redis.exceptions import RedisError
+from sqlalchemy import BigInteger, Table, and_, func, not_, or_, select
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from billing.invoices import billable, canonical
+from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.money import E4
+from ledger import audit
+from ledger.audit.common import _snapshot
+from ledger.log import LOG
+from ledger.models import CallRow
+from ledger.record import REPLAY_POOL, SERVED
+from licensing.errors import ConflictError
+from metering.periods import Period
+from metering.quota import LicenceKeys, QuotaStoreError
+from storage.redis import RedisClient
+
+_CALLS = cast(Table, CallRow.__table__)
+_CLOSES = cast(Table, BillingCloseRow.__table__)
+_INVOICES = cast(Table, InvoiceRow.__table__)
+_LINES = cast(Table, InvoiceLineRow.__table__)
+_BILLED = cast(Table, InvoiceCallRow.__table__)
+
+LEDGER_CHAIN: Final = "ledger-chain"
+RECORD_MISSING: Final = "record-missing"
+RECORD_ALTERED: Final = "record-altered"
+UNBILLED: Final = "unbilled"
+INVOICE_ALTERED: Final = "invoice-altered"
+LINE_ALTERED: Final = "invoice-line-altered"
+COUNTER_MISMATCH: Final = "counter-mismatch"
+#: The causes, in the order differences are listed.
+CAUSES: Final = (
+    LEDGER_CHAIN,
+    RECORD_MISSING,
+    RECORD_ALTERED,
+    UNBILLED,
+    INVOICE_ALTERED,
+    LINE_ALTERED,
+    COUNTER_MISMATCH,
+)
+
+#: The steps of a reconciliation, as ``progress(done, STEPS)`` counts them.
+STEPS: Final = 5
+Progress = Callable[[int, int], None]
+
+#: An invoice line's fields as its row and its content name them.
+_LINE_FIELDS: Final = (
+    ("dataset_id", "dataset"),
+    ("purpose", "purpose"),
+    ("kind", "kind"),
+    ("usage_period", "usage_period"),
+    ("calls", "calls"),
+    ("records", "records"),
+    ("amount_fen", "amount_fen"),
+)
+_INVOICE_FIELDS: Final = (
+    "licensee_id",
+    "period",
+    "status",
+    "calls",
+    "subtotal_fen",
+    "vat_rate",
+    "vat_fen",
+    "total_fen",
+)
+
+
+def _quiet(done: int, total: int) -> None:
+    return None
+
+
+@dataclass
+class _Differences:
+    """The differences found, up to ``limit`` kept (all counted)."""
+
+    limit: int | None
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    by_cause: dict[str, int] = field(default_factory=dict)
+    seen: set[tuple[str | None, str]] = field(default_factory=set)
+
+    def add(self, call_id: str | None, cause: str, detail: str, **where: Any) -> None:
+        mark = (call_id, cause)
+        if call_id is not None and mark in self.seen:
+            return
+        self.seen.add(mark)
+        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+        if self.limit is None or len(self.kept) < self.limit:
+            self.kept.append({"call_id": call_id, "cause": cause, "detail": detail, **where})
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_cause.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    period: str
+    after_seq: int
+    through_seq: int
+    ledger: dict[str, Any]
+    checked: dict[str, int]
+    pending: dict[str, int]
+    late_after_close: int
+    by_cause: dict[str, int]
+    differences: list[dict[str, Any]]
+    difference_count: int
+
+    @property
+    def clean(self) -> bool:
+        return self.difference_count == 0
+
+    @property
+    def summary(self) -> str:
+        c = self.checked
+        if self.clean:
+            text = (
+                f"period {self.period} reconciles: zero differences. {c['billed_calls']:,} billed calls on "
+                f"{c['invoices']:,} invoice(s) ({c['lines']:,} lines) match the verified call record "
+                f"(seq up to {self.through_seq:,}), and {c['counters']:,} quota counter(s) agree"
+            )
+        else:
+            causes = ", ".join(f"{n:,} {cause}" for cause, n in self.by_cause.items())
+            text = (
+                f"period {self.period} does NOT reconcile: {self.difference_count:,} difference(s) ({causes})"
+            )
+        pending = self.pending["log_records"] + self.pending["in_flight"]
+        if pending:
+            text += (
+                f"; {self.pending['log_records']:,} record(s) still in the call-record log and "
+                f"{self.pending['in_flight']:,} call(s) in flight: counted, not yet in the ledger"
+            )
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "clean": self.clean,
+            "summary": self.summary,
+            "after_seq": self.after_seq,
+            "through_seq": self.through_seq,
+            "ledger": self.ledger,
+            "checked": self.checked,
+            "pending": self.pending,
+            "late_after_close": self.late_after_close,
+            "difference_count": self.difference_count,
+            "by_cause": self.by_cause,
+            "truncated": len(self.differences) < self.difference_count,
+            "differences": self.differences,
+        }
+
+
+async def reconcile(
+    engine: AsyncEngine,
+    client: RedisClient,
+    period: Period,
+    public_keys: audit.PublicKeys,
+    *,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> Reconciliation:
+    """Reconcile closed ``period`` (see the module docstring). ConflictError
+    if it is not closed; QuotaStoreError if the counters cannot be read.
+    At most ``limit`` differences are listed (all are counted)."""
+    tick = progress or _quiet
+    name = period.name
+    async with engine.connect() as conn:
+        close = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == name))).first()
+    if close is None:
+        raise ConflictError(f"period {name} is not closed: close it first (pdg billing close {name})")
+    after, through = int(close.after_seq), int(close.through_seq)
+    report = await audit.verify(engine, public_keys)
+    tick(1, STEPS)
+    found = _Differences(limit)
+    async with _snapshot(engine) as conn:
+        problem = report.problem
+        if problem is not None:
+            call_id = await _call_at(conn, problem.seq)
+            found.add(
+                call_id,
+                LEDGER_CHAIN,
+                f"the call record fails verification at seq {problem.seq} ({problem.kind}): {problem.reason}",
+                seq=problem.seq,
+            )
+        billed = await _check_billed(conn, found, name, after)
+        tick(2, STEPS)
+        await _check_unbilled(conn, found, name, after, through)
+        late = int(
+            await conn.scalar(
+                select(func.count()).where(billable(), _CALLS.c.period == name, _CALLS.c.seq > through)
+            )
+            or 0
+        )
+        tick(3, STEPS)
+        invoices, lines = await _check_invoices(conn, found, name)
+        tick(4, STEPS)
+        counted = await _ledger_counts(conn, name)
+        last_calls = await _last_calls(conn, name)
+    counters, pending = await _check_counters(client, found, name, counted, last_calls)
+    tick(5, STEPS)
+    order = {cause: i for i, cause in enumerate(CAUSES)}
+    found.kept.sort(key=lambda d: (order[d["cause"]], d.get("seq") or 0, d.get("invoice_id") or ""))
+    return Reconciliation(
+        period=name,
+        after_seq=after,
+        through_seq=through,
+        ledger=report.as_dict(),
+        checked={"billed_calls": billed, "invoices": invoices, "lines": lines, "counters": counters},
+        pending=pending,
+        late_after_close=late,
+        by_cause={cause: found.by_cause[cause] for cause in CAUSES if cause in found.by_cause},
+        differences=found.kept,
+        difference_count=found.count,
+    )
+
+
+async def _call_at(conn: AsyncConnection, seq: int) -> str | None:
+    """The call at ``seq``: the ledger's, else the one an invoice billed there."""
+    found = await conn.scalar(select(_CALLS.c.call_id).where(_CALLS.c.seq == seq))
+    if found is None:
+        found = await conn.scalar(select(_BILLED.c.call_id).where(_BILLED.c.seq == seq))
+    return None if found is None else str(found)
+
+
+async def _check_billed(conn: AsyncConnection, found: _Differences, period: str, after: int) -> int:
+    """Every call the period's invoices billed against the ledger's record at its seq."""
+    b, i, c = _BILLED, _INVOICES, _CALLS
+    joined = b.join(i, and_(i.c.id == b.c.invoice_id, i.c.period == period)).outerjoin(c, c.c.seq == b.c.seq)
+    billed = int(await conn.scalar(select(func.count()).select_from(joined)) or 0)
+    in_range = or_(c.c.period == period, and_(c.c.period < period, b.c.seq > after))
+    odd = or_(
+        c.c.seq.is_(None),
+        c.c.call_id != b.c.call_id,
+        not_(billable(c)),
+        c.c.licensee_id != i.c.licensee_id,
+        c.c.charge_e4 != b.c.charge_e4,
+        not_(in_range),
+    )
+    rows = await conn.stream(
+        select(
+            b.c.seq,
+            b.c.call_id,
+            b.c.invoice_id,
+            b.c.charge_e4,
+            i.c.licensee_id.label("billed_licensee"),
+            c.c.seq.label("ledger_seq"),
+            c.c.call_id.label("ledger_call_id"),
+            c.c.outcome,
+            c.c.pool,
+            c.c.licensee_id,
+            c.c.charge_e4.label("ledger_charge_e4"),
+            c.c.period,
+        )
+        .select_from(joined)
+        .where(odd)
+        .order_by(b.c.seq)
+    )
+    async for r in rows:
+        where = {"seq": int(r.seq), "invoice_id": r.invoice_id}
+        if r.ledger_seq is None:
+            found.add(
+                r.call_id, RECORD_MISSING, f"billed on {r.invoice_id}; no record at seq {r.seq}", **where
+            )
+            continue
+        said = []
+        if r.ledger_call_id != r.call_id:
+            said.append(f"the record at seq {r.seq} is call {r.ledger_call_id}")
+        if r.outcome != SERVED or r.pool == REPLAY_POOL:
+            said.append(f"it is {r.outcome}" + (" (a replay)" if r.pool == REPLAY_POOL else ""))
+        if r.licensee_id != r.billed_licensee:
+            said.append(f"its licensee is {r.licensee_id}")
+        if int(r.ledger_charge_e4) != int(r.charge_e4):
+            said.append(f"its charge is {r.ledger_charge_e4} (1/10000 fen), billed {r.charge_e4}")
+        if not said:
+            said.append(f"its period {r.period} is not one this close covers")
+        found.add(r.call_id, RECORD_ALTERED, f"billed on {r.invoice_id}, but " + "; ".join(said), **where)
+    return billed
+
+
+async def _check_unbilled(
+    conn: AsyncConnection, found: _Differences, period: str, after: int, through: int
+) -> None:
+    """Served calls the close covered that no invoice billed."""
+    c, b = _CALLS, _BILLED
+    covered = or_(
+        and_(c.c.period == period, c.c.seq <= through),
+        and_(c.c.period < period, c.c.seq > after, c.c.seq <= through),
+    )
+    rows = await conn.stream(
+        select(c.c.seq, c.c.call_id, c.c.licensee_id, c.c.period)
+        .select_from(c.outerjoin(b, b.c.seq == c.c.seq))
+        .where(billable(c), covered, b.c.seq.is_(None))
+        .order_by(c.c.seq)
+    )
+    async for r in rows:
+        found.add(
+            r.call_id,
+            UNBILLED,
+            f"served to {r.licensee_id} in {r.period}, covered by the close of {period}, on no invoice",
+            seq=int(r.seq),
+        )
+
+
+async def _check_invoices(conn: AsyncConnection, found: _Differences, period: str) -> tuple[int, int]:
+    """Each invoice's content against its hash and its rows; the calls of what differs."""
+    invoices = (await conn.execute(select(_INVOICES).where(_INVOICES.c.period == period))).all()
+    line_rows: dict[tuple[str, int], Any] = {}
+    for r in await conn.execute(
+        select(_LINES)
+        .select_from(_LINES.join(_INVOICES, _INVOICES.c.id == _LINES.c.invoice_id))
+        .where(_INVOICES.c.period == period)
+    ):
+        line_rows[(r.invoice_id, int(r.line_no))] = r
+    lines = 0
+    for inv in sorted(invoices, key=lambda r: r.id):
+        try:
+            content: dict[str, Any] = orjson.loads(inv.content)
+        except orjson.JSONDecodeError:
+            content = {}
+        said = _invoice_said(inv, content)
+        if said:
+            for call_id, seq in await _calls_of(conn, inv.id):
+                found.add(
+                    call_id, INVOICE_ALTERED, f"billed on {inv.id}, which {said}", seq=seq, invoice_id=inv.id
+                )
+            continue
+        numbers = set()
+        for line in content.get("lines", []):
+            lines += 1
+            number = int(line["line_no"])
+            numbers.add(number)
+            row = line_rows.get((inv.id, number))
+            line_said = _line_said(row, line)
+            if line_said:
+                for call_id, seq in await _calls_of(conn, inv.id, line):
+                    found.add(
+                        call_id,
+                        LINE_ALTERED,
+                        f"billed on line {number} of {inv.id}, whose row {line_said}",
+                        seq=seq,
+                        invoice_id=inv.id,
+                        line_no=number,
+                    )
+        for inv_id, number in sorted(line_rows):
+            if inv_id == inv.id and number not in numbers:
+                found.add(
+                    None,
+                    LINE_ALTERED,
+                    f"{inv.id} has a line row {number} its content does not hold",
+                    invoice_id=inv.id,
+                    line_no=number,
+                )
+    return len(invoices), lines
+
+
+def _invoice_said(row: Any, content: dict[str, Any]) -> str:
+    if not content or hashlib.sha256(canonical(content)).hexdigest() != row.content_hash:
+        return "no longer hashes to its content_hash"
+    if hashlib.sha256(row.content.encode()).hexdigest() != row.content_hash:
+        return "no longer hashes to its content_hash"
+    wrong = [name for name in _INVOICE_FIELDS if str(getattr(row, name)) != str(content.get(name))]
+    if row.id != content.get("id"):
+        wrong.insert(0, "id")
+    return f"row disagrees with its content in {', '.join(wrong)}" if wrong else ""
+
+
+def _line_said(row: Any, line: dict[str, Any]) -> str:
+    if row is None:
+        return "is missing"
+    wrong = [column for column, key in _LINE_FIELDS if getattr(row, column) != line[key]]
+    split = line["split"]
+    wrong += [
+        part
+        for part in ("provider_fen", "operator_fen", "public_fund_fen")
+        if getattr(row, part) != split[part]
+    ]
+    if int(row.charge_e4) != int(Decimal(line["charge_fen"]) * E4):
+        wrong.append("charge_e4")
+    if not wrong:
+        return ""
+    shown = ", ".join(wrong)
+    first = wrong[0]
+    key = dict(_LINE_FIELDS).get(first)
+    if key is not None:
+        shown += f" ({first} {getattr(row, first)}, the content says {line[key]})"
+    return f"disagrees with the invoice's content in {shown}"
+
+
+async def _calls_of(
+    conn: AsyncConnection, invoice: str, line: dict[str, Any] | None = None
+) -> list[tuple[str, int]]:
+    """The calls an invoice (or one of its content's lines) billed, by seq."""
+    b, c = _BILLED, _CALLS
+    query = select(b.c.call_id, b.c.seq).where(b.c.invoice_id == invoice).order_by(b.c.seq)
+    if line is not None:
+        query = query.join(c, c.c.seq == b.c.seq).where(
+            c.c.dataset_id == line["dataset"],
+            c.c.purpose == line["purpose"],
+            c.c.period == line["usage_period"],
+        )
+    return [(r.call_id, int(r.seq)) for r in await conn.execute(query)]
+
+
+# -- the quota counters ----------------------------------------------------------------
+
+_COUNTER = re.compile(
+    r"^pdg:\{(?P<licence>[^}]+)\}:(?P<kind>free|paidcalls):(?P<dataset>[^:]+):(?P<period>\d{4}-\d{2})$"
+)
+_CREDIT = re.compile(r"^pdg:\{(?P<licence>[^}]+)\}:credit:(?P<period>\d{4}-\d{2})$")
+
+#: A counter: (kind, licence, dataset or "" for credit).
+Counter = tuple[str, str, str]
+
+
+async def _ledger_counts(conn: AsyncConnection, period: str) -> dict[Counter, int]:
+    """What each counter of ``period`` should read, by the ledger: every served
+    call of the period, whenever it landed."""
+    c = _CALLS
+    counts: dict[Counter, int] = {}
+    rows = await conn.execute(
+        select(
+            c.c.licence_id,
+            c.c.dataset_id,
+            c.c.pool,
+            func.count(),
+            sql_cast(func.sum(c.c.charge_e4), BigInteger),
+        )
+        .where(billable(), c.c.period == period, c.c.pool.in_(("free", "prepaid", "credit")))
+        .group_by(c.c.licence_id, c.c.dataset_id, c.c.pool)
+    )
+    for licence, dataset, pool, calls, charge in rows:
+        if pool == "free":
+            key: Counter = ("free", licence, dataset)
+            counts[key] = counts.get(key, 0) + int(calls)
+            continue
+        key = ("paidcalls", licence, dataset)
+        counts[key] = counts.get(key, 0) + int(calls)
+        if pool == "credit":
+            key = ("credit", licence, "")
+            counts[key] = counts.get(key, 0) + int(charge or 0)
+    return counts
+
+
+async def _last_calls(conn: AsyncConnection, period: str) -> dict[Counter, str]:
+    """The last call (by seq) the ledger holds for each counter of ``period``."""
+    c = _CALLS
+    last = (
+        select(c.c.licence_id, c.c.dataset_id, c.c.pool, func.max(c.c.seq).label("seq"))
+        .where(billable(), c.c.period == period, c.c.pool.in_(("free", "prepaid", "credit")))
+        .group_by(c.c.licence_id, c.c.dataset_id, c.c.pool)
+        .subquery()
+    )
+    rows = await conn.execute(
+        select(last.c.licence_id, last.c.dataset_id, last.c.pool, last.c.seq, c.c.call_id).join(
+            c, c.c.seq == last.c.seq
+        )
+    )
+    found: dict[Counter, tuple[int, str]] = {}
+
+    def keep(key: Counter, seq: int, call_id: str) -> None:
+        if key not in found or found[key][0] < seq:
+            found[key] = (seq, call_id)
+
+    for licence, dataset, pool, seq, call_id in rows:
+        if pool == "free":
+            keep(("free", licence, dataset), int(seq), call_id)
+        else:
+            keep(("paidcalls", licence, dataset), int(seq), call_id)
+            if pool == "credit":
+                keep(("credit", licence, ""), int(seq), call_id)
+    return {key: call_id for key, (_seq, call_id) in found.items()}
+
+
+def _counter_key(counter: Counter, period: str) -> str:
+    kind, licence, dataset = counter
+    prefix = LicenceKeys(licence).prefix
+    return f"{prefix}:credit:{period}" if kind == "credit" else f"{prefix}:{kind}:{dataset}:{period}"
+
+
+async def _check_counters(
+    client: RedisClient,
+    found: _Differences,
+    period: str,
+    counted: dict[Counter, int],
+    last_calls: dict[Counter, str],
+) -> tuple[int, dict[str, int]]:
+    try:
+        stored = await _read_counters(client, period)
+        in_flight = await _in_flight(client, {licence for _kind, licence, _ds in {*counted, *stored}})
+        log_records = int(await client.xlen(LOG))
+    except (RedisError, OSError) as exc:
+        raise QuotaStoreError(f"the quota counters cannot be read: {exc}") from exc
+    for counter in sorted({*counted, *stored}):
+        expected, actual = counted.get(counter, 0), stored.get(counter, 0)
+        if expected == actual:
+            continue
+        kind, licence, dataset = counter
+        what = {
+            "free": f"free calls of licence {licence} on {dataset}",
+            "paidcalls": f"paid calls of licence {licence} on {dataset}",
+            "credit": f"credit used by licence {licence} (1/10000 fen)",
+        }[kind]
+        missing = "" if counter in stored else " (no counter: expired?)"
+        found.add(
+            last_calls.get(counter),
+            COUNTER_MISMATCH,
+            f"the counter of {what} in {period} reads {actual:,}{missing}; "
+            f"the call record holds {expected:,}",
+            counter=_counter_key(counter, period),
+            counter_value=actual,
+            recorded=expected,
+        )
+    return len({*counted, *stored}), {"log_records": log_records, "in_flight": in_flight}
+
+
+async def _read_counters(client: RedisClient, period: str) -> dict[Counter, int]:
+    keys: list[tuple[Counter, str]] = []
+    for pattern in (
+        f"pdg:{{*}}:free:*:{period}",
+        f"pdg:{{*}}:paidcalls:*:{period}",
+        f"pdg:{{*}}:credit:{period}",
+    ):
+        async for raw in client.scan_iter(match=pattern, count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            m = _COUNTER.match(key)
+            if m is not None:
+                keys.append(((m["kind"], m["licence"], m["dataset"]), key))
+                continue
+            m = _CREDIT.match(key)
+            if m is not None:
+                keys.append((("credit", m["licence"], ""), key))
+    values = await _get_many(client, [key for _counter, key in keys])
+    return {
+        counter: int(value) for (counter, _key), value in zip(keys, values, strict=True) if value is not None
+    }
+
+
+async def _get_many(client: RedisClient, keys: Iterable[str]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+    return list(await pipe.execute())
+
+
+async def _in_flight(client: RedisClient, licences: set[str]) -> int:
+    pipe = client.pipeline(transaction=False)
+    for licence in sorted(licences):
+        pipe.hlen(LicenceKeys(licence).inflight())
+    return sum(int(n) for n in await pipe.execute())
