@@ -98,3 +98,42 @@ class InvoiceCallRow(Base):
     charge_e4: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_invoice_calls_invoice_seq", "invoice_id", "seq"),)
+
+
+class BillingNoteRow(Base):
+    """A credit or debit note: a correction of a closed invoice, issued in a
+    later period. Notes of one invoice are numbered 1, 2, ... (``note_no``,
+    unique per invoice): two notes issued at once cannot both be checked
+    against the same earlier notes, so together they never exceed the invoice.
+    Amounts are positive; ``kind`` says which way they go."""
+
+    __tablename__ = "billing_notes"
+
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"))
+    note_no: Mapped[int] = mapped_column(Integer)
+    #: ``credit`` (the licensee owes less) or ``debit`` (more).
+    kind: Mapped[str] = mapped_column(String(8))
+    #: The billing period it was issued in (after the invoice's).
+    period: Mapped[str] = mapped_column(String(7))
+    #: The invoice line it corrects, or null for the invoice as a whole.
+    line_no: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    vat_fen: Mapped[int] = mapped_column(BigInteger)
+    total_fen: Mapped[int] = mapped_column(BigInteger)
+    provider_fen: Mapped[int] = mapped_column(BigInteger)
+    operator_fen: Mapped[int] = mapped_column(BigInteger)
+    public_fund_fen: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    #: The admin token that issued it (``cli`` from the command line).
+    issued_by: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: SHA-256 (hex) of ``content``.
+    content_hash: Mapped[str] = mapped_column(String(64))
+    #: The note as canonical JSON (sorted keys, compact): what was hashed.
+    content: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("invoice_id", "note_no"),
+        Index("ix_billing_notes_period", "period"),
+    )

@@ -19,6 +19,7 @@ the parts always sum exactly to the line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Final
 
@@ -63,17 +64,29 @@ def split(amount_fen: int, basis_points: tuple[int, int, int]) -> tuple[int, int
     """``amount_fen`` split by ``basis_points`` (summing to 10,000) by the
     largest remainder, so the three parts sum exactly to it. A negative amount
     is split as its opposite, negated."""
-    if amount_fen.__class__ is not int:
-        raise TypeError(f"an amount in fen must be an int, got {amount_fen!r}")
     if len(basis_points) != 3 or sum(basis_points) != WHOLE or min(basis_points) < 0:
         raise ValueError(f"a revenue split is three basis points summing to {WHOLE}, got {basis_points!r}")
+    a, b, c = allocate(amount_fen, basis_points)
+    return a, b, c
+
+
+def allocate(amount_fen: int, weights: Sequence[int]) -> tuple[int, ...]:
+    """``amount_fen`` in parts proportional to ``weights`` (non-negative
+    integers, not all zero) by the largest remainder: each part takes the
+    whole fen of its exact share, the fen left go one each to the largest
+    fractional remainders (ties to the earlier part). The parts sum exactly to
+    the amount; a negative amount is allocated as its opposite, negated."""
+    if amount_fen.__class__ is not int:
+        raise TypeError(f"an amount in fen must be an int, got {amount_fen!r}")
+    if any(w.__class__ is not int or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights are non-negative integers, not all zero, got {weights!r}")
     if amount_fen < 0:
-        a, b, c = split(-amount_fen, basis_points)
-        return -a, -b, -c
-    whole = [amount_fen * bp // WHOLE for bp in basis_points]
-    remainders = [amount_fen * bp % WHOLE for bp in basis_points]
+        return tuple(-part for part in allocate(-amount_fen, weights))
+    whole_weight = sum(weights)
+    whole = [amount_fen * w // whole_weight for w in weights]
+    remainders = [amount_fen * w % whole_weight for w in weights]
     left = amount_fen - sum(whole)
     # Largest remainder first; on a tie the earlier part (provider, operator, fund).
-    for i in sorted(range(3), key=lambda i: (-remainders[i], i))[:left]:
+    for i in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:left]:
         whole[i] += 1
-    return whole[0], whole[1], whole[2]
+    return tuple(whole)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
 
 class LineSplit(BaseModel):
@@ -144,3 +144,47 @@ class ReconciliationReport(BaseModel):
     #: True when ``differences`` lists fewer than ``difference_count`` (raise ``limit``).
     truncated: bool
     differences: list[Difference]
+
+
+class NoteIn(BaseModel):
+    """A credit or debit note to issue on an invoice (:mod:`billing.notes`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["credit", "debit"]
+    #: Fen before VAT, above 0; never more than the invoice (or line) allows.
+    amount_fen: StrictInt = Field(gt=0)
+    reason: str = Field(min_length=1, max_length=500)
+    #: The line it corrects; omit for the invoice as a whole.
+    line_no: StrictInt | None = Field(default=None, ge=1)
+
+
+class NoteAfter(BaseModel):
+    credited_fen: int
+    debited_fen: int
+    #: The invoice's subtotal corrected by every note up to this one.
+    subtotal_fen: int
+
+
+class Note(BaseModel):
+    format: str
+    id: str
+    kind: Literal["credit", "debit"]
+    note_no: int
+    invoice_id: str
+    licensee_id: str
+    invoice_period: str
+    #: The period it was issued in, after the invoice's.
+    period: str
+    line_no: int | None
+    amount_fen: int
+    vat_rate: str
+    vat_fen: int
+    total_fen: int
+    split: LineSplit
+    reason: str
+    issued_by: str
+    issued_at: AwareDatetime
+    invoice_after: NoteAfter
+    #: SHA-256 (hex) of the note's canonical JSON (sorted keys, compact, without this field).
+    content_hash: str

@@ -19,8 +19,12 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from billing import schemas as billing_schemas
+from billing.export import FORMATS as EXPORT_FORMATS
+from billing.export import MEDIA_TYPES as EXPORT_MEDIA_TYPES
+from billing.export import period_books, render
 from billing.invoices import close_period, get_invoice, list_invoices
 from billing.money import parse_vat_rate
+from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
@@ -49,6 +53,8 @@ class Route:
     query: tuple[str, ...] = ()
     #: May answer 409 (a duplicate, or a transition the resource's state forbids).
     conflict: bool = False
+    #: Media types of a file the route answers with (instead of a JSON model).
+    produces: tuple[str, ...] = ()
 
 
 def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -228,6 +234,56 @@ async def get_reconciliation(request: web.Request, principal: AdminPrincipal) ->
     except QuotaStoreError as exc:
         raise QuotaUnavailableError("the quota counters cannot be read") from exc
     return _json(found.as_dict())
+
+
+async def issue_note_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.match_info["id"]
+    note_in = schemas.parse(billing_schemas.NoteIn, await _body(request))
+    note = await issue_note(
+        request.app[ENGINE],
+        wanted,
+        kind=note_in.kind,
+        amount_fen=note_in.amount_fen,
+        reason=note_in.reason,
+        line_no=note_in.line_no,
+        issued_by=principal.token_id,
+        now=request.app[CLOCK].now(),
+        tz=zone(request.app[SETTINGS].billing.time_zone),
+    )
+    return _json(note, 201, location=f"/admin/v1/invoices/{wanted}/notes")
+
+
+async def list_notes_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    wanted = request.match_info["id"]
+    invoice = await get_invoice(request.app[ENGINE], wanted)
+    if invoice is None:
+        raise NotFoundError(f"no invoice {wanted}")
+    _own(principal, invoice["licensee_id"], f"invoice {wanted}")
+    return _json(await list_notes(request.app[ENGINE], invoice_id=wanted))
+
+
+async def export_billing(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """A period's invoices and notes as a file (``format``: csv, json or xlsx; default json)."""
+    period = _period_param(request, request.match_info["period"])
+    fmt = request.query.get("format", "json")
+    if fmt not in EXPORT_FORMATS:
+        raise ValidationFailedError("format", f"one of {', '.join(EXPORT_FORMATS)}")
+    wanted = request.query.get("licensee")
+    if principal.own_licensee is not None:
+        if wanted not in (None, principal.own_licensee):
+            raise NotFoundError(f"no invoices or notes for {period.name}")
+        wanted = principal.own_licensee
+    books = await period_books(request.app[ENGINE], period.name, licensee_id=wanted)
+    if not books["invoices"] and not books["notes"]:
+        raise NotFoundError(f"no invoices or notes for {period.name} (is the period closed?)")
+    return web.Response(
+        body=render(books, fmt),
+        headers={
+            "Content-Type": EXPORT_MEDIA_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="pdg-billing-{period.name}.{fmt}"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -467,6 +523,16 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/billing/{period}/export",
+        export_billing,
+        "read",
+        "A period's invoices (each line with calls and split) and the notes issued in it, "
+        "as a file: format=json (default), csv or xlsx",
+        query=("format", "licensee"),
+        produces=tuple(EXPORT_MEDIA_TYPES.values()),
+    ),
+    Route(
+        "GET",
         "/invoices",
         list_invoices_handler,
         "read",
@@ -477,6 +543,28 @@ ROUTES: tuple[Route, ...] = (
         query=("period", "licensee"),
     ),
     Route("GET", "/invoices/{id}", get_invoice_handler, "read", "One invoice", None, billing_schemas.Invoice),
+    Route(
+        "POST",
+        "/invoices/{id}/notes",
+        issue_note_handler,
+        "billing:write",
+        "Issue a credit or debit note on a closed invoice, in the current period; "
+        "never more than the invoice (or line) allows (409)",
+        billing_schemas.NoteIn,
+        billing_schemas.Note,
+        status=201,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/invoices/{id}/notes",
+        list_notes_handler,
+        "read",
+        "The credit and debit notes on an invoice, in order",
+        None,
+        billing_schemas.Note,
+        True,
+    ),
     Route(
         "GET",
         "/reconciliation/{period}",

@@ -1,11 +1,14 @@
-"""``pdg billing close|show|reconcile``: finance's commands, over the same
+"""``pdg billing close|show|adjust|export|reconcile``: finance's commands, over the same
 service layer as the admin API (:mod:`billing.invoices`, :mod:`billing.reconcile`).
 
 ``close PERIOD`` closes a period that has ended in the billing time zone and
 prints its invoices (closing it again prints the same invoices and says they
 were already there). ``show PERIOD`` prints a period's statement, ``show
 INVOICE_ID`` one invoice with its lines; ``--json`` gives the admin API's
-invoice objects. ``reconcile PERIOD`` compares a closed period's invoices,
+invoice objects (and notes). ``adjust INVOICE_ID --credit|--debit FEN
+--reason TEXT [--line N]`` issues a credit or debit note (:mod:`billing.notes`).
+``export PERIOD`` writes the period's invoices and notes as CSV, JSON or XLSX
+(:mod:`billing.export`). ``reconcile PERIOD`` compares a closed period's invoices,
 the verified call record and the quota counters, prints every difference by
 call id and cause, and exits 0 only when there are none (1 when there are).
 """
@@ -98,20 +101,104 @@ async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
 
 async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
     from billing.invoices import get_invoice, list_invoices
+    from billing.notes import list_notes
 
     async with migrated_engine(settings) as engine:
         if _PERIOD.match(args.what):
-            invoices = await list_invoices(
-                engine, period=_period(settings, args.what).name, licensee_id=args.licensee
-            )
-            if not invoices:
-                raise NotFoundError(f"no invoices for {args.what} (is the period closed?)")
-            emit(args, invoices, "\n\n".join(statement(inv) for inv in invoices))
+            name = _period(settings, args.what).name
+            invoices = await list_invoices(engine, period=name, licensee_id=args.licensee)
+            notes = await list_notes(engine, period=name, licensee_id=args.licensee)
+            if not invoices and not notes:
+                raise NotFoundError(f"no invoices or notes for {args.what} (is the period closed?)")
+            parts = [statement(inv) for inv in invoices]
+            if notes:
+                parts.append(f"notes issued in {name}:\n" + "\n".join(note_line(n) for n in notes))
+            # --json: the invoices, as the admin API lists them (notes: billing export --format json).
+            emit(args, invoices, "\n\n".join(parts))
             return 0
         invoice = await get_invoice(engine, args.what)
+        notes = await list_notes(engine, invoice_id=args.what) if invoice is not None else []
     if invoice is None:
         raise NotFoundError(f"no invoice {args.what}")
-    emit(args, invoice, statement(invoice))
+    text = statement(invoice)
+    if notes:
+        text += "\n  notes on it:\n" + "\n".join(note_line(n) for n in notes)
+    emit(args, invoice, text)
+    return 0
+
+
+def note_line(note: dict[str, Any]) -> str:
+    """One note in a line (amounts in yuan; a credit lowers the invoice)."""
+    sign = "-" if note["kind"] == "credit" else "+"
+    on = f"line {note['line_no']} of " if note["line_no"] is not None else ""
+    return (
+        f"  {note['id']:<40} {note['kind']:<6} {sign}{fen(note['amount_fen'])} + VAT {fen(note['vat_fen'])} "
+        f"= {sign}{fen(note['total_fen'])} CNY on {on}{note['invoice_id']} ({note['period']}): "
+        f"{note['reason']}"
+    )
+
+
+async def billing_adjust(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.notes import issue_note, parse_kind
+    from metering.periods import zone
+    from storage.db import utcnow
+
+    kind, amount = parse_kind(args.credit, args.debit)
+    async with migrated_engine(settings) as engine:
+        note = await issue_note(
+            engine,
+            args.invoice_id,
+            kind=kind,
+            amount_fen=amount,
+            reason=args.reason,
+            line_no=args.line,
+            issued_by="cli",
+            now=utcnow(),
+            tz=zone(settings.billing.time_zone),
+        )
+    after = note["invoice_after"]
+    emit(
+        args,
+        note,
+        f"{kind} note {note['id']} issued in {note['period']}:\n{note_line(note)}\n"
+        f"  {note['invoice_id']} now stands at {fen(after['subtotal_fen'])} CNY before VAT "
+        f"({fen(after['credited_fen'])} credited, {fen(after['debited_fen'])} debited)",
+    )
+    return 0
+
+
+async def billing_export(args: argparse.Namespace, settings: Settings) -> int:
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from billing.export import period_books, render
+    from ledger.audit.common import atomic_write
+
+    name = _period(settings, args.period).name
+    fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "csv")
+    if fmt not in ("csv", "json", "xlsx"):
+        raise BadRequestError(f"--format is csv, json or xlsx, not {fmt!r}")
+    if fmt == "xlsx" and not args.output:
+        raise BadRequestError("an XLSX export needs --output FILE")
+    async with migrated_engine(settings) as engine:
+        books = await period_books(engine, name, licensee_id=args.licensee)
+    if not books["invoices"] and not books["notes"]:
+        raise NotFoundError(f"no invoices or notes for {name} (is the period closed?)")
+    data = render(books, fmt)
+    if not args.output:
+        sys.stdout.buffer.write(data)
+        return 0
+    path = Path(args.output)
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    lines = sum(len(inv["lines"]) for inv in books["invoices"])
+    sys.stderr.write(
+        f"wrote {len(books['invoices'])} invoice(s) ({lines} lines) and {len(books['notes'])} note(s) "
+        f"of {name} to {path} ({fmt}, sha256 {hashlib.sha256(data).hexdigest()})\n"
+    )
     return 0
 
 
@@ -155,7 +242,9 @@ def reconciliation_text(data: dict[str, Any]) -> str:
 
 
 def add_commands(sub: Any, common: Common) -> None:
-    command = command_group(sub, "billing", "close periods into invoices, show and reconcile them", common)
+    command = command_group(
+        sub, "billing", "close periods into invoices; show, correct, export and reconcile them", common
+    )
 
     p = command(
         "close",
@@ -166,6 +255,30 @@ def add_commands(sub: Any, common: Common) -> None:
     p = command("show", "print a period's invoices, or one invoice", billing_show)
     p.add_argument("what", metavar="PERIOD|INVOICE_ID")
     p.add_argument("--licensee", help="only this licensee's invoice (with PERIOD)")
+    p = command(
+        "adjust",
+        "issue a credit or debit note on a closed invoice (never more than it billed)",
+        billing_adjust,
+    )
+    p.add_argument("invoice_id", metavar="INVOICE_ID")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--credit", type=int, metavar="FEN", help="lower what is owed by FEN (before VAT)")
+    amount.add_argument("--debit", type=int, metavar="FEN", help="raise what is owed by FEN (before VAT)")
+    p.add_argument("--reason", required=True, help="why (kept with the note)")
+    p.add_argument("--line", type=int, metavar="N", help="the invoice line it corrects (default: the whole)")
+    p = command(
+        "export",
+        "write a period's invoices and notes as CSV, JSON or XLSX",
+        billing_export,
+    )
+    p.add_argument("period", metavar="PERIOD", help="YYYY-MM")
+    p.add_argument(
+        "--format", choices=("csv", "json", "xlsx"), help="default: by --output's suffix, else csv"
+    )
+    p.add_argument(
+        "--output", "-o", metavar="FILE", help="write here (default: standard output; XLSX needs it)"
+    )
+    p.add_argument("--licensee", help="only this licensee's invoices and notes")
     p = command(
         "reconcile",
         "compare a closed period's invoices, the verified call record and the quota counters "

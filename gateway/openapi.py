@@ -97,7 +97,15 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "description": "OK" if route.status == 200 else "Created",
                 "content": {"application/json": {"schema": schema}},
             }
-        if "{id}" in route.path:
+        if route.produces:
+            operation["responses"][str(route.status)] = {
+                "description": "OK",
+                "content": {
+                    media: {"schema": {"type": "string", "contentMediaType": media.split(";")[0]}}
+                    for media in route.produces
+                },
+            }
+        if "{id}" in route.path or route.produces:
             operation["responses"]["404"] = _problem("no such resource")
         if route.conflict:
             operation["responses"]["409"] = _problem(

@@ -384,7 +384,7 @@ async def test_pdg_billing_close_and_show(books: Books, tmp_path: Path, pdg: Pdg
         (("close", "2099-01"), "has not ended"),
         (("close", "2026-10"), "2026-11 is closed, so 2026-10 can no longer be"),
         (("show", "inv-nope"), "no invoice inv-nope"),
-        (("show", "2026-10"), "no invoices for 2026-10"),
+        (("show", "2026-10"), "no invoices or notes for 2026-10"),
     ):
         failed = await pdg("billing", *args, "--config", str(config))
         failed.one_line_error(mentions)

@@ -113,7 +113,7 @@ async def apdg(*args: str, env: Mapping[str, str], cwd: Path) -> Run:
 def database_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the catalogue and licensing tables, read with sqlite3 itself."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}  # noqa: S608
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}
 
 
 DATASET_FLAGS = (
