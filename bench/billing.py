@@ -1,5 +1,5 @@
-"""Billing benchmark: how long closing a period of a large call record takes on
-PostgreSQL.
+"""Billing benchmark: how long closing and reconciling a period of a large call
+record take on PostgreSQL.
 
     .venv/bin/python -m bench.billing               # 1,000,000 records x 1 run
     .venv/bin/python bench/billing.py -n 50000      # smoke check
@@ -20,7 +20,13 @@ Needs a local PostgreSQL. Each run (``--runs``):
    every served record billed once (``invoice_calls``), line amounts summing to the
    subtotals, splits summing to the lines; then times closing it again (the answer
    for a closed period);
-5. drops the database.
+5. **reconcile**: puts the quota counters the gateway would have left (counted from
+   the generated records as they were written, not from the ledger) into an
+   embedded Valkey, and times ``billing.reconcile.reconcile`` for 2026-03 (the
+   chain verified, every billed call compared with its record, the invoices with
+   their hashes and rows, the counters with the ledger); it must find zero
+   differences;
+6. drops the database.
 
 The report gives the median seconds of the close against the target (under 15 s for
 1,000,000 records), with the records per second. A rich table, and the JSON in
@@ -56,6 +62,7 @@ from sqlalchemy import func, select  # noqa: E402
 from bench.ledger import DATASETS, DEFAULT_PG_ADMIN, fresh_database, machine_facts, make_log  # noqa: E402
 from billing.invoices import close_period  # noqa: E402
 from billing.models import InvoiceCallRow  # noqa: E402
+from billing.reconcile import reconcile  # noqa: E402
 from ledger.models import CallRow  # noqa: E402
 from ledger.record import from_log  # noqa: E402
 from ledger.store import LedgerStore  # noqa: E402
@@ -63,8 +70,10 @@ from licensing.keys import load_or_create_signing_key  # noqa: E402
 from licensing.registry import Registry  # noqa: E402
 from licensing.schemas import DatasetIn, RevenueSplit  # noqa: E402
 from metering.periods import parse_period, zone  # noqa: E402
+from metering.quota import LicenceKeys  # noqa: E402
 from storage.db import create_engine, session_factory  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
+from storage.redis import EmbeddedValkey, connect  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "billing.json"
 TARGET_SECONDS = 15.0
@@ -101,11 +110,13 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
             with tempfile.TemporaryDirectory() as tmp:
                 key = load_or_create_signing_key(Path(tmp) / "ledger-key.pem", "ES256")
             store = LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600)
+            counters: dict[str, int] = {}
             started = time.perf_counter()
             with progress(console, "writing the call record") as (bar, task):
                 bar.update(task, total=n)
                 for start in range(0, n, BATCH):
                     chunk = [from_log(e) for e in entries[start : start + BATCH]]
+                    count_quota(chunk, counters)
                     await store.append(chunk, f"{start + len(chunk)}-0")
                     bar.update(task, completed=start + len(chunk))
             say(f"  {n:,} records written in {time.perf_counter() - started:.1f} s (not timed)")
@@ -113,9 +124,11 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
 
             period = parse_period("2026-03", zone("Asia/Shanghai"))
             now = datetime(2026, 4, 2, tzinfo=UTC)
+            marks: list[float] = []
             with progress(console, "closing 2026-03") as (bar, task):
 
                 def step(done: int, total: int) -> None:
+                    marks.append(time.perf_counter())
                     bar.update(task, completed=done, total=total)
 
                 t0 = time.perf_counter()
@@ -147,9 +160,36 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
                 problems.append("a split does not sum to its line")
             if problems:
                 raise BenchError("; ".join(problems))
+            with tempfile.TemporaryDirectory() as tmp:
+                valkey = EmbeddedValkey(Path(tmp))
+                client = connect(await valkey.start())
+                try:
+                    await client.mset(counters)
+                    public = {key.kid: key.private_key.public_key()}
+                    with progress(console, "reconciling 2026-03") as (bar, task):
+
+                        def tick(done: int, total: int) -> None:
+                            ticks.append(time.perf_counter())
+                            bar.update(task, completed=done, total=total)
+
+                        ticks: list[float] = []
+                        t2 = time.perf_counter()
+                        found = await reconcile(engine, client, period, public, limit=10, progress=tick)
+                        reconcile_seconds = time.perf_counter() - t2
+                finally:
+                    await client.aclose()
+                    await valkey.stop()
+            if not found.clean:
+                raise BenchError(f"reconciliation is not clean: {found.summary}; {found.differences[:3]}")
+            say(
+                f"  reconcile {reconcile_seconds:.2f} s {steps(t2, ticks)}: "
+                f"{found.checked['billed_calls']:,} billed calls, {found.checked['counters']} counters, "
+                "zero differences"
+            )
             total = sum(inv["total_fen"] for inv in closed.invoices)
             say(
-                f"  close {seconds:.2f} s ({n / seconds:,.0f} records/s): {len(closed.invoices)} invoices, "
+                f"  close {seconds:.2f} s {steps(t0, marks)} ({n / seconds:,.0f} records/s): "
+                f"{len(closed.invoices)} invoices, "
                 f"{len(lines)} lines, {served:,} calls billed, {total:,} fen in all; "
                 f"again {again_seconds:.3f} s"
             )
@@ -159,12 +199,45 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
                 "close_seconds": round(seconds, 3),
                 "records_per_s": round(n / seconds),
                 "again_seconds": round(again_seconds, 4),
+                "reconcile_seconds": round(reconcile_seconds, 3),
+                # usage summed, late usage summed, invoices written, calls copied
+                "close_steps_seconds": steps(t0, marks),
+                # verified, billed calls compared, unbilled found, invoices checked, counters compared
+                "reconcile_steps_seconds": steps(t2, ticks),
+                "counters": found.checked["counters"],
                 "invoices": len(closed.invoices),
                 "lines": len(lines),
                 "total_fen": total,
             }
         finally:
             await engine.dispose()
+
+
+def steps(start: float, marks: list[float]) -> list[float]:
+    """Seconds between the progress marks of a timed operation."""
+    return [round(b - a, 3) for a, b in zip([start, *marks], marks, strict=False)]
+
+
+def count_quota(records: list[dict[str, Any]], counters: dict[str, int]) -> None:
+    """What the gateway's reservations leave in the quota counters for these
+    records (``metering/lua/reserve.lua``): free calls per licence, dataset and
+    period; paid calls likewise; credit used per licence and period."""
+    tz = zone("Asia/Shanghai")
+    for r in records:
+        pool = r["pool"]
+        if r["outcome"] != "served" or pool not in ("free", "prepaid", "credit"):
+            continue
+        keys, period = LicenceKeys(r["licence_id"]), parse_period(r["period"], tz)
+        names = (
+            [keys.free(r["dataset_id"], period)]
+            if pool == "free"
+            else [keys.paid_calls(r["dataset_id"], period)]
+        )
+        for name in names:
+            counters[name] = counters.get(name, 0) + 1
+        if pool == "credit":
+            name = keys.credit(period)
+            counters[name] = counters.get(name, 0) + int(r["charge_e4"])
 
 
 class progress:  # noqa: N801 (a context manager used like a function)
@@ -194,12 +267,16 @@ async def bench(opts: argparse.Namespace, console: Console) -> dict[str, Any]:
         runs.append(await one_run(opts.records, opts.pg_admin_url, console, console.print))
     seconds = [r["close_seconds"] for r in runs]
     median = statistics.median(seconds)
+    reconciles = [r["reconcile_seconds"] for r in runs]
     return {
         "records": opts.records,
         "runs": runs,
         "close_seconds_median": median,
         "close_seconds_min": min(seconds),
         "close_seconds_max": max(seconds),
+        "reconcile_seconds_median": statistics.median(reconciles),
+        "reconcile_seconds_min": min(reconciles),
+        "reconcile_seconds_max": max(reconciles),
         "target_seconds": TARGET_SECONDS if opts.records == TARGET_RECORDS else None,
         "machine": machine_facts(),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -218,6 +295,13 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"{report['close_seconds_min']:.2f}",
         f"{report['close_seconds_max']:.2f}",
         f"< {target:.0f}{verdict}" if target else "",
+    )
+    table.add_row(
+        "reconcile (s)",
+        f"{report['reconcile_seconds_median']:.2f}",
+        f"{report['reconcile_seconds_min']:.2f}",
+        f"{report['reconcile_seconds_max']:.2f}",
+        "",
     )
     console.print(table)
     console.print(f"machine: {report['machine']}", highlight=False)

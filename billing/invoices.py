@@ -196,6 +196,7 @@ async def _close(
         func.count(),
         records,
         total,
+        func.min(_CALLS.c.seq),
     )
     groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period)
     served = billable()
@@ -210,7 +211,8 @@ async def _close(
     closed_at = rfc3339(now)
     rate = str(vat_rate)
     by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for kind, (licensee, dataset, purpose, of_period, calls, recs, charge) in rows:
+    first_seq = min((int(r[7]) for _, r in rows), default=0)
+    for kind, (licensee, dataset, purpose, of_period, calls, recs, charge, _first) in rows:
         basis = splits[dataset]
         amount = fen_of_e4(int(charge or 0))
         provider, operator, fund = split(amount, basis)
@@ -268,6 +270,7 @@ async def _close(
             period=name,
             after_seq=after,
             through_seq=through,
+            first_seq=first_seq,
             vat_rate=rate,
             invoices=len(invoices),
             closed_at=now,
@@ -330,6 +333,10 @@ async def _close(
                     ).where(*where),
                 )
             )
+        if conn.dialect.name == "postgresql":
+            # A million new rows: give the planner their statistics now, not at
+            # autovacuum's next round (reconciliation reads them right after).
+            await conn.exec_driver_sql("ANALYZE invoice_calls")
     progress(4, STEPS)
     return Closed(name, False, after, through, closed_at, invoices)
 

@@ -50,7 +50,9 @@ reported (``pending``): the counters already count them and the ledger not
 yet, so reconcile once they are written.
 
 A clean period has zero differences and says so. All reads of the database
-are from one snapshot.
+are from one snapshot; a period's billed calls are read by ``seq`` range (the
+close's ``first_seq`` to ``through_seq``), and a call billed on an invoice that
+does not exist counts as unbilled.
 """
 
 from __future__ import annotations
@@ -233,7 +235,11 @@ async def reconcile(
         close = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == name))).first()
     if close is None:
         raise ConflictError(f"period {name} is not closed: close it first (pdg billing close {name})")
-    after, through = int(close.after_seq), int(close.through_seq)
+    after, through, first = int(close.after_seq), int(close.through_seq), int(close.first_seq)
+    async with engine.connect() as conn:
+        ids = list((await conn.execute(select(_INVOICES.c.id).where(_INVOICES.c.period == name))).scalars())
+    # The period's billed calls: by seq range and invoice, never a join per invoice.
+    billed_range = and_(_BILLED.c.seq.between(first, through), _BILLED.c.invoice_id.in_(ids))
     report = await audit.verify(engine, public_keys)
     tick(1, STEPS)
     found = _Differences(limit)
@@ -247,7 +253,7 @@ async def reconcile(
                 f"the call record fails verification at seq {problem.seq} ({problem.kind}): {problem.reason}",
                 seq=problem.seq,
             )
-        billed = await _check_billed(conn, found, name, after)
+        billed = await _check_billed(conn, found, name, after, billed_range)
         tick(2, STEPS)
         await _check_unbilled(conn, found, name, after, through)
         late = int(
@@ -257,10 +263,9 @@ async def reconcile(
             or 0
         )
         tick(3, STEPS)
-        invoices, lines = await _check_invoices(conn, found, name)
+        invoices, lines = await _check_invoices(conn, found, name, billed_range)
         tick(4, STEPS)
-        counted = await _ledger_counts(conn, name)
-        last_calls = await _last_calls(conn, name)
+        counted, last_calls = await _ledger_counts(conn, name)
     counters, pending = await _check_counters(client, found, name, counted, last_calls)
     tick(5, STEPS)
     order = {cause: i for i, cause in enumerate(CAUSES)}
@@ -287,11 +292,13 @@ async def _call_at(conn: AsyncConnection, seq: int) -> str | None:
     return None if found is None else str(found)
 
 
-async def _check_billed(conn: AsyncConnection, found: _Differences, period: str, after: int) -> int:
+async def _check_billed(
+    conn: AsyncConnection, found: _Differences, period: str, after: int, billed_range: Any
+) -> int:
     """Every call the period's invoices billed against the ledger's record at its seq."""
     b, i, c = _BILLED, _INVOICES, _CALLS
-    joined = b.join(i, and_(i.c.id == b.c.invoice_id, i.c.period == period)).outerjoin(c, c.c.seq == b.c.seq)
-    billed = int(await conn.scalar(select(func.count()).select_from(joined)) or 0)
+    joined = b.join(i, i.c.id == b.c.invoice_id).outerjoin(c, c.c.seq == b.c.seq)
+    billed = int(await conn.scalar(select(func.count()).select_from(b).where(billed_range)) or 0)
     in_range = or_(c.c.period == period, and_(c.c.period < period, b.c.seq > after))
     odd = or_(
         c.c.seq.is_(None),
@@ -317,7 +324,7 @@ async def _check_billed(conn: AsyncConnection, found: _Differences, period: str,
             c.c.period,
         )
         .select_from(joined)
-        .where(odd)
+        .where(billed_range, odd)
         .order_by(b.c.seq)
     )
     async for r in rows:
@@ -345,16 +352,17 @@ async def _check_billed(conn: AsyncConnection, found: _Differences, period: str,
 async def _check_unbilled(
     conn: AsyncConnection, found: _Differences, period: str, after: int, through: int
 ) -> None:
-    """Served calls the close covered that no invoice billed."""
-    c, b = _CALLS, _BILLED
+    """Served calls the close covered that no invoice billed (a call billed on
+    an invoice that does not exist is not billed)."""
+    c, b, i = _CALLS, _BILLED, _INVOICES
     covered = or_(
         and_(c.c.period == period, c.c.seq <= through),
         and_(c.c.period < period, c.c.seq > after, c.c.seq <= through),
     )
     rows = await conn.stream(
         select(c.c.seq, c.c.call_id, c.c.licensee_id, c.c.period)
-        .select_from(c.outerjoin(b, b.c.seq == c.c.seq))
-        .where(billable(c), covered, b.c.seq.is_(None))
+        .select_from(c.outerjoin(b, b.c.seq == c.c.seq).outerjoin(i, i.c.id == b.c.invoice_id))
+        .where(billable(c), covered, i.c.id.is_(None))
         .order_by(c.c.seq)
     )
     async for r in rows:
@@ -366,7 +374,9 @@ async def _check_unbilled(
         )
 
 
-async def _check_invoices(conn: AsyncConnection, found: _Differences, period: str) -> tuple[int, int]:
+async def _check_invoices(
+    conn: AsyncConnection, found: _Differences, period: str, billed_range: Any
+) -> tuple[int, int]:
     """Each invoice's content against its hash and its rows; the calls of what differs."""
     invoices = (await conn.execute(select(_INVOICES).where(_INVOICES.c.period == period))).all()
     line_rows: dict[tuple[str, int], Any] = {}
@@ -384,7 +394,7 @@ async def _check_invoices(conn: AsyncConnection, found: _Differences, period: st
             content = {}
         said = _invoice_said(inv, content)
         if said:
-            for call_id, seq in await _calls_of(conn, inv.id):
+            for call_id, seq in await _calls_of(conn, billed_range, inv.id):
                 found.add(
                     call_id, INVOICE_ALTERED, f"billed on {inv.id}, which {said}", seq=seq, invoice_id=inv.id
                 )
@@ -397,7 +407,7 @@ async def _check_invoices(conn: AsyncConnection, found: _Differences, period: st
             row = line_rows.get((inv.id, number))
             line_said = _line_said(row, line)
             if line_said:
-                for call_id, seq in await _calls_of(conn, inv.id, line):
+                for call_id, seq in await _calls_of(conn, billed_range, inv.id, line):
                     found.add(
                         call_id,
                         LINE_ALTERED,
@@ -452,11 +462,11 @@ def _line_said(row: Any, line: dict[str, Any]) -> str:
 
 
 async def _calls_of(
-    conn: AsyncConnection, invoice: str, line: dict[str, Any] | None = None
+    conn: AsyncConnection, billed_range: Any, invoice: str, line: dict[str, Any] | None = None
 ) -> list[tuple[str, int]]:
     """The calls an invoice (or one of its content's lines) billed, by seq."""
     b, c = _BILLED, _CALLS
-    query = select(b.c.call_id, b.c.seq).where(b.c.invoice_id == invoice).order_by(b.c.seq)
+    query = select(b.c.call_id, b.c.seq).where(b.c.invoice_id == invoice, billed_range).order_by(b.c.seq)
     if line is not None:
         query = query.join(c, c.c.seq == b.c.seq).where(
             c.c.dataset_id == line["dataset"],
@@ -477,11 +487,18 @@ _CREDIT = re.compile(r"^pdg:\{(?P<licence>[^}]+)\}:credit:(?P<period>\d{4}-\d{2}
 Counter = tuple[str, str, str]
 
 
-async def _ledger_counts(conn: AsyncConnection, period: str) -> dict[Counter, int]:
-    """What each counter of ``period`` should read, by the ledger: every served
-    call of the period, whenever it landed."""
+async def _ledger_counts(conn: AsyncConnection, period: str) -> tuple[dict[Counter, int], dict[Counter, str]]:
+    """What each counter of ``period`` should read, by the ledger (every served
+    call of the period, whenever it landed), and the last call (by seq) it holds
+    for each."""
     c = _CALLS
     counts: dict[Counter, int] = {}
+    last: dict[Counter, int] = {}
+
+    def add(key: Counter, amount: int, seq: int) -> None:
+        counts[key] = counts.get(key, 0) + amount
+        last[key] = max(last.get(key, 0), seq)
+
     rows = await conn.execute(
         select(
             c.c.licence_id,
@@ -489,51 +506,25 @@ async def _ledger_counts(conn: AsyncConnection, period: str) -> dict[Counter, in
             c.c.pool,
             func.count(),
             sql_cast(func.sum(c.c.charge_e4), BigInteger),
+            func.max(c.c.seq),
         )
         .where(billable(), c.c.period == period, c.c.pool.in_(("free", "prepaid", "credit")))
         .group_by(c.c.licence_id, c.c.dataset_id, c.c.pool)
     )
-    for licence, dataset, pool, calls, charge in rows:
+    for licence, dataset, pool, calls, charge, seq in rows:
         if pool == "free":
-            key: Counter = ("free", licence, dataset)
-            counts[key] = counts.get(key, 0) + int(calls)
+            add(("free", licence, dataset), int(calls), int(seq))
             continue
-        key = ("paidcalls", licence, dataset)
-        counts[key] = counts.get(key, 0) + int(calls)
+        add(("paidcalls", licence, dataset), int(calls), int(seq))
         if pool == "credit":
-            key = ("credit", licence, "")
-            counts[key] = counts.get(key, 0) + int(charge or 0)
-    return counts
-
-
-async def _last_calls(conn: AsyncConnection, period: str) -> dict[Counter, str]:
-    """The last call (by seq) the ledger holds for each counter of ``period``."""
-    c = _CALLS
-    last = (
-        select(c.c.licence_id, c.c.dataset_id, c.c.pool, func.max(c.c.seq).label("seq"))
-        .where(billable(), c.c.period == period, c.c.pool.in_(("free", "prepaid", "credit")))
-        .group_by(c.c.licence_id, c.c.dataset_id, c.c.pool)
-        .subquery()
-    )
-    rows = await conn.execute(
-        select(last.c.licence_id, last.c.dataset_id, last.c.pool, last.c.seq, c.c.call_id).join(
-            c, c.c.seq == last.c.seq
-        )
-    )
-    found: dict[Counter, tuple[int, str]] = {}
-
-    def keep(key: Counter, seq: int, call_id: str) -> None:
-        if key not in found or found[key][0] < seq:
-            found[key] = (seq, call_id)
-
-    for licence, dataset, pool, seq, call_id in rows:
-        if pool == "free":
-            keep(("free", licence, dataset), int(seq), call_id)
-        else:
-            keep(("paidcalls", licence, dataset), int(seq), call_id)
-            if pool == "credit":
-                keep(("credit", licence, ""), int(seq), call_id)
-    return {key: call_id for key, (_seq, call_id) in found.items()}
+            add(("credit", licence, ""), int(charge or 0), int(seq))
+    ids: dict[int, str] = {}
+    seqs = sorted(set(last.values()))
+    for start in range(0, len(seqs), 1000):
+        chunk = seqs[start : start + 1000]
+        for seq, call_id in await conn.execute(select(c.c.seq, c.c.call_id).where(c.c.seq.in_(chunk))):
+            ids[int(seq)] = call_id
+    return counts, {key: ids[seq] for key, seq in last.items()}
 
 
 def _counter_key(counter: Counter, period: str) -> str:

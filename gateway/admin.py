@@ -254,12 +254,8 @@ async def issue_note_handler(request: web.Request, principal: AdminPrincipal) ->
 
 
 async def list_notes_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
-    wanted = request.match_info["id"]
-    invoice = await get_invoice(request.app[ENGINE], wanted)
-    if invoice is None:
-        raise NotFoundError(f"no invoice {wanted}")
-    _own(principal, invoice["licensee_id"], f"invoice {wanted}")
-    return _json(await list_notes(request.app[ENGINE], invoice_id=wanted))
+    invoice = await _visible_invoice(request, principal)
+    return _json(await list_notes(request.app[ENGINE], invoice_id=invoice["id"]))
 
 
 async def export_billing(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -286,13 +282,18 @@ async def export_billing(request: web.Request, principal: AdminPrincipal) -> web
     )
 
 
-async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+async def _visible_invoice(request: web.Request, principal: AdminPrincipal) -> dict[str, Any]:
+    """The ``{id}`` invoice, if the principal may see it (else 404)."""
     wanted = request.match_info["id"]
     invoice = await get_invoice(request.app[ENGINE], wanted)
     if invoice is None:
         raise NotFoundError(f"no invoice {wanted}")
     _own(principal, invoice["licensee_id"], f"invoice {wanted}")
-    return _json(invoice)
+    return invoice
+
+
+async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json(await _visible_invoice(request, principal))
 
 
 def _licence_action(action: str) -> Handler:

@@ -35,7 +35,7 @@ from licensing.schemas import AdminTokenIn, DatasetIn, RevenueSplit
 from metering.periods import parse_period, period_of, zone
 from storage import migrate
 from storage.db import create_engine, session_factory
-from tests.conftest import Backend, make_settings
+from tests.conftest import Backend, World, make_settings
 from tests.test_audit import PdgRunner, pdg  # noqa: F401  (the fixture)
 from tests.test_ledger import records_of
 from tests.test_quota import StoppedClock
@@ -393,15 +393,24 @@ async def test_pdg_billing_close_and_show(books: Books, tmp_path: Path, pdg: Pdg
 # -- the admin API, over calls made through the gateway ----------------------------------
 
 
-async def test_finance_closes_a_period_of_real_calls_through_the_admin_api(world_factory: Any) -> None:
+async def november_calls(
+    world_factory: Any, calls: int
+) -> tuple[World, StoppedClock, dict[str, Any], dict[str, Any]]:
+    """A gateway whose clock stands in November 2026 and ``calls`` industrial
+    calls of one licence, served and in the ledger: ``(world, clock, dataset, licence)``."""
     world = await world_factory()
     clock = StoppedClock(datetime(2026, 11, 20, 4, 0, tzinfo=UTC))
     world.app[CLOCK].source = clock
     ds, lic, _app, tok = await world.licensed(purpose="industrial")
-    for _ in range(3):
+    for _ in range(calls):
         status, body, _ = await world.call(f"/data/{ds['id']}/records", tok)
         assert status == 200, body
-    await records_of(world, 3)
+    await records_of(world, calls)
+    return world, clock, ds, lic
+
+
+async def test_finance_closes_a_period_of_real_calls_through_the_admin_api(world_factory: Any) -> None:
+    world, clock, ds, lic = await november_calls(world_factory, 3)
     tokens = world.app[ADMIN_TOKENS]
     finance = {"Authorization": f"Bearer {(await tokens.create(AdminTokenIn(role='finance'))).token}"}
     viewer = {"Authorization": f"Bearer {(await tokens.create(AdminTokenIn(role='viewer'))).token}"}

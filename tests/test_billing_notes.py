@@ -22,19 +22,18 @@ from billing.export import CSV_COLUMNS, period_books, render
 from billing.invoices import close_period, get_invoice
 from billing.money import vat_of
 from billing.notes import issue_note, list_notes
-from gateway.state import ADMIN_TOKENS, CLOCK
+from gateway.state import ADMIN_TOKENS
 from licensing.errors import ConflictError, NotFoundError, ValidationFailedError
 from licensing.schemas import AdminTokenIn
 from metering.periods import zone
 from tests.test_audit import PdgRunner, pdg  # noqa: F401  (the fixture)
-from tests.test_billing import AFTER_NOV, GOLDEN, NOV, VAT, Books, books, november  # noqa: F401
-from tests.test_ledger import records_of
-from tests.test_quota import StoppedClock
+from tests.test_billing import AFTER_NOV, GOLDEN, NOV, VAT, Books, books, november, november_calls  # noqa: F401
 
 SHANGHAI = zone("Asia/Shanghai")
 #: A fixed instant in December (Shanghai): notes on November's invoices are issued then.
 IN_DEC = datetime(2026, 12, 3, 2, 0, tzinfo=UTC)
 A, B = "inv-2026-11-lic-a", "inv-2026-11-lic-b"
+PARTS = ("provider_fen", "operator_fen", "public_fund_fen")
 
 
 async def closed_november(books: Books) -> None:  # noqa: F811
@@ -146,8 +145,14 @@ async def test_exports_carry_lines_calls_splits_and_notes(books: Books, tmp_path
     lines = [r for r in rows if r["document"] == "invoice-line"]
     invoices = {r["id"]: r for r in rows if r["document"] == "invoice"}
     expected = [
-        (inv["id"], ln["line_no"], ln["calls"], ln["records"], ln["amount_fen"])
-        + tuple(ln["split"][p] for p in ("provider_fen", "operator_fen", "public_fund_fen"))
+        (
+            inv["id"],
+            ln["line_no"],
+            ln["calls"],
+            ln["records"],
+            ln["amount_fen"],
+            *(ln["split"][p] for p in PARTS),
+        )
         for inv in november_books["invoices"]
         for ln in inv["lines"]
     ]
@@ -173,7 +178,7 @@ async def test_exports_carry_lines_calls_splits_and_notes(books: Books, tmp_path
         ("credit-note", "-5", "-5"),
     ]
     assert notes[1]["reason"].startswith("'=")  # never a formula in a spreadsheet
-    assert sum(int(notes[1][p]) for p in ("provider_fen", "operator_fen", "public_fund_fen")) == -5
+    assert sum(int(notes[1][p]) for p in PARTS) == -5
 
     # XLSX: the same figures as numbers, in three sheets.
     path = tmp_path / "nov.xlsx"
@@ -236,14 +241,7 @@ async def test_pdg_billing_adjust_and_export(books: Books, tmp_path: Path, pdg: 
 
 
 async def test_finance_issues_notes_and_exports_through_the_admin_api(world_factory: Any) -> None:
-    world = await world_factory()
-    clock = StoppedClock(datetime(2026, 11, 20, 4, 0, tzinfo=UTC))
-    world.app[CLOCK].source = clock
-    ds, lic, _app, tok = await world.licensed(purpose="industrial")
-    for _ in range(4):
-        status, body, _ = await world.call(f"/data/{ds['id']}/records", tok)
-        assert status == 200, body
-    await records_of(world, 4)
+    world, clock, _ds, lic = await november_calls(world_factory, 4)
     clock.now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     tokens = world.app[ADMIN_TOKENS]
 

@@ -123,6 +123,10 @@ async def test_a_clean_period_reconciles_and_says_so(month: Month, pdg: PdgRunne
     status, body = await month.reconciliation()
     assert (status, body["code"]) == (409, "conflict"), body  # not closed yet
     assert "is not closed" in body["detail"]
+    run = await pdg("billing", "reconcile", "2026-11", "--config", str(month.config))
+    run.one_line_error("period 2026-11 is not closed: close it first")
+    run = await pdg("billing", "reconcile", "2026-11", "--limit", "0", "--config", str(month.config))
+    run.one_line_error("--limit must be at least 1")
     closed = await close(month)
     by_licensee = {inv["licensee_id"]: inv for inv in closed["invoices"]}
     a = next(inv for inv in closed["invoices"] if len(inv["lines"]) == 2)

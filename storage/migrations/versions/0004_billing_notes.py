@@ -1,6 +1,11 @@
-"""billing notes: credit and debit notes correcting closed invoices
+"""billing notes: credit and debit notes correcting closed invoices; a lighter invoice_calls
 
-Append-only, as the rest of billing: triggers refuse UPDATE and DELETE.
+``billing_notes`` is append-only, as the rest of billing: triggers refuse UPDATE
+and DELETE. ``invoice_calls`` (a row per billed call, a million a month) loses
+its foreign key to ``invoices`` and its index on ``invoice_id``: the row-by-row
+key check and the index made up most of a close's time, and reconciliation reads
+a period's billed calls by ``seq`` range: ``billing_closes.first_seq`` (the
+smallest seq a close billed; 0 for closes made before it, read from the start).
 
 Revision ID: 0004
 Revises: 0003
@@ -20,7 +25,34 @@ depends_on = None
 _TABLE = "billing_notes"
 
 
+def _guard(table: str, postgres: bool) -> None:
+    """The append-only triggers of revision 0003 (its function on PostgreSQL)."""
+    if postgres:
+        op.execute(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION pdg_billing_append_only()"
+        )
+        return
+    for action in ("UPDATE", "DELETE"):
+        op.execute(
+            f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+            "BEGIN SELECT RAISE(ABORT, 'closed billing is append-only'); END"
+        )
+
+
 def upgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    # On SQLite the batch copies the table into a new one, which has no triggers.
+    with op.batch_alter_table("invoice_calls", schema=None) as batch_op:
+        batch_op.drop_index("ix_invoice_calls_invoice_seq")
+        batch_op.drop_constraint("fk_invoice_calls_invoice_id_invoices", type_="foreignkey")
+    if not postgres:
+        _guard("invoice_calls", postgres)
+    # ALTER TABLE ... ADD COLUMN on both backends (a batch would copy the table
+    # on SQLite, and the copy would have no triggers).
+    op.add_column(
+        "billing_closes", sa.Column("first_seq", sa.BigInteger(), server_default=sa.text("0"), nullable=False)
+    )
     op.create_table(
         _TABLE,
         sa.Column("id", sa.String(length=120), nullable=False),
@@ -48,22 +80,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table(_TABLE, schema=None) as batch_op:
         batch_op.create_index("ix_billing_notes_period", ["period"], unique=False)
-    if op.get_bind().dialect.name == "postgresql":
-        # pdg_billing_append_only() is revision 0003's.
-        op.execute(
-            f"CREATE TRIGGER {_TABLE}_append_only BEFORE UPDATE OR DELETE ON {_TABLE} "
-            "FOR EACH ROW EXECUTE FUNCTION pdg_billing_append_only()"
-        )
-        return
-    for action in ("UPDATE", "DELETE"):
-        op.execute(
-            f"CREATE TRIGGER {_TABLE}_no_{action.lower()} BEFORE {action} ON {_TABLE} "
-            "BEGIN SELECT RAISE(ABORT, 'closed billing is append-only'); END"
-        )
+    _guard(_TABLE, postgres)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
         op.execute(f"DROP TRIGGER IF EXISTS {_TABLE}_append_only ON {_TABLE}")
     else:
         op.execute(f"DROP TRIGGER IF EXISTS {_TABLE}_no_update")
@@ -71,3 +93,14 @@ def downgrade() -> None:
     with op.batch_alter_table(_TABLE, schema=None) as batch_op:
         batch_op.drop_index("ix_billing_notes_period")
     op.drop_table(_TABLE)
+    with op.batch_alter_table("billing_closes", schema=None) as batch_op:
+        batch_op.drop_column("first_seq")
+    if not postgres:
+        _guard("billing_closes", postgres)
+    with op.batch_alter_table("invoice_calls", schema=None) as batch_op:
+        batch_op.create_foreign_key(
+            "fk_invoice_calls_invoice_id_invoices", "invoices", ["invoice_id"], ["id"]
+        )
+        batch_op.create_index("ix_invoice_calls_invoice_seq", ["invoice_id", "seq"], unique=False)
+    if not postgres:
+        _guard("invoice_calls", postgres)
