@@ -136,6 +136,15 @@ class Books:
     backend: Backend
     n: int = 0
 
+    def config(self, tmp_path: Path) -> Path:
+        """A ``pdg.toml`` for the CLI over this database."""
+        path = tmp_path / "pdg.toml"
+        path.write_text(
+            f'data_dir = "{tmp_path / "data"}"\n[storage]\ndatabase_url = "{self.backend.database_url}"\n',
+            encoding="utf-8",
+        )
+        return path
+
     async def calls(self, *specs: tuple[str, str, str, str, int, int, datetime]) -> None:
         """Append records: (licensee, dataset, purpose, outcome, charge_e4, records, time)."""
         records = []
@@ -360,11 +369,7 @@ async def test_closed_invoices_are_append_only(books: Books) -> None:
 
 async def test_pdg_billing_close_and_show(books: Books, tmp_path: Path, pdg: PdgRunner) -> None:  # noqa: F811
     await november(books)
-    config = tmp_path / "pdg.toml"
-    config.write_text(
-        f'data_dir = "{tmp_path / "data"}"\n[storage]\ndatabase_url = "{books.backend.database_url}"\n',
-        encoding="utf-8",
-    )
+    config = books.config(tmp_path)
     run = await pdg("billing", "close", "2026-11", "--config", str(config), "--json")
     assert run.code == 0, run
     closed = run.json()

@@ -203,12 +203,7 @@ async def test_exports_carry_lines_calls_splits_and_notes(books: Books, tmp_path
 
 async def test_pdg_billing_adjust_and_export(books: Books, tmp_path: Path, pdg: PdgRunner) -> None:  # noqa: F811
     await closed_november(books)
-    config = tmp_path / "pdg.toml"
-    config.write_text(
-        f'data_dir = "{tmp_path / "data"}"\n[storage]\ndatabase_url = "{books.backend.database_url}"\n',
-        encoding="utf-8",
-    )
-    cfg = ("--config", str(config))
+    cfg = ("--config", str(books.config(tmp_path)))
     run = await pdg("billing", "adjust", B, "--credit", "5", "--reason", "call refunded", *cfg)
     assert run.code == 0, run
     assert "credit note cn-2026-11-lic-b-1 issued" in run.out
