@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.invoices import list_invoices
 from billing.models import BillingCloseRow
 from billing.notes import CREDIT, list_notes
+from licensing.errors import NotFoundError
 
 FORMAT: Final = "pdg.billing-export.v1"
 FORMATS: Final = ("csv", "json", "xlsx")
@@ -58,10 +59,8 @@ INVOICE_COLUMNS: Final = (
     "total_fen",
     "content_hash",
 )
-LINE_COLUMNS: Final = (
-    "invoice_id",
-    "licensee_id",
-    "period",
+#: A line's own fields, as the invoice holds them.
+_LINE_FIELDS: Final = (
     "line_no",
     "dataset",
     "purpose",
@@ -71,6 +70,12 @@ LINE_COLUMNS: Final = (
     "records",
     "charge_fen",
     "amount_fen",
+)
+LINE_COLUMNS: Final = (
+    "invoice_id",
+    "licensee_id",
+    "period",
+    *_LINE_FIELDS,
     "provider_fen",
     "operator_fen",
     "public_fund_fen",
@@ -112,15 +117,20 @@ _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
 async def period_books(engine: AsyncEngine, period: str, *, licensee_id: str | None = None) -> dict[str, Any]:
-    """A period's invoices and the notes issued in it (one licensee's, if given)."""
+    """A period's invoices and the notes issued in it (one licensee's, if
+    given); NotFoundError when there are neither."""
     async with engine.connect() as conn:
         closed = await conn.scalar(select(BillingCloseRow.period).where(BillingCloseRow.period == period))
+    invoices = await list_invoices(engine, period=period, licensee_id=licensee_id)
+    notes = await list_notes(engine, period=period, licensee_id=licensee_id)
+    if not invoices and not notes:
+        raise NotFoundError(f"no invoices or notes for {period} (is the period closed?)")
     return {
         "format": FORMAT,
         "period": period,
         "closed": closed is not None,
-        "invoices": await list_invoices(engine, period=period, licensee_id=licensee_id),
-        "notes": await list_notes(engine, period=period, licensee_id=licensee_id),
+        "invoices": invoices,
+        "notes": notes,
     }
 
 
@@ -128,32 +138,22 @@ def invoice_rows(books: dict[str, Any]) -> list[dict[str, Any]]:
     return [{name: inv[name] for name in INVOICE_COLUMNS} for inv in books["invoices"]]
 
 
+def _line_row(inv: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
+    shares = line["revenue_split"]
+    return {
+        "invoice_id": inv["id"],
+        "licensee_id": inv["licensee_id"],
+        "period": inv["period"],
+        **{name: line[name] for name in _LINE_FIELDS},
+        **line["split"],
+        "provider_share": shares["provider"],
+        "operator_share": shares["operator"],
+        "public_fund_share": shares["public_fund"],
+    }
+
+
 def line_rows(books: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for inv in books["invoices"]:
-        for line in inv["lines"]:
-            shares = line["revenue_split"]
-            rows.append(
-                {
-                    "invoice_id": inv["id"],
-                    "licensee_id": inv["licensee_id"],
-                    "period": inv["period"],
-                    "line_no": line["line_no"],
-                    "dataset": line["dataset"],
-                    "purpose": line["purpose"],
-                    "kind": line["kind"],
-                    "usage_period": line["usage_period"],
-                    "calls": line["calls"],
-                    "records": line["records"],
-                    "charge_fen": line["charge_fen"],
-                    "amount_fen": line["amount_fen"],
-                    **line["split"],
-                    "provider_share": shares["provider"],
-                    "operator_share": shares["operator"],
-                    "public_fund_share": shares["public_fund"],
-                }
-            )
-    return rows
+    return [_line_row(inv, line) for inv in books["invoices"] for line in inv["lines"]]
 
 
 def note_rows(books: dict[str, Any]) -> list[dict[str, Any]]:
@@ -184,12 +184,10 @@ def to_csv(books: dict[str, Any]) -> bytes:
     out = io.StringIO(newline="")
     writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
-    lines_of: dict[str, list[dict[str, Any]]] = {}
-    for line in line_rows(books):
-        lines_of.setdefault(line["invoice_id"], []).append(line)
     for inv in books["invoices"]:
-        for line in lines_of.get(inv["id"], []):
-            writer.writerow({"document": "invoice-line", "id": f"{inv['id']}#{line['line_no']}", **line})
+        for line in inv["lines"]:
+            row = _line_row(inv, line)
+            writer.writerow({"document": "invoice-line", "id": f"{inv['id']}#{line['line_no']}", **row})
         writer.writerow(
             {
                 "document": "invoice",

@@ -108,6 +108,11 @@ def e4_text(amount_e4: int) -> str:
     return f"{sign}{amount // E4}.{amount % E4:04d}"
 
 
+def e4_of(fen_text: str) -> int:
+    """The inverse of :func:`e4_text`: ``"12.3456"`` -> 123456 (exact)."""
+    return int(Decimal(fen_text) * E4)
+
+
 def _fraction(basis_points: int) -> str:
     return str((Decimal(basis_points) / E4).normalize())
 
@@ -307,7 +312,7 @@ async def _close(
                 "usage_period": line["usage_period"],
                 "calls": line["calls"],
                 "records": line["records"],
-                "charge_e4": int(Decimal(line["charge_fen"]) * E4),
+                "charge_e4": e4_of(line["charge_fen"]),
                 "amount_fen": line["amount_fen"],
                 "provider_fen": line["split"]["provider_fen"],
                 "operator_fen": line["split"]["operator_fen"],

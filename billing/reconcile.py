@@ -61,7 +61,6 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Final, cast
 
 import orjson
@@ -70,9 +69,8 @@ from sqlalchemy import BigInteger, Table, and_, func, not_, or_, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing.invoices import billable, canonical
+from billing.invoices import billable, e4_of
 from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
-from billing.money import E4
 from ledger import audit
 from ledger.audit.common import _snapshot
 from ledger.log import LOG
@@ -379,13 +377,13 @@ async def _check_invoices(
 ) -> tuple[int, int]:
     """Each invoice's content against its hash and its rows; the calls of what differs."""
     invoices = (await conn.execute(select(_INVOICES).where(_INVOICES.c.period == period))).all()
-    line_rows: dict[tuple[str, int], Any] = {}
+    line_rows: dict[str, dict[int, Any]] = {}
     for r in await conn.execute(
         select(_LINES)
         .select_from(_LINES.join(_INVOICES, _INVOICES.c.id == _LINES.c.invoice_id))
         .where(_INVOICES.c.period == period)
     ):
-        line_rows[(r.invoice_id, int(r.line_no))] = r
+        line_rows.setdefault(r.invoice_id, {})[int(r.line_no)] = r
     lines = 0
     for inv in sorted(invoices, key=lambda r: r.id):
         try:
@@ -399,12 +397,13 @@ async def _check_invoices(
                     call_id, INVOICE_ALTERED, f"billed on {inv.id}, which {said}", seq=seq, invoice_id=inv.id
                 )
             continue
+        rows = line_rows.get(inv.id, {})
         numbers = set()
         for line in content.get("lines", []):
             lines += 1
             number = int(line["line_no"])
             numbers.add(number)
-            row = line_rows.get((inv.id, number))
+            row = rows.get(number)
             line_said = _line_said(row, line)
             if line_said:
                 for call_id, seq in await _calls_of(conn, billed_range, inv.id, line):
@@ -416,22 +415,19 @@ async def _check_invoices(
                         invoice_id=inv.id,
                         line_no=number,
                     )
-        for inv_id, number in sorted(line_rows):
-            if inv_id == inv.id and number not in numbers:
-                found.add(
-                    None,
-                    LINE_ALTERED,
-                    f"{inv.id} has a line row {number} its content does not hold",
-                    invoice_id=inv.id,
-                    line_no=number,
-                )
+        for number in sorted(rows.keys() - numbers):
+            found.add(
+                None,
+                LINE_ALTERED,
+                f"{inv.id} has a line row {number} its content does not hold",
+                invoice_id=inv.id,
+                line_no=number,
+            )
     return len(invoices), lines
 
 
 def _invoice_said(row: Any, content: dict[str, Any]) -> str:
-    if not content or hashlib.sha256(canonical(content)).hexdigest() != row.content_hash:
-        return "no longer hashes to its content_hash"
-    if hashlib.sha256(row.content.encode()).hexdigest() != row.content_hash:
+    if not content or hashlib.sha256(row.content.encode()).hexdigest() != row.content_hash:
         return "no longer hashes to its content_hash"
     wrong = [name for name in _INVOICE_FIELDS if str(getattr(row, name)) != str(content.get(name))]
     if row.id != content.get("id"):
@@ -449,7 +445,7 @@ def _line_said(row: Any, line: dict[str, Any]) -> str:
         for part in ("provider_fen", "operator_fen", "public_fund_fen")
         if getattr(row, part) != split[part]
     ]
-    if int(row.charge_e4) != int(Decimal(line["charge_fen"]) * E4):
+    if int(row.charge_e4) != e4_of(line["charge_fen"]):
         wrong.append("charge_e4")
     if not wrong:
         return ""

@@ -49,7 +49,7 @@ from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
 from storage import migrate
 from storage.db import create_engine, session_factory
-from storage.redis import COMMAND_TIMEOUT, RedisClient, redis_for
+from storage.redis import COMMAND_TIMEOUT, RedisClient, deployment_redis
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    async with redis_for(
-        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
-    ) as client:
+    async with deployment_redis(settings) as client:
         app[REDIS] = client
         quota = QuotaBatcher(client)
         app[QUOTA] = quota

@@ -100,21 +100,19 @@ async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
-    from billing.invoices import get_invoice, list_invoices
+    from billing.export import period_books
+    from billing.invoices import get_invoice
     from billing.notes import list_notes
 
     async with migrated_engine(settings) as engine:
         if _PERIOD.match(args.what):
             name = _period(settings, args.what).name
-            invoices = await list_invoices(engine, period=name, licensee_id=args.licensee)
-            notes = await list_notes(engine, period=name, licensee_id=args.licensee)
-            if not invoices and not notes:
-                raise NotFoundError(f"no invoices or notes for {args.what} (is the period closed?)")
-            parts = [statement(inv) for inv in invoices]
-            if notes:
-                parts.append(f"notes issued in {name}:\n" + "\n".join(note_line(n) for n in notes))
+            books = await period_books(engine, name, licensee_id=args.licensee)
+            parts = [statement(inv) for inv in books["invoices"]]
+            if books["notes"]:
+                parts.append(f"notes issued in {name}:\n" + "\n".join(note_line(n) for n in books["notes"]))
             # --json: the invoices, as the admin API lists them (notes: billing export --format json).
-            emit(args, invoices, "\n\n".join(parts))
+            emit(args, books["invoices"], "\n\n".join(parts))
             return 0
         invoice = await get_invoice(engine, args.what)
         notes = await list_notes(engine, invoice_id=args.what) if invoice is not None else []
@@ -172,19 +170,17 @@ async def billing_export(args: argparse.Namespace, settings: Settings) -> int:
     import sys
     from pathlib import Path
 
-    from billing.export import period_books, render
+    from billing.export import FORMATS, period_books, render
     from ledger.audit.common import atomic_write
 
     name = _period(settings, args.period).name
     fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "csv")
-    if fmt not in ("csv", "json", "xlsx"):
+    if fmt not in FORMATS:
         raise BadRequestError(f"--format is csv, json or xlsx, not {fmt!r}")
     if fmt == "xlsx" and not args.output:
         raise BadRequestError("an XLSX export needs --output FILE")
     async with migrated_engine(settings) as engine:
         books = await period_books(engine, name, licensee_id=args.licensee)
-    if not books["invoices"] and not books["notes"]:
-        raise NotFoundError(f"no invoices or notes for {name} (is the period closed?)")
     data = render(books, fmt)
     if not args.output:
         sys.stdout.buffer.write(data)
@@ -206,7 +202,7 @@ async def billing_reconcile(args: argparse.Namespace, settings: Settings) -> int
     from billing.reconcile import reconcile
     from gateway.cli_audit import _file_keys
     from metering.quota import QuotaStoreError
-    from storage.redis import redis_for
+    from storage.redis import deployment_redis
 
     period = _period(settings, args.period)
     if args.limit is not None and args.limit < 1:
@@ -214,9 +210,7 @@ async def billing_reconcile(args: argparse.Namespace, settings: Settings) -> int
     keys = _file_keys(settings, args)
     async with (
         migrated_engine(settings) as engine,
-        redis_for(
-            settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
-        ) as client,
+        deployment_redis(settings) as client,
     ):
         with progress_bar(f"reconciling {period.name}") as progress:
             try:

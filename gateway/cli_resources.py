@@ -359,7 +359,7 @@ async def usage(args: argparse.Namespace, settings: Settings) -> int:
     from metering.quota import QuotaStoreError
     from metering.usage import usage_report
     from storage.db import create_engine, session_factory, utcnow
-    from storage.redis import redis_for
+    from storage.redis import deployment_redis
 
     tz = zone(settings.billing.time_zone)
     try:
@@ -371,9 +371,7 @@ async def usage(args: argparse.Namespace, settings: Settings) -> int:
         catalogue = await load_catalogue(session_factory(engine))
     finally:
         await engine.dispose()
-    async with redis_for(
-        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
-    ) as client:
+    async with deployment_redis(settings) as client:
         try:
             rows = await usage_report(
                 client,

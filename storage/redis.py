@@ -26,7 +26,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from config.settings import ConfigurationError
+from config.settings import ConfigurationError, Settings
 
 PERSISTENCE = {
     "appendonly": "yes",
@@ -221,6 +221,13 @@ async def execute_raw(client: aioredis.Redis, commands: Sequence[Sequence[Any]])
     finally:
         await pool.release(connection)
     return replies
+
+
+def deployment_redis(settings: Settings) -> contextlib.AbstractAsyncContextManager[RedisClient]:
+    """The deployment's Redis (``storage.redis_url``), or its embedded server."""
+    return redis_for(
+        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+    )
 
 
 @contextlib.asynccontextmanager
