@@ -183,6 +183,19 @@ DATASET_COLUMNS = (
 )
 
 
+def _operation_flags(p: argparse.ArgumentParser, what: str, *, granted: bool = False) -> None:
+    p.add_argument(
+        "--method", action="append", default=[], type=str.upper, help=f"an HTTP method {what} repeatable"
+    )
+    example = "DATASET/stations/*" if granted else "stations/*"
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        help=f"a path pattern {what} repeatable: e.g. {example} ('*' one segment, a last '**' any rest)",
+    )
+
+
 def _split(value: str) -> dict[str, str]:
     parts = value.split(",")
     if len(parts) != 3:
@@ -217,6 +230,10 @@ def _dataset_payload(args: argparse.Namespace) -> dict[str, Any]:
             "split": "revenue_split",
             "timeout": "timeout_seconds",
             "description": "description",
+            "method": "methods",
+            "path": "paths",
+            "max_response_bytes": "max_response_bytes",
+            "max_records_per_call": "max_records_per_call",
         },
     )
     price = dict(data.get("price") or {})
@@ -312,6 +329,8 @@ async def licence_create(args: argparse.Namespace, settings: Settings) -> int:
             "security_officer": "security_officer",
             "conditions": "conditions",
             "free_monthly_calls": "free_monthly_calls",
+            "method": "methods",
+            "path": "paths",
         },
     )
     if args.prepaid_calls is not None:
@@ -336,6 +355,8 @@ async def licence_update(args: argparse.Namespace, settings: Settings) -> int:
             "security_officer": "security_officer",
             "conditions": "conditions",
             "free_monthly_calls": "free_monthly_calls",
+            "method": "methods",
+            "path": "paths",
         },
     )
     if args.prepaid_calls is not None or args.credit_limit_fen is not None:
@@ -573,6 +594,11 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("--burst-capacity", type=int)
         p.add_argument("--timeout", type=float, help="upstream timeout in seconds")
         p.add_argument("--description")
+        _operation_flags(p, "the dataset serves")
+        p.add_argument("--max-response-bytes", type=int, help="largest response relayed")
+        p.add_argument(
+            "--max-records-per-call", type=int, help="most records a call may return (required if priced)"
+        )
     command(datasets, "list", "list datasets", dataset_list)
     command(datasets, "show", "show a dataset", dataset_show, "dataset_id")
 
@@ -601,6 +627,7 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
     p.add_argument("--prepaid-calls", type=int)
     p.add_argument("--credit-limit-fen", type=int)
+    _operation_flags(p, "the licence allows (narrowing its datasets'),", granted=True)
     p = command(
         licences, "update", "change a licence's grant or terms (top-ups)", licence_update, "licence_id"
     )
@@ -614,6 +641,7 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
     p.add_argument("--prepaid-calls", type=int, help="the new prepaid balance limit (a top-up raises it)")
     p.add_argument("--credit-limit-fen", type=int, help="the new monthly credit limit")
+    _operation_flags(p, "the licence allows (narrowing its datasets'),", granted=True)
     p = command(licences, "list", "list licences", licence_list)
     p.add_argument("--licensee")
     command(licences, "show", "show a licence", licence_show, "licence_id")

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -59,6 +59,14 @@ class DatasetView:
     burst_per_second: float
     burst_capacity: int
     timeout_seconds: float | None
+    #: The methods served (upper case).
+    methods: frozenset[str] = frozenset({"GET", "HEAD"})
+    #: Path patterns served, as segment tuples (empty: every path).
+    paths: tuple[tuple[str, ...], ...] = ()
+    #: The largest response relayed (``None``: the settings' default).
+    max_response_bytes: int | None = None
+    #: The most records one call may return (``None``: unbounded; records not priced).
+    max_records_per_call: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,10 @@ class LicenceView:
     free_monthly_calls: int | None
     paid_credit_limit_fen: int | None
     paid_prepaid_calls: int | None
+    #: Narrowing of every granted dataset's methods (``None``: theirs).
+    methods: frozenset[str] | None = None
+    #: Narrowing of datasets' paths, by dataset id, as segment tuples.
+    paths: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
     def effective_status(self, now: datetime) -> str:
         """``active``, ``suspended``, ``revoked``, ``expired`` or ``not-yet-valid``."""
@@ -185,6 +197,10 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         burst_per_second=row.burst_per_second,
         burst_capacity=row.burst_capacity,
         timeout_seconds=row.timeout_seconds,
+        methods=frozenset(row.methods),
+        paths=tuple(tuple(p.split("/")) for p in row.paths),
+        max_response_bytes=row.max_response_bytes,
+        max_records_per_call=row.max_records_per_call,
     )
 
 
@@ -202,7 +218,18 @@ def _licence_view(row: LicenceRow) -> LicenceView:
         free_monthly_calls=row.free_monthly_calls,
         paid_credit_limit_fen=row.paid_credit_limit_fen,
         paid_prepaid_calls=row.paid_prepaid_calls,
+        methods=frozenset(row.methods) if row.methods is not None else None,
+        paths=_granted_paths(row.paths or ()),
     )
+
+
+def _granted_paths(patterns: Iterable[str]) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """``["{dataset}/{pattern}", ...]`` by dataset, each pattern as its segments."""
+    by_dataset: dict[str, list[tuple[str, ...]]] = {}
+    for pattern in patterns:
+        dataset, _, rest = pattern.partition("/")
+        by_dataset.setdefault(dataset, []).append(tuple(rest.split("/")))
+    return {dataset: tuple(found) for dataset, found in by_dataset.items()}
 
 
 def _app_view(row: AppRow) -> AppView:

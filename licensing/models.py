@@ -37,6 +37,12 @@ class DatasetRow(Base):
     burst_capacity: Mapped[int] = mapped_column(Integer)
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
+    #: The methods served, e.g. ``["GET", "HEAD"]``.
+    methods: Mapped[list[str]] = mapped_column(JSON)
+    #: Path patterns served (``[]``: every path).
+    paths: Mapped[list[str]] = mapped_column(JSON)
+    max_response_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_records_per_call: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -67,6 +73,10 @@ class LicenceRow(Base):
     free_monthly_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     paid_credit_limit_fen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     paid_prepaid_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: Narrowing of every granted dataset's methods (``None``: theirs).
+    methods: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    #: Narrowing of datasets' paths: ``["{dataset}/{pattern}", ...]`` (``None``: theirs).
+    paths: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

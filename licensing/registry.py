@@ -74,6 +74,10 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         burst=schemas.Burst(per_second=row.burst_per_second, capacity=row.burst_capacity),
         timeout_seconds=row.timeout_seconds,
         description=row.description,
+        methods=list(row.methods),
+        paths=list(row.paths),
+        max_response_bytes=row.max_response_bytes,
+        max_records_per_call=row.max_records_per_call,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -84,8 +88,12 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
     for name in ("name", "provider", "classification", "open_class", "free_monthly_calls", "description"):
         if name in fields and getattr(data, name) is not None:
             setattr(row, name, getattr(data, name))
-    if "timeout_seconds" in fields:
-        row.timeout_seconds = data.timeout_seconds
+    for name in ("timeout_seconds", "max_response_bytes", "max_records_per_call"):
+        if name in fields:
+            setattr(row, name, getattr(data, name))
+    for name in ("methods", "paths"):
+        if name in fields and getattr(data, name) is not None:
+            setattr(row, name, list(getattr(data, name)))
     if "upstream_url" in fields and data.upstream_url is not None:
         row.upstream_url = str(data.upstream_url).rstrip("/")
     if "price" in fields and data.price is not None:
@@ -98,6 +106,8 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
         row.split_provider, row.split_operator, row.split_public_fund = data.revenue_split.basis_points()
     if "burst" in fields and data.burst is not None:
         row.burst_per_second, row.burst_capacity = data.burst.per_second, data.burst.capacity
+    if row.per_record_e4 > 0 and row.max_records_per_call is None:
+        raise ValidationFailedError("max_records_per_call", schemas.RECORDS_UNBOUNDED)
 
 
 def licensee_out(row: LicenseeRow) -> schemas.Licensee:
@@ -126,6 +136,8 @@ def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence
         conditions=row.conditions,
         free_monthly_calls=row.free_monthly_calls,
         paid=paid,
+        methods=row.methods,  # type: ignore[arg-type]
+        paths=row.paths,
         status=status,  # type: ignore[arg-type]
         stored_status=row.status,  # type: ignore[arg-type]
         created_at=row.created_at,
@@ -261,6 +273,8 @@ class Registry:
                 free_monthly_calls=data.free_monthly_calls,
                 paid_credit_limit_fen=data.paid.credit_limit_fen if data.paid else None,
                 paid_prepaid_calls=data.paid.prepaid_calls if data.paid else None,
+                methods=data.methods,
+                paths=data.paths,
             )
             if await session.get(LicenceRow, row.id) is not None:
                 raise ConflictError(f"licence {row.id} already exists")
@@ -301,7 +315,14 @@ class Registry:
             valid_until = patch.valid_until if "valid_until" in fields else None
             if valid_until is not None and valid_until <= row.valid_from:
                 raise ValidationFailedError("valid_until", "valid_until must be after valid_from")
-            for name in ("max_classification", "security_officer", "conditions", "free_monthly_calls"):
+            for name in (
+                "max_classification",
+                "security_officer",
+                "conditions",
+                "free_monthly_calls",
+                "methods",
+                "paths",
+            ):
                 if name in fields:
                     setattr(row, name, getattr(patch, name))
             if patch.datasets is not None:

@@ -156,6 +156,66 @@ class RevenueSplit(_Model):
         return fen_to_e4(self.provider), fen_to_e4(self.operator), fen_to_e4(self.public_fund)
 
 
+#: The methods a dataset may declare (RFC 9110 §9); CONNECT and TRACE are never relayed.
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+DEFAULT_METHODS: tuple[str, ...] = ("GET", "HEAD")
+#: One segment of a path pattern: literal characters (RFC 3986 unreserved and
+#: sub-delimiters, ``:`` ``@``, percent-escapes), or ``*`` (any one segment),
+#: or, last, ``**`` (any rest, also none).
+_PATTERN_SEGMENT = r"(\*\*?|[A-Za-z0-9._~!$&'()+,;=:@%-]+)"
+#: A path pattern relative to the dataset's upstream base, e.g. ``stations/*``,
+#: ``observations``, ``archive/**``.
+PathPattern = Annotated[
+    str,
+    Field(
+        pattern=rf"^{_PATTERN_SEGMENT}(/{_PATTERN_SEGMENT})*$",
+        max_length=512,
+        examples=["stations/*", "observations", "archive/**"],
+    ),
+]
+#: A licence's path pattern: ``{dataset id}/{pattern}``.
+GrantedPathPattern = Annotated[
+    str,
+    Field(
+        pattern=rf"^[a-z0-9][a-z0-9._-]{{0,63}}/{_PATTERN_SEGMENT}(/{_PATTERN_SEGMENT})*$",
+        max_length=580,
+        examples=["weather-obs/stations/*"],
+    ),
+]
+MAX_RESPONSE_BYTES = 2**40
+MAX_RECORDS_PER_CALL = 10**9
+
+
+def _distinct_methods(methods: list[str] | None) -> list[str] | None:
+    if methods is not None and len(set(methods)) != len(methods):
+        raise ValueError("methods must not repeat")
+    return methods
+
+
+def _check_patterns(patterns: list[str] | None) -> list[str] | None:
+    for pattern in patterns or ():
+        segments = pattern.split("/")
+        if "**" in segments[:-1]:
+            raise ValueError(f"{pattern!r}: '**' may only be the last segment")
+        if any(s in (".", "..") for s in segments):
+            raise ValueError(f"{pattern!r}: no dot segments")
+    if patterns is not None and len(set(patterns)) != len(patterns):
+        raise ValueError("path patterns must not repeat")
+    return patterns
+
+
+def _check_granted(patterns: list[str]) -> list[str]:
+    _check_patterns([p.split("/", 1)[1] for p in patterns])
+    if len(set(patterns)) != len(patterns):
+        raise ValueError("path patterns must not repeat")
+    return patterns
+
+
+Methods = Annotated[list[Method], Field(min_length=1, max_length=7), AfterValidator(_distinct_methods)]
+PathPatterns = Annotated[list[PathPattern], Field(max_length=200), AfterValidator(_check_patterns)]
+GrantedPaths = Annotated[list[GrantedPathPattern], Field(max_length=1000), AfterValidator(_check_granted)]
+
+
 class Burst(_Model):
     per_second: float = Field(100.0, gt=0, le=1_000_000, strict=True)
     capacity: int = Field(100, ge=1, le=10_000_000, strict=True)
@@ -176,6 +236,42 @@ class DatasetIn(_Model):
         None, gt=0, le=600, strict=True, description="upstream timeout; default from settings"
     )
     description: str = Field("", max_length=4000)
+    methods: Methods = Field(
+        default_factory=lambda: list(DEFAULT_METHODS),  # type: ignore[arg-type]
+        description="the HTTP methods the dataset serves; any other is refused (405) and never forwarded",
+    )
+    paths: PathPatterns = Field(
+        default_factory=list,
+        description="path patterns the dataset serves ('*' one segment, a last '**' any rest); "
+        "empty: every path; any other path is refused (404 unknown-operation)",
+    )
+    max_response_bytes: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RESPONSE_BYTES,
+        strict=True,
+        description="largest response relayed; default from settings (proxy.max_response_bytes)",
+    )
+    max_records_per_call: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RECORDS_PER_CALL,
+        strict=True,
+        validate_default=True,
+        description="most records one call may return; required when records are priced (a credit "
+        "reservation holds a call's worst case); a response over it is cut and never charged",
+    )
+
+    @field_validator("max_records_per_call")
+    @classmethod
+    def _records_bounded(cls, value: int | None, info: ValidationInfo) -> int | None:
+        price = info.data.get("price")
+        if value is None and price is not None and fen_to_e4(price.per_record_fen) > 0:
+            raise ValueError(RECORDS_UNBOUNDED)
+        return value
+
+
+RECORDS_UNBOUNDED = "required when price.per_record_fen is above 0"
 
 
 class DatasetPatch(_Model):
@@ -193,6 +289,17 @@ class DatasetPatch(_Model):
     burst: Burst | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     description: str | None = Field(None, max_length=4000)
+    methods: Methods | None = None
+    paths: PathPatterns | None = None
+    max_response_bytes: int | None = Field(None, ge=1, le=MAX_RESPONSE_BYTES, strict=True)
+    max_records_per_call: int | None = Field(None, ge=1, le=MAX_RECORDS_PER_CALL, strict=True)
+
+    @model_validator(mode="after")
+    def _required_stay(self) -> DatasetPatch:
+        for name in ("methods", "paths"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be cleared")
+        return self
 
 
 class Dataset(DatasetIn):
@@ -244,6 +351,14 @@ class LicenceIn(_Model):
     conditions: str = Field("", max_length=4000)
     free_monthly_calls: int | None = Field(None, ge=0, le=10**12, strict=True)
     paid: Paid | None = None
+    methods: Methods | None = Field(
+        None, description="narrows the methods of every granted dataset; null: the datasets' own"
+    )
+    paths: GrantedPaths | None = Field(
+        None,
+        description="narrows a dataset's paths: '{dataset}/{pattern}'; a dataset named here is served "
+        "only on its listed patterns (and its own); null: the datasets' own",
+    )
 
     @field_validator("purposes")
     @classmethod
@@ -276,6 +391,8 @@ class LicencePatch(_Model):
     conditions: str | None = Field(None, max_length=4000)
     free_monthly_calls: int | None = Field(None, ge=0, le=10**12, strict=True)
     paid: Paid | None = None
+    methods: Methods | None = None
+    paths: GrantedPaths | None = None
 
     @field_validator("purposes")
     @classmethod

@@ -102,6 +102,7 @@ def dataset_payload(world: World, dataset_id: str, **fields: Any) -> dict[str, A
         },
         "revenue_split": {"provider": "0.3333", "operator": "0.3333", "public_fund": "0.3334"},
         "burst": {"per_second": 50, "capacity": 20},
+        "max_records_per_call": 1000,
     }
     payload.update(fields)
     return payload
@@ -146,6 +147,9 @@ async def test_dataset_create_get_list_and_patch(world: World) -> None:
     }
     assert created["revenue_split"] == {"provider": "0.3333", "operator": "0.3333", "public_fund": "0.3334"}
     assert created["burst"] == {"per_second": 50, "capacity": 20}
+    # Operations default to reading; records priced come with their bound.
+    assert (created["methods"], created["paths"]) == (["GET", "HEAD"], [])
+    assert (created["max_records_per_call"], created["max_response_bytes"]) == (1000, None)
     for stamp in ("created_at", "updated_at"):
         assert created[stamp].endswith(("Z", "+00:00"))
 
@@ -183,6 +187,18 @@ async def test_dataset_create_get_list_and_patch(world: World) -> None:
     assert patched["revenue_split"] == {"provider": "1", "operator": "0", "public_fund": "0"}
     assert patched["name"] == "Registry v2"
     assert patched["open_class"] == "conditional"
+    # Records stay priced, so their bound may not go.
+    status, problem, _ = await request(
+        world, "PATCH", "/datasets/ent-registry", {"max_records_per_call": None}
+    )
+    assert (status, problem["field"]) == (400, "max_records_per_call"), problem
+    status, unbounded, _ = await request(
+        world,
+        "POST",
+        "/datasets",
+        dataset_payload(world, "unbounded", max_records_per_call=None),
+    )
+    assert (status, unbounded["field"]) == (400, "max_records_per_call"), unbounded
     assert patched["burst"] == created["burst"]
     assert patched["created_at"] == created["created_at"]
     status, got, _ = await request(world, "GET", "/datasets/ent-registry")

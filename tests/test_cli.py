@@ -162,7 +162,7 @@ def test_scenario_with_flags_on_the_embedded_database(tmp_path: Path) -> None:
     dataset = pdg(
         "dataset", "create", "--id", "ent-registry", *DATASET_FLAGS,
         "--free-monthly-calls", "100", "--per-call-fen", "2.5", "--per-record-fen", "0.0125",
-        "--tier", "1000:3", "--tier", ":1.5", "--split", "0.5,0.3,0.2",
+        "--max-records-per-call", "500", "--tier", "1000:3", "--tier", ":1.5", "--split", "0.5,0.3,0.2",
         "--burst-per-second", "10", "--burst-capacity", "5", "--json",
         env=env, cwd=tmp_path,
     ).json()  # fmt: skip

@@ -270,6 +270,7 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
             "free_monthly_calls": 3,
             "timeout_seconds": 0.5,
             "price": TIERED,
+            "max_records_per_call": 100,
         },
         licence_fields={"paid": {"credit_limit_fen": 3}},
     )
@@ -543,7 +544,10 @@ async def test_credit_is_priced_exactly_by_tier_and_record(world: World) -> None
 
     ds, lic, _, token = await world.licensed(
         purpose="industrial",
-        dataset_fields={"price": {"per_call_fen": "1", "per_record_fen": "0.25"}},
+        dataset_fields={
+            "price": {"per_call_fen": "1", "per_record_fen": "0.25"},
+            "max_records_per_call": 100,
+        },
         licence_fields={"paid": {"credit_limit_fen": 8}},
     )
     for records, expected in ((3, "1.75"), (0, "2.75"), (1, "4"), (3, "5.75"), (3, "7.5")):

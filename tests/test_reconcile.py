@@ -77,7 +77,7 @@ async def month(world_factory: Any, tmp_path: Path) -> Month:
     world = await world_factory()
     clock = StoppedClock(IN_NOVEMBER)
     world.app[CLOCK].source = clock
-    ds = await world.dataset(price={"per_call_fen": "2.5", "per_record_fen": "0.1"})
+    ds = await world.dataset(price={"per_call_fen": "2.5", "per_record_fen": "0.1"}, max_records_per_call=100)
     a = await world.licensee()
     licence_a = await world.licence(a["id"], [ds["id"]], paid={"credit_limit_fen": 100_000})
     app_a = await world.app_client(a["id"])
