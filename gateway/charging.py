@@ -15,10 +15,16 @@ A served call (any status below 500 whose body was sent whole) stays charged;
 an upstream failure (5xx, timeout, connection error) or a response cut short
 is released: never charged.
 
-Per-record prices are known only once the response is sent, so they are
-added at settlement: a credit pool can end past its limit by the records of
-the calls that were in flight when it ran out, and the next call gets 402.
-Reserving an estimate instead would refuse calls while credit remains.
+A paid call is priced when it is settled (``metering/lua/finish.lua``): it
+takes the next position of the dataset's graduated tiers for the period, so
+the n-th charged call is priced at position n whatever fails or is released
+in between; its records' price is added then. A credit pool reserves each
+call's worst case first (the dearest tier it can still land in, plus
+``max_records_per_call`` records) and settlement keeps only the actual
+charge, so a credit limit is never exceeded: a call whose worst case does not
+fit gets 402 before anything is forwarded. (A dataset that prices records
+without ``max_records_per_call``, possible only for one made before that
+field existed, gets 402 on credit pools until it is set.)
 
 Responses carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
 (draft-ietf-httpapi-ratelimit-headers-10) for the pool that applied, named
@@ -30,12 +36,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from gateway.recording import CallRecorder
 from gateway.state import PRESENCE, QUOTA, REPLICA_ID
-from ledger.record import REPLAY_POOL
+from ledger.record import REPLAY_POOL, to_log, to_log_uncharged
 from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
@@ -74,21 +81,20 @@ class Charge:
     pool: str
     done: bool = False
 
-    def price(self, records: int) -> int:
-        """What the call costs if served, in 1/10000 fen: its tier price plus
-        the per-record price, on a paid pool; nothing on the free allowance
-        or for a replay of an idempotent call already charged."""
-        if self.reservation is None or self.pool not in ("prepaid", "credit"):
-            return 0
-        return self.outcome.price + records * self.per_record_e4
+    @property
+    def priced(self) -> bool:
+        """Served, the call is charged: a paid pool, and not a replay of an
+        idempotent call already charged (nor the free allowance)."""
+        return self.reservation is not None and self.pool in ("prepaid", "credit")
 
     async def record_and_finish(
-        self, app: web.Application, log: str, entry: bytes, *, served: bool, records: int
+        self, app: web.Application, log: str, record: dict[str, Any], *, served: bool, records: int
     ) -> None:
-        """Append the call's record (``entry``, to the stream ``log``) and
-        settle the call (``served``: it stays charged, a credit pool also takes
-        the per-record price) or release it: one round trip on a single server
-        (``QuotaBatcher.finish``). With nothing to finish, only the append.
+        """Append the call's ``record`` (to the stream ``log``) and settle the
+        call (``served``: it stays charged; a paid call is priced now, its
+        charge written into the record as it is appended) or release it: one
+        round trip on a single server (``QuotaBatcher.finish``). With nothing
+        to finish, only the append.
 
         Raises :class:`QuotaStoreError` if that failed. Then, and if this is
         cancelled while it waits, whether the record landed is not known here:
@@ -97,12 +103,18 @@ class Charge:
         finds nothing to do)."""
         reservation = self.reservation
         if reservation is None or self.done:
-            await app[QUOTA].append(log, entry)
+            await app[QUOTA].append(log, to_log(record))
             return
         self.done = True
-        action, extra = ("settle", records * self.per_record_e4) if served else ("release", 0)
+        charge_at, extra = 0, 0
+        if served and self.priced:
+            entry, charge_at = to_log_uncharged(record)
+            extra = records * self.per_record_e4
+        else:
+            entry = to_log(record)
         try:
-            await app[QUOTA].finish(reservation, action, extra, record=(log, entry))
+            action = "settle" if served else "release"
+            await app[QUOTA].finish(reservation, action, extra, record=(log, entry), charge_at=charge_at)
         except BaseException:
             app[PRESENCE].orphan(reservation.licence_id, reservation.call_id)
             raise
@@ -130,6 +142,7 @@ def _terms(grant: Grant, app_id: str) -> Terms:
         tiers=dataset.tiers,
         burst_per_second=dataset.burst_per_second,
         burst_capacity=dataset.burst_capacity,
+        worst_records_e4=dataset.per_record_e4 * (dataset.max_records_per_call or 0),
     )
 
 
@@ -176,7 +189,13 @@ async def reserve(
     terms = _terms(grant, app_id)
     # Judged at the instant and in the period the call record says.
     now, period = recorder.now, recorder.period
-    recorder.record["pool"] = pool_kind(terms)
+    recorder.record["pool"] = kind = pool_kind(terms)
+    dataset = grant.dataset
+    if kind == "credit" and dataset.per_record_e4 and dataset.max_records_per_call is None:
+        raise PaymentRequiredError(
+            f"dataset {dataset.id} prices records but sets no max_records_per_call, "
+            "so a call's worst case cannot be held against the credit limit"
+        )
     record = recorder.skeleton()
     reservation = plan_reservation(
         terms, period, now, call_id, key, replica=request.app[REPLICA_ID], record=record

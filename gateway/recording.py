@@ -154,7 +154,7 @@ class CallRecorder:
             records=records,
             bytes=size,
             latency_us=int((time.perf_counter() - self._perf) * 1_000_000),
-            charge_e4=charge.price(records) if charge is not None and outcome == SERVED else 0,
+            charge_e4=0,
             response_digest=digest,
         )
         if not self.still_valid():
@@ -165,9 +165,10 @@ class CallRecorder:
             if charge is None:
                 await self.app[QUOTA].append(LOG, to_log(record))
             else:
-                await charge.record_and_finish(
-                    self.app, LOG, to_log(record), served=outcome == SERVED, records=records
-                )
+                # A paid call's charge is decided as it is settled, and
+                # written into its record then.
+                served = outcome == SERVED
+                await charge.record_and_finish(self.app, LOG, record, served=served, records=records)
         except QuotaStoreError as exc:
             raise LedgerUnavailableError(
                 "the call record cannot be made durable", headers={"Retry-After": "1"}

@@ -105,6 +105,25 @@ def to_log(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps(_LOGGED_VALUES(record), option=orjson.OPT_UTC_Z)
 
 
+_CHARGE: Final = LOGGED_FIELDS.index("charge_e4")
+
+
+def to_log_uncharged(record: Mapping[str, Any]) -> tuple[bytes, int]:
+    """:func:`to_log` of ``record`` with its charge left out, and the byte
+    offset where the charge goes: a paid call is priced when it is settled, in
+    the run that appends its record (``metering/lua/finish.lua`` writes the
+    charge in; :func:`with_charge` does the same here)."""
+    values = _LOGGED_VALUES(record)
+    head = orjson.dumps(values[:_CHARGE], option=orjson.OPT_UTC_Z)[:-1] + b","
+    tail = orjson.dumps(values[_CHARGE + 1 :], option=orjson.OPT_UTC_Z)
+    return head + b"," + tail[1:], len(head)
+
+
+def with_charge(entry: bytes, at: int, charge_e4: int) -> bytes:
+    """A :func:`to_log_uncharged` entry made whole with its charge."""
+    return entry[:at] + str(charge_e4).encode() + entry[at:]
+
+
 def opening(record: Mapping[str, Any]) -> bytes:
     """The opening fields of ``record``, as its in-flight entry keeps them."""
     return orjson.dumps(_OPENING_VALUES(record), option=orjson.OPT_UTC_Z)

@@ -308,6 +308,8 @@ class LedgerWriter:
             replies = await pipe.execute()
         for licence_id, entries in zip(licences, replies, strict=True):
             for call_id, value in entries.items():
+                if call_id.endswith(b":p"):
+                    continue  # a call's price (finish.lua), beside its entry
                 try:
                     replica, call = _in_flight(licence_id, bytes(call_id).decode(), bytes(value))
                 except (ValueError, UnicodeDecodeError):  # RecordError is a ValueError
@@ -347,10 +349,9 @@ class LedgerWriter:
         for u in unfinished:
             outcome, charge = recorded.get(u.call_id, (INCOMPLETE, 0))
             pool, paid, idem = u.keys
-            if outcome == SERVED:
-                action, extra = "settle", max(0, charge - u.cost) if u.kind == "credit" else 0
-            else:
-                action, extra = "release", 0
+            # A served call keeps the charge its record holds (finish.lua
+            # gives a credit pool back what its worst case held beyond it).
+            action, extra = ("settle", charge) if outcome == SERVED else ("release", 0)
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 result = await self.client.eval(
                     source,
@@ -366,6 +367,8 @@ class LedgerWriter:
                     u.kind,
                     1 if u.idempotent else 0,
                     u.call_id,
+                    "",
+                    0,
                     "",
                 )
             ended += int(result[0])

@@ -13,10 +13,17 @@ Pools:
   the licence's ``free_monthly_calls`` override, else the dataset's;
 - ``prepaid``: ``industrial`` calls, per licence, a balance of calls that
   does not reset; a top-up raises the limit, the counter is never rewritten;
-- ``credit``: ``industrial`` calls, per licence and period, in 1/10000 fen,
-  each call priced at its position in the dataset's graduated tiers (per
-  licence, dataset and period), per-record prices added at settlement;
+- ``credit``: ``industrial`` calls, per licence and period, in 1/10000 fen:
+  a reservation holds the call's worst case (the dearest tier it can still
+  land in, plus its records' most at ``max_records_per_call``), settlement
+  keeps its actual charge;
 - ``none``: an industrial call on a licence without paid terms: 402.
+
+Paid calls (prepaid and credit) are priced when they are settled, at the next
+position of the dataset's graduated tiers (per licence, dataset and period):
+the n-th charged call of a period is priced at position n, whatever fails, is
+released or is replayed in between, on any number of replicas
+(``finish.lua``).
 
 No call pays a round trip of its own: reservations, finishes (settle or
 release) and call-record appends of all calls in flight are sent together,
@@ -45,6 +52,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from ledger.record import with_charge
 from metering.periods import Period
 from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 
@@ -143,17 +151,19 @@ class Reservation:
     burst_capacity: int
     burst_window: float
     idempotent: bool
+    #: The price list a paid call is priced from when it is settled
+    #: (``finish.lua``'s ``prices``): ``"<per call>;<up_to>:<price>;..."``.
+    prices: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: int
     used: int
-    #: What the pool took: calls, or 1/10000 fen on a credit pool.
+    #: What the pool took: calls, or the call's worst case in 1/10000 fen on
+    #: a credit pool.
     cost: int
     retry_after_ms: int = 0
-    #: The call's price (1/10000 fen) on a paid pool, by its tier.
-    price: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +181,9 @@ class Terms:
     tiers: Sequence[tuple[int | None, int]] = field(default_factory=tuple)
     burst_per_second: float = 100.0
     burst_capacity: int = 100
+    #: The most a call's records can cost (1/10000 fen): the per-record price
+    #: times the dataset's ``max_records_per_call``.
+    worst_records_e4: int = 0
 
 
 def pool_kind(terms: Terms) -> str:
@@ -234,8 +247,13 @@ def plan_reservation(
         1 if idempotency_key else 0,
         terms.per_call_e4,
         marker,
+        "",
+        terms.worst_records_e4,
         *tiers,
     )
+    prices = ""
+    if pool.kind in ("prepaid", "credit"):
+        prices = ";".join((str(terms.per_call_e4), *(f"{u or 0}:{p}" for u, p in terms.tiers)))
     return Reservation(
         terms.licence_id,
         call_id,
@@ -245,6 +263,7 @@ def plan_reservation(
         terms.burst_capacity,
         terms.burst_capacity / terms.burst_per_second,
         idempotency_key is not None,
+        prices,
     )
 
 
@@ -406,10 +425,10 @@ class QuotaBatcher:
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
-        status, a, b, *rest = (int(x) for x in result)
+        status, a, b, *_ = (int(x) for x in result)
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=a)
-        return Outcome(status, a, b, price=rest[0] if rest else 0)
+        return Outcome(status, a, b)
 
     async def finish(
         self,
@@ -418,31 +437,55 @@ class QuotaBatcher:
         extra_e4: int = 0,
         *,
         record: tuple[str, bytes] | None = None,
+        charge_at: int = 0,
     ) -> bool:
-        """Settle (``"settle"``: served, stays charged, plus ``extra_e4`` on a
-        credit pool) or release (``"release"``: not charged) a reserved call.
-        Only the first finish of a call acts; the answer says whether this
-        one did.
+        """Settle (``"settle"``: served, stays charged) or release
+        (``"release"``: not charged) a reserved call. Only the first finish of
+        a call acts; the answer says whether this one did.
 
-        ``record`` (a stream and an entry: the call record and its log) is
-        appended first: on a single server in the same script run, so one
-        round trip makes the record durable and finishes the call; on a
-        Cluster, where the log has a slot of its own, the finish is sent once
-        the append is acknowledged."""
+        A paid call settled takes its tier position now and is priced from
+        ``reservation.prices``; its charge is that price plus ``extra_e4``
+        (what its records cost). ``record`` (a stream and an entry: the call
+        record and its log) is appended first: on a single server in the same
+        script run, so one round trip makes the record durable and finishes
+        the call, its charge written in at byte ``charge_at`` of the entry
+        (``ledger.record.to_log_uncharged``; 0: the entry is whole). On a
+        Cluster, where the log has a slot of its own, a paid call is priced
+        first, its record appended with the charge, then it is settled."""
         log, entry = record if record is not None else (None, b"")
+        settle = action == "settle"
+        extra, prices = (extra_e4, reservation.prices) if settle else (0, "")
         if log is not None and self._cluster:
+            if settle and charge_at and prices:
+                price = int(await self._finish_run(reservation, "price", 0, b"", 0, prices, None))
+                # -1: the call was finished already (by the ledger writer).
+                extra, prices = (extra + price, "") if price >= 0 else (0, "")
+                entry = with_charge(entry, charge_at, extra)
+            elif charge_at:
+                entry = with_charge(entry, charge_at, 0)
             await self.append(log, entry)
-            log, entry = None, b""
+            log, entry, charge_at = None, b"", 0
+        result = await self._finish_run(reservation, action, extra, entry, charge_at, prices, log)
+        return bool(int(result) > 0)
+
+    def _finish_run(
+        self,
+        reservation: Reservation,
+        action: str,
+        extra: int,
+        entry: bytes,
+        charge_at: int,
+        prices: str,
+        log: str | None,
+    ) -> asyncio.Future[Any]:
         _burst, pool, paid, idem, inflight = reservation.keys
-        extra = extra_e4 if action == "settle" and reservation.pool.kind == "credit" else 0
         idempotent = 1 if reservation.idempotent else 0
-        result = await self._submit(
+        return self._submit(
             "finish",
             (pool, paid, idem, inflight),
-            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry),
+            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry, charge_at, prices),
             log,
         )
-        return bool(int(result))
 
     async def settle(self, reservation: Reservation, extra_e4: int = 0) -> bool:
         return await self.finish(reservation, "settle", extra_e4)

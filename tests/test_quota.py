@@ -260,8 +260,9 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
     """5xx answers, a timeout, a refused connection, a redirect and a response
     cut short each leave the counters as they were (DESIGN §4), and the whole
     allowance is still there afterwards: 3 free calls, or a credit of 3 fen
-    priced 1, 1, 0.5, 0.5 by tier, which also shows that the failed calls did
-    not move the tier position."""
+    priced 1, 1, 0.5 by tier, which also shows that the failed calls did not
+    move the tier position; a fourth call's worst case (0.5 fen and a record
+    at 0.25) does not fit in the 0.5 fen left."""
     dead = f"http://127.0.0.1:{free_port()}/svc"
     ds, lic, _app, token = await world.licensed(
         purpose=purpose,
@@ -270,7 +271,7 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
             "free_monthly_calls": 3,
             "timeout_seconds": 0.5,
             "price": TIERED,
-            "max_records_per_call": 100,
+            "max_records_per_call": 1,
         },
         licence_fields={"paid": {"credit_limit_fen": 3}},
     )
@@ -314,7 +315,7 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
     await eventually(unchanged)  # released just after the cut, not before it
 
     # No records, so the per-record price adds nothing.
-    allowance = 3 if purpose == "public-interest" else 4
+    allowance = 3
     for _ in range(allowance):
         await served(world, f"/data/{ds['id']}/records?n=0", token)
     if purpose == "public-interest":
@@ -323,7 +324,7 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
     else:
         await refused(world, f"/data/{ds['id']}/x", token, 402, "payment-required")
         paid = (await usage(world, lic, ds, PERIOD))["paid"]
-        assert (paid["calls"], paid["used"], paid["remaining"]) == (4, "3", "0")
+        assert (paid["calls"], paid["used"], paid["remaining"]) == (3, "2.5", "0.5")
 
 
 async def test_upstream_client_errors_are_charged(world: World) -> None:
@@ -525,7 +526,7 @@ async def test_credit_is_priced_exactly_by_tier_and_record(world: World) -> None
     """Graduated tiers: 1 fen for each of the first 3 calls of the period, 0.5
     after. Per record: 1 fen a call plus 0.25 fen a record (``X-Record-Count``);
     the count is known only once the call was served, so the reservation
-    checks the per-call price and the records are added when it settles."""
+    holds the worst case (3 records: 1.75 fen) and settling keeps the actual."""
     tiers = [{"up_to": 3, "per_call_fen": "1"}, {"up_to": None, "per_call_fen": "0.5"}]
     tiered, tiered_lic, _, tiered_token = await world.licensed(
         purpose="industrial",
@@ -546,7 +547,7 @@ async def test_credit_is_priced_exactly_by_tier_and_record(world: World) -> None
         purpose="industrial",
         dataset_fields={
             "price": {"per_call_fen": "1", "per_record_fen": "0.25"},
-            "max_records_per_call": 100,
+            "max_records_per_call": 3,
         },
         licence_fields={"paid": {"credit_limit_fen": 8}},
     )
@@ -554,7 +555,7 @@ async def test_credit_is_priced_exactly_by_tier_and_record(world: World) -> None
         status, body, _ = await world.call(f"/data/{ds['id']}/records?n={records}", token)
         assert (status, len(body)) == (200, records)
         assert (await usage(world, lic, ds, PERIOD))["paid"]["used"] == expected
-    # 0.5 fen left is less than the next call's 1 fen.
+    # 0.5 fen left is less than the next call's worst case, 1.75 fen.
     await refused(world, f"/data/{ds['id']}/records?n=0", token, 402, "payment-required")
     paid = (await usage(world, lic, ds, PERIOD))["paid"]
     assert (paid["calls"], paid["used"], paid["remaining"]) == (5, "7.5", "0.5")

@@ -316,6 +316,8 @@ async def records_upstream() -> AsyncIterator[Upstream]:
 
     async def records(request: web.Request) -> web.Response:
         state.arrived[request.query.get("lic", "?")] += 1
+        if request.query.get("fail"):
+            return web.Response(status=503)
         return web.json_response([{"id": 1}], headers={"X-Record-Count": "1"})
 
     app = web.Application()
@@ -429,7 +431,7 @@ class Setup:
             assert resp.status == 201, body
             return body
 
-    async def dataset(self, upstream: Upstream) -> str:
+    async def dataset(self, upstream: Upstream, price: dict[str, Any] | None = None) -> str:
         ds = await self.post(
             "/datasets",
             {
@@ -440,7 +442,7 @@ class Setup:
                 "classification": 1,
                 "open_class": "open",
                 "free_monthly_calls": FREE_CALLS,
-                "price": {"per_call_fen": "1", "per_record_fen": "0"},
+                "price": price or {"per_call_fen": "1", "per_record_fen": "0"},
                 "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
                 # Far above anything the test sends: the burst limit never applies.
                 "burst": {"per_second": 1_000_000, "capacity": 10_000_000},
@@ -452,7 +454,9 @@ class Setup:
         payload = {"name": "Replica Co", "credit_code": credit_code(), "contact": "ops@example.com"}
         return str((await self.post("/licensees", payload))["id"])
 
-    async def licence(self, licensee_id: str, dataset_id: str, purpose: str) -> str:
+    async def licence(
+        self, licensee_id: str, dataset_id: str, purpose: str, paid: dict[str, int] | None = None
+    ) -> str:
         payload: dict[str, Any] = {
             "licensee_id": licensee_id,
             "datasets": [dataset_id],
@@ -463,11 +467,17 @@ class Setup:
             "security_officer": "Officer Li",
         }
         if purpose == "industrial":
-            payload["paid"] = {"prepaid_calls": PREPAID_CALLS}
+            payload["paid"] = paid or {"prepaid_calls": PREPAID_CALLS}
         return str((await self.post("/licences", payload))["id"])
 
     async def grants(
-        self, licensee_id: str, dataset_id: str, purpose: str, redis: RedisTarget, count: int
+        self,
+        licensee_id: str,
+        dataset_id: str,
+        purpose: str,
+        redis: RedisTarget,
+        count: int,
+        paid: dict[str, int] | None = None,
     ) -> list[Grant]:
         """``count`` licences of ``purpose``, on ``count`` different Redis
         nodes (licence ids are random: more are made until they spread)."""
@@ -475,7 +485,7 @@ class Setup:
         for _ in range(40):
             if len(by_node) == count:
                 break
-            licence_id = await self.licence(licensee_id, dataset_id, purpose)
+            licence_id = await self.licence(licensee_id, dataset_id, purpose, paid)
             by_node.setdefault(redis.node_of(licence_id) if redis.cluster else len(by_node), licence_id)
         assert len(by_node) == count, f"licences did not spread over {count} nodes: {by_node}"
         grants = []
@@ -520,15 +530,23 @@ class Answer:
 
 
 async def _blast(
-    http: aiohttp.ClientSession, gateways: list[Gateway], dataset_id: str, grants: list[Grant], per_grant: int
+    http: aiohttp.ClientSession,
+    gateways: list[Gateway],
+    dataset_id: str,
+    grants: list[Grant],
+    per_grant: int,
+    fail_every: int = 0,
 ) -> list[Answer]:
     """``per_grant`` calls for every grant, spread round robin over the
-    gateways, all waiting on one start signal and released together."""
+    gateways, all waiting on one start signal and released together; with
+    ``fail_every``, every so many of them fails upstream (503)."""
     go = asyncio.Event()
 
     async def call(grant: Grant, i: int) -> Answer:
         g = i % len(gateways)
         url = f"{gateways[g].base}/data/{dataset_id}/records?lic={grant.licence_id}&i={i}"
+        if fail_every and i % fail_every == 0:
+            url += "&fail=1"
         headers = {"Authorization": f"Bearer {grant.tokens[g]}"}
         await go.wait()
         async with http.get(url, headers=headers) as resp:
@@ -717,3 +735,84 @@ async def test_a_cluster_out_of_reach_fails_closed_and_recovers(
             assert time.monotonic() < deadline, "calls were not served again"
             await asyncio.sleep(0.2)
     processes.assert_clean(gateway.name)
+
+
+#: Graduated tiers: 3 fen for the first 10 charged calls of the month, 2 fen
+#: up to the 25th, 1 fen after.
+TIERS = [
+    {"up_to": 10, "per_call_fen": "3"},
+    {"up_to": 25, "per_call_fen": "2"},
+    {"up_to": None, "per_call_fen": "1"},
+]
+TIER_CALLS = 60
+
+
+def _tier_price_e4(position: int) -> int:
+    return 30000 if position <= 10 else 20000 if position <= 25 else 10000
+
+
+async def _tier_positions_exact(
+    tmp_path: Path, processes: Processes, upstream: Upstream, database_url: str, redis: RedisTarget
+) -> None:
+    """60 credit calls released together over three gateways, every third
+    failing upstream while later ones are served: the n-th charged call is
+    priced at tier position n (DESIGN §4), whatever failed in between. The
+    ledger's charges, ordered by ``seq``, are the tier prices of positions
+    1..40 (on a Cluster, where a record is appended after its call is priced,
+    the same prices in an order that may interleave); the credit counter holds
+    their sum."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        gateways, env = await _start_gateways(processes, tmp_path, http, database_url, redis)
+        setup = Setup(http, gateways, await _admin_token(env, tmp_path))
+        price = {"per_call_fen": "0", "per_record_fen": "0", "tiers": TIERS}
+        dataset_id = await setup.dataset(upstream, price)
+        licensee_id = await setup.licensee()
+        [grant] = await setup.grants(
+            licensee_id, dataset_id, "industrial", redis, 1, paid={"credit_limit_fen": 100_000}
+        )
+        await setup.tokens([grant])
+        answers = await _blast(http, gateways, dataset_id, [grant], TIER_CALLS, fail_every=3)
+        served = TIER_CALLS - TIER_CALLS // 3
+        assert Counter(a.status for a in answers) == {200: served, 502: TIER_CALLS // 3}
+        url = f"{gateways[0].base}/admin/v1/calls?dataset={dataset_id}&limit=1000"
+        deadline = time.monotonic() + VISIBLE_SECONDS
+        while True:
+            async with http.get(url, headers=setup.admin) as resp:
+                calls = await resp.json(content_type=None)
+                assert resp.status == 200, calls
+            if len(calls) == TIER_CALLS:
+                break
+            assert time.monotonic() < deadline, f"{len(calls)} of {TIER_CALLS} calls recorded"
+            await asyncio.sleep(0.2)
+    charged = [c["charge_e4"] for c in calls if c["outcome"] == "served"]
+    expected = [_tier_price_e4(n) for n in range(1, served + 1)]
+    assert sorted(charged, reverse=True) == expected, "every tier position taken exactly once"
+    if not redis.cluster:
+        assert charged == expected, "the n-th charged call is priced at position n"
+    assert {c["charge_e4"] for c in calls if c["outcome"] != "served"} == {0}
+    values = await _counters(redis, grant.licence_id)
+    assert _counter(values, "credit:") == sum(expected)
+    assert _counter(values, "paidcalls:") == served
+    for gateway in gateways:
+        processes.assert_clean(gateway.name)
+
+
+async def test_tier_positions_are_exact_across_three_replicas(
+    tmp_path: Path,
+    database_url: str,
+    single_redis: RedisTarget,
+    processes: Processes,
+    records_upstream: Upstream,
+) -> None:
+    await _tier_positions_exact(tmp_path, processes, records_upstream, database_url, single_redis)
+
+
+async def test_tier_positions_are_exact_on_a_redis_cluster(
+    tmp_path: Path,
+    database_url: str,
+    redis_cluster: RedisTarget,
+    processes: Processes,
+    records_upstream: Upstream,
+) -> None:
+    await _tier_positions_exact(tmp_path, processes, records_upstream, database_url, redis_cluster)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from ledger.record import LOGGED_FIELDS, from_log, to_log, to_log_uncharged
 from metering.periods import period_of
 from metering.quota import (
     EXHAUSTED,
@@ -66,6 +67,13 @@ def terms(**overrides: Any) -> Terms:
 
 def plan(t: Terms, call: str, key: str | None = None) -> Any:
     return plan_reservation(t, PERIOD, NOW, call, key)
+
+
+def record(call_id: str) -> dict[str, Any]:
+    """A call record with every logged field (values beside the point)."""
+    values: dict[str, Any] = dict.fromkeys(LOGGED_FIELDS, "x")
+    values.update(call_id=call_id, time=NOW, started_at=NOW, charge_e4=0, response_digest=None)
+    return values
 
 
 async def test_free_pool_is_exact_and_release_gives_back(batcher: QuotaBatcher) -> None:
@@ -126,21 +134,58 @@ async def test_credit_priced_by_graduated_tiers(batcher: QuotaBatcher) -> None:
     first = [await batcher.reserve(plan(t, f"k{i}")) for i in range(2)]
     assert [(o.status, o.cost) for o in first] == [(RESERVED, 10000), (RESERVED, 10000)]
     assert (await batcher.reserve(plan(t, "k2"))).status == EXHAUSTED
+    for i in range(2):
+        assert await batcher.settle(plan(t, f"k{i}"))
     raised = terms(purpose="industrial", credit_limit_fen=3, tiers=((2, 10000), (None, 5000)))
+    # Two calls were charged: the next lands in the second tier at worst.
     third = await batcher.reserve(plan(raised, "k3"))
     assert (third.status, third.cost, third.used) == (RESERVED, 5000, 25000)
-    # Releasing the third call gives back its price and its tier position.
+    # A released call gives back what it held and took no position.
     assert await batcher.release(plan(raised, "k3"))
     again = await batcher.reserve(plan(raised, "k4"))
     assert (again.cost, again.used) == (5000, 25000)
+    assert await batcher.settle(plan(raised, "k4"))
+    assert int(await batcher.client.get(plan(raised, "k4").keys[2])) == 3, "three calls charged"
 
 
-async def test_per_record_price_is_added_at_settlement(batcher: QuotaBatcher) -> None:
-    t = terms(purpose="industrial", credit_limit_fen=10, per_call_e4=10000)
-    r = plan(t, "r1")
-    assert (await batcher.reserve(r)).used == 10000
-    assert await batcher.settle(r, extra_e4=30000)
-    assert (await batcher.reserve(plan(t, "r2"))).used == 50000
+async def test_the_nth_charged_call_is_priced_at_position_n(batcher: QuotaBatcher) -> None:
+    """A call released while a later one was served gives no position back
+    for the next call to take again: positions are taken when calls are
+    settled. Tiers: 3 fen for the first two calls, then 1 fen."""
+    t = terms(purpose="industrial", credit_limit_fen=100, per_call_e4=0, tiers=((2, 30000), (None, 10000)))
+    log = "pdg:test:log"
+    one, two, three, four = (plan(t, f"n{i}") for i in range(1, 5))
+
+    async def settle(r: Any) -> int:
+        entry, at = to_log_uncharged(record(r.call_id))
+        assert await batcher.finish(r, "settle", record=(log, entry), charge_at=at)
+        entries = await batcher.client.xrange(log)
+        return int(from_log(entries[-1][1][b"r"])["charge_e4"])
+
+    assert (await batcher.reserve(one)).cost == 30000
+    assert await settle(one) == 30000
+    # Two and three in flight at once; three is served first, two fails.
+    assert [(await batcher.reserve(r)).cost for r in (two, three)] == [30000, 30000]
+    assert await settle(three) == 30000, "the second charged call: tier 1"
+    assert await batcher.finish(two, "release", record=(log, to_log(record(two.call_id))))
+    assert (await batcher.reserve(four)).cost == 10000, "only the second tier is left"
+    assert await settle(four) == 10000, "the third charged call: tier 2"
+    assert int(await batcher.client.get(one.keys[1])) == 70000, "the pool holds exactly the charges"
+    assert int(await batcher.client.get(one.keys[2])) == 3
+
+
+async def test_credit_holds_the_worst_case_and_keeps_the_actual(batcher: QuotaBatcher) -> None:
+    """A credit reservation holds the per-call price plus the records' most
+    (here 5 records at 1 fen); settlement keeps the actual charge."""
+    t = terms(purpose="industrial", credit_limit_fen=10, per_call_e4=10000, worst_records_e4=50000)
+    r1, r2, r3 = (plan(t, f"r{i}") for i in range(1, 4))
+    assert (await batcher.reserve(r1)).used == 60000
+    assert await batcher.settle(r1, extra_e4=30000)
+    assert int(await batcher.client.get(r1.keys[1])) == 40000, "3 records: 1 + 3 fen kept"
+    assert (await batcher.reserve(r2)).used == 100000
+    assert (await batcher.reserve(r3)).status == EXHAUSTED, "a worst case that does not fit: refused"
+    assert await batcher.settle(r2)
+    assert int(await batcher.client.get(r1.keys[1])) == 50000
 
 
 async def test_no_paid_terms_means_payment_required(batcher: QuotaBatcher) -> None:
@@ -246,6 +291,7 @@ async def test_counters_get_their_time_to_live_when_made(batcher: QuotaBatcher) 
     first = [plan(free, "f1"), plan(credit, "p1")]
     for reservation in first:
         assert (await batcher.reserve(reservation)).status == RESERVED
+    assert await batcher.settle(first[1])  # a paid call takes its position when settled
     keys = [first[0].keys[1], first[1].keys[1], first[1].keys[2]]  # free, credit, paid calls
     ttls = [await client.ttl(key) for key in keys]
     assert all(399 * 24 * 3600 < ttl <= 400 * 24 * 3600 for ttl in ttls), ttls
@@ -253,5 +299,6 @@ async def test_counters_get_their_time_to_live_when_made(batcher: QuotaBatcher) 
         await client.expire(key, 1000)  # as if made long ago
     for reservation in (plan(free, "f2"), plan(credit, "p2")):
         assert (await batcher.reserve(reservation)).status == RESERVED
+        assert await batcher.settle(reservation)
     assert [await client.ttl(key) for key in keys] == [pytest.approx(1000, abs=5)] * 3
     assert int(await client.get(keys[0]) or 0) == 2

@@ -1,73 +1,162 @@
 -- Finish reserved calls: settle (served: it stays charged) or release (an
 -- upstream failure, a response cut short, a call that never finished: it is
--- not charged). One or more calls per run, each on its own; on a Cluster one
+-- not charged); or, on a Cluster only, price a served call before its record
+-- is appended. One or more calls per run, each on its own; on a Cluster one
 -- call per run, whose keys share the licence's hash tag.
 --
 -- A call is finished once: only while its in-flight entry (written by
 -- reserve.lua, with the cost the reservation took) is there, and the entry
 -- goes in the same run. So a gateway finishing a call and the ledger writer
--- recovering it after the gateway died can not both act on it. A settle
--- needs only to know that the entry was there (HDEL's answer); a release
--- reads the cost it gives back from the entry first.
+-- recovering it after the gateway died can not both act on it.
+--
+-- Tier positions. A paid call (prepaid or credit) takes its tier position
+-- when it is settled: the next of the dataset's charged calls this period
+-- (k[2], INCR), so the n-th charged call of a period is priced at position n
+-- whatever fails, is released or is replayed in between, on any number of
+-- replicas; a released call never took one. Its charge is the price at that
+-- position plus its records' (the extra); a credit pool, which reserved the
+-- worst case, gives back the difference.
 --
 -- On a single server a call's record is appended to the call-record log in
--- the run that finishes the call, before it: the record is durable when the
--- call is settled or released, and one run does both. (On a Cluster the log
--- lives in another slot: the gateway appends first, then finishes.)
+-- the run that finishes the call, before its state changes: the record is
+-- durable when the call is settled or released, and one run does both. A
+-- record whose charge is decided here is sent with its charge left out at
+-- byte `charge_at`, where the run writes it. (On a Cluster the log lives in
+-- another slot: a served paid call is first priced here -- its position taken
+-- and its price kept beside its in-flight entry, as "<call id>:p" -- then the
+-- gateway appends the record with its charge, then settles.)
 --
 -- ARGV[1] the number of calls, n; ARGV[2] 1 when KEYS[1] is the call-record
---   log, else 0; then six arguments per call: action (settle | release),
---   extra charge (1/10000 fen, credit pools only, else 0; settle only), pool
---   kind, 1 when the call has an Idempotency-Key else 0, call id, the call's
---   record for the log ('' for none).
--- KEYS: the log when ARGV[2] is 1; then four per call: pool counter, paid
+--   log, else 0; then ARGS_PER_CALL arguments per call:
+--   1 action: settle | release | price
+--   2 extra: the charge of the call's records (1/10000 fen); when `prices`
+--     is '' the call's whole charge
+--   3 pool kind: free | prepaid | credit | none
+--   4 1 when the call has an Idempotency-Key, else 0
+--   5 call id
+--   6 the call's record for the log ('' for none)
+--   7 charge_at: the byte offset in the record where its charge goes (0: the
+--     record is whole)
+--   8 prices: "<per-call price>;<up_to>:<price>;..." (1/10000 fen; up_to 0 =
+--     no bound) to price the call by its position; '' when its charge is known
+-- KEYS: the log when ARGV[2] is 1; then four per call: pool counter, charged
 --   calls of the dataset this period, idempotency record, the licence's
 --   in-flight hash.
 --
--- Returns one integer per call: 1 finished now, 0 already finished.
+-- Returns one integer per call: settle and release, 1 finished now, 0
+-- already finished; price, the call's price (1/10000 fen), -1 when the call
+-- is finished already.
 
 local IDEMPOTENCY_TTL = 24 * 3600
-local has_log = ARGV[2] == '1'
-local base = has_log and 1 or 0
-local results = {}
-for n = 1, tonumber(ARGV[1]) do
-  local a = 3 + 6 * (n - 1)
-  local k = base + 4 * n - 3
-  local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local record = ARGV[a + 5]
+local COUNTER_TTL = 400 * 24 * 3600   -- as reserve.lua's
+local ARGS_PER_CALL = 8
+local has_log = false
+
+-- The price at `position` from a `prices` list (see ARGV above).
+local function price_at(prices, position)
+  local default = nil
+  for item in string.gmatch(prices, '[^;]+') do
+    if default == nil then
+      default = tonumber(item)
+    else
+      local up_to, price = string.match(item, '^(%d+):(%d+)$')
+      up_to = tonumber(up_to)
+      if up_to == 0 or position <= up_to then return tonumber(price) end
+    end
+  end
+  return default or 0
+end
+
+-- Take the call's tier position (once: a Cluster's price run may have taken
+-- it already) and return its price, or nil when `prices` is ''.
+local function take_position(paid_key, inflight_key, call_id, prices)
+  local priced = redis.call('HGET', inflight_key, call_id .. ':p')
+  if priced then
+    redis.call('HDEL', inflight_key, call_id .. ':p')
+    return tonumber(priced)
+  end
+  local position = redis.call('INCR', paid_key)
+  if position == 1 then redis.call('EXPIRE', paid_key, COUNTER_TTL) end
+  if prices == '' then return nil end
+  return price_at(prices, position)
+end
+
+local function append(record)
   if record ~= '' then
     if not has_log then
-      return redis.error_reply('a record needs the log key')
+      error('a record needs the log key')
     end
     redis.call('XADD', KEYS[1], '*', 'r', record)
   end
-  if action == 'settle' then
+end
+
+local function keep_idempotency(idem, idem_key, call_id)
+  if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+    redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
+  end
+end
+
+has_log = ARGV[2] == '1'
+local base = has_log and 1 or 0
+local results = {}
+for n = 1, tonumber(ARGV[1]) do
+  local a = 3 + ARGS_PER_CALL * (n - 1)
+  local k = base + 4 * n - 3
+  local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local record, charge_at, prices = ARGV[a + 5], tonumber(ARGV[a + 6]), ARGV[a + 7]
+  local paid = kind == 'prepaid' or kind == 'credit'
+
+  if action == 'settle' and not paid then
+    -- Nothing to price or give back: HDEL's answer says whether it was there.
+    append(record)
     if redis.call('HDEL', inflight_key, call_id) == 0 then
       results[n] = 0
     else
-      if extra > 0 then
-        redis.call('INCRBY', pool_key, extra)
-      end
-      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
-        redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
-      end
+      keep_idempotency(idem, idem_key, call_id)
       results[n] = 1
     end
   else
     local entry = redis.call('HGET', inflight_key, call_id)
-    if not entry then
-      results[n] = 0
+    if action == 'price' then
+      if not entry then
+        results[n] = -1
+      else
+        local price = take_position(paid_key, inflight_key, call_id, prices) or 0
+        redis.call('HSET', inflight_key, call_id .. ':p', price)
+        results[n] = price
+      end
+    elseif action == 'settle' then
+      local charge = 0
+      if entry then
+        local price = take_position(paid_key, inflight_key, call_id, prices)
+        charge = prices == '' and extra or extra + price
+      end
+      if charge_at > 0 then
+        record = string.sub(record, 1, charge_at) .. string.format('%d', charge) .. string.sub(record, charge_at + 1)
+      end
+      append(record)
+      if not entry then
+        results[n] = 0
+      else
+        redis.call('HDEL', inflight_key, call_id)
+        local held = tonumber(string.match(entry, '^(%d+)|'))
+        if kind == 'credit' and charge ~= held then redis.call('INCRBY', pool_key, charge - held) end
+        keep_idempotency(idem, idem_key, call_id)
+        results[n] = 1
+      end
     else
-      redis.call('HDEL', inflight_key, call_id)
-      redis.call('DECRBY', pool_key, tonumber(string.match(entry, '^(%d+)|')))
-      if kind ~= 'free' then
-        redis.call('DECR', paid_key)
+      append(record)
+      if not entry then
+        results[n] = 0
+      else
+        redis.call('HDEL', inflight_key, call_id, call_id .. ':p')
+        redis.call('DECRBY', pool_key, tonumber(string.match(entry, '^(%d+)|')))
+        if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+          redis.call('DEL', idem_key)
+        end
+        results[n] = 1
       end
-      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
-        redis.call('DEL', idem_key)
-      end
-      results[n] = 1
     end
   end
 end

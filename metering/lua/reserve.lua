@@ -13,7 +13,8 @@
 -- k[1] burst state (GCRA theoretical arrival time, microseconds)
 -- k[2] pool counter: free calls used this period | prepaid calls used |
 --         credit used this period (1/10000 fen)
--- k[3] paid calls of this dataset this period (usage; prices graduated tiers)
+-- k[3] charged calls of this dataset this period: the tier position of the
+--         last call settled (finish.lua takes positions; read here only)
 -- k[4] idempotency record (used only when a[6] is 1; always a key of
 --         the same hash tag, since an empty key would name another slot)
 -- k[5] the licence's in-flight calls: a hash, call id -> "cost|replica|marker".
@@ -30,12 +31,22 @@
 -- a[6] 1 when the call has an Idempotency-Key, else 0
 -- a[7] per-call price (1/10000 fen) when no tier applies
 -- a[8] the in-flight marker: "replica|JSON" (pool kind, keys, the record so far)
--- a[9..m] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
+-- a[9] the request's fingerprint ('' without an Idempotency-Key)
+-- a[10] the most the call's records can cost (1/10000 fen): the per-record
+--         price times the dataset's max_records_per_call
+-- a[11..m] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
+--
+-- A paid call is priced when it is settled, at the next tier position
+-- (finish.lua), so the n-th charged call of a period is priced at position n
+-- whatever fails or is released meanwhile. A credit reservation therefore
+-- holds the call's worst case: the dearest tier it can still land in (a
+-- position after the calls settled so far) plus its records' most; settling
+-- gives back the difference. A call whose worst case does not fit is refused.
 --
 -- Returns one {outcome, x, y} per reservation:
---   {0, used, cost, price} reserved (used = pool counter after it; cost = what
---                          the pool took; price = the call's price in 1/10000
---                          fen on a paid pool, by its tier, else 0)
+--   {0, used, cost, 0}     reserved (used = pool counter after it; cost = what
+--                          the pool took: 1 call, or the worst case in 1/10000
+--                          fen on a credit pool)
 --   {1, retry_after_ms, 0} burst limit: try again later
 --   {2, used, 0}           pool exhausted (free: 429; paid: 402)
 --   {3, used, 0}           a retry of an idempotent call already charged
@@ -86,21 +97,27 @@ local function reserve(k, a, last)
   local limit = tonumber(ARGV[a + 3])
   local used = tonumber(redis.call('GET', pool_key) or '0')
   local cost = 1
-  local price = 0
 
   if kind == 'none' then
     return {2, used, 0}
-  elseif kind == 'credit' or kind == 'prepaid' then
-    -- The price by the call's position among this period's paid calls.
-    local position = tonumber(redis.call('GET', paid_key) or '0') + 1
-    price = tonumber(ARGV[a + 6])
-    local i = a + 8
+  elseif kind == 'credit' then
+    -- The dearest tier a position after the calls settled so far can fall
+    -- in: a tier whose bound is not yet passed; past the last bounded tier,
+    -- the per-call price.
+    local next_position = tonumber(redis.call('GET', paid_key) or '0') + 1
+    local worst = -1
+    local open = true
+    local i = a + 10
     while i < last do
       local up_to = tonumber(ARGV[i])
-      if up_to == 0 or position <= up_to then price = tonumber(ARGV[i + 1]) break end
+      if up_to == 0 or up_to >= next_position then
+        worst = math.max(worst, tonumber(ARGV[i + 1]))
+      end
+      open = up_to ~= 0
       i = i + 2
     end
-    if kind == 'credit' then cost = price end
+    if open then worst = math.max(worst, tonumber(ARGV[a + 6])) end
+    cost = worst + tonumber(ARGV[a + 9])
   end
 
   if used + cost > limit then
@@ -112,14 +129,11 @@ local function reserve(k, a, last)
   -- Counters get their time to live when they are made (the first call of
   -- the period), not again on every call.
   if kind ~= 'prepaid' and used == cost then redis.call('EXPIRE', pool_key, COUNTER_TTL) end
-  if kind ~= 'free' and redis.call('INCR', paid_key) == 1 then
-    redis.call('EXPIRE', paid_key, COUNTER_TTL)
-  end
   if idem then
     redis.call('SET', idem_key, 'pending:' .. ARGV[a + 4], 'EX', PENDING_TTL)
   end
   redis.call('HSET', inflight_key, ARGV[a + 4], cost .. '|' .. ARGV[a + 7])
-  return {0, used, cost, price}
+  return {0, used, cost, 0}
 end
 
 local results = {}
