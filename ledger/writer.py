@@ -367,6 +367,8 @@ class LedgerWriter:
                     1 if u.idempotent else 0,
                     u.call_id,
                     "",
+                    0,  # not read by finish.lua
+                    "",  # no response kept: a retry gets 409 conflict
                 )
             ended += int(result[0])
         self.recovered += ended

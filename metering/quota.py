@@ -29,6 +29,13 @@ the keys, the record so far); the finish removes it in the run that settles
 or releases. A replica killed in between leaves the entry, and the ledger
 writer uses it to release the call and record it as ``incomplete``
 (``ledger.writer``).
+
+A call with an Idempotency-Key holds the key's record (per app) in the same
+runs: the reservation binds it to the request's fingerprint while the call
+is in flight, the settlement marks it done for 24 h with the served response
+when the gateway keeps one, a release frees it. A retry is judged by it
+before any pool: another request (422), still in flight (409), served (the
+kept response, or 409 when none was kept).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from metering.periods import Period
 from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 
 RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
+#: The Idempotency-Key was first used for another request; a retry of a
+#: served call whose response was not kept (``reserve.lua``).
+IDEMPOTENCY_MISMATCH, NOT_KEPT = 5, 6
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
 #: come back and then go together: an idle gateway sends each call at once,
 #: a busy one sends larger batches (group commit), so the cost per call falls
@@ -112,8 +122,10 @@ class LicenceKeys:
         return f"{self.prefix}:burst:{app_id}:{dataset_id}"
 
     def idempotency(self, app_id: str, key: str | None) -> str:
+        # A hash (``reserve.lua``): "idempotency", not the "idem" that named
+        # the plain strings of earlier versions, so the two never meet.
         digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key else "-"
-        return f"{self.prefix}:idem:{app_id}:{digest}"
+        return f"{self.prefix}:idempotency:{app_id}:{digest}"
 
     def inflight(self) -> str:
         return f"{self.prefix}:inflight"
@@ -154,6 +166,11 @@ class Outcome:
     retry_after_ms: int = 0
     #: The call's price (1/10000 fen) on a paid pool, by its tier.
     price: int = 0
+    #: The call that first used the Idempotency-Key (a replay, a call in
+    #: flight, a mismatch, a response not kept).
+    first_call_id: str = ""
+    #: A replay: the response kept for the key (``Charge.keep``'s form).
+    response: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +210,16 @@ def plan_reservation(
     *,
     replica: str = "-",
     record: bytes = b"[]",
+    fingerprint: str = "",
 ) -> Reservation:
     """The reservation of one call. While it is in flight the call is entered
     in the licence's in-flight hash with a marker: the ``replica`` serving it,
     its pool and keys, and ``record`` (the call record so far, as
     ``ledger.record.opening`` spells it), which is what the ledger writer
-    needs to end it if the replica dies."""
+    needs to end it if the replica dies.
+
+    With an ``idempotency_key``, ``fingerprint`` names the request (method,
+    path, query and body digest): the key is bound to it."""
     k = LicenceKeys(terms.licence_id)
     reset = period.seconds_left(now)
     window = int((period.end - period.start).total_seconds())
@@ -234,6 +255,8 @@ def plan_reservation(
         1 if idempotency_key else 0,
         terms.per_call_e4,
         marker,
+        fingerprint if idempotency_key else "",
+        0,  # not read by reserve.lua
         *tiers,
     )
     return Reservation(
@@ -406,10 +429,13 @@ class QuotaBatcher:
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
-        status, a, b, *rest = (int(x) for x in result)
+        status, a, b = (int(x) for x in result[:3])
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=a)
-        return Outcome(status, a, b, price=rest[0] if rest else 0)
+        price = int(result[3]) if len(result) > 3 else 0
+        first = bytes(result[4]).decode() if len(result) > 4 else ""
+        response = bytes(result[5]) if len(result) > 5 else None
+        return Outcome(status, a, b, price=price, first_call_id=first, response=response)
 
     async def finish(
         self,
@@ -418,6 +444,7 @@ class QuotaBatcher:
         extra_e4: int = 0,
         *,
         record: tuple[str, bytes] | None = None,
+        response: bytes = b"",
     ) -> bool:
         """Settle (``"settle"``: served, stays charged, plus ``extra_e4`` on a
         credit pool) or release (``"release"``: not charged) a reserved call.
@@ -428,7 +455,10 @@ class QuotaBatcher:
         appended first: on a single server in the same script run, so one
         round trip makes the record durable and finishes the call; on a
         Cluster, where the log has a slot of its own, the finish is sent once
-        the append is acknowledged."""
+        the append is acknowledged.
+
+        ``response``: a settled idempotent call's response, kept for its
+        key's retries (empty: none kept)."""
         log, entry = record if record is not None else (None, b"")
         if log is not None and self._cluster:
             await self.append(log, entry)
@@ -439,7 +469,8 @@ class QuotaBatcher:
         result = await self._submit(
             "finish",
             (pool, paid, idem, inflight),
-            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry),
+            # The 7th is not read by finish.lua.
+            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry, 0, response),
             log,
         )
         return bool(int(result))

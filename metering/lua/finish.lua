@@ -15,11 +15,22 @@
 -- call is settled or released, and one run does both. (On a Cluster the log
 -- lives in another slot: the gateway appends first, then finishes.)
 --
+-- A settled idempotent call marks its idempotency record (reserve.lua)
+-- done for 24 h, and keeps the response it was served with there, when the
+-- gateway sent one: retries are answered with it. A released one frees its
+-- key: a retry is a new call.
+--
 -- ARGV[1] the number of calls, n; ARGV[2] 1 when KEYS[1] is the call-record
---   log, else 0; then six arguments per call: action (settle | release),
---   extra charge (1/10000 fen, credit pools only, else 0; settle only), pool
---   kind, 1 when the call has an Idempotency-Key else 0, call id, the call's
---   record for the log ('' for none).
+--   log, else 0; then PER_CALL arguments per call, numbered from 1:
+--   1 action (settle | release)
+--   2 extra charge (1/10000 fen, credit pools only, else 0; settle only)
+--   3 pool kind
+--   4 1 when the call has an Idempotency-Key, else 0
+--   5 call id
+--   6 the call's record for the log ('' for none)
+--   7 not read here ('0')
+--   8 the served response to keep for retries of an idempotent call ('' for
+--     none; settle only)
 -- KEYS: the log when ARGV[2] is 1; then four per call: pool counter, paid
 --   calls of the dataset this period, idempotency record, the licence's
 --   in-flight hash.
@@ -27,15 +38,22 @@
 -- Returns one integer per call: 1 finished now, 0 already finished.
 
 local IDEMPOTENCY_TTL = 24 * 3600
+local PER_CALL = 8
+-- The idempotency record is this call's, still in flight.
+local function pending(idem_key, call_id)
+  local held = redis.call('HMGET', idem_key, 'state', 'call')
+  return held[1] == 'pending' and held[2] == call_id
+end
+
 local has_log = ARGV[2] == '1'
 local base = has_log and 1 or 0
 local results = {}
 for n = 1, tonumber(ARGV[1]) do
-  local a = 3 + 6 * (n - 1)
+  local a = 3 + PER_CALL * (n - 1)
   local k = base + 4 * n - 3
   local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local record = ARGV[a + 5]
+  local record, response = ARGV[a + 5], ARGV[a + 7]
   if record ~= '' then
     if not has_log then
       return redis.error_reply('a record needs the log key')
@@ -49,8 +67,13 @@ for n = 1, tonumber(ARGV[1]) do
       if extra > 0 then
         redis.call('INCRBY', pool_key, extra)
       end
-      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
-        redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
+      if idem == '1' and pending(idem_key, call_id) then
+        if response ~= '' then
+          redis.call('HSET', idem_key, 'state', 'done', 'response', response)
+        else
+          redis.call('HSET', idem_key, 'state', 'done')
+        end
+        redis.call('EXPIRE', idem_key, IDEMPOTENCY_TTL)
       end
       results[n] = 1
     end
@@ -64,7 +87,7 @@ for n = 1, tonumber(ARGV[1]) do
       if kind ~= 'free' then
         redis.call('DECR', paid_key)
       end
-      if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+      if idem == '1' and pending(idem_key, call_id) then
         redis.call('DEL', idem_key)
       end
       results[n] = 1
