@@ -282,3 +282,44 @@ async def test_replays_are_held_to_the_burst_limit(world: World) -> None:
         assert status == 200, body
     assert len(world.upstream.seen) == seen + 1
     await refused(world, f"/data/{ds['id']}/x", token, 429, "rate-limited", headers=key)
+
+
+async def test_a_body_over_the_limit_is_refused_before_anything_is_reserved(
+    world_factory: WorldFactory,
+) -> None:
+    world = await world_factory(proxy__max_body_bytes=2000)
+    stop_clock(world, NOW)
+    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    path = f"/data/{ds['id']}/upload"
+    key = {"Idempotency-Key": "upload-1"}
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // 10):
+            yield b"x" * 10
+
+    # Announced by Content-Length, or found while reading a chunked body.
+    await refused(world, path, token, 413, "request-too-large", method="POST", data=b"x" * 2001, headers=key)
+    await refused(
+        world, path, token, 413, "request-too-large", method="POST", data=chunked(2010), headers=key
+    )
+    assert await free_used(world, lic, ds) == 0
+    # The key was not taken: the same key with a body within the limit is served,
+    # the chunked body forwarded whole.
+    status, body, _ = await world.call(path, token, method="POST", data=chunked(2000), headers=key)
+    assert (status, body["body_length"]) == (200, 2000)
+    assert await free_used(world, lic, ds) == 1
+
+
+async def test_a_head_retry_gets_the_first_head_back(world: World) -> None:
+    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    key = {"Idempotency-Key": "head-1"}
+    path = f"/data/{ds['id']}/etag"
+    first = await world.call(path, token, method="HEAD", headers=key)
+    assert first[0] == 200
+    seen = len(world.upstream.seen)
+    again = await world.call(path, token, method="HEAD", headers=key)
+    same_response(first, again, "ETag", "Cache-Control", "Content-Type", "Content-Length")
+    assert len(world.upstream.seen) == seen
+    # GET is another request under the key.
+    await refused(world, path, token, 422, "idempotency-mismatch", headers=key)
+    assert await free_used(world, lic, ds) == 1
