@@ -54,7 +54,8 @@
 --                          (another fingerprint): refused, never forwarded
 --   {6, used, 0, 0, first call id}
 --                          a retry of an idempotent call already served
---                          whose response was not kept (too large)
+--                          whose response was not kept (too large, or
+--                          the call was ended by the ledger writer)
 
 local COUNTER_TTL = 400 * 24 * 3600   -- outlives the period for usage and reconciliation
 -- A call in flight holds its Idempotency-Key at most this long (longer than
