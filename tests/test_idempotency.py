@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from gateway.charging import fingerprint
+from gateway.state import QUOTA
+from ledger.record import opening
+from metering.periods import period_of, zone
+from metering.quota import Terms, plan_reservation
 from tests.conftest import World, free_port
 from tests.test_data_plane import check_problem, eventually
 from tests.test_ledger import records_of
@@ -323,3 +329,74 @@ async def test_a_head_retry_gets_the_first_head_back(world: World) -> None:
     # GET is another request under the key.
     await refused(world, path, token, 422, "idempotency-mismatch", headers=key)
     assert await free_used(world, lic, ds) == 1
+
+
+async def test_a_key_held_by_a_replica_that_died_is_freed_by_the_writer(world_factory: WorldFactory) -> None:
+    """A replica reserves an idempotent call and dies: the ledger writer
+    records the call incomplete and releases it, and frees its key, so the
+    caller's retry is a new call, forwarded and charged once."""
+    world = await world_factory(ledger__replica_timeout_seconds=3)
+    ds, lic, app, token = await world.licensed(licence_fields={"paid": {"prepaid_calls": 10}})
+    key = "lost-order"
+    path = f"/data/{ds['id']}/orders?id=1"
+    now = datetime.now(UTC)
+    period = period_of(now, zone(world.settings.billing.time_zone))
+    call_id = "0190f000-0000-7000-8000-0000000000a1"
+    skeleton = {
+        "call_id": call_id,
+        "request_id": "lost-call",
+        "started_at": now.isoformat().replace("+00:00", "Z"),
+        "app_id": app["client_id"],
+        "licensee_id": lic["licensee_id"],
+        "licence_id": lic["id"],
+        "dataset_id": ds["id"],
+        "purpose": "public-interest",
+        "method": "GET",
+        "path": f"/data/{ds['id']}/orders",
+        "query_digest": None,
+        "pool": "free",
+        "period": period.name,
+        "client_address": "127.0.0.1",
+        "token_id": "jti-lost",
+    }
+    terms = Terms(
+        licence_id=lic["id"],
+        app_id=app["client_id"],
+        dataset_id=ds["id"],
+        purpose="public-interest",
+        free_limit=100,
+        prepaid_calls=None,
+        credit_limit_fen=None,
+        per_call_e4=0,
+    )
+    reservation = plan_reservation(
+        terms,
+        period,
+        now,
+        call_id,
+        key,
+        replica="replica-that-died",
+        record=opening(skeleton),
+        fingerprint=fingerprint("GET", path, b""),
+    )
+    assert (await world.app[QUOTA].reserve(reservation)).status == 0
+    # While the dead replica's call holds the key: 409, naming it.
+    resp = await refused(world, path, token, 409, "conflict", headers={"Idempotency-Key": key})
+    assert (await resp.json(content_type=None))["first_call_id"] == call_id
+
+    rows = await records_of(world, 2, within=15)
+    lost = [r for r in rows if r["call_id"] == call_id]
+    assert [(r["outcome"], r["charge_e4"]) for r in lost] == [("incomplete", 0)]
+
+    async def key_free() -> bool:
+        status, _body, _resp = await world.call(path, token, headers={"Idempotency-Key": key})
+        return status != 409
+
+    seen = len(world.upstream.seen)
+    await eventually(key_free, within=10)
+    assert len(world.upstream.seen) == seen + 1
+    assert world.upstream.last["raw_path"] == "/svc/orders?id=1"
+    # Served, it is replayed from now on.
+    status, _body, _resp = await world.call(path, token, headers={"Idempotency-Key": key})
+    assert status == 200
+    assert len(world.upstream.seen) == seen + 1
