@@ -71,6 +71,10 @@ class TokenSettings(_Section):
 class ProxySettings(_Section):
     #: Largest request body forwarded upstream, in bytes.
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    #: Largest response body kept for the retries of a call with an
+    #: ``Idempotency-Key`` (24 h, in the quota store). A retry of a call whose
+    #: response was larger gets 409 ``conflict`` naming the first call.
+    idempotent_response_max_bytes: int = Field(1024 * 1024, ge=0, le=64 * 1024 * 1024)
     #: Upstream timeout when a dataset sets none.
     default_timeout_seconds: float = Field(30.0, gt=0, le=600)
     #: Connection pool size towards all upstreams.
@@ -214,6 +218,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_SIGNING_KEY_FILE": "tokens.signing_key_file",
     "PDG_TOKEN_AUDIENCE": "tokens.audience",
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
+    "PDG_IDEMPOTENT_RESPONSE_MAX_BYTES": "proxy.idempotent_response_max_bytes",
     "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
     "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
     "PDG_LEDGER_HASH_ALGORITHM": "ledger.hash_algorithm",

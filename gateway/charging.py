@@ -6,9 +6,23 @@ release after (``metering.quota`` does the counting).
 - ``industrial`` calls draw on the licence's paid terms; exhausted, or none:
   402 ``payment-required``.
 - The burst limit per app and dataset: 429 ``rate-limited`` with ``Retry-After``.
-- A retry with the same ``Idempotency-Key`` (same app, 24 h) after the first
-  call was served is forwarded and not charged again; while the first is still
-  in flight it gets 409 ``conflict``.
+- ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header): the key,
+  per app, is bound for 24 h to the request first sent with it, by a
+  fingerprint of its method, path, query and body digest (the body is read,
+  within ``proxy.max_body_bytes``, before anything is reserved; only its
+  digest is kept). The same key with another request: 422
+  ``idempotency-mismatch``, never forwarded. A retry of the same request
+  while the first is in flight: 409 ``conflict``. Once the first was served,
+  a retry never reaches the upstream again nor is charged: the gateway
+  answers it with the first response (status, headers, body), kept in the
+  quota store with the key when its body is at most
+  ``proxy.idempotent_response_max_bytes``; the retry has its own
+  ``X-Call-Id`` and ``RateLimit`` fields, is recorded with pool ``replay``
+  and counts against the burst limit. A response too large to keep (or a
+  call the ledger writer ended for a gateway that stopped): the retry gets
+  409 ``conflict`` naming the first call (``first_call_id``). A
+  first call that was not served (an upstream failure, a response cut short)
+  frees the key: a retry is a new call.
 - The quota store unreachable: 503 ``quota-unavailable``, nothing forwarded.
 
 A served call (any status below 500 whose body was sent whole) stays charged;
@@ -34,10 +48,13 @@ Responses carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.recording import CallRecorder
@@ -47,6 +64,7 @@ from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
     ConflictError,
+    IdempotencyMismatchError,
     PaymentRequiredError,
     QuotaExhaustedError,
     QuotaUnavailableError,
@@ -55,7 +73,9 @@ from licensing.errors import (
 from metering.periods import Period
 from metering.quota import (
     EXHAUSTED,
+    IDEMPOTENCY_MISMATCH,
     IN_FLIGHT,
+    NOT_KEPT,
     RATE_LIMITED,
     REPLAYED,
     Outcome,
@@ -67,6 +87,59 @@ from metering.quota import (
 )
 
 _IDEMPOTENCY_KEY_MAX = 255
+#: Fields the gateway sets on each call, not kept with a replayed response.
+_PER_CALL_HEADERS = frozenset({"x-call-id", "ratelimit", "ratelimit-policy"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeptResponse:
+    """A served response as kept for the retries of its Idempotency-Key:
+    what the caller got from the upstream, but the fields of the call itself."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    #: The ``Content-Length`` it was sent with, if any (a ``HEAD`` has none
+    #: of the body it announces).
+    length: int | None
+    records: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        """One JSON line of everything but the body, then the body."""
+        head = {
+            "status": self.status,
+            "reason": self.reason,
+            "headers": self.headers,
+            "length": self.length,
+            "records": self.records,
+        }
+        return orjson.dumps(head) + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeptResponse:
+        head, _, body = data.partition(b"\n")
+        fields = orjson.loads(head)
+        return cls(
+            status=int(fields["status"]),
+            reason=str(fields["reason"]),
+            headers=[(str(name), str(value)) for name, value in fields["headers"]],
+            length=None if fields["length"] is None else int(fields["length"]),
+            records=int(fields["records"]),
+            body=body,
+        )
+
+
+def kept_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The response fields kept for a replay: all but the call's own."""
+    return [(name, value) for name, value in headers if name.lower() not in _PER_CALL_HEADERS]
+
+
+def fingerprint(method: str, raw_path: str, body: bytes) -> str:
+    """What binds an Idempotency-Key to its request: its method, path and
+    query (the raw target, as sent) and the SHA-256 of its body."""
+    body_digest = hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(f"{method}\n{raw_path}\n{body_digest}".encode()).hexdigest()
 
 
 @dataclass
@@ -80,6 +153,20 @@ class Charge:
     per_record_e4: int
     pool: str
     done: bool = False
+    #: A retry of an idempotent call already served: the response kept for
+    #: it, which answers the call (nothing is forwarded).
+    replay: KeptResponse | None = None
+    #: The served response to keep for the retries of this call's
+    #: Idempotency-Key (``keep``).
+    kept: bytes = b""
+
+    @property
+    def keeps_response(self) -> bool:
+        """The call holds an Idempotency-Key: its served response is kept."""
+        return self.reservation is not None and self.reservation.idempotent
+
+    def keep(self, response: KeptResponse) -> None:
+        self.kept = response.encode()
 
     @property
     def priced(self) -> bool:
@@ -114,7 +201,10 @@ class Charge:
             entry = to_log(record)
         try:
             action = "settle" if served else "release"
-            await app[QUOTA].finish(reservation, action, extra, record=(log, entry), charge_at=charge_at)
+            kept = self.kept if served else b""
+            await app[QUOTA].finish(
+                reservation, action, extra, record=(log, entry), charge_at=charge_at, response=kept
+            )
         except BaseException:
             app[PRESENCE].orphan(reservation.licence_id, reservation.call_id)
             raise
@@ -180,12 +270,19 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 async def reserve(
-    request: web.Request, grant: Grant, app_id: str, call_id: str, recorder: CallRecorder
+    request: web.Request,
+    grant: Grant,
+    app_id: str,
+    call_id: str,
+    recorder: CallRecorder,
+    *,
+    key: str | None = None,
+    request_fingerprint: str = "",
 ) -> Charge:
     """Reserve this call's quota, or raise the problem that refuses it. The
     call record so far (``recorder``) stays with the reservation while the
-    call is in flight."""
-    key = idempotency_key(request)
+    call is in flight. ``key``: the call's Idempotency-Key, bound to
+    ``request_fingerprint`` (:func:`fingerprint`)."""
     terms = _terms(grant, app_id)
     # Judged at the instant and in the period the call record says.
     now, period = recorder.now, recorder.period
@@ -198,7 +295,14 @@ async def reserve(
         )
     record = recorder.skeleton()
     reservation = plan_reservation(
-        terms, period, now, call_id, key, replica=request.app[REPLICA_ID], record=record
+        terms,
+        period,
+        now,
+        call_id,
+        key,
+        replica=request.app[REPLICA_ID],
+        record=record,
+        fingerprint=request_fingerprint,
     )
     try:
         outcome = await request.app[QUOTA].reserve(reservation)
@@ -226,14 +330,34 @@ async def reserve(
         raise PaymentRequiredError(
             f"licence {grant.licence.id} has {what} for industrial use", headers=headers
         )
+    first = outcome.first_call_id
+    if outcome.status == IDEMPOTENCY_MISMATCH:
+        raise IdempotencyMismatchError(
+            f"this Idempotency-Key was first used by call {first} for another request "
+            "(method, path, query or body); send a new key with a new request",
+            first_call_id=first,
+        )
     if outcome.status == IN_FLIGHT:
         raise ConflictError(
-            "a call with this Idempotency-Key is still in flight", headers={"Retry-After": "1"}
+            f"the call {first} with this Idempotency-Key is still in flight",
+            headers={"Retry-After": "1"},
+            first_call_id=first,
+        )
+    if outcome.status == NOT_KEPT:
+        raise ConflictError(
+            f"the call {first} with this Idempotency-Key was served; its response was too large "
+            "to keep, so it is not sent again",
+            first_call_id=first,
         )
     held: Reservation | None = reservation
+    replay = None
     if outcome.status == REPLAYED:
-        # Served again, drawn on no pool: the record says so, and billing and
-        # reconciliation leave it out (the pool counted the call it repeats).
+        # Answered from the kept response, drawn on no pool: the record says
+        # so, and billing and reconciliation leave it out (the pool counted
+        # the call it repeats).
         held = None
         recorder.record["pool"] = REPLAY_POOL
-    return Charge(held, outcome, period, headers, grant.dataset.per_record_e4, reservation.pool.kind)
+        replay = KeptResponse.decode(outcome.response or b"")
+    return Charge(
+        held, outcome, period, headers, grant.dataset.per_record_e4, reservation.pool.kind, replay=replay
+    )

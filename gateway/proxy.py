@@ -8,7 +8,11 @@ Forwarding rules:
 
 - request and response bodies stream in both directions; a request body over
   ``proxy.max_body_bytes`` is refused with 413 (by ``Content-Length`` before
-  anything is sent, or while streaming a chunked body);
+  anything is sent, or while streaming a chunked body); a call with an
+  ``Idempotency-Key`` is the exception: its body is read whole (within the
+  same limit) before anything is reserved, since the key is bound to its
+  digest, and forwarded from memory; a retry of a served idempotent call is
+  answered from the kept response and never forwarded (``gateway.charging``);
 - hop-by-hop headers (RFC 9110 §7.6.1, and any named in ``Connection``) are
   stripped both ways; the caller's ``Authorization``, ``DPoP``, ``Cookie`` and
   ``Proxy-*`` headers never go upstream;
@@ -49,6 +53,7 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -271,8 +276,19 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             grant, rest = _authorize(request, claims)
             dataset_label = grant.dataset.id
             recorder.record["dataset_id"] = grant.dataset.id
-            charge = await charging.reserve(request, grant, claims.app_id, call_id, recorder)
-            response, served = await _forward(request, grant, rest, charge, recorder)
+            key = charging.idempotency_key(request)
+            body: bytes | None = None
+            fingerprint = ""
+            if key is not None:
+                body = await _read_body(request, app[SETTINGS].proxy.max_body_bytes)
+                fingerprint = charging.fingerprint(request.method, request.raw_path, body)
+            charge = await charging.reserve(
+                request, grant, claims.app_id, call_id, recorder, key=key, request_fingerprint=fingerprint
+            )
+            if charge.replay is not None:
+                response, served = await _replay(request, charge.replay, charge, recorder)
+            else:
+                response, served = await _forward(request, grant, rest, charge, recorder, body)
         except LedgerUnavailableError:
             raise
         except GatewayError as error:
@@ -341,12 +357,65 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (413 beyond)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
+    if not request.body_exists:
+        return b""
+    chunks = []
+    try:
+        async for chunk in _limited(request.content, limit, [False]):
+            chunks.append(chunk)
+    except (OSError, aiohttp.ClientError, HttpProcessingError) as exc:
+        raise BadRequestError("the request body could not be read whole") from exc
+    return b"".join(chunks)
+
+
+async def _replay(
+    request: web.Request,
+    kept: charging.KeptResponse,
+    charge: charging.Charge,
+    recorder: CallRecorder,
+) -> tuple[web.StreamResponse, Served]:
+    """Answer a retry of a served idempotent call with the response kept for
+    its key, as the first call's caller got it, but for this call's own
+    ``X-Call-Id`` and ``RateLimit`` fields. Recorded first, like any call."""
+    response = web.StreamResponse(status=kept.status, reason=kept.reason or None)
+    for name, value in kept.headers:
+        response.headers.add(name, value)
+    response.headers["X-Call-Id"] = recorder.record["call_id"]
+    response.headers.update(charge.headers)
+    if kept.length is not None:
+        if "Content-Encoding" in response.headers:
+            response.headers["Content-Length"] = str(kept.length)
+        else:
+            response.content_length = kept.length
+    digest = recorder.new_digest()
+    digest.update(kept.body)
+    await recorder.write(
+        status=kept.status,
+        outcome=SERVED,
+        records=kept.records,
+        size=len(kept.body),
+        digest=digest.hexdigest(),
+        charge=charge,
+    )
+    try:
+        await response.prepare(request)
+        await response.write_eof(kept.body)
+    except ConnectionResetError:
+        pass  # the caller left at the last moment; the call was recorded
+    return response, Served(complete=True, records=kept.records)
+
+
 async def _forward(
     request: web.Request,
     grant: Grant,
     rest: str,
     charge: charging.Charge,
     recorder: CallRecorder,
+    buffered: bytes | None = None,
 ) -> tuple[web.StreamResponse, Served]:
     settings = request.app[SETTINGS]
     limit = settings.proxy.max_body_bytes
@@ -358,7 +427,9 @@ async def _forward(
     timeout_s = grant.dataset.timeout_seconds or settings.proxy.default_timeout_seconds
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
     exceeded = [False]
-    body = _limited(request.content, limit, exceeded) if request.body_exists else None
+    body: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        body = buffered if buffered is not None else _limited(request.content, limit, exceeded)
     session = request.app[UPSTREAM]
     try:
         async with session.request(
@@ -464,6 +535,7 @@ async def _relay(
                 response.headers.add(name, rewritten)
             continue
         response.headers.add(name, value)
+    relayed = charging.kept_headers(response.headers.items()) if charge.keeps_response else []
     response.headers["X-Call-Id"] = recorder.record["call_id"]
     response.headers.update(charge.headers)
     if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
@@ -477,6 +549,9 @@ async def _relay(
         grant.dataset.per_record_e4 > 0 or "json" in upstream.headers.get("Content-Type", "")
     )
     kept: list[bytes] | None = [] if counting else None
+    # The body kept for the retries of an idempotent call, if small enough.
+    keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes
+    stored: list[bytes] | None = [] if charge.keeps_response else None
     digest = recorder.new_digest()
     size = 0
     # What tells the caller the response is whole leaves only once the record
@@ -497,6 +572,11 @@ async def _relay(
                     kept.append(chunk)
                 else:
                     kept = None
+            if stored is not None:
+                if size <= keep_max:
+                    stored.append(chunk)
+                else:
+                    stored = None
             if expected is not None and size >= expected:
                 chunk, held = b"", chunk
             if chunk:
@@ -508,6 +588,12 @@ async def _relay(
     except ConnectionResetError:
         return response, await _cut(recorder, charge, status, size, digest, "client-disconnected")
     records = _count_records(upstream, b"".join(kept) if kept else None)
+    if stored is not None:
+        charge.keep(
+            charging.KeptResponse(
+                status, upstream.reason or "", relayed, upstream.content_length, records, b"".join(stored)
+            )
+        )
     try:
         await recorder.write(
             status=status,

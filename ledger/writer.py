@@ -370,6 +370,7 @@ class LedgerWriter:
                     "",
                     0,
                     "",
+                    "",  # no response kept: a retry gets 409 conflict
                 )
             ended += int(result[0])
         self.recovered += ended

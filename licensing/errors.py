@@ -23,6 +23,7 @@ as RFC 9457 problem JSON (``gateway.problems``).
     ├── MethodNotAllowedError             405 method-not-allowed
     ├── ConflictError                     409 conflict
     ├── RequestTooLargeError              413 request-too-large
+    ├── IdempotencyMismatchError          422 idempotency-mismatch
     ├── RateLimitedError                  429 rate-limited
     ├── QuotaExhaustedError               429 quota-exhausted
     ├── UpstreamUnavailableError          502/503/504 upstream-unavailable
@@ -133,6 +134,12 @@ class ConflictError(GatewayError):
 
 class RequestTooLargeError(GatewayError):
     status, code, title = 413, "request-too-large", "Request body too large"
+
+
+class IdempotencyMismatchError(GatewayError):
+    """An ``Idempotency-Key`` reused with another method, path, query or body."""
+
+    status, code, title = 422, "idempotency-mismatch", "Idempotency-Key used for another request"
 
 
 class UpstreamUnavailableError(GatewayError):

@@ -36,6 +36,13 @@ the keys, the record so far); the finish removes it in the run that settles
 or releases. A replica killed in between leaves the entry, and the ledger
 writer uses it to release the call and record it as ``incomplete``
 (``ledger.writer``).
+
+A call with an Idempotency-Key holds the key's record (per app) in the same
+runs: the reservation binds it to the request's fingerprint while the call
+is in flight, the settlement marks it done for 24 h with the served response
+when the gateway keeps one, a release frees it. A retry is judged by it
+before any pool: another request (422), still in flight (409), served (the
+kept response, or 409 when none was kept).
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ from metering.periods import Period
 from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 
 RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
+#: The Idempotency-Key was first used for another request; a retry of a
+#: served call whose response was not kept (``reserve.lua``).
+IDEMPOTENCY_MISMATCH, NOT_KEPT = 5, 6
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
 #: come back and then go together: an idle gateway sends each call at once,
 #: a busy one sends larger batches (group commit), so the cost per call falls
@@ -120,8 +130,10 @@ class LicenceKeys:
         return f"{self.prefix}:burst:{app_id}:{dataset_id}"
 
     def idempotency(self, app_id: str, key: str | None) -> str:
+        # A hash (``reserve.lua``): "idempotency", not the "idem" that named
+        # the plain strings of earlier versions, so the two never meet.
         digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key else "-"
-        return f"{self.prefix}:idem:{app_id}:{digest}"
+        return f"{self.prefix}:idempotency:{app_id}:{digest}"
 
     def inflight(self) -> str:
         return f"{self.prefix}:inflight"
@@ -164,6 +176,11 @@ class Outcome:
     #: a credit pool.
     cost: int
     retry_after_ms: int = 0
+    #: The call that first used the Idempotency-Key (a replay, a call in
+    #: flight, a mismatch, a response not kept).
+    first_call_id: str = ""
+    #: A replay: the response kept for the key (``Charge.keep``'s form).
+    response: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +223,16 @@ def plan_reservation(
     *,
     replica: str = "-",
     record: bytes = b"[]",
+    fingerprint: str = "",
 ) -> Reservation:
     """The reservation of one call. While it is in flight the call is entered
     in the licence's in-flight hash with a marker: the ``replica`` serving it,
     its pool and keys, and ``record`` (the call record so far, as
     ``ledger.record.opening`` spells it), which is what the ledger writer
-    needs to end it if the replica dies."""
+    needs to end it if the replica dies.
+
+    With an ``idempotency_key``, ``fingerprint`` names the request (method,
+    path, query and body digest): the key is bound to it."""
     k = LicenceKeys(terms.licence_id)
     reset = period.seconds_left(now)
     window = int((period.end - period.start).total_seconds())
@@ -247,7 +268,7 @@ def plan_reservation(
         1 if idempotency_key else 0,
         terms.per_call_e4,
         marker,
-        "",
+        fingerprint if idempotency_key else "",
         terms.worst_records_e4,
         *tiers,
     )
@@ -425,10 +446,12 @@ class QuotaBatcher:
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
-        status, a, b, *_ = (int(x) for x in result)
+        status, a, b = (int(x) for x in result[:3])
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=a)
-        return Outcome(status, a, b)
+        first = bytes(result[4]).decode() if len(result) > 4 else ""
+        response = bytes(result[5]) if len(result) > 5 else None
+        return Outcome(status, a, b, first_call_id=first, response=response)
 
     async def finish(
         self,
@@ -438,6 +461,7 @@ class QuotaBatcher:
         *,
         record: tuple[str, bytes] | None = None,
         charge_at: int = 0,
+        response: bytes = b"",
     ) -> bool:
         """Settle (``"settle"``: served, stays charged) or release
         (``"release"``: not charged) a reserved call. Only the first finish of
@@ -451,13 +475,16 @@ class QuotaBatcher:
         the call, its charge written in at byte ``charge_at`` of the entry
         (``ledger.record.to_log_uncharged``; 0: the entry is whole). On a
         Cluster, where the log has a slot of its own, a paid call is priced
-        first, its record appended with the charge, then it is settled."""
+        first, its record appended with the charge, then it is settled.
+
+        ``response``: a settled idempotent call's response, kept for its
+        key's retries (empty: none kept)."""
         log, entry = record if record is not None else (None, b"")
         settle = action == "settle"
         extra, prices = (extra_e4, reservation.prices) if settle else (0, "")
         if log is not None and self._cluster:
             if settle and charge_at and prices:
-                price = int(await self._finish_run(reservation, "price", 0, b"", 0, prices, None))
+                price = int(await self._finish_run(reservation, "price", 0, b"", 0, prices, b"", None))
                 # -1: the call was finished already (by the ledger writer).
                 extra, prices = (extra + price, "") if price >= 0 else (0, "")
                 entry = with_charge(entry, charge_at, extra)
@@ -465,7 +492,7 @@ class QuotaBatcher:
                 entry = with_charge(entry, charge_at, 0)
             await self.append(log, entry)
             log, entry, charge_at = None, b"", 0
-        result = await self._finish_run(reservation, action, extra, entry, charge_at, prices, log)
+        result = await self._finish_run(reservation, action, extra, entry, charge_at, prices, response, log)
         return bool(int(result) > 0)
 
     def _finish_run(
@@ -476,6 +503,7 @@ class QuotaBatcher:
         entry: bytes,
         charge_at: int,
         prices: str,
+        response: bytes,
         log: str | None,
     ) -> asyncio.Future[Any]:
         _burst, pool, paid, idem, inflight = reservation.keys
@@ -483,7 +511,17 @@ class QuotaBatcher:
         return self._submit(
             "finish",
             (pool, paid, idem, inflight),
-            (action, extra, reservation.pool.kind, idempotent, reservation.call_id, entry, charge_at, prices),
+            (
+                action,
+                extra,
+                reservation.pool.kind,
+                idempotent,
+                reservation.call_id,
+                entry,
+                charge_at,
+                prices,
+                response,
+            ),
             log,
         )
 

@@ -347,69 +347,7 @@ async def test_upstream_client_errors_are_charged(world: World) -> None:
     await refused(world, f"/data/{ds['id']}/x", token, 429, "quota-exhausted")
 
 
-# -- idempotent retries -------------------------------------------------------------
-
-
-async def test_a_retry_with_the_same_key_is_charged_once(world: World) -> None:
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
-    other_app = await world.app_client(lic["licensee_id"])
-    other = await world.token(other_app, f"purpose:public-interest dataset:{ds['id']}")
-    path = f"/data/{ds['id']}/orders"
-    key = {"Idempotency-Key": "order-7f3a"}
-
-    async def used() -> int:
-        return int((await usage(world, lic, ds, PERIOD))["free"]["used"])
-
-    seen = len(world.upstream.seen)
-    first = await served(world, path, token, headers=key)
-    assert sf_items(first.headers["RateLimit"])["free"]["r"] == 4
-    again = await served(world, path, token, headers=key)
-    assert len(world.upstream.seen) == seen + 2  # served again: forwarded
-    assert again.headers["X-Call-Id"] != first.headers["X-Call-Id"]
-    assert await used() == 1
-    # Its RateLimit tells the balance as it is, not a fresh allowance.
-    assert sf_items(again.headers["RateLimit"])["free"]["r"] == 4
-
-    # The same key from another app of the same licence is another call.
-    await served(world, path, other, headers=key)
-    assert await used() == 2
-    await served(world, path, other, headers=key)
-    assert await used() == 2
-    # A new key is a new call.
-    await served(world, path, token, headers={"Idempotency-Key": "order-7f3b"})
-    assert await used() == 3
-
-    # A first try that failed upstream was released: its retry is charged, once.
-    key = {"Idempotency-Key": "retry-after-failure"}
-    status, body, resp = await world.call(f"/data/{ds['id']}/status/503", token, headers=key)
-    check_problem(status, body, resp, 502, "upstream-unavailable")
-    assert await used() == 3
-    for _ in range(2):
-        await served(world, path, token, headers=key)
-        assert await used() == 4
-
-
-async def test_a_duplicate_while_the_first_is_in_flight_gets_409(world: World) -> None:
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
-    key = {"Idempotency-Key": "slow-order-1"}
-    first = asyncio.create_task(world.call(f"/data/{ds['id']}/drip", token, headers=key))
-    await eventually(lambda: _arrived(world, "/svc/drip"))
-
-    for rest in ("drip", "x"):  # the key names the call, whatever it asks for
-        resp = await refused(world, f"/data/{ds['id']}/{rest}", token, 409, "conflict", headers=key)
-        assert resp.headers["Retry-After"] == "1"
-    assert not first.done()
-    world.upstream.drip_release.set()
-    status, body, _ = await first
-    assert (status, body) == (200, b"first;last")
-    assert (await usage(world, lic, ds, PERIOD))["free"]["used"] == 1
-
-    await served(world, f"/data/{ds['id']}/drip", token, headers=key)
-    assert (await usage(world, lic, ds, PERIOD))["free"]["used"] == 1
-
-
-async def _arrived(world: World, path: str) -> bool:
-    return path in world.upstream.arrived
+# -- idempotent retries (more in test_idempotency.py) -----------------------------
 
 
 async def test_malformed_idempotency_keys_are_refused(world: World) -> None:
@@ -598,16 +536,6 @@ async def test_the_burst_limit_answers_429_with_retry_after(world: World) -> Non
     assert (await usage(world, lic, ds, PERIOD))["free"]["used"] == 2  # not charged
     await asyncio.sleep(1.0)
     await served(world, f"/data/{ds['id']}/x", token)
-
-
-async def test_replays_are_held_to_the_burst_limit(world: World) -> None:
-    """A replay is forwarded again, so it loads the upstream like any call:
-    not charged, but not exempt from the app's burst limit."""
-    ds, _lic, _app, token = await world.licensed(dataset_fields={"burst": {"per_second": 1, "capacity": 2}})
-    key = {"Idempotency-Key": "hammer"}
-    for _ in range(2):
-        await served(world, f"/data/{ds['id']}/x", token, headers=key)
-    await refused(world, f"/data/{ds['id']}/x", token, 429, "rate-limited", headers=key)
 
 
 async def test_quota_store_down_fails_closed_and_recovers(

@@ -15,7 +15,9 @@ from ledger.record import LOGGED_FIELDS, from_log, to_log, to_log_uncharged
 from metering.periods import period_of
 from metering.quota import (
     EXHAUSTED,
+    IDEMPOTENCY_MISMATCH,
     IN_FLIGHT,
+    NOT_KEPT,
     RATE_LIMITED,
     REPLAYED,
     RESERVED,
@@ -65,8 +67,8 @@ def terms(**overrides: Any) -> Terms:
     return Terms(**values)
 
 
-def plan(t: Terms, call: str, key: str | None = None) -> Any:
-    return plan_reservation(t, PERIOD, NOW, call, key)
+def plan(t: Terms, call: str, key: str | None = None, fingerprint: str = "GET /a") -> Any:
+    return plan_reservation(t, PERIOD, NOW, call, key, fingerprint=fingerprint)
 
 
 def record(call_id: str) -> dict[str, Any]:
@@ -197,13 +199,31 @@ async def test_idempotent_retries_are_charged_once(batcher: QuotaBatcher) -> Non
     t = terms(free_limit=5)
     first = plan(t, "i1", "order-42")
     assert (await batcher.reserve(first)).status == RESERVED
-    assert (await batcher.reserve(plan(t, "i2", "order-42"))).status == IN_FLIGHT
-    assert await batcher.settle(first)
+    in_flight = await batcher.reserve(plan(t, "i2", "order-42"))
+    assert (in_flight.status, in_flight.first_call_id) == (IN_FLIGHT, "i1")
+    assert await batcher.finish(first, "settle", record=None, response=b"kept\n\x00response")
     replay = await batcher.reserve(plan(t, "i3", "order-42"))
-    assert replay.status == REPLAYED
+    assert (replay.status, replay.used, replay.first_call_id) == (REPLAYED, 1, "i1")
+    assert replay.response == b"kept\n\x00response"
     other = await batcher.reserve(plan(terms(free_limit=5, app_id="app-2"), "i4", "order-42"))
     assert other.status == RESERVED, "the key is per app"
     assert other.used == 2
+
+
+async def test_a_key_is_bound_to_its_request(batcher: QuotaBatcher) -> None:
+    t = terms(free_limit=1)
+    first = plan(t, "m1", "order-43", fingerprint="GET /a")
+    assert (await batcher.reserve(first)).status == RESERVED
+    # In flight or served, and with the allowance used up: another request
+    # under the key is refused, counted nowhere.
+    for settled in (False, True):
+        if settled:
+            assert await batcher.settle(first)
+        for call, fingerprint in (("m2", "GET /b"), ("m3", "POST /a")):
+            other = await batcher.reserve(plan(t, call, "order-43", fingerprint=fingerprint))
+            assert (other.status, other.first_call_id, other.cost) == (IDEMPOTENCY_MISMATCH, "m1", 0)
+    assert (await batcher.reserve(plan(t, "m4", "order-43"))).status == NOT_KEPT, "settled, nothing kept"
+    assert (await batcher.reserve(plan(t, "m5"))).used == 1
 
 
 async def test_a_released_idempotent_call_is_charged_on_retry(batcher: QuotaBatcher) -> None:
@@ -213,6 +233,10 @@ async def test_a_released_idempotent_call_is_charged_on_retry(batcher: QuotaBatc
     assert await batcher.release(first)
     retry = await batcher.reserve(plan(t, "j2", "k"))
     assert (retry.status, retry.used) == (RESERVED, 1)
+    # Released, the key is free for any request.
+    assert await batcher.release(plan(t, "j2", "k"))
+    other = await batcher.reserve(plan(t, "j3", "k", fingerprint="POST /b"))
+    assert (other.status, other.used) == (RESERVED, 1)
 
 
 async def test_scripts_reload_after_a_flush(batcher: QuotaBatcher) -> None:

@@ -26,6 +26,11 @@
 -- and its price kept beside its in-flight entry, as "<call id>:p" -- then the
 -- gateway appends the record with its charge, then settles.)
 --
+-- A settled idempotent call marks its idempotency record (reserve.lua)
+-- done for 24 h, and keeps the response it was served with there, when the
+-- gateway sent one: retries are answered with it. A released one frees its
+-- key: a retry is a new call.
+--
 -- ARGV[1] the number of calls, n; ARGV[2] 1 when KEYS[1] is the call-record
 --   log, else 0; then ARGS_PER_CALL arguments per call:
 --   1 action: settle | release | price
@@ -39,6 +44,8 @@
 --     record is whole)
 --   8 prices: "<per-call price>;<up_to>:<price>;..." (1/10000 fen; up_to 0 =
 --     no bound) to price the call by its position; '' when its charge is known
+--   9 the served response to keep for retries of an idempotent call ('' for
+--     none; settle only)
 -- KEYS: the log when ARGV[2] is 1; then four per call: pool counter, charged
 --   calls of the dataset this period, idempotency record, the licence's
 --   in-flight hash.
@@ -49,7 +56,7 @@
 
 local IDEMPOTENCY_TTL = 24 * 3600
 local COUNTER_TTL = 400 * 24 * 3600   -- as reserve.lua's
-local ARGS_PER_CALL = 8
+local ARGS_PER_CALL = 9
 local has_log = false
 
 -- The price at `position` from a `prices` list (see ARGV above).
@@ -90,9 +97,20 @@ local function append(record)
   end
 end
 
-local function keep_idempotency(idem, idem_key, call_id)
-  if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
-    redis.call('SET', idem_key, 'done:' .. call_id, 'EX', IDEMPOTENCY_TTL)
+-- The idempotency record is this call's, still in flight.
+local function pending(idem_key, call_id)
+  local held = redis.call('HMGET', idem_key, 'state', 'call')
+  return held[1] == 'pending' and held[2] == call_id
+end
+
+local function keep_idempotency(idem, idem_key, call_id, response)
+  if idem == '1' and pending(idem_key, call_id) then
+    if response ~= '' then
+      redis.call('HSET', idem_key, 'state', 'done', 'response', response)
+    else
+      redis.call('HSET', idem_key, 'state', 'done')
+    end
+    redis.call('EXPIRE', idem_key, IDEMPOTENCY_TTL)
   end
 end
 
@@ -104,7 +122,7 @@ for n = 1, tonumber(ARGV[1]) do
   local k = base + 4 * n - 3
   local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local record, charge_at, prices = ARGV[a + 5], tonumber(ARGV[a + 6]), ARGV[a + 7]
+  local record, charge_at, prices, response = ARGV[a + 5], tonumber(ARGV[a + 6]), ARGV[a + 7], ARGV[a + 8]
   local paid = kind == 'prepaid' or kind == 'credit'
 
   if action == 'settle' and not paid then
@@ -113,7 +131,7 @@ for n = 1, tonumber(ARGV[1]) do
     if redis.call('HDEL', inflight_key, call_id) == 0 then
       results[n] = 0
     else
-      keep_idempotency(idem, idem_key, call_id)
+      keep_idempotency(idem, idem_key, call_id, response)
       results[n] = 1
     end
   else
@@ -142,7 +160,7 @@ for n = 1, tonumber(ARGV[1]) do
         redis.call('HDEL', inflight_key, call_id)
         local held = tonumber(string.match(entry, '^(%d+)|'))
         if kind == 'credit' and charge ~= held then redis.call('INCRBY', pool_key, charge - held) end
-        keep_idempotency(idem, idem_key, call_id)
+        keep_idempotency(idem, idem_key, call_id, response)
         results[n] = 1
       end
     else
@@ -152,7 +170,7 @@ for n = 1, tonumber(ARGV[1]) do
       else
         redis.call('HDEL', inflight_key, call_id, call_id .. ':p')
         redis.call('DECRBY', pool_key, tonumber(string.match(entry, '^(%d+)|')))
-        if idem == '1' and redis.call('GET', idem_key) == 'pending:' .. call_id then
+        if idem == '1' and pending(idem_key, call_id) then
           redis.call('DEL', idem_key)
         end
         results[n] = 1

@@ -16,7 +16,10 @@
 -- k[3] charged calls of this dataset this period: the tier position of the
 --         last call settled (finish.lua takes positions; read here only)
 -- k[4] idempotency record (used only when a[6] is 1; always a key of
---         the same hash tag, since an empty key would name another slot)
+--         the same hash tag, since an empty key would name another slot): a
+--         hash, state (pending | done), call (the first call's id), fp (its
+--         request fingerprint) and, once served, response (the served
+--         response as the gateway keeps it, when it was small enough)
 -- k[5] the licence's in-flight calls: a hash, call id -> "cost|replica|marker".
 --         A reserved call is entered here in the same run that counts it, and
 --         leaves in the run that settles or releases it (finish.lua); an entry
@@ -31,7 +34,8 @@
 -- a[6] 1 when the call has an Idempotency-Key, else 0
 -- a[7] per-call price (1/10000 fen) when no tier applies
 -- a[8] the in-flight marker: "replica|JSON" (pool kind, keys, the record so far)
--- a[9] the request's fingerprint ('' without an Idempotency-Key)
+-- a[9] the request's fingerprint (method, path, query, body digest) when the
+--      call has an Idempotency-Key, else ''
 -- a[10] the most the call's records can cost (1/10000 fen): the per-record
 --         price times the dataset's max_records_per_call
 -- a[11..m] tiers as pairs: up_to (0 = no bound), per-call price (1/10000 fen)
@@ -49,13 +53,23 @@
 --                          fen on a credit pool)
 --   {1, retry_after_ms, 0} burst limit: try again later
 --   {2, used, 0}           pool exhausted (free: 429; paid: 402)
---   {3, used, 0}           a retry of an idempotent call already charged
---   {4, 0, 0}              the same idempotent call is still in flight
+--   {3, used, 0, 0, first call id, response}
+--                          a retry of an idempotent call already served:
+--                          answered with the kept response, not forwarded
+--   {4, 0, 0, 0, first call id}
+--                          the same idempotent call is still in flight
+--   {5, 0, 0, 0, first call id}
+--                          the key was first used for another request
+--                          (another fingerprint): refused, never forwarded
+--   {6, used, 0, 0, first call id}
+--                          a retry of an idempotent call already served
+--                          whose response was not kept (too large, or
+--                          the call was ended by the ledger writer)
 
 local COUNTER_TTL = 400 * 24 * 3600   -- outlives the period for usage and reconciliation
 -- A call in flight holds its Idempotency-Key at most this long (longer than
 -- the largest upstream timeout): a replica that dies mid-call does not lock
--- the key for a day. Settlement then keeps it 24 h as "done".
+-- the key for a day. Settlement then keeps it 24 h as "done" (finish.lua).
 local PENDING_TTL = 900
 
 local now = redis.call('TIME')
@@ -66,8 +80,8 @@ local function reserve(k, a, last)
   local inflight_key = KEYS[k + 4]
 
   -- Burst first: GCRA. Allowed when the theoretical arrival time is within
-  -- tolerance. Replays of an idempotent call count here too: they are
-  -- forwarded again, so the upstream is protected from them as from any call.
+  -- tolerance. Replays of an idempotent call count here too: the gateway
+  -- answers them itself, but they are calls of the app like any other.
   local interval = tonumber(ARGV[a])
   local tolerance = tonumber(ARGV[a + 1])
   local tat = tonumber(redis.call('GET', burst_key) or '0')
@@ -80,16 +94,28 @@ local function reserve(k, a, last)
     redis.call('SET', burst_key, tat + interval, 'PX', math.ceil((tat + interval - now_us) / 1000) + 1000)
   end
 
-  -- An idempotent repeat is not charged again.
+  -- An Idempotency-Key names one request, by its fingerprint: the same key
+  -- with another request is refused; a repeat of the request is never
+  -- charged again, nor forwarded again.
   local idem = ARGV[a + 5] == '1'
+  local fingerprint = ARGV[a + 8]
   if idem then
-    local seen = redis.call('GET', idem_key)
-    if seen then
-      if string.sub(seen, 1, 5) == 'done:' then
-        take_burst()
-        return {3, tonumber(redis.call('GET', pool_key) or '0'), 0}
+    local seen = redis.call('HMGET', idem_key, 'state', 'call', 'fp')
+    if seen[1] then
+      local first = seen[2] or ''
+      if seen[3] ~= fingerprint then
+        return {5, 0, 0, 0, first}
       end
-      return {4, 0, 0}
+      if seen[1] ~= 'done' then
+        return {4, 0, 0, 0, first}
+      end
+      local used = tonumber(redis.call('GET', pool_key) or '0')
+      local response = redis.call('HGET', idem_key, 'response')
+      if not response then
+        return {6, used, 0, 0, first}
+      end
+      take_burst()
+      return {3, used, 0, 0, first, response}
     end
   end
 
@@ -130,7 +156,8 @@ local function reserve(k, a, last)
   -- the period), not again on every call.
   if kind ~= 'prepaid' and used == cost then redis.call('EXPIRE', pool_key, COUNTER_TTL) end
   if idem then
-    redis.call('SET', idem_key, 'pending:' .. ARGV[a + 4], 'EX', PENDING_TTL)
+    redis.call('HSET', idem_key, 'state', 'pending', 'call', ARGV[a + 4], 'fp', fingerprint)
+    redis.call('EXPIRE', idem_key, PENDING_TTL)
   end
   redis.call('HSET', inflight_key, ARGV[a + 4], cost .. '|' .. ARGV[a + 7])
   return {0, used, cost, 0}
