@@ -124,7 +124,8 @@ async def period_books(engine: AsyncEngine, period: str, *, licensee_id: str | N
     invoices = await list_invoices(engine, period=period, licensee_id=licensee_id)
     notes = await list_notes(engine, period=period, licensee_id=licensee_id)
     if not invoices and not notes:
-        raise NotFoundError(f"no invoices or notes for {period} (is the period closed?)")
+        why = "it is closed, with no billed calls" if closed is not None else "it is not closed"
+        raise NotFoundError(f"no invoices or notes for {period}: {why}")
     return {
         "format": FORMAT,
         "period": period,

@@ -17,6 +17,21 @@ unchanged; two closes of one period at once make one set of invoices (the
 period's row is the guard: the second close's insert fails, and it answers
 with what the first wrote).
 
+**A close bills everything its period served** (:func:`close_billing`, what
+the CLI and the admin API call): before it reads ``T`` it brings the ledger up
+to date with the ledger writer's own code
+(:meth:`ledger.writer.LedgerWriter.catch_up`, on a writer with a lock owner of
+its own): the calls that dead replicas left unfinished are ended, the calls of
+the period (or before) still in flight are waited for, and the call-record log
+is moved into the ledger up to its newest entry. So records that waited in the
+log after a gateway crash are billed in their own period, not as the next
+period's late usage. If that cannot finish within its bounds the close is
+refused and writes nothing (409 while calls stay in flight, 503
+``ledger-unavailable`` when the log cannot be reached or moved), unless pending
+calls are allowed: then it closes and answers what it left (``pending``),
+which the next close bills as late usage. :func:`close_period` alone is the
+SQL half (tests and the benchmark feed the ledger directly).
+
 **What an invoice holds.** One invoice per licensee with billed calls, a line
 per dataset, purpose and kind (and period, for late lines): its calls and
 records, the exact charge (the calls' ``charge_e4`` summed, in 1/10000 fen),
@@ -35,9 +50,11 @@ The sums run in SQL (``GROUP BY`` over the call record), not in Python.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, cast
@@ -49,13 +66,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
-from billing.money import E4, fen_of_e4, split, vat_of
+from billing.money import E4, fen_of_e4, parse_vat_rate, split, vat_of
+from config.settings import Settings
 from ledger.chain import rfc3339
+from ledger.log import REDIS_ERRORS
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
-from licensing.errors import ConflictError
+from ledger.store import LedgerError
+from ledger.writer import Waiting, build_writer
+from licensing.errors import ConflictError, LedgerUnavailableError
 from licensing.models import DatasetRow
 from metering.periods import Period, parse_period
+from storage.redis import EmbeddedValkeyError, RedisClient
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)
@@ -80,6 +102,9 @@ class Closed:
     through_seq: int
     closed_at: str
     invoices: list[dict[str, Any]]
+    #: What the close left for the next period (only a close that was
+    #: allowed to leave it: :func:`close_billing`); ``None`` when nothing.
+    pending: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +114,7 @@ class Closed:
             "through_seq": self.through_seq,
             "closed_at": self.closed_at,
             "invoices": self.invoices,
+            "pending": self.pending,
         }
 
 
@@ -144,8 +170,7 @@ async def close_period(
     """Close ``period`` (see the module docstring); ConflictError when it may
     not be closed yet. ``progress(done, STEPS)`` after each step: the usage
     summed, the late usage summed, the invoices written, the calls copied."""
-    if now < period.end:
-        raise ConflictError(f"period {period.name} has not ended (it ends at {rfc3339(period.end)})")
+    _ended(period, now)
     try:
         async with engine.begin() as conn:
             done = await _existing(conn, period.name)
@@ -161,6 +186,81 @@ async def close_period(
         return done
 
 
+def _ended(period: Period, now: datetime) -> None:
+    if now < period.end:
+        raise ConflictError(f"period {period.name} has not ended (it ends at {rfc3339(period.end)})")
+
+
+RedisOpener = Callable[[], AbstractAsyncContextManager[RedisClient]]
+
+
+async def close_billing(
+    engine: AsyncEngine,
+    period: Period,
+    *,
+    settings: Settings,
+    redis: RedisOpener,
+    now: datetime,
+    allow_pending: bool = False,
+    progress: Progress | None = None,
+) -> Closed:
+    """Close ``period`` as finance asks for it (``pdg billing close``, ``POST
+    /admin/v1/billing/{period}/close``): first bring the ledger up to date
+    (see the module docstring), then :func:`close_period`.
+
+    ``redis()`` opens the deployment's Redis (the CLI's starts the embedded
+    Valkey when it is not running). A period closed before answers its
+    invoices without it. When the ledger cannot be brought up to date the
+    close is refused and writes nothing: ConflictError (409) while calls of
+    the period stay in flight, LedgerUnavailableError (503) when the log
+    cannot be reached or moved; either carries ``pending`` (what is left).
+    With ``allow_pending`` it closes anyway and answers what it left in
+    ``Closed.pending``: those calls reach the ledger later and the next close
+    bills them as late usage. ``progress(done, STEPS + 1)``: the ledger
+    caught up, then :func:`close_period`'s steps."""
+    _ended(period, now)
+    async with engine.connect() as conn:
+        done = await _existing(conn, period.name)
+        if done is not None:
+            return done
+        await _in_order(conn, period)
+    step = progress or _quiet
+    waiting = await _catch_up(engine, period, settings, redis)
+    if waiting and not allow_pending:
+        detail = (
+            f"{waiting.reason}; nothing was closed (--allow-pending, or allow_pending=true, closes "
+            "anyway: what is left is billed by the next close as late usage)"
+        )
+        if waiting.busy:
+            raise ConflictError(detail, pending=waiting.as_dict())
+        raise LedgerUnavailableError(detail, headers={"Retry-After": "5"}, pending=waiting.as_dict())
+    step(1, STEPS + 1)
+    closed = await close_period(
+        engine,
+        period,
+        vat_rate=parse_vat_rate(settings.billing.vat_rate),
+        now=now,
+        progress=lambda done, total: step(done + 1, total + 1),
+    )
+    if waiting and not closed.already_closed:
+        return replace(closed, pending=waiting.as_dict())
+    return closed
+
+
+async def _catch_up(engine: AsyncEngine, period: Period, settings: Settings, redis: RedisOpener) -> Waiting:
+    """The ledger writer's :meth:`~ledger.writer.LedgerWriter.catch_up`, on a
+    writer of its own (its own lock owner); what it could not do."""
+    try:
+        async with redis() as client:
+            writer = build_writer(settings, engine, client, owner=f"close:{uuid.uuid4().hex}")
+            return await writer.catch_up(period.name)
+    except (*REDIS_ERRORS, EmbeddedValkeyError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Waiting(period.name, f"the call-record log cannot be reached ({why})", None, None)
+    except LedgerError as exc:
+        return Waiting(period.name, f"the ledger cannot be written ({exc})", None, None)
+
+
 async def _existing(conn: AsyncConnection, period: str) -> Closed | None:
     row = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == period))).first()
     if row is None:
@@ -169,9 +269,9 @@ async def _existing(conn: AsyncConnection, period: str) -> Closed | None:
     return Closed(period, True, row.after_seq, row.through_seq, rfc3339(row.closed_at), invoices)
 
 
-async def _close(
-    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
-) -> Closed:
+async def _in_order(conn: AsyncConnection, period: Period) -> int:
+    """ConflictError unless ``period`` is the next to close; the ``through_seq``
+    of the close before it (0 for the first)."""
     name = period.name
     last = (await conn.execute(select(_CLOSES).order_by(_CLOSES.c.period.desc()).limit(1))).first()
     if last is not None:
@@ -182,12 +282,18 @@ async def _close(
         expected = parse_period(last.period, period.tz).next().name
         if name != expected:
             raise ConflictError(f"periods close in order: close {expected} first")
-        after = int(last.through_seq)
-    else:
-        first = await conn.scalar(select(func.min(_CALLS.c.period)).where(_CALLS.c.outcome == SERVED))
-        if first is not None and first < name:
-            raise ConflictError(f"periods close in order: close {first} first (the ledger's first period)")
-        after = 0
+        return int(last.through_seq)
+    first = await conn.scalar(select(func.min(_CALLS.c.period)).where(_CALLS.c.outcome == SERVED))
+    if first is not None and first < name:
+        raise ConflictError(f"periods close in order: close {first} first (the ledger's first period)")
+    return 0
+
+
+async def _close(
+    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
+) -> Closed:
+    name = period.name
+    after = await _in_order(conn, period)
     state = await conn.scalar(select(_STATE.c.next_seq))
     through = int(state) - 1 if state is not None else 0
 

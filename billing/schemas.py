@@ -67,6 +67,34 @@ class Invoice(BaseModel):
     content_hash: str
 
 
+class PendingCall(BaseModel):
+    """A call of the period that had not reached the ledger when it closed."""
+
+    call_id: str
+    #: ``log``: its record waits in the call-record log; ``in-flight``: it had not finished.
+    where: Literal["log", "in-flight"]
+    licensee_id: str
+    licence_id: str
+    dataset_id: str
+    purpose: str
+    period: str
+    started_at: AwareDatetime
+    #: The record's outcome (``log`` only).
+    outcome: str | None = None
+
+
+class LeftForNextClose(BaseModel):
+    """What a close with ``allow_pending=true`` left for the next close (which
+    bills it as late usage); counts are null when the log could not be read."""
+
+    reason: str
+    log_records: int | None
+    in_flight: int | None
+    calls: list[PendingCall]
+    #: More calls were left than are listed (the counts are whole).
+    truncated: bool
+
+
 class ClosedPeriod(BaseModel):
     period: str
     #: True when the period had been closed before: these are its invoices, unchanged.
@@ -75,6 +103,8 @@ class ClosedPeriod(BaseModel):
     through_seq: int
     closed_at: AwareDatetime
     invoices: list[Invoice]
+    #: Null when the close billed every call its period served.
+    pending: LeftForNextClose | None = None
 
 
 class Difference(BaseModel):

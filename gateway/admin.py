@@ -10,6 +10,7 @@ resources answer 404, as if they did not exist.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,8 +23,7 @@ from billing import schemas as billing_schemas
 from billing.export import FORMATS as EXPORT_FORMATS
 from billing.export import MEDIA_TYPES as EXPORT_MEDIA_TYPES
 from billing.export import period_books, render
-from billing.invoices import close_period, get_invoice, list_invoices
-from billing.money import parse_vat_rate
+from billing.invoices import close_billing, get_invoice, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
@@ -192,13 +192,24 @@ def _period_param(request: web.Request, value: str) -> Period:
 
 
 async def close_billing_period(request: web.Request, principal: AdminPrincipal) -> web.Response:
-    settings = request.app[SETTINGS]
+    """Close a period (``billing.invoices.close_billing``) with this
+    replica's Redis. ``allow_pending=true`` closes even when calls of the
+    period are still in flight or in the call-record log (listed in
+    ``pending``); without it such a close is refused and writes nothing: 409
+    ``conflict`` while calls stay in flight, 503 ``ledger-unavailable`` when
+    the log cannot be reached or moved (the problem's ``pending`` says what)."""
     period = _period_param(request, request.match_info["period"])
-    closed = await close_period(
+    raw = request.query.get("allow_pending", "false")
+    if raw not in ("true", "false"):
+        raise ValidationFailedError("allow_pending", "true or false")
+    client = request.app[REDIS]
+    closed = await close_billing(
         request.app[ENGINE],
         period,
-        vat_rate=parse_vat_rate(settings.billing.vat_rate),
+        settings=request.app[SETTINGS],
+        redis=lambda: contextlib.nullcontext(client),
         now=request.app[CLOCK].now(),
+        allow_pending=raw == "true",
     )
     return _json(closed.as_dict(), 200 if closed.already_closed else 201)
 
@@ -514,10 +525,14 @@ ROUTES: tuple[Route, ...] = (
         close_billing_period,
         "billing:write",
         "Close a period that has ended: one invoice per licensee (201); closing it again answers "
-        "its invoices, unchanged (200)",
+        "its invoices, unchanged (200). It first moves what waits in the call-record log and waits "
+        "for the period's calls in flight; if it cannot, it is refused and writes nothing (409 while "
+        "calls stay in flight, 503 ledger-unavailable when the log cannot be reached), unless "
+        "allow_pending=true: then it closes and lists what was left in pending",
         None,
         billing_schemas.ClosedPeriod,
         status=201,
+        query=("allow_pending",),
         conflict=True,
     ),
     Route(

@@ -3,9 +3,16 @@ service layer as the admin API (:mod:`billing.invoices`, :mod:`billing.reconcile
 
 ``close PERIOD`` closes a period that has ended in the billing time zone and
 prints its invoices (closing it again prints the same invoices and says they
-were already there). ``show PERIOD`` prints a period's statement, ``show
-INVOICE_ID`` one invoice with its lines; ``--json`` gives the admin API's
-invoice objects (and notes). ``adjust INVOICE_ID --credit|--debit FEN
+were already there). It first brings the ledger up to date through the
+deployment's Redis (starting the embedded Valkey when it is not running):
+what waits in the call-record log is moved, calls of the period still in
+flight are waited for; when that cannot be done it exits non-zero with one
+line and closes nothing, unless ``--allow-pending``, which closes and lists
+what was left (``billing.invoices.close_billing``). ``show PERIOD`` prints a
+table of the period's invoices (id, licensee, lines, calls, subtotal, VAT,
+total, status) and the notes issued in it, and says so when it has no
+invoices; ``show INVOICE_ID`` prints one invoice with its lines; ``--json``
+gives the admin API's invoice objects. ``adjust INVOICE_ID --credit|--debit FEN
 --reason TEXT [--line N]`` issues a credit or debit note (:mod:`billing.notes`).
 ``export PERIOD`` writes the period's invoices and notes as CSV, JSON or XLSX
 (:mod:`billing.export`). ``reconcile PERIOD`` compares a closed period's invoices,
@@ -73,18 +80,20 @@ def statement(invoice: dict[str, Any]) -> str:
 
 
 async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
-    from billing.invoices import close_period
-    from billing.money import parse_vat_rate
+    from billing.invoices import close_billing
     from storage.db import utcnow
+    from storage.redis import deployment_redis
 
     period = _period(settings, args.period)
     async with migrated_engine(settings) as engine:
         with progress_bar(f"closing {period.name}") as progress:
-            closed = await close_period(
+            closed = await close_billing(
                 engine,
                 period,
-                vat_rate=parse_vat_rate(settings.billing.vat_rate),
+                settings=settings,
+                redis=lambda: deployment_redis(settings),
                 now=utcnow(),
+                allow_pending=args.allow_pending,
                 progress=progress,
             )
     data = closed.as_dict()
@@ -94,9 +103,34 @@ async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
         f"period {closed.period} {said}: {len(closed.invoices)} invoice(s), {fen(total)} CNY in all "
         f"(records up to seq {closed.through_seq})"
     ]
+    if closed.pending is not None:
+        text.append(pending_text(closed.pending))
     text += [statement(inv) for inv in closed.invoices]
     emit(args, data, "\n\n".join(text))
     return 0
+
+
+def pending_text(pending: dict[str, Any]) -> str:
+    """What a close left for the next period, for people."""
+    in_log, in_flight = pending["log_records"], pending["in_flight"]
+    counts = (
+        f"{in_log:,} record(s) in the call-record log, {in_flight:,} call(s) in flight"
+        if in_log is not None and in_flight is not None
+        else "unknown (the log could not be read)"
+    )
+    out = [
+        f"left for the next period (billed by its close as late usage): {counts}",
+        f"  because {pending['reason']}",
+    ]
+    for call in pending["calls"]:
+        outcome = f" {call['outcome']}" if call["outcome"] else ""
+        out.append(
+            f"  {call['call_id']:<36}  {call['where']:<9} {call['period']}  {call['started_at']}  "
+            f"licensee {call['licensee_id']}  {call['dataset_id']} ({call['purpose']}){outcome}"
+        )
+    if pending["truncated"]:
+        out.append("  ... and more (the counts above are whole)")
+    return "\n".join(out)
 
 
 async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,11 +142,11 @@ async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
         if _PERIOD.match(args.what):
             name = _period(settings, args.what).name
             books = await period_books(engine, name, licensee_id=args.licensee)
-            parts = [statement(inv) for inv in books["invoices"]]
-            if books["notes"]:
-                parts.append(f"notes issued in {name}:\n" + "\n".join(note_line(n) for n in books["notes"]))
-            # --json: the invoices, as the admin API lists them (notes: billing export --format json).
-            emit(args, books["invoices"], "\n\n".join(parts))
+            if args.json:
+                # The invoices, as the admin API lists them (notes: billing export --format json).
+                emit(args, books["invoices"])
+            else:
+                emit(args, books, period_table(books))
             return 0
         invoice = await get_invoice(engine, args.what)
         notes = await list_notes(engine, invoice_id=args.what) if invoice is not None else []
@@ -123,6 +157,45 @@ async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
         text += "\n  notes on it:\n" + "\n".join(note_line(n) for n in notes)
     emit(args, invoice, text)
     return 0
+
+
+def period_table(books: dict[str, Any]) -> str:
+    """A period's invoices as a table (amounts in yuan), then the notes
+    issued in it; says so when it has no invoices (only notes)."""
+    name, invoices = books["period"], books["invoices"]
+    if not invoices:
+        why = "it had no billed calls" if books["closed"] else "it is not closed yet"
+        out = [f"period {name} has no invoices: {why}"]
+    else:
+        total = sum(inv["total_fen"] for inv in invoices)
+        state = "closed" if books["closed"] else "not closed"
+        out = [f"period {name} ({state}): {len(invoices)} invoice(s), {fen(total)} CNY in all"]
+        header = ("invoice", "licensee", "lines", "calls", "subtotal", "VAT", "total", "status")
+        rows = [
+            (
+                inv["id"],
+                inv["licensee_id"],
+                f"{len(inv['lines']):,}",
+                f"{inv['calls']:,}",
+                fen(inv["subtotal_fen"]),
+                fen(inv["vat_fen"]),
+                fen(inv["total_fen"]),
+                inv["status"],
+            )
+            for inv in invoices
+        ]
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            cells = [
+                cell.ljust(width) if i in (0, 1, 7) else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            out.append("  " + "  ".join(cells).rstrip())
+        out.append("  (amounts in CNY; pdg billing show INVOICE_ID for an invoice's lines)")
+    if books["notes"]:
+        out.append(f"notes issued in {name}:")
+        out += [note_line(n) for n in books["notes"]]
+    return "\n".join(out)
 
 
 def note_line(note: dict[str, Any]) -> str:
@@ -246,6 +319,12 @@ def add_commands(sub: Any, common: Common) -> None:
         billing_close,
     )
     p.add_argument("period", metavar="PERIOD", help="YYYY-MM, in the billing time zone")
+    p.add_argument(
+        "--allow-pending",
+        action="store_true",
+        help="close even if calls of the period are still in flight or in the call-record log "
+        "(they are listed, and billed by the next close as late usage)",
+    )
     p = command("show", "print a period's invoices, or one invoice", billing_show)
     p.add_argument("what", metavar="PERIOD|INVOICE_ID")
     p.add_argument("--licensee", help="only this licensee's invoice (with PERIOD)")

@@ -24,6 +24,13 @@ so it takes its place in the order); finally each call is settled or
 released by what its record says, by the same script a gateway uses, which
 acts only if the entry is still there. A served call stays charged; any
 other is released and never charged.
+
+**Catching up for a close** (:meth:`LedgerWriter.catch_up`): a billing close
+runs a writer of its own (its own lock owner) that does the same steps on
+demand -- recovery, then the log up to its newest entry, once no call of the
+period is in flight -- or, while another writer holds the lock, waits for that
+writer to move the log past that entry; what is still missing after a bounded
+wait is answered (:class:`Waiting`) for the close to refuse or list.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
+from ledger.chain import rfc3339
 from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, inflight_key, live_replicas
-from ledger.models import CallRow
+from ledger.models import CallRow, LedgerStateRow
 from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, from_opening, to_log
 from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
@@ -131,6 +139,64 @@ def _in_flight(licence_id: str, call_id: str, value: bytes) -> tuple[str, Unfini
         (pool.decode(), paid.decode(), idem_key.decode()),
         from_opening(record),
     )
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """A log entry id (``"ms-seq"``) as a pair that sorts as the log does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+#: At most this many calls are listed in :class:`Waiting` (all are counted).
+WAITING_LISTED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """What of a period (and the periods before it) has not reached the
+    ledger after :meth:`LedgerWriter.catch_up`: its records still in the log
+    and its calls still in flight. ``reason`` says why, in one line. Counts
+    are ``None`` when the log could not be read at all."""
+
+    period: str
+    reason: str | None = None
+    log_records: int | None = 0
+    in_flight: int | None = 0
+    #: Up to :data:`WAITING_LISTED` of them: ``where`` is ``log`` or ``in-flight``.
+    calls: tuple[dict[str, Any], ...] = ()
+    #: The reply should be 409 (calls still in flight) rather than 503.
+    busy: bool = False
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.calls) < (self.log_records or 0) + (self.in_flight or 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "log_records": self.log_records,
+            "in_flight": self.in_flight,
+            "calls": list(self.calls),
+            "truncated": self.truncated,
+        }
+
+
+def _listed(where: str, record: dict[str, Any]) -> dict[str, Any]:
+    started = record["started_at"]
+    return {
+        "call_id": record["call_id"],
+        "where": where,
+        "licensee_id": record["licensee_id"],
+        "licence_id": record["licence_id"],
+        "dataset_id": record["dataset_id"],
+        "purpose": record["purpose"],
+        "period": record["period"],
+        "started_at": started if isinstance(started, str) else rfc3339(started),
+        "outcome": record.get("outcome"),
+    }
 
 
 def incomplete_record(opened: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -295,12 +361,12 @@ class LedgerWriter:
 
     # -- recovery -----------------------------------------------------------
 
-    async def _unfinished(self) -> list[Unfinished]:
-        live = await live_replicas(self.client)
+    async def _in_flight(self) -> list[tuple[str, Unfinished]]:
+        """Every call in flight on any replica, with the replica that holds it."""
         licences = list(await self.licences())
         if not licences:
             return []
-        found: list[Unfinished] = []
+        found: list[tuple[str, Unfinished]] = []
         async with asyncio.timeout(COMMAND_TIMEOUT * 2):
             pipe = self.client.pipeline(transaction=False)
             for licence_id in licences:
@@ -311,13 +377,14 @@ class LedgerWriter:
                 if call_id.endswith(b":p"):
                     continue  # a call's price (finish.lua), beside its entry
                 try:
-                    replica, call = _in_flight(licence_id, bytes(call_id).decode(), bytes(value))
+                    found.append(_in_flight(licence_id, bytes(call_id).decode(), bytes(value)))
                 except (ValueError, UnicodeDecodeError):  # RecordError is a ValueError
                     log.error("in-flight entry %s of licence %s is unreadable", call_id, licence_id)
-                    continue
-                if replica not in live:
-                    found.append(call)
         return found
+
+    async def _unfinished(self) -> list[Unfinished]:
+        live = await live_replicas(self.client)
+        return [call for replica, call in await self._in_flight() if replica not in live]
 
     async def _recorded(self, call_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
         calls = CallRow.__table__
@@ -382,6 +449,122 @@ class LedgerWriter:
     async def _prune(self) -> None:
         async with asyncio.timeout(COMMAND_TIMEOUT):
             await self.client.eval(_PRUNE, 1, REPLICAS, int(self.replica_timeout * 1000))
+
+    # -- catching up for a close ---------------------------------------------
+
+    async def _newest(self) -> str | None:
+        """The id of the log's newest entry (``None``: the log is empty)."""
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            last = await self.client.xrevrange(LOG, count=1)
+        if not last:
+            return None
+        entry_id = last[0][0]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def _stored_position(self) -> str:
+        """The log position the ledger has moved to (whichever writer moved it)."""
+        async with self.store.engine.connect() as conn:
+            position = await conn.scalar(select(LedgerStateRow.log_position))
+        return str(position) if position is not None else "0-0"
+
+    async def _drain_through(self, target: str) -> None:
+        """Move the log into the ledger until ``target`` (a log entry id) is in."""
+        if self.store.writer is None:
+            await self.store.load()
+        while stream_id(self.store.position) < stream_id(target):
+            if not await self.step():
+                break
+
+    async def catch_up(self, period: str) -> Waiting:
+        """Bring the ledger up to date for closing ``period``: end the calls
+        of dead replicas, wait for the calls of ``period`` (or before) still in
+        flight, and move the log into the ledger up to its newest entry -- with
+        this writer's own steps when it can take the lock, else by waiting for
+        the writer that holds it. What is still missing after a bounded wait
+        is answered (empty when nothing is).
+
+        The bounds: calls in flight, ``replica_timeout`` plus a recovery
+        round (a killed replica's calls are ended by then: only a live
+        replica's long call is still in flight); the log, once the lock is
+        held by another writer that does not move it, the lock's lifetime
+        (a killed writer's lock lapses by then). Redis and SQL errors are
+        raised; this writer lets go of the lock either way."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        calls_until = start + self.replica_timeout + RECOVERY_SECONDS + 1.0
+        log_until = start + LOCK_SECONDS + 2.0
+        #: The log entry the ledger must reach: the newest once no call of the
+        #: period is in flight (entries after it are of later periods).
+        goal: str | None = None
+        try:
+            while True:
+                holding = await self.hold_lock()
+                if holding:
+                    try:
+                        await self.recover()
+                    except FencedError:
+                        self.store.writer = None
+                        continue
+                # In this order: a call leaves the in-flight hash in the
+                # script run that appends its record, so a call not in
+                # flight now has its record at or before the newest entry.
+                calls = [u for _replica, u in await self._in_flight() if u.record["period"] <= period]
+                newest = await self._newest()
+                if calls:
+                    goal = None
+                elif goal is None:
+                    goal = newest or "0-0"
+                target = goal or newest or "0-0"
+                if holding:
+                    try:
+                        await self._drain_through(target)
+                    except FencedError:
+                        self.store.writer = None
+                        continue
+                position = self.store.position if holding else await self._stored_position()
+                moved = stream_id(position) >= stream_id(target)
+                if moved and not calls:
+                    return Waiting(period)
+                now = loop.time()
+                if not ((calls and now < calls_until) or (not moved and now < log_until)):
+                    return await self._waiting(period, position, target, calls, holding=holding)
+                await asyncio.sleep(0.2)
+        finally:
+            await self._discard_ahead()
+            await self.let_go()
+
+    async def _waiting(
+        self, period: str, position: str, target: str, calls: list[Unfinished], *, holding: bool
+    ) -> Waiting:
+        """What of ``period`` (or before) is in the log after ``position`` up
+        to ``target``, and in flight."""
+        listed = [_listed("in-flight", u.record) for u in sorted(calls, key=lambda u: u.record["started_at"])]
+        in_log = 0
+        after = position
+        while stream_id(after) < stream_id(target):
+            batch = await self._read(after, None)
+            for record in batch.records:
+                if record["period"] <= period:
+                    in_log += 1
+                    if len(listed) < WAITING_LISTED:
+                        listed.append(_listed("log", record))
+            if batch.last is None:
+                break
+            after = batch.last
+        if calls:
+            oldest = listed[0]
+            reason = (
+                f"{len(calls)} call(s) of {period} or before are still in flight "
+                f"(the oldest, {oldest['call_id']}, since {oldest['started_at']})"
+            )
+            if in_log:
+                reason += f", and {in_log} record(s) of it still wait in the call-record log"
+        elif in_log:
+            why = "they could not be moved" if holding else "the writer that holds it has not moved them"
+            reason = f"{in_log} record(s) of {period} or before still wait in the call-record log: {why}"
+        else:
+            return Waiting(period)
+        return Waiting(period, reason, in_log, len(calls), tuple(listed[:WAITING_LISTED]), busy=bool(calls))
 
     # -- the loop -----------------------------------------------------------
 
