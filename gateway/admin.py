@@ -53,8 +53,13 @@ class Route:
     query: tuple[str, ...] = ()
     #: May answer 409 (a duplicate, or a transition the resource's state forbids).
     conflict: bool = False
-    #: Media types of a file the route answers with (instead of a JSON model).
+    #: Media types of a file the route answers with (instead of a JSON model);
+    #: its ``application/json`` form is described by ``response_model``.
     produces: tuple[str, ...] = ()
+    #: Other success statuses with the same body (a repeat that finds the work done).
+    also_status: tuple[int, ...] = ()
+    #: May answer 503 (a store the answer needs, such as the quota counters, is unreachable).
+    unavailable: bool = False
 
 
 def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -494,6 +499,7 @@ ROUTES: tuple[Route, ...] = (
         UsageRow,
         True,
         query=("licence", "dataset", "period", "licensee"),
+        unavailable=True,
     ),
     Route(
         "GET",
@@ -519,6 +525,7 @@ ROUTES: tuple[Route, ...] = (
         billing_schemas.ClosedPeriod,
         status=201,
         conflict=True,
+        also_status=(200,),
     ),
     Route(
         "GET",
@@ -527,6 +534,7 @@ ROUTES: tuple[Route, ...] = (
         "read",
         "A period's invoices (each line with calls and split) and the notes issued in it, "
         "as a file: format=json (default), csv or xlsx",
+        response_model=billing_schemas.BillingExport,
         query=("format", "licensee"),
         produces=tuple(EXPORT_MEDIA_TYPES.values()),
     ),
@@ -575,6 +583,7 @@ ROUTES: tuple[Route, ...] = (
         billing_schemas.ReconciliationReport,
         query=("limit",),
         conflict=True,
+        unavailable=True,
     ),
 )
 
