@@ -588,11 +588,31 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+def _unstorable(value: str) -> bool:
+    """NUL or a lone surrogate: text no database stores (PostgreSQL refuses it
+    even as a query parameter), so no stored id or filter value equals it."""
+    return "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value)
+
+
+def _unmatchable(route: Route, request: web.Request) -> web.Response | None:
+    """Answer a request naming text no database can hold without asking one,
+    as the registry answers an impossible id: an ``{id}`` is not found, a list
+    filtered by such a value is empty, and any other query value is a 400."""
+    if _unstorable(request.match_info.get("id", "")):
+        raise NotFoundError("no such resource")
+    for name, value in request.query.items():
+        if _unstorable(value):
+            if route.response_list:
+                return _json([])
+            raise ValidationFailedError(name, "text must be valid Unicode without NUL characters")
+    return None
+
+
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         principal = await request.app[ADMIN_TOKENS].authenticate(request.headers.get("Authorization"))
         principal.require(route.permission)
-        return await route.handler(request, principal)
+        return _unmatchable(route, request) or await route.handler(request, principal)
 
     return handler
 
