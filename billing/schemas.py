@@ -218,3 +218,15 @@ class Note(BaseModel):
     invoice_after: NoteAfter
     #: SHA-256 (hex) of the note's canonical JSON (sorted keys, compact, without this field).
     content_hash: str
+
+
+class BillingExport(BaseModel):
+    """``GET /admin/v1/billing/{period}/export?format=json``: a period's books."""
+
+    format: Literal["pdg.billing-export.v1"]
+    period: str
+    #: Whether the period is closed (notes issued in an open period export too).
+    closed: bool
+    invoices: list[Invoice]
+    #: The notes issued in the period (on invoices of earlier periods).
+    notes: list[Note]

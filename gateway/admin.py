@@ -53,8 +53,13 @@ class Route:
     query: tuple[str, ...] = ()
     #: May answer 409 (a duplicate, or a transition the resource's state forbids).
     conflict: bool = False
-    #: Media types of a file the route answers with (instead of a JSON model).
+    #: Media types of a file the route answers with (instead of a JSON model);
+    #: its ``application/json`` form is described by ``response_model``.
     produces: tuple[str, ...] = ()
+    #: Other success statuses with the same body (a repeat that finds the work done).
+    also_status: tuple[int, ...] = ()
+    #: May answer 503 (a store the answer needs, such as the quota counters, is unreachable).
+    unavailable: bool = False
 
 
 def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -505,6 +510,7 @@ ROUTES: tuple[Route, ...] = (
         UsageRow,
         True,
         query=("licence", "dataset", "period", "licensee"),
+        unavailable=True,
     ),
     Route(
         "GET",
@@ -534,6 +540,7 @@ ROUTES: tuple[Route, ...] = (
         status=201,
         query=("allow_pending",),
         conflict=True,
+        also_status=(200,),
     ),
     Route(
         "GET",
@@ -542,6 +549,7 @@ ROUTES: tuple[Route, ...] = (
         "read",
         "A period's invoices (each line with calls and split) and the notes issued in it, "
         "as a file: format=json (default), csv or xlsx",
+        response_model=billing_schemas.BillingExport,
         query=("format", "licensee"),
         produces=tuple(EXPORT_MEDIA_TYPES.values()),
     ),
@@ -590,15 +598,36 @@ ROUTES: tuple[Route, ...] = (
         billing_schemas.ReconciliationReport,
         query=("limit",),
         conflict=True,
+        unavailable=True,
     ),
 )
+
+
+def _unstorable(value: str) -> bool:
+    """NUL or a lone surrogate: text no database stores (PostgreSQL refuses it
+    even as a query parameter), so no stored id or filter value equals it."""
+    return "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value)
+
+
+def _unmatchable(route: Route, request: web.Request) -> web.Response | None:
+    """Answer a request naming text no database can hold without asking one,
+    as the registry answers an impossible id: an ``{id}`` is not found, a list
+    filtered by such a value is empty, and any other query value is a 400."""
+    if _unstorable(request.match_info.get("id", "")):
+        raise NotFoundError("no such resource")
+    for name, value in request.query.items():
+        if _unstorable(value):
+            if route.response_list:
+                return _json([])
+            raise ValidationFailedError(name, "text must be valid Unicode without NUL characters")
+    return None
 
 
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         principal = await request.app[ADMIN_TOKENS].authenticate(request.headers.get("Authorization"))
         principal.require(route.permission)
-        return await route.handler(request, principal)
+        return _unmatchable(route, request) or await route.handler(request, principal)
 
     return handler
 

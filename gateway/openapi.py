@@ -32,6 +32,21 @@ _PROBLEM = {
 }
 
 
+#: Path and query parameters whose values have a form (any other is a string).
+_PARAMETERS: dict[str, dict[str, Any]] = {
+    "period": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$", "examples": ["2026-11"]},
+    "from": {"type": "string", "format": "date-time"},
+    "to": {"type": "string", "format": "date-time"},
+    "limit": {"type": "integer", "minimum": 1},
+    "after": {"type": "integer", "minimum": 0},
+}
+
+
+def _parameter(name: str, where: str) -> dict[str, Any]:
+    schema = _PARAMETERS.get(name, {"type": "string"})
+    return {"name": name, "in": where, "required": where == "path", "schema": schema}
+
+
 def _problem(description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -72,13 +87,8 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "403": _problem("the token's role may not do this"),
             },
         }
-        parameters: list[dict[str, Any]] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in re.findall(r"{(\w+)}", route.path)
-        ]
-        parameters += [
-            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in route.query
-        ]
+        parameters = [_parameter(name, "path") for name in re.findall(r"{(\w+)}", route.path)]
+        parameters += [_parameter(q, "query") for q in route.query]
         if parameters:
             operation["parameters"] = parameters
         if route.request_model is not None:
@@ -86,6 +96,7 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": mapping[(route.request_model, "validation")]}},
             }
+            operation["responses"]["413"] = _problem("the body is larger than the gateway accepts")
         if route.response_model is not None:
             ref = (
                 mapping[(route.response_model, "serialization")]
@@ -93,15 +104,19 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 else mapping[(route.response_model, "validation")]
             )
             schema = {"type": "array", "items": ref} if route.response_list else ref
-            operation["responses"][str(route.status)] = {
-                "description": "OK" if route.status == 200 else "Created",
-                "content": {"application/json": {"schema": schema}},
-            }
+            for status in (route.status, *route.also_status):
+                operation["responses"][str(status)] = {
+                    "description": "OK" if status == 200 else "Created",
+                    "content": {"application/json": {"schema": schema}},
+                }
         if route.produces:
+            # A JSON file is described by the response model; other files are opaque.
+            json_file = operation["responses"].get(str(route.status), {}).get("content", {})
             operation["responses"][str(route.status)] = {
                 "description": "OK",
                 "content": {
-                    media: {"schema": {"type": "string", "contentMediaType": media.split(";")[0]}}
+                    media: json_file.get(media)
+                    or {"schema": {"type": "string", "contentMediaType": media.split(";")[0]}}
                     for media in route.produces
                 },
             }
@@ -111,6 +126,8 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
             operation["responses"]["409"] = _problem(
                 "conflicts with an existing resource, or with the resource's state"
             )
+        if route.unavailable:
+            operation["responses"]["503"] = _problem("a store the answer needs cannot be reached; retry")
         paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -644,5 +644,6 @@ async def _cut(
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_route("*", "/data/{dataset}/{path:.*}", handle_data, expect_handler=expect_continue)
+    # [\s\S], not ".": an encoded newline in the path is the handler's 400, not the router's 404.
+    app.router.add_route("*", r"/data/{dataset}/{path:[\s\S]*}", handle_data, expect_handler=expect_continue)
     app.router.add_route("*", "/data/{dataset}", handle_data, expect_handler=expect_continue)
