@@ -59,10 +59,15 @@ ROLE_FOR = {
     "billing:reconcile": "finance",
 }
 
+#: Headers aiohttp's HTTP parser reads itself: a malformed one gets its own
+#: text/plain 400 before the gateway runs (tracked by the xfail in
+#: tests/test_path_escape.py), so generated cases leave them out.
+PARSER_OWNED = {"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade"}
+
 #: Generated cases per operation and generation mode (bounded: the whole file
 #: stays well under a minute per backend).
-EXAMPLES = 10
-SEEDED_EXAMPLES = 6
+EXAMPLES = 8
+SEEDED_EXAMPLES = 5
 UNAUTHENTICATED_EXAMPLES = 2
 
 
@@ -170,7 +175,9 @@ async def run_operations(
                 if fixed is None:
                     continue
             for mode in modes:
-                strategy = operation.as_strategy(generation_mode=mode, path_parameters=fixed)
+                strategy = operation.as_strategy(generation_mode=mode, path_parameters=fixed).filter(
+                    lambda case: not PARSER_OWNED & {name.lower() for name in case.headers or {}}
+                )
                 for headers in headers_for(operation):
                     try:
                         exercise(operation, strategy, headers)

@@ -16,6 +16,7 @@ bounded so the file runs in about a minute.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import posixpath
 import unicodedata
@@ -117,7 +118,7 @@ def fully_decoded(text: str) -> str:
 # -- the parsers, one by one --------------------------------------------------------
 
 
-@bounded(1000)
+@bounded(600)
 @given(dataset=st.sampled_from(["ds", "ds-1", "%64s", "a.b"]), rest=path_pieces(), query=queries())
 def test_upstream_path_never_leaves_the_dataset_prefix(dataset: str, rest: str, query: str) -> None:
     answer, error = attempt(lambda: upstream_path(f"/data/{dataset}/{rest}{query}"))
@@ -277,7 +278,7 @@ async def test_generated_targets_through_the_live_gateway(world: World) -> None:
     loop = asyncio.get_running_loop()
     statuses: Counter[int] = Counter()
 
-    @bounded(250)
+    @bounded(150)
     @given(
         rest=path_pieces(), query=queries(), dataset=st.sampled_from([ds["id"], ds["id"], "%2e%2e", "nope"])
     )
@@ -318,7 +319,7 @@ async def test_generated_headers_through_the_live_gateway(world: World) -> None:
         ),
     )
 
-    @bounded(250)
+    @bounded(150)
     @given(
         headers=st.lists(header, max_size=4),
         with_token=st.booleans(),
@@ -355,3 +356,64 @@ async def test_an_encoded_line_break_in_the_path_is_a_bad_request(world: World) 
         resp = await raw_request(port, target)
         assert (resp.status, resp.json()["code"]) == (401, "token-required"), (rest, resp.body)
     assert world.upstream.arrived == []
+
+
+#: RFC 6749 §5.2 error codes the token endpoint may give.
+OAUTH_ERRORS = {"invalid_request", "invalid_client", "invalid_scope", "unsupported_grant_type"}
+#: The token endpoint's codes: DESIGN §3's, and ``invalid-client`` (401) for a
+#: failed client authentication (licensing/errors.py; not in DESIGN's table).
+TOKEN_CODES = DESIGN_CODES | {"invalid-client"}
+
+
+async def test_generated_token_requests_through_the_live_gateway(world: World) -> None:
+    """The token endpoint on generated scopes and forms: a token whose scope is
+    what was asked (or everything the licence grants), or a problem with a
+    DESIGN code and an RFC 6749 ``error``; never a 5xx."""
+    ds, licence, app, _token = await world.licensed()
+    other = await world.dataset()
+    loop = asyncio.get_running_loop()
+    statuses: Counter[int] = Counter()
+    scope_items = st.one_of(
+        SCOPE_ITEMS,
+        st.sampled_from([f"dataset:{ds['id']}", f"dataset:{other['id']}", "dataset:test-provider/*"]),
+        st.sampled_from([f"licence:{licence['id']}", "licence:nope"]),
+    )
+    form_extra = st.dictionaries(
+        st.sampled_from(["grant_type", "client_id", "client_secret", "audience", "resource"]),
+        st.one_of(HEADER_TEXT, st.just("client_credentials"), st.just(app["client_id"])),
+        max_size=2,
+    )
+
+    @bounded(15)
+    @given(items=st.lists(scope_items, max_size=5), extra=form_extra, basic=st.booleans())
+    def check(items: list[str], extra: dict[str, str], basic: bool) -> None:
+        form = {"grant_type": "client_credentials", "scope": " ".join(items)}
+        if not basic:
+            form.update(client_id=app["client_id"], client_secret=app["client_secret"])
+        form.update(extra)
+        status, body = asyncio.run_coroutine_threadsafe(post_token(world, app, form, basic), loop).result(60)
+        statuses[status] += 1
+        assert status in (200, 400, 401, 403), (form, status, body)
+        if status != 200:
+            assert body["status"] == status, body
+            assert body["code"] in TOKEN_CODES, body
+            assert body["error"] in OAUTH_ERRORS, body
+            return
+        granted = body["scope"].split(" ")
+        assert granted[0] in [f"purpose:{p}" for p in PURPOSES], body
+        asked = [w for w in form["scope"].split(" ") if w.startswith("dataset:")]
+        assert set(granted[1:]) == set(asked) or (not asked and granted[1:]), (form, body)
+
+    await asyncio.to_thread(check)
+    assert statuses[200] > 0, statuses
+    assert statuses[400] > 0, statuses
+    assert statuses[401] > 0, statuses
+
+
+async def post_token(world: World, app: dict[str, Any], form: dict[str, str], basic: bool) -> tuple[int, Any]:
+    headers = {}
+    if basic:
+        raw = f"{app['client_id']}:{app['client_secret']}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+    async with world.client.post("/oauth/token", data=form, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
