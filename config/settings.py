@@ -71,6 +71,11 @@ class TokenSettings(_Section):
 class ProxySettings(_Section):
     #: Largest request body forwarded upstream, in bytes.
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    #: Largest response body relayed, in bytes, when a dataset sets no
+    #: ``max_response_bytes``: a larger ``Content-Length`` gets 502 before
+    #: anything is sent; a longer streamed body is cut, recorded
+    #: ``incomplete`` and never charged.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1, le=2**40)
     #: Upstream timeout when a dataset sets none.
     default_timeout_seconds: float = Field(30.0, gt=0, le=600)
     #: Connection pool size towards all upstreams.
@@ -214,6 +219,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_SIGNING_KEY_FILE": "tokens.signing_key_file",
     "PDG_TOKEN_AUDIENCE": "tokens.audience",
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
+    "PDG_MAX_RESPONSE_BYTES": "proxy.max_response_bytes",
     "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
     "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
     "PDG_LEDGER_HASH_ALGORITHM": "ledger.hash_algorithm",
