@@ -9,16 +9,18 @@ record; anything else (not JSON, a scalar, a body that is not a well-formed
 array) is none.
 
 How: each chunk is reduced with C-speed byte operations: escapes are dropped,
-strings and other scalars become one ``v``, whitespace and ``:`` go, leaving
-only ``[ ] { } , v``; balanced innermost brackets are then folded into ``v``
-until none is left (a few regular-expression passes, then, for deep nesting,
-one linear pass), so what remains at the top level is a run of values and
-commas, perhaps followed by the one element still open. Values are counted
-where they begin, so the running :attr:`RecordCounter.count` can stop a
-response as soon as it passes a bound.
+then everything but ``[ ] { } , "``; adjacent quotes go in pairs (they leave
+every other byte inside or outside a string as it was), and what is left
+inside strings is cut out, leaving the structure alone; balanced brackets
+are then folded away, innermost first (a few regular-expression passes, then,
+for deep nesting, one linear pass), so what remains at the top level is the
+commas between elements, perhaps followed by the one element still open. An
+element is counted where it begins (the first, or after a top-level comma),
+so the running :attr:`RecordCounter.count` can stop a response as soon as it
+passes a bound.
 
 The array's structure is checked (brackets balance and match, nothing follows
-the array), not its scalars: ``[tru, 1]`` is two records.
+the array), not its scalars: ``[tru, 1]`` is two records, ``[1, ]`` too.
 """
 
 from __future__ import annotations
@@ -26,18 +28,15 @@ from __future__ import annotations
 import re
 
 _WHITESPACE = b" \t\r\n"
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)
-_STRING = re.compile(rb'"[^"]*"')
-_INNER = re.compile(rb"\[[v,]*\]|\{[v,]*\}")
-_VALUES = re.compile(rb"v+")
+#: Every byte but the structure and the quote.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{},"')
+_FLAT = rb"\[,*\]|\{,*\}"
+#: A balanced pair holding nothing or flat pairs (an element and one level in it).
+_INNER = re.compile(rb"\[(?:,|" + _FLAT + rb")*\]|\{(?:,|" + _FLAT + rb")*\}")
 _BRACKET = re.compile(rb"[\[\]{}]")
-#: Structure stays, whitespace and ``:`` go, any other byte is (part of) a value.
-_TABLE = bytes(b if b in b"[]{},v" else ord("v") for b in range(256))
-_DROP = _WHITESPACE + b":"
 #: Regular-expression passes before a linear fold takes over (deep nesting).
-_FOLD_PASSES = 8
+_FOLD_PASSES = 4
 _OPENS = {ord("["): ord("]"), ord("{"): ord("}")}
-_V = ord("v")
 #: Deeper arrays are not counted (orjson, which read them before, stops at 1024).
 MAX_DEPTH = 1024
 
@@ -47,12 +46,12 @@ class RecordCounter:
 
     __slots__ = (
         "_backslash",
+        "_begun",
         "_broken",
         "_done",
         "_in_string",
         "_stack",
         "_top",
-        "_value_open",
         "count",
         "max_depth",
     )
@@ -62,12 +61,12 @@ class RecordCounter:
         self.count = 0
         self.max_depth = max_depth
         self._top: bytes | None = None
+        #: Past the first byte inside the top-level array.
+        self._begun = False
         #: The brackets open below the top level, outermost first.
         self._stack = b""
         self._in_string = False
         self._backslash = b""
-        #: The last top-level byte seen was inside a value that may go on.
-        self._value_open = False
         self._done = False
         self._broken = False
 
@@ -100,61 +99,65 @@ class RecordCounter:
         data = self._backslash + chunk
         run = len(data) - len(data.rstrip(b"\\"))
         data, self._backslash = (data[:-1], b"\\") if run % 2 else (data, b"")
-        data = _ESCAPE.sub(b"", data)
-        if self._in_string:
-            end = data.find(b'"')
-            if end < 0:
+        if b"\\" in data:
+            # Backslash pairs first (left to right, as escapes pair), then the
+            # escaped quotes; any other escape leaves nothing structural.
+            data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+        if not self._begun:
+            first = data.lstrip(_WHITESPACE)[:1]
+            if not first:
                 return
-            data = data[end + 1 :]
-            self._in_string = False
-        data = _STRING.sub(b"v", data)
-        quote = data.find(b'"')
-        if quote >= 0:
-            data = data[:quote] + b"v"
-            self._in_string = True
-        carried = self._stack
-        text = carried + data.translate(_TABLE, _DROP)
+            self._begun = True
+            if first != b"]":
+                self.count = 1
+        text = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+        if b'"' in text:
+            parts = text.split(b'"')
+            text = b"".join(parts[1::2] if self._in_string else parts[0::2])
+            self._in_string ^= len(parts) % 2 == 0
+        elif self._in_string:
+            return
+        text = self._stack + text
         folded = _fold(text, self.max_depth)
         if folded is None:
             self._broken = True
             return
-        text = _VALUES.sub(b"v", folded)
-        bracket = _BRACKET.search(text)
-        cut = bracket.start() if bracket else len(text)
-        head, rest = text[:cut], text[cut:]
-        values = head.count(b"v")
-        # A value begun in an earlier chunk (the element still open then, or
-        # a number or string cut by the chunk's end) was counted there.
-        if head.startswith(b"v") and (carried or self._value_open):
-            values -= 1
-        self.count += values
-        self._value_open = False
+        bracket = _BRACKET.search(folded)
+        cut = bracket.start() if bracket else len(folded)
+        self.count += folded.count(b",", 0, cut)
+        rest = folded[cut:]
         if not rest:
             self._stack = b""
-            self._value_open = head.endswith(b"v")
-            return
-        if rest[:1] in (b"]", b"}"):
+        elif rest[:1] in (b"]", b"}"):
             # The top-level array ends here; nothing but whitespace may follow.
             self._done = True
-            self._broken = rest != b"]"
+            # Nothing may follow: no structure after the closing bracket (a
+            # pair folded away would not show in ``rest``), no other byte
+            # after the last "]" (strings and scalars left no structure).
+            after = data[data.rfind(b"]") + 1 :]
+            self._broken = (
+                rest != b"]"
+                or text[_top_close(text) + 1 :] != b""
+                or self._in_string
+                or bool(after.strip(_WHITESPACE))
+            )
             self._stack = b""
-            return
-        if head or not carried:
-            self.count += 1  # an element begins, not yet closed
-        stack = rest.translate(None, b"v,")
-        if b"]" in stack or b"}" in stack or len(stack) > self.max_depth:
-            self._broken = True
-            return
-        self._stack = stack
+        else:
+            # An element still open: keep its open brackets.
+            stack = rest.translate(None, b",")
+            if b"]" in stack or b"}" in stack or len(stack) > self.max_depth:
+                self._broken = True
+                return
+            self._stack = stack
 
 
 def _fold(text: bytes, max_depth: int) -> bytes | None:
-    """``text`` with every balanced innermost bracket pair folded into ``v``,
-    again and again: a few regular-expression passes (records are shallow),
-    then one linear pass however deep the rest is (``None`` if it nests
-    deeper than ``max_depth``)."""
+    """``text`` with every balanced bracket pair taken out, innermost first:
+    a few regular-expression passes (records are shallow), then one linear
+    pass however deep the rest is (``None`` if it nests deeper than
+    ``max_depth``)."""
     for _ in range(_FOLD_PASSES):
-        folded = _INNER.sub(b"v", text)
+        folded = _INNER.sub(b"", text)
         if len(folded) == len(text):
             return text
         text = folded
@@ -169,10 +172,22 @@ def _fold(text: bytes, max_depth: int) -> bytes | None:
         elif byte in (0x5D, 0x7D):  # ] }
             if opens and _OPENS[out[opens[-1]]] == byte:
                 del out[opens.pop() :]
-                out.append(_V)
             else:
                 opens.clear()  # unmatched: nothing around it folds
                 out.append(byte)
         else:
             out.append(byte)
     return bytes(out)
+
+
+def _top_close(text: bytes) -> int:
+    """Where the first bracket that closes more than ``text`` opened is."""
+    depth = 0
+    for index, byte in enumerate(text):
+        if byte in _OPENS:
+            depth += 1
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+            if depth < 0:
+                return index
+    return len(text)

@@ -77,6 +77,10 @@ def test_not_an_array_or_not_well_formed() -> None:
         (b" [ ] ", 0),
         (b"[1, 2, 3] x", 0),  # something follows the array
         (b"[1, 2, 3][4]", 0),
+        (b'[1, 2, 3] "x"', 0),
+        (b'[1, 2, 3] "]"', 0),
+        (b"[1, 2, 3] ]", 0),
+        (b'[1, 2, 3] "', 0),
         (b"[1, {2]}", 0),  # brackets that do not match
         (b"[1, 2", 0),  # never closed
         (b"[1, [2, 3]", 0),
