@@ -37,7 +37,9 @@ _BRACKET = re.compile(rb"[\[\]{}]")
 #: Regular-expression passes before a linear fold takes over (deep nesting).
 _FOLD_PASSES = 4
 _OPENS = {ord("["): ord("]"), ord("{"): ord("}")}
-#: Deeper arrays are not counted (orjson, which read them before, stops at 1024).
+#: Brackets held open between chunks, and nesting within one, by default
+#: (``proxy.max_counted_depth``); beyond, no records. orjson, which read whole
+#: bodies before, stops at 1024 too.
 MAX_DEPTH = 1024
 
 

@@ -512,7 +512,7 @@ async def _relay(
     encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
     encoded = encoding not in ("", "identity")
     counter = (
-        RecordCounter()
+        RecordCounter(request.app[SETTINGS].proxy.max_counted_depth)
         if declared is None
         and not encoded
         and (metered or "json" in upstream.headers.get("Content-Type", ""))

@@ -107,6 +107,14 @@ def test_deep_nesting_is_linear_and_bounded() -> None:
     assert parsed(shallow) == 2
 
 
+def test_what_is_held_between_chunks_is_bounded() -> None:
+    shallow, deep = RecordCounter(max_depth=3), RecordCounter(max_depth=3)
+    for counter, opens in ((shallow, 3), (deep, 4)):
+        counter.feed(b"[" + b"[" * opens)
+        counter.feed(b"1" + b"]" * opens + b", 2]")
+    assert (shallow.result(), deep.result()) == (2, 0)
+
+
 def test_a_large_array_holds_nothing_between_chunks() -> None:
     element = b'{"id": 123456, "name": "row \\"quoted\\" [x]", "tags": ["a", "b"]}'
     body = b"[" + b",".join([element] * 200_000) + b"]"
