@@ -75,6 +75,15 @@ class ProxySettings(_Section):
     #: ``Idempotency-Key`` (24 h, in the quota store). A retry of a call whose
     #: response was larger gets 409 ``conflict`` naming the first call.
     idempotent_response_max_bytes: int = Field(1024 * 1024, ge=0, le=64 * 1024 * 1024)
+    #: Largest response body relayed, in bytes, when a dataset sets no
+    #: ``max_response_bytes``: a larger ``Content-Length`` gets 502 before
+    #: anything is sent; a longer streamed body is cut, recorded
+    #: ``incomplete`` and never charged.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1, le=2**40)
+    #: Records counted from a JSON array body hold no copy of it: between
+    #: chunks, one byte per bracket still open below the top level, at most
+    #: this many; a body that would need more counts no records.
+    max_counted_depth: int = Field(1024, ge=2, le=65536)
     #: Upstream timeout when a dataset sets none.
     default_timeout_seconds: float = Field(30.0, gt=0, le=600)
     #: Connection pool size towards all upstreams.
@@ -219,6 +228,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_TOKEN_AUDIENCE": "tokens.audience",
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
     "PDG_IDEMPOTENT_RESPONSE_MAX_BYTES": "proxy.idempotent_response_max_bytes",
+    "PDG_MAX_RESPONSE_BYTES": "proxy.max_response_bytes",
+    "PDG_MAX_COUNTED_DEPTH": "proxy.max_counted_depth",
     "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
     "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
     "PDG_LEDGER_HASH_ALGORITHM": "ledger.hash_algorithm",

@@ -28,8 +28,26 @@ Forwarding rules:
   forms), encoded slashes or backslashes, double encoding, malformed
   percent-escapes, empty inner segments and control characters are refused,
   so no path leaves the upstream's prefix, however the upstream decodes it;
-- ``Expect: 100-continue`` is answered only after the token, the licence
-  rules and ``Content-Length`` pass, so a refused caller never uploads;
+- after the licence rules, the operation rules
+  (``licensing.catalogue.check_operation``): a path outside the dataset's
+  (and the licence's) patterns is 404 ``unknown-operation``, a method the
+  dataset does not serve or the licence does not allow 405
+  ``method-not-allowed`` with ``Allow``: recorded, never forwarded, never
+  charged;
+- ``Expect: 100-continue`` is answered only after the token, the licence and
+  operation rules and ``Content-Length`` pass, so a refused caller never
+  uploads;
+- a response is relayed up to the dataset's ``max_response_bytes`` (else
+  ``proxy.max_response_bytes``): a larger ``Content-Length`` is 502 before
+  anything is sent; a longer streamed body is cut (the connection closes),
+  recorded ``incomplete`` and released;
+- records are ``X-Record-Count``, else counted as the body streams
+  (``gateway.counting``: the elements of a top-level JSON array, exactly, with
+  no copy of the body); more than the dataset's ``max_records_per_call`` is
+  502 when the header says so, else the response is cut as soon as the count
+  passes it: ``incomplete``, never charged; where records are priced or
+  bounded the upstream is asked for a plain body (``Accept-Encoding:
+  identity``), and an encoded body without ``X-Record-Count`` is 502;
 - datasets at classification 3 or above need sender-constrained (DPoP) tokens
   (DESIGN §3); proof checking is not built yet, so such calls are refused
   (``sender-constraint-failed``), failing closed;
@@ -51,18 +69,18 @@ from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import charging
+from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
 from gateway.recording import CallRecorder
 from gateway.state import CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
-from licensing.catalogue import Grant
+from licensing.catalogue import Grant, check_operation
 from licensing.errors import (
     AuthenticationError,
     BadRequestError,
@@ -116,8 +134,6 @@ _BAD_PATH = "the path may not contain dot segments, encoded slashes or control c
 #: Classification from which DESIGN §3 requires sender-constrained tokens.
 SENDER_CONSTRAINED_FROM = 3
 _WWW_AUTH = 'Bearer realm="pdg"'
-#: Largest body copied to count its records when the upstream does not say.
-_COUNTED_BODY_MAX = 4 * 1024 * 1024
 
 
 def _bearer(request: web.Request) -> str:
@@ -226,7 +242,8 @@ async def _limited(content: aiohttp.StreamReader, limit: int, exceeded: list[boo
 
 
 def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
-    """The licence rules for this call: the grant and the checked upstream rest."""
+    """The licence and operation rules for this call: the grant and the
+    checked upstream rest."""
     dataset_id, rest = upstream_path(request.raw_path)
     catalogue = request.app[CATALOGUE].fresh()
     grant = catalogue.authorize(
@@ -238,6 +255,7 @@ def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
         dataset_id=dataset_id,
         now=request.app[CLOCK].now(),
     )
+    check_operation(grant, request.method, rest.partition("?")[0])
     if grant.dataset.classification >= SENDER_CONSTRAINED_FROM:
         # DESIGN §3: a DPoP-bound token (cnf.jkt) and a fresh proof are required.
         # Neither issuing nor proof checking exists yet, so fail closed.
@@ -424,6 +442,9 @@ async def _forward(
     base = str(grant.dataset.upstream).rstrip("/")
     url = URL(f"{base}/{rest}", encoded=True)
     headers = _forward_headers(request, recorder.record["request_id"], settings.server.trusted_proxies)
+    if _metered_records(grant):
+        # Records priced or bounded are counted from the body: ask for it plain.
+        headers["Accept-Encoding"] = "identity"
     timeout_s = grant.dataset.timeout_seconds or settings.proxy.default_timeout_seconds
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
     exceeded = [False]
@@ -485,17 +506,14 @@ class Served:
     records: int
 
 
-def _count_records(upstream: aiohttp.ClientResponse, body: bytes | None) -> int:
+def _metered_records(grant: Grant) -> bool:
+    """The call's records are priced or bounded, so they must be known."""
+    return grant.dataset.per_record_e4 > 0 or grant.dataset.max_records_per_call is not None
+
+
+def _declared_records(upstream: aiohttp.ClientResponse) -> int | None:
     header = upstream.headers.get("X-Record-Count", "")
-    if header.isdigit():
-        return int(header)
-    if body is None:
-        return 0
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 0
-    return len(data) if isinstance(data, list) else 1 if isinstance(data, dict) else 0
+    return int(header) if header.isascii() and header.isdigit() else None
 
 
 async def _relay(
@@ -535,6 +553,22 @@ async def _relay(
                 response.headers.add(name, rewritten)
             continue
         response.headers.add(name, value)
+    dataset = grant.dataset
+    limit = dataset.max_response_bytes or request.app[SETTINGS].proxy.max_response_bytes
+    if upstream.content_length is not None and upstream.content_length > limit:
+        raise UpstreamUnavailableError(
+            f"upstream of {dataset.id} announced {upstream.content_length} bytes; "
+            f"at most {limit} are relayed",
+            upstream_status=status,
+        )
+    declared = _declared_records(upstream)
+    max_records = dataset.max_records_per_call
+    if declared is not None and max_records is not None and declared > max_records:
+        raise UpstreamUnavailableError(
+            f"upstream of {dataset.id} announced {declared} records; "
+            f"at most {max_records} are relayed per call",
+            upstream_status=status,
+        )
     relayed = charging.kept_headers(response.headers.items()) if charge.keeps_response else []
     response.headers["X-Call-Id"] = recorder.record["call_id"]
     response.headers.update(charge.headers)
@@ -542,13 +576,21 @@ async def _relay(
         response.content_length = upstream.content_length
     elif upstream.content_length is not None:
         response.headers["Content-Length"] = str(upstream.content_length)
-    # Records are counted from the body when the upstream does not say and
-    # the body is JSON (or records are priced): a copy of at most
-    # _COUNTED_BODY_MAX bytes.
-    counting = not upstream.headers.get("X-Record-Count", "").isdigit() and (
-        grant.dataset.per_record_e4 > 0 or "json" in upstream.headers.get("Content-Type", "")
+    # Records are counted as the body streams when the upstream does not say
+    # and the body is JSON, or records are priced or bounded. An encoded body
+    # (gzip, ...: sent although plain was asked for) cannot be counted: where
+    # records are metered, it is refused rather than served uncounted.
+    metered = _metered_records(grant)
+    encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+    encoded = encoding not in ("", "identity")
+    counter = (
+        RecordCounter(request.app[SETTINGS].proxy.max_counted_depth)
+        if declared is None
+        and not encoded
+        and (metered or "json" in upstream.headers.get("Content-Type", ""))
+        else None
     )
-    kept: list[bytes] | None = [] if counting else None
+    uncountable = declared is None and encoded and metered
     # The body kept for the retries of an idempotent call, if small enough.
     keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes
     stored: list[bytes] | None = [] if charge.keeps_response else None
@@ -565,13 +607,21 @@ async def _relay(
         async for chunk in upstream.content.iter_any():
             if not chunk:
                 continue
+            over = None
+            if uncountable:
+                over = f"the response of {dataset.id} is {encoding[:32]}-encoded without X-Record-Count"
+            elif size + len(chunk) > limit:
+                over = f"the response of {dataset.id} exceeds {limit} bytes"
+            elif counter is not None:
+                counter.feed(chunk)
+                if max_records is not None and counter.count > max_records:
+                    over = f"the response of {dataset.id} holds more than {max_records} records"
+            if over is not None:
+                if not response.prepared:
+                    raise UpstreamUnavailableError(over, upstream_status=status)
+                return response, await _cut(recorder, charge, status, size, digest, "upstream-unavailable")
             digest.update(chunk)
             size += len(chunk)
-            if kept is not None:
-                if size <= _COUNTED_BODY_MAX:
-                    kept.append(chunk)
-                else:
-                    kept = None
             if stored is not None:
                 if size <= keep_max:
                     stored.append(chunk)
@@ -587,7 +637,7 @@ async def _relay(
         return response, await _cut(recorder, charge, status, size, digest, "upstream-unavailable")
     except ConnectionResetError:
         return response, await _cut(recorder, charge, status, size, digest, "client-disconnected")
-    records = _count_records(upstream, b"".join(kept) if kept else None)
+    records = declared if declared is not None else counter.result() if counter is not None else 0
     if stored is not None:
         charge.keep(
             charging.KeptResponse(

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,9 +34,11 @@ from licensing.errors import (
     DatasetNotLicensedError,
     InvalidTokenError,
     LicenceInactiveError,
+    MethodNotAllowedError,
     PurposeNotAllowedError,
     ServiceUnavailableError,
     UnknownDatasetError,
+    UnknownOperationError,
 )
 from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow
 from storage.tasks import cancel_and_wait
@@ -176,6 +179,60 @@ class Catalogue:
         if purpose not in licence.purposes:
             raise PurposeNotAllowedError(f"licence {licence.id} does not grant purpose {purpose}")
         return Grant(app=app, licence=licence, dataset=dataset, purpose=purpose)
+
+
+#: The order of methods in ``Allow``.
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def check_operation(grant: Grant, method: str, path: str) -> None:
+    """The operation rules, applied after the licence rules: may this call's
+    ``method`` reach ``path`` (relative to the dataset's upstream base, still
+    percent-encoded, checked by the data plane, without its query)?
+
+    - The path must match one of the dataset's patterns, if it declares any,
+      and one of the licence's patterns for the dataset, if the licence names
+      it: else 404 ``unknown-operation``. Paths come first: a path that is not
+      served has no methods.
+    - The method must be one the dataset serves and, if the licence narrows
+      methods, one it allows: else 405 ``method-not-allowed`` with ``Allow``
+      listing what is (empty when the two leave nothing). Methods are taken
+      literally: ``GET`` does not imply ``HEAD``, nor anything ``OPTIONS``.
+
+    Segments compare after percent-decoding (``%7E`` is ``~``), exactly and
+    case-sensitively; ``*`` is one non-empty segment, a last ``**`` any rest,
+    also none. ``stations/`` (a trailing empty segment) is not ``stations``.
+    """
+    dataset, licence = grant.dataset, grant.licence
+    segments = tuple(unquote(s) for s in path.split("/")) if path else ()
+    if dataset.paths and not any(path_matches(p, segments) for p in dataset.paths):
+        raise UnknownOperationError(f"dataset {dataset.id} serves no operation at /{path[:200]}")
+    granted = licence.paths.get(dataset.id)
+    if granted is not None and not any(path_matches(p, segments) for p in granted):
+        raise UnknownOperationError(
+            f"licence {licence.id} grants no operation of dataset {dataset.id} at /{path[:200]}"
+        )
+    allowed = dataset.methods if licence.methods is None else dataset.methods & licence.methods
+    if method not in allowed:
+        raise MethodNotAllowedError(
+            f"dataset {dataset.id} is not served with {method[:16]} under licence {licence.id}",
+            allowed=tuple(m for m in METHOD_ORDER if m in allowed),
+        )
+
+
+def path_matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    """``segments`` (decoded) fall under ``pattern`` (as declared)."""
+    if pattern and pattern[-1] == "**":
+        pattern = pattern[:-1]
+        if len(segments) < len(pattern):
+            return False
+        segments = segments[: len(pattern)]
+    elif len(segments) != len(pattern):
+        return False
+    return all(
+        bool(segment) if wanted == "*" else unquote(wanted) == segment
+        for wanted, segment in zip(pattern, segments, strict=True)
+    )
 
 
 def token_covers(token_datasets: frozenset[str], dataset: DatasetView) -> bool:

@@ -19,8 +19,9 @@ as RFC 9457 problem JSON (``gateway.problems``).
     │   ├── PurposeNotAllowedError        403 purpose-not-allowed
     │   └── DatasetClosedError            403 dataset-closed
     ├── NotFoundError                     404 not-found
-    │   └── UnknownDatasetError           404 unknown-dataset
-    ├── MethodNotAllowedError             405 method-not-allowed
+    │   ├── UnknownDatasetError           404 unknown-dataset
+    │   └── UnknownOperationError         404 unknown-operation  (a path not served)
+    ├── MethodNotAllowedError             405 method-not-allowed (with ``Allow``)
     ├── ConflictError                     409 conflict
     ├── RequestTooLargeError              413 request-too-large
     ├── IdempotencyMismatchError          422 idempotency-mismatch
@@ -124,8 +125,18 @@ class UnknownDatasetError(NotFoundError):
     code, title = "unknown-dataset", "Unknown dataset"
 
 
+class UnknownOperationError(NotFoundError):
+    code, title = "unknown-operation", "Unknown operation"
+
+
 class MethodNotAllowedError(GatewayError):
+    """A method not served; ``allowed`` (in order) becomes the ``Allow`` header."""
+
     status, code, title = 405, "method-not-allowed", "Method not allowed"
+
+    def __init__(self, detail: str = "", *, allowed: tuple[str, ...] = (), **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers["Allow"] = ", ".join(allowed)
 
 
 class ConflictError(GatewayError):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -150,6 +152,8 @@ class Upstream:
     #: The raw path of every request whose head arrived, before its body is
     #: read (``seen`` holds only requests that arrived whole).
     arrived: list[str] = field(default_factory=list)
+    #: ``/svc/array?gate=1`` sends its first elements, then waits for this.
+    array_release: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -166,7 +170,10 @@ async def upstream() -> AsyncIterator[Upstream]:
     ``/svc/big?bytes=``, ``/svc/records?n=``, ``/svc/digest`` (length and
     SHA-256 of the body), ``/svc/upload-probe``, ``/svc/drip``, ``/svc/hop``,
     ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``, ``/svc/cut``
-    (the head and part of the body, then the connection dropped)."""
+    (the head and part of the body, then the connection dropped),
+    ``/svc/array?n=&gate=`` (a JSON array streamed without ``X-Record-Count``),
+    ``/svc/gzipped?n=&force=`` (the same, gzip-encoded if accepted or forced).
+    ``/svc/big?announce=1`` sends its ``Content-Length``."""
     port = free_port()
     state = Upstream(url=f"http://127.0.0.1:{port}/svc")
 
@@ -212,6 +219,8 @@ async def upstream() -> AsyncIterator[Upstream]:
         await record(request)
         size = int(request.query.get("bytes", "1000000"))
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if request.query.get("announce"):
+            response.content_length = size
         await response.prepare(request)
         chunk = b"x" * 65536
         sent = 0
@@ -226,6 +235,41 @@ async def upstream() -> AsyncIterator[Upstream]:
         await record(request)
         n = int(request.query.get("n", "3"))
         return web.json_response([{"id": i} for i in range(n)], headers={"X-Record-Count": str(n)})
+
+    #: An element whose strings hold what a careless counter would miscount.
+    element = '{{"id": {}, "note": "a \\"quoted\\" [x], {{y}}, \\\\", "tags": [1, [2], {{"k": ","}}]}}'
+
+    async def array(request: web.Request) -> web.StreamResponse:
+        # n elements in pieces of 1000 (the first piece of 10), chunked, no
+        # X-Record-Count; with gate=1 the rest waits for ``array_release``.
+        await record(request)
+        n = int(request.query.get("n", "3"))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b"[")
+        start = 0
+        while start < n:
+            end = min(n, start + (10 if start == 0 else 1000))
+            piece = ", ".join(element.format(i) for i in range(start, end))
+            await response.write(((", " if start else "") + piece).encode())
+            if start == 0 and request.query.get("gate"):
+                await asyncio.wait_for(state.array_release.wait(), 10)
+            start = end
+        await response.write(b"]\n")
+        await response.write_eof()
+        return response
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        # A JSON array without X-Record-Count, gzip-encoded when the caller
+        # accepts it, or always with force=1.
+        await record(request)
+        body = json.dumps([{"id": i} for i in range(int(request.query.get("n", "3")))]).encode()
+        if request.query.get("force") or "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(
+                body=gzip.compress(body),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        return web.Response(body=body, content_type="application/json")
 
     def digest_of(body: bytes) -> dict[str, Any]:
         return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
@@ -323,6 +367,8 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/svc/slow", slow)
     app.router.add_route("*", "/svc/big", big)
     app.router.add_route("*", "/svc/records", records)
+    app.router.add_route("*", "/svc/array", array)
+    app.router.add_route("*", "/svc/gzipped", gzipped)
     app.router.add_route("*", "/svc/cut", cut)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner = web.AppRunner(app, access_log=None)

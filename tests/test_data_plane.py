@@ -27,6 +27,8 @@ from tests.conftest import PG_URL, Backend, World, free_port
 from tests.test_path_escape import raw_request
 
 WorldFactory = Callable[..., Awaitable[World]]
+#: A dataset that serves every method a dataset may declare (the default is GET, HEAD).
+EVERY_METHOD = {"methods": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]}
 
 
 def check_problem(status: int, body: Any, resp: aiohttp.ClientResponse, expected: int, code: str) -> None:
@@ -405,7 +407,7 @@ async def test_a_replica_that_cannot_confirm_its_view_fails_closed(
 
 
 async def test_bodies_stream_both_ways_intact(world: World) -> None:
-    ds, _lic, _app, token = await world.licensed()
+    ds, _lic, _app, token = await world.licensed(dataset_fields=EVERY_METHOD)
     auth = {"Authorization": f"Bearer {token}"}
     payload = os.urandom(5 * 1024 * 1024)
 
@@ -528,7 +530,7 @@ async def test_hop_by_hop_and_credentials_never_cross(world: World) -> None:
 
 async def test_forwarded_request_line_and_headers(world_factory: WorldFactory) -> None:
     world = await world_factory()
-    ds, _lic, _app, token = await world.licensed()
+    ds, _lic, _app, token = await world.licensed(dataset_fields=EVERY_METHOD)
     path = f"/data/{ds['id']}/echo"
     spoof = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
 
@@ -636,7 +638,7 @@ async def refused_after_upstream(world: World, path: str, token: str, expected: 
 
 
 async def test_redirects_are_neither_followed_nor_relayed(world: World) -> None:
-    ds, _lic, _app, token = await world.licensed()
+    ds, _lic, _app, token = await world.licensed(dataset_fields=EVERY_METHOD)
     base = f"/data/{ds['id']}"
     for code in (301, 302, 303, 307, 308):
         body = await refused_after_upstream(world, f"{base}/redirect/{code}", token, 502)
@@ -682,7 +684,7 @@ async def test_redirects_are_neither_followed_nor_relayed(world: World) -> None:
 
 async def test_request_body_limit(world_factory: WorldFactory) -> None:
     world = await world_factory(proxy__max_body_bytes=1024)
-    ds, _lic, _app, token = await world.licensed()
+    ds, _lic, _app, token = await world.licensed(dataset_fields=EVERY_METHOD)
     path = f"/data/{ds['id']}/digest"
     auth = {"Authorization": f"Bearer {token}"}
 
