@@ -33,6 +33,9 @@ from tests.test_quota import NOW, PERIOD, refused, sf_items, stop_clock, usage
 
 WorldFactory = Callable[..., Awaitable[World]]
 
+#: The datasets here serve writes too: the key, not the method, is under test.
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
 
 @pytest.fixture
 async def world(world_factory: WorldFactory) -> World:
@@ -62,7 +65,7 @@ def same_response(first: tuple[int, Any, Any], again: tuple[int, Any, Any], *nam
 async def test_a_key_reused_for_another_request_is_refused_and_never_forwarded(world: World) -> None:
     """The hole this closes: once the free allowance was used up, one key
     sent with other paths, queries or methods was forwarded again for free."""
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 2})
+    ds, lic, _app, token = await world.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 2})
     key = {"Idempotency-Key": "order-7f3a"}
     base = f"/data/{ds['id']}"
     first = await world.call(f"{base}/orders?id=7", token, headers=key)
@@ -127,7 +130,7 @@ async def test_a_key_reused_for_another_request_is_refused_and_never_forwarded(w
 
 
 async def test_a_retry_gets_the_first_response_back_without_the_upstream(world: World) -> None:
-    ds, lic, _app, token = await world.licensed(purpose="industrial")
+    ds, lic, _app, token = await world.licensed(purpose="industrial", dataset_fields={"methods": METHODS})
     other_app = await world.app_client(lic["licensee_id"])
     other = await world.token(other_app, f"purpose:industrial dataset:{ds['id']}")
     path = f"/data/{ds['id']}/created?tag=a%20b"
@@ -161,7 +164,7 @@ async def test_a_retry_gets_the_first_response_back_without_the_upstream(world: 
 
 
 async def test_a_retry_while_the_first_is_in_flight_gets_409(world: World) -> None:
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    ds, lic, _app, token = await world.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
     key = {"Idempotency-Key": "slow-order-1"}
     path = f"/data/{ds['id']}/drip"
     first = asyncio.create_task(world.call(path, token, headers=key))
@@ -195,7 +198,7 @@ async def _arrived(world: World, path: str) -> bool:
 async def test_a_response_too_large_to_keep_is_not_sent_again(world_factory: WorldFactory) -> None:
     world = await world_factory(proxy__idempotent_response_max_bytes=1000)
     stop_clock(world, NOW)
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    ds, lic, _app, token = await world.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
     # At the limit: kept, and replayed.
     key = {"Idempotency-Key": "just-fits"}
     first = await world.call(f"/data/{ds['id']}/big?bytes=1000", token, headers=key)
@@ -244,7 +247,7 @@ async def flaky() -> AsyncIterator[dict[str, Any]]:
 
 async def test_a_failed_first_call_frees_the_key(world: World, flaky: dict[str, Any]) -> None:
     ds, lic, _app, token = await world.licensed(
-        purpose="industrial", dataset_fields={"upstream_url": flaky["url"]}
+        purpose="industrial", dataset_fields={"methods": METHODS, "upstream_url": flaky["url"]}
     )
     key = {"Idempotency-Key": "pay-1"}
     path = f"/data/{ds['id']}/orders?id=1"
@@ -264,7 +267,7 @@ async def test_replays_across_gateways_sharing_one_store(world_factory: WorldFac
     two = await world_factory()  # same database and Redis: another replica
     for started in (one, two):
         stop_clock(started, NOW)
-    ds, lic, _app, token = await one.licensed(dataset_fields={"free_monthly_calls": 5})
+    ds, lic, _app, token = await one.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
     key = {"Idempotency-Key": "across"}
     path = f"/data/{ds['id']}/report?year=2026"
     first = await one.call(path, token, method="PUT", data=b"payload", headers=key)
@@ -280,7 +283,9 @@ async def test_replays_across_gateways_sharing_one_store(world_factory: WorldFac
 async def test_replays_are_held_to_the_burst_limit(world: World) -> None:
     """A replay is answered by the gateway, but it is a call of the app like
     any other: not charged, not forwarded, not exempt from the burst limit."""
-    ds, _lic, _app, token = await world.licensed(dataset_fields={"burst": {"per_second": 1, "capacity": 2}})
+    ds, _lic, _app, token = await world.licensed(
+        dataset_fields={"methods": METHODS, "burst": {"per_second": 1, "capacity": 2}}
+    )
     key = {"Idempotency-Key": "hammer"}
     seen = len(world.upstream.seen)
     for _ in range(2):
@@ -295,7 +300,7 @@ async def test_a_body_over_the_limit_is_refused_before_anything_is_reserved(
 ) -> None:
     world = await world_factory(proxy__max_body_bytes=2000)
     stop_clock(world, NOW)
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    ds, lic, _app, token = await world.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
     path = f"/data/{ds['id']}/upload"
     key = {"Idempotency-Key": "upload-1"}
 
@@ -317,7 +322,7 @@ async def test_a_body_over_the_limit_is_refused_before_anything_is_reserved(
 
 
 async def test_a_head_retry_gets_the_first_head_back(world: World) -> None:
-    ds, lic, _app, token = await world.licensed(dataset_fields={"free_monthly_calls": 5})
+    ds, lic, _app, token = await world.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
     key = {"Idempotency-Key": "head-1"}
     path = f"/data/{ds['id']}/etag"
     first = await world.call(path, token, method="HEAD", headers=key)
@@ -336,7 +341,9 @@ async def test_a_key_held_by_a_replica_that_died_is_freed_by_the_writer(world_fa
     records the call incomplete and releases it, and frees its key, so the
     caller's retry is a new call, forwarded and charged once."""
     world = await world_factory(ledger__replica_timeout_seconds=3)
-    ds, lic, app, token = await world.licensed(licence_fields={"paid": {"prepaid_calls": 10}})
+    ds, lic, app, token = await world.licensed(
+        dataset_fields={"methods": METHODS}, licence_fields={"paid": {"prepaid_calls": 10}}
+    )
     key = "lost-order"
     path = f"/data/{ds['id']}/orders?id=1"
     now = datetime.now(UTC)
