@@ -259,10 +259,10 @@ TIERED = {
 async def test_upstream_failures_are_released_and_never_charged(world: World, purpose: str) -> None:
     """5xx answers, a timeout, a refused connection, a redirect and a response
     cut short each leave the counters as they were (DESIGN §4), and the whole
-    allowance is still there afterwards: 3 free calls, or a credit of 3 fen
+    allowance is still there afterwards: 3 free calls, or a credit of 4 fen
     priced 1, 1, 0.5 by tier, which also shows that the failed calls did not
-    move the tier position; a fourth call's worst case (0.5 fen and a record
-    at 0.25) does not fit in the 0.5 fen left."""
+    move the tier position; a fourth call's worst case (0.5 fen and 5 records
+    at 0.25) does not fit in the 1.5 fen left."""
     dead = f"http://127.0.0.1:{free_port()}/svc"
     ds, lic, _app, token = await world.licensed(
         purpose=purpose,
@@ -271,9 +271,9 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
             "free_monthly_calls": 3,
             "timeout_seconds": 0.5,
             "price": TIERED,
-            "max_records_per_call": 1,
+            "max_records_per_call": 5,
         },
-        licence_fields={"paid": {"credit_limit_fen": 3}},
+        licence_fields={"paid": {"credit_limit_fen": 4}},
     )
     untouched = await usage(world, lic, ds, PERIOD)
     assert untouched["free"] == FREE_UNUSED
@@ -324,7 +324,7 @@ async def test_upstream_failures_are_released_and_never_charged(world: World, pu
     else:
         await refused(world, f"/data/{ds['id']}/x", token, 402, "payment-required")
         paid = (await usage(world, lic, ds, PERIOD))["paid"]
-        assert (paid["calls"], paid["used"], paid["remaining"]) == (3, "2.5", "0.5")
+        assert (paid["calls"], paid["used"], paid["remaining"]) == (3, "2.5", "1.5")
 
 
 async def test_upstream_client_errors_are_charged(world: World) -> None:
