@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -37,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway.state import ADMIN_TOKENS, CLOCK
 from licensing.schemas import AdminTokenIn
 from tests.conftest import World
+from tests.test_hostile_data_plane import bounded
 from tests.test_ledger import records_of
 from tests.test_quota import StoppedClock
 
@@ -69,16 +70,6 @@ PARSER_OWNED = {"content-length", "transfer-encoding", "host", "connection", "ex
 EXAMPLES = 8
 SEEDED_EXAMPLES = 5
 UNAUTHENTICATED_EXAMPLES = 2
-
-
-def bounded(examples: int) -> Any:
-    return settings(
-        max_examples=examples,
-        derandomize=True,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 async def admin_schema(world: World) -> Any:
