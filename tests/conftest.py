@@ -512,6 +512,9 @@ def make_settings(tmp_path: Path, backend: Backend, **overrides: Any) -> Setting
         "storage.database_url": backend.database_url,
         "storage.redis_url": backend.redis_url,
         "server.catalogue_refresh_seconds": 0.2,
+        # Tests wait for records to reach the SQL ledger; the production
+        # linger (1 s, to let batches gather) would only slow them down.
+        "ledger.writer_linger_seconds": 0.05,
     }
     values.update(overrides)
     return load_settings(env={}, overrides=values)
