@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from gateway.charging import fingerprint
-from gateway.state import QUOTA
+from gateway.state import CATALOGUE, QUOTA
 from ledger.record import opening
 from metering.periods import period_of, zone
 from metering.quota import Terms, plan_reservation
@@ -268,6 +268,8 @@ async def test_replays_across_gateways_sharing_one_store(world_factory: WorldFac
     for started in (one, two):
         stop_clock(started, NOW)
     ds, lic, _app, token = await one.licensed(dataset_fields={"methods": METHODS, "free_monthly_calls": 5})
+    # The second replica learns of the new app and licence on its next refresh: now.
+    await two.app[CATALOGUE].reload()
     key = {"Idempotency-Key": "across"}
     path = f"/data/{ds['id']}/report?year=2026"
     first = await one.call(path, token, method="PUT", data=b"payload", headers=key)
