@@ -798,6 +798,10 @@ async def _tier_positions_exact(
         processes.assert_clean(gateway.name)
 
 
+# Each backend once (the exactness itself is the scripts', tried on both servers).
+@pytest.mark.parametrize(
+    ("database_url", "single_redis"), [("sqlite", "valkey"), ("postgres", "redis")], indirect=True
+)
 async def test_tier_positions_are_exact_across_three_replicas(
     tmp_path: Path,
     database_url: str,
@@ -808,6 +812,7 @@ async def test_tier_positions_are_exact_across_three_replicas(
     await _tier_positions_exact(tmp_path, processes, records_upstream, database_url, single_redis)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_tier_positions_are_exact_on_a_redis_cluster(
     tmp_path: Path,
     database_url: str,
