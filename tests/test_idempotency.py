@@ -28,7 +28,7 @@ from metering.periods import period_of, zone
 from metering.quota import Terms, plan_reservation
 from tests.conftest import World, free_port
 from tests.test_data_plane import check_problem, eventually
-from tests.test_ledger import records_of
+from tests.test_ledger import lost_call_skeleton, records_of
 from tests.test_quota import NOW, PERIOD, refused, sf_items, stop_clock, usage
 
 WorldFactory = Callable[..., Awaitable[World]]
@@ -351,23 +351,9 @@ async def test_a_key_held_by_a_replica_that_died_is_freed_by_the_writer(world_fa
     now = datetime.now(UTC)
     period = period_of(now, zone(world.settings.billing.time_zone))
     call_id = "0190f000-0000-7000-8000-0000000000a1"
-    skeleton = {
-        "call_id": call_id,
-        "request_id": "lost-call",
-        "started_at": now.isoformat().replace("+00:00", "Z"),
-        "app_id": app["client_id"],
-        "licensee_id": lic["licensee_id"],
-        "licence_id": lic["id"],
-        "dataset_id": ds["id"],
-        "purpose": "public-interest",
-        "method": "GET",
-        "path": f"/data/{ds['id']}/orders",
-        "query_digest": None,
-        "pool": "free",
-        "period": period.name,
-        "client_address": "127.0.0.1",
-        "token_id": "jti-lost",
-    }
+    skeleton = lost_call_skeleton(
+        app, lic, ds, call_id, "public-interest", "free", "orders", now, period.name
+    )
     terms = Terms(
         licence_id=lic["id"],
         app_id=app["client_id"],

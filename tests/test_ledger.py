@@ -213,6 +213,38 @@ async def test_a_full_log_fails_closed_and_recovers(world_factory: Callable[...,
     assert len({r["call_id"] for r in rows}) == 102
 
 
+def lost_call_skeleton(
+    app: dict[str, Any],
+    lic: dict[str, Any],
+    ds: dict[str, Any],
+    call_id: str,
+    purpose: str,
+    pool: str,
+    rest: str,
+    now: datetime,
+    period: str,
+) -> dict[str, Any]:
+    """The opening fields of a call reserved by a replica that then died
+    (request id ``lost-call``), for ``GET /data/{dataset}/{rest}``."""
+    return {
+        "call_id": call_id,
+        "request_id": "lost-call",
+        "started_at": now.isoformat().replace("+00:00", "Z"),
+        "app_id": app["client_id"],
+        "licensee_id": lic["licensee_id"],
+        "licence_id": lic["id"],
+        "dataset_id": ds["id"],
+        "purpose": purpose,
+        "method": "GET",
+        "path": f"/data/{ds['id']}/{rest}",
+        "query_digest": None,
+        "pool": pool,
+        "period": period,
+        "client_address": "127.0.0.1",
+        "token_id": "jti-lost",
+    }
+
+
 async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
     world_factory: Callable[..., Awaitable[World]],
 ) -> None:
@@ -223,23 +255,17 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
     # A replica that is never heard from reserves a call and dies.
     now = datetime.now(UTC)
     period = period_of(now, zone(world.settings.billing.time_zone))
-    skeleton = {
-        "call_id": "0190f000-0000-7000-8000-000000000001",
-        "request_id": "lost-call",
-        "started_at": now.isoformat().replace("+00:00", "Z"),
-        "app_id": app["client_id"],
-        "licensee_id": lic["licensee_id"],
-        "licence_id": lic["id"],
-        "dataset_id": ds["id"],
-        "purpose": "industrial",
-        "method": "GET",
-        "path": f"/data/{ds['id']}/echo",
-        "query_digest": None,
-        "pool": "prepaid",
-        "period": period.name,
-        "client_address": "127.0.0.1",
-        "token_id": "jti-lost",
-    }
+    skeleton = lost_call_skeleton(
+        app,
+        lic,
+        ds,
+        "0190f000-0000-7000-8000-000000000001",
+        "industrial",
+        "prepaid",
+        "echo",
+        now,
+        period.name,
+    )
     terms = Terms(
         licence_id=lic["id"],
         app_id=app["client_id"],
