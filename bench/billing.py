@@ -59,8 +59,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from bench.ledger import DATASETS, DEFAULT_PG_ADMIN, fresh_database, machine_facts, make_log  # noqa: E402
-from billing.invoices import close_period  # noqa: E402
+from bench.ledger import (  # noqa: E402
+    DATASETS,
+    DEFAULT_PG_ADMIN,
+    MAX_RECORDS,
+    fresh_database,
+    machine_facts,
+    make_log,
+    price_of,
+)
+from billing.invoices import close_period, e4_text  # noqa: E402
 from billing.models import InvoiceCallRow  # noqa: E402
 from billing.reconcile import reconcile  # noqa: E402
 from ledger.models import CallRow  # noqa: E402
@@ -68,7 +76,7 @@ from ledger.record import from_log  # noqa: E402
 from ledger.store import LedgerStore  # noqa: E402
 from licensing.keys import load_or_create_signing_key  # noqa: E402
 from licensing.registry import Registry  # noqa: E402
-from licensing.schemas import DatasetIn, RevenueSplit  # noqa: E402
+from licensing.schemas import DatasetIn, Price, RevenueSplit  # noqa: E402
 from metering.periods import parse_period, zone  # noqa: E402
 from metering.quota import LicenceKeys  # noqa: E402
 from storage.db import create_engine, session_factory  # noqa: E402
@@ -96,6 +104,7 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
             registry = Registry(session_factory(engine))
             for i, ds in enumerate(DATASETS):
                 provider, operator, fund = SPLITS[i % len(SPLITS)]
+                per_call, per_record = price_of(ds)
                 await registry.create_dataset(
                     DatasetIn(
                         id=ds,
@@ -105,6 +114,8 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
                         classification=1,
                         open_class="open",
                         revenue_split=RevenueSplit(provider=provider, operator=operator, public_fund=fund),
+                        price=Price(per_call_fen=e4_text(per_call), per_record_fen=e4_text(per_record)),
+                        max_records_per_call=MAX_RECORDS,
                     )
                 )
             with tempfile.TemporaryDirectory() as tmp:

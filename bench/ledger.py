@@ -132,6 +132,18 @@ DATASETS = (
     "transit-gtfs",
     "energy-prices",
 )
+#: Each dataset's price (terms version 1): per call and per record, in
+#: 1/10000 fen, taken in turn; a served paid call is charged by it, so a
+#: reconciliation that re-prices every billed call finds the charges right.
+PRICES = ((10_000, 0), (15_000, 0), (2_500, 50), (10_000, 125))
+#: The most records a generated call returns (the datasets' max_records_per_call).
+MAX_RECORDS = 200
+
+
+def price_of(dataset: str) -> tuple[int, int]:
+    return PRICES[DATASETS.index(dataset) % len(PRICES)]
+
+
 REFUSALS = (
     (429, "rate-limited"),
     (402, "quota-exhausted"),
@@ -186,12 +198,14 @@ def make_log(n: int, seed: int = 20260301) -> list[bytes]:
             "period": started.strftime("%Y-%m"),
             "client_address": rng.choice(clients),
             "token_id": rng.choice(tokens),
+            "terms_version": 1,
             "time": t,
             "latency_us": latency,
         }
         if roll < 0.93:
             pool = rng.choice(("prepaid", "prepaid", "credit", "free"))
-            records = rng.randint(1, 200)
+            records = rng.randint(1, MAX_RECORDS)
+            per_call, per_record = price_of(dataset)
             record.update(
                 status=200,
                 upstream_status=200,
@@ -200,7 +214,7 @@ def make_log(n: int, seed: int = 20260301) -> list[bytes]:
                 records=records,
                 bytes=records * rng.randint(80, 400),
                 pool=pool,
-                charge_e4=0 if pool == "free" else rng.choice((10_000, 15_000, 2_500)),
+                charge_e4=0 if pool == "free" else per_call + per_record * records,
                 response_digest=hexd(),
             )
         elif roll < 0.97:

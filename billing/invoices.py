@@ -33,10 +33,14 @@ which the next close bills as late usage. :func:`close_period` alone is the
 SQL half (tests and the benchmark feed the ledger directly).
 
 **What an invoice holds.** One invoice per licensee with billed calls, a line
-per dataset, purpose and kind (and period, for late lines): its calls and
+per dataset, purpose, kind and terms version (and period, for late lines): its calls and
 records, the exact charge (the calls' ``charge_e4`` summed, in 1/10000 fen),
 the amount rounded half up to the fen once (:mod:`billing.money`), and the
-amount split by the dataset's revenue split by largest remainder. Free
+amount split by largest remainder by the revenue split of the terms its
+calls were charged under: each call record names its terms version, and a
+line holds the calls of one version (``terms_version``; records from before
+versions are version 1), so a split changed mid-period splits each call its
+own way. Free
 (``public-interest``) calls are listed at zero. VAT is computed once on the
 subtotal at the configured rate. The invoice is stored as canonical JSON with
 the SHA-256 of those bytes (``content_hash``), next to its rows, and each call
@@ -75,7 +79,7 @@ from ledger.record import REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
 from licensing.errors import ConflictError, LedgerUnavailableError
-from licensing.models import DatasetRow
+from licensing.models import DatasetTermsRow
 from metering.periods import Period, parse_period
 from storage.redis import EmbeddedValkeyError, RedisClient
 
@@ -84,7 +88,7 @@ _STATE = cast(Table, LedgerStateRow.__table__)
 _CLOSES = cast(Table, BillingCloseRow.__table__)
 _INVOICES = cast(Table, InvoiceRow.__table__)
 _LINES = cast(Table, InvoiceLineRow.__table__)
-_DATASETS = cast(Table, DatasetRow.__table__)
+_TERMS = cast(Table, DatasetTermsRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
 
 FORMAT: Final = "pdg.invoice.v1"
@@ -299,17 +303,20 @@ async def _close(
 
     total = sql_cast(func.sum(_CALLS.c.charge_e4), BigInteger)
     records = sql_cast(func.sum(_CALLS.c.records), BigInteger)
+    # Records written before terms had versions were charged under version 1.
+    version = func.coalesce(_CALLS.c.terms_version, 1)
     columns = (
         _CALLS.c.licensee_id,
         _CALLS.c.dataset_id,
         _CALLS.c.purpose,
         _CALLS.c.period,
+        version,
         func.count(),
         records,
         total,
         func.min(_CALLS.c.seq),
     )
-    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period)
+    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period, version)
     served = billable()
     usage_where = (served, _CALLS.c.period == name, _CALLS.c.seq <= through)
     late_where = (served, and_(_CALLS.c.period < name, _CALLS.c.seq > after, _CALLS.c.seq <= through))
@@ -318,13 +325,13 @@ async def _close(
     late = (await conn.execute(select(*columns).where(*late_where).group_by(*groups))).all()
     progress(2, STEPS)
     rows = [(USAGE, r) for r in usage] + [(LATE, r) for r in late]
-    splits = await _splits(conn, {r[1] for _, r in rows})
+    splits = await _splits(conn, {(r[1], int(r[4])) for _, r in rows})
     closed_at = rfc3339(now)
     rate = str(vat_rate)
     by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    first_seq = min((int(r[7]) for _, r in rows), default=0)
-    for kind, (licensee, dataset, purpose, of_period, calls, recs, charge, _first) in rows:
-        basis = splits[dataset]
+    first_seq = min((int(r[8]) for _, r in rows), default=0)
+    for kind, (licensee, dataset, purpose, of_period, terms, calls, recs, charge, _first) in rows:
+        basis = splits[dataset, int(terms)]
         amount = fen_of_e4(int(charge or 0))
         provider, operator, fund = split(amount, basis)
         by_licensee[licensee].append(
@@ -333,6 +340,7 @@ async def _close(
                 "purpose": purpose,
                 "kind": kind,
                 "usage_period": of_period,
+                "terms_version": int(terms),
                 "calls": int(calls),
                 "records": int(recs or 0),
                 "charge_fen": e4_text(int(charge or 0)),
@@ -349,7 +357,13 @@ async def _close(
     for licensee in sorted(by_licensee):
         lines = sorted(
             by_licensee[licensee],
-            key=lambda line: (line["kind"] != USAGE, line["usage_period"], line["dataset"], line["purpose"]),
+            key=lambda line: (
+                line["kind"] != USAGE,
+                line["usage_period"],
+                line["dataset"],
+                line["purpose"],
+                line["terms_version"],
+            ),
         )
         for number, line in enumerate(lines, 1):
             line["line_no"] = number
@@ -423,9 +437,10 @@ async def _close(
                 "provider_fen": line["split"]["provider_fen"],
                 "operator_fen": line["split"]["operator_fen"],
                 "public_fund_fen": line["split"]["public_fund_fen"],
-                "split_provider": splits[line["dataset"]][0],
-                "split_operator": splits[line["dataset"]][1],
-                "split_public_fund": splits[line["dataset"]][2],
+                "split_provider": splits[line["dataset"], line["terms_version"]][0],
+                "split_operator": splits[line["dataset"], line["terms_version"]][1],
+                "split_public_fund": splits[line["dataset"], line["terms_version"]][2],
+                "terms_version": line["terms_version"],
             }
             for inv in invoices
             for line in inv["lines"]
@@ -452,24 +467,37 @@ async def _close(
     return Closed(name, False, after, through, closed_at, invoices)
 
 
-async def _splits(conn: AsyncConnection, datasets: set[str]) -> dict[str, tuple[int, int, int]]:
-    found: dict[str, tuple[int, int, int]] = {}
-    if datasets:
+async def _splits(
+    conn: AsyncConnection, wanted: set[tuple[str, int]]
+) -> dict[tuple[str, int], tuple[int, int, int]]:
+    """The revenue split of each (dataset, terms version) billed."""
+    found: dict[tuple[str, int], tuple[int, int, int]] = {}
+    if wanted:
         rows = await conn.execute(
             select(
-                _DATASETS.c.id,
-                _DATASETS.c.split_provider,
-                _DATASETS.c.split_operator,
-                _DATASETS.c.split_public_fund,
-            ).where(_DATASETS.c.id.in_(sorted(datasets)))
+                _TERMS.c.dataset_id,
+                _TERMS.c.version,
+                _TERMS.c.split_provider,
+                _TERMS.c.split_operator,
+                _TERMS.c.split_public_fund,
+            ).where(_TERMS.c.dataset_id.in_(sorted({dataset for dataset, _ in wanted})))
         )
-        found = {r.id: (int(r.split_provider), int(r.split_operator), int(r.split_public_fund)) for r in rows}
-    missing = sorted(datasets - found.keys())
+        found = {
+            (r.dataset_id, int(r.version)): (
+                int(r.split_provider),
+                int(r.split_operator),
+                int(r.split_public_fund),
+            )
+            for r in rows
+        }
+    missing = sorted(wanted - found.keys())
     if missing:
+        dataset, version = missing[0]
         raise ConflictError(
-            f"dataset {missing[0]} of the call record is not in the catalogue: its revenue split is unknown"
+            f"dataset {dataset} has no terms version {version}, which the call record names: "
+            "its revenue split is unknown"
         )
-    return found
+    return {key: found[key] for key in wanted}
 
 
 async def _invoices(conn: AsyncConnection, *where: Any) -> list[dict[str, Any]]:

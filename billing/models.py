@@ -85,6 +85,9 @@ class InvoiceLineRow(Base):
     split_provider: Mapped[int] = mapped_column(Integer)
     split_operator: Mapped[int] = mapped_column(Integer)
     split_public_fund: Mapped[int] = mapped_column(Integer)
+    #: The version of the dataset's terms the line's calls were charged
+    #: under (null on lines closed before terms had versions).
+    terms_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class InvoiceCallRow(Base):

@@ -32,6 +32,16 @@ Each difference names a call by its id and a cause:
 ``invoice-line-altered``
     the line that billed this call: its row in ``invoice_lines`` disagrees
     with the invoice's hashed content (or is missing).
+``price-mismatch``
+    a billed call whose charge is not what the terms it names price it at:
+    the tier price at its position (the n-th paid call of its licence,
+    dataset and period, by ``seq``) plus its records at the per-record
+    price, 0 for a free call; or a call naming terms its dataset never had.
+    On a Redis Cluster a paid call takes its position before its record is
+    appended, so positions and ``seq`` may interleave: there the charges of
+    each licence, dataset and terms version are compared as a whole (the
+    same prices, in any order), and the calls whose charge is not among the
+    prices left are named.
 ``counter-mismatch``
     a quota counter of the period disagrees with the calls the ledger holds
     for it: the free calls of a licence and dataset, its paid calls, or its
@@ -64,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import orjson
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 from sqlalchemy import BigInteger, Table, and_, func, not_, or_, select
 from sqlalchemy import cast as sql_cast
@@ -77,6 +88,7 @@ from ledger.log import LOG
 from ledger.models import CallRow
 from ledger.record import REPLAY_POOL, SERVED
 from licensing.errors import ConflictError
+from licensing.models import DatasetTermsRow
 from metering.periods import Period
 from metering.quota import LicenceKeys, QuotaStoreError
 from storage.redis import RedisClient
@@ -86,6 +98,7 @@ _CLOSES = cast(Table, BillingCloseRow.__table__)
 _INVOICES = cast(Table, InvoiceRow.__table__)
 _LINES = cast(Table, InvoiceLineRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
+_TERMS = cast(Table, DatasetTermsRow.__table__)
 
 LEDGER_CHAIN: Final = "ledger-chain"
 RECORD_MISSING: Final = "record-missing"
@@ -93,6 +106,7 @@ RECORD_ALTERED: Final = "record-altered"
 UNBILLED: Final = "unbilled"
 INVOICE_ALTERED: Final = "invoice-altered"
 LINE_ALTERED: Final = "invoice-line-altered"
+PRICE_MISMATCH: Final = "price-mismatch"
 COUNTER_MISMATCH: Final = "counter-mismatch"
 #: The causes, in the order differences are listed.
 CAUSES: Final = (
@@ -102,11 +116,12 @@ CAUSES: Final = (
     UNBILLED,
     INVOICE_ALTERED,
     LINE_ALTERED,
+    PRICE_MISMATCH,
     COUNTER_MISMATCH,
 )
 
 #: The steps of a reconciliation, as ``progress(done, STEPS)`` counts them.
-STEPS: Final = 5
+STEPS: Final = 6
 Progress = Callable[[int, int], None]
 
 #: An invoice line's fields as its row and its content name them.
@@ -115,6 +130,7 @@ _LINE_FIELDS: Final = (
     ("purpose", "purpose"),
     ("kind", "kind"),
     ("usage_period", "usage_period"),
+    ("terms_version", "terms_version"),
     ("calls", "calls"),
     ("records", "records"),
     ("amount_fen", "amount_fen"),
@@ -263,9 +279,11 @@ async def reconcile(
         tick(3, STEPS)
         invoices, lines = await _check_invoices(conn, found, name, billed_range)
         tick(4, STEPS)
+        await _check_prices(conn, found, name, interleaved=isinstance(client, RedisCluster))
+        tick(5, STEPS)
         counted, last_calls = await _ledger_counts(conn, name)
     counters, pending = await _check_counters(client, found, name, counted, last_calls)
-    tick(5, STEPS)
+    tick(6, STEPS)
     order = {cause: i for i, cause in enumerate(CAUSES)}
     found.kept.sort(key=lambda d: (order[d["cause"]], d.get("seq") or 0, d.get("invoice_id") or ""))
     return Reconciliation(
@@ -438,7 +456,7 @@ def _invoice_said(row: Any, content: dict[str, Any]) -> str:
 def _line_said(row: Any, line: dict[str, Any]) -> str:
     if row is None:
         return "is missing"
-    wrong = [column for column, key in _LINE_FIELDS if getattr(row, column) != line[key]]
+    wrong = [column for column, key in _LINE_FIELDS if getattr(row, column) != line.get(key)]
     split = line["split"]
     wrong += [
         part
@@ -453,7 +471,7 @@ def _line_said(row: Any, line: dict[str, Any]) -> str:
     first = wrong[0]
     key = dict(_LINE_FIELDS).get(first)
     if key is not None:
-        shown += f" ({first} {getattr(row, first)}, the content says {line[key]})"
+        shown += f" ({first} {getattr(row, first)}, the content says {line.get(key)})"
     return f"disagrees with the invoice's content in {shown}"
 
 
@@ -469,7 +487,124 @@ async def _calls_of(
             c.c.purpose == line["purpose"],
             c.c.period == line["usage_period"],
         )
+        if line.get("terms_version") is not None:
+            query = query.where(func.coalesce(c.c.terms_version, 1) == line["terms_version"])
     return [(r.call_id, int(r.seq)) for r in await conn.execute(query)]
+
+
+# -- the prices ----------------------------------------------------------------------
+
+#: A version of a dataset's terms as pricing reads it: per-call price, per-record
+#: price, tiers as ``(up_to or None, per-call price)`` (all 1/10000 fen).
+Pricing = tuple[int, int, tuple[tuple[int | None, int], ...]]
+
+
+def price_at(pricing: Pricing, position: int) -> int:
+    """The per-call price of the ``position``-th paid call of a period, as
+    ``metering/lua/finish.lua`` takes it: the first tier whose bound is not
+    passed (no bound: any position), else the per-call price."""
+    per_call, _per_record, tiers = pricing
+    for up_to, price in tiers:
+        if up_to is None or up_to == 0 or position <= up_to:
+            return price
+    return per_call
+
+
+async def _pricings(conn: AsyncConnection) -> dict[tuple[str, int], Pricing]:
+    rows = await conn.execute(
+        select(
+            _TERMS.c.dataset_id,
+            _TERMS.c.version,
+            _TERMS.c.per_call_e4,
+            _TERMS.c.per_record_e4,
+            _TERMS.c.tiers,
+        )
+    )
+    return {
+        (r.dataset_id, int(r.version)): (
+            int(r.per_call_e4),
+            int(r.per_record_e4),
+            tuple((t["up_to"], int(t["per_call_e4"])) for t in r.tiers),
+        )
+        for r in rows
+    }
+
+
+async def _check_prices(
+    conn: AsyncConnection, found: _Differences, period: str, *, interleaved: bool
+) -> None:
+    """Re-price every billed call of ``period`` from the terms version its
+    record names (see ``price-mismatch`` in the module docstring)."""
+    pricings = await _pricings(conn)
+    c = _CALLS
+    rows = await conn.stream(
+        select(
+            c.c.seq,
+            c.c.call_id,
+            c.c.licence_id,
+            c.c.dataset_id,
+            c.c.pool,
+            c.c.terms_version,
+            c.c.records,
+            c.c.charge_e4,
+        )
+        .where(billable(), c.c.period == period)
+        .order_by(c.c.seq)
+        .execution_options(yield_per=10_000)
+    )
+    positions: dict[tuple[str, str], int] = {}
+    #: Interleaved: per licence, dataset and version, the prices the calls'
+    #: positions give and the calls (seq, id, base charge).
+    expected: dict[tuple[str, str, int], list[int]] = {}
+    charged: dict[tuple[str, str, int], list[tuple[int, str, int]]] = {}
+    async for seq, call_id, licence, dataset, pool, version, records, charge in rows:
+        seq, charge, version = int(seq), int(charge), int(version or 1)
+        if pool == "free":
+            if charge:
+                found.add(call_id, PRICE_MISMATCH, f"a free call charged {charge:,} (1/10000 fen)", seq=seq)
+            continue
+        if pool not in ("prepaid", "credit"):
+            continue
+        pricing = pricings.get((dataset, version))
+        key = (licence, dataset)
+        positions[key] = position = positions.get(key, 0) + 1
+        if pricing is None:
+            found.add(
+                call_id,
+                PRICE_MISMATCH,
+                f"names terms version {version} of dataset {dataset}, which it never had",
+                seq=seq,
+            )
+            continue
+        base = charge - pricing[1] * int(records)
+        price = price_at(pricing, position)
+        if interleaved:
+            expected.setdefault((licence, dataset, version), []).append(price)
+            charged.setdefault((licence, dataset, version), []).append((seq, call_id, base))
+        elif base != price:
+            found.add(
+                call_id,
+                PRICE_MISMATCH,
+                f"charged {charge:,} (1/10000 fen); paid call {position} of licence {licence} on {dataset} "
+                f"in {period} under terms version {version} costs {price + pricing[1] * int(records):,}",
+                seq=seq,
+            )
+    for group, prices in expected.items():
+        left: dict[int, int] = {}
+        for price in prices:
+            left[price] = left.get(price, 0) + 1
+        for seq, call_id, base in charged[group]:
+            if left.get(base, 0) > 0:
+                left[base] -= 1
+                continue
+            licence, dataset, version = group
+            found.add(
+                call_id,
+                PRICE_MISMATCH,
+                f"its charge less its records' ({base:,} of 1/10000 fen) is not among the tier prices of "
+                f"the paid calls of licence {licence} on {dataset} in {period} under terms version {version}",
+                seq=seq,
+            )
 
 
 # -- the quota counters ----------------------------------------------------------------

@@ -16,7 +16,7 @@ class LineSplit(BaseModel):
 
 
 class RevenueShares(BaseModel):
-    """The dataset's revenue split applied to the line (fractions as decimal strings)."""
+    """The revenue split of the line's terms version, applied to the line (fractions as decimal strings)."""
 
     provider: str
     operator: str
@@ -31,6 +31,10 @@ class InvoiceLine(BaseModel):
     #: that reached the ledger after that period closed.
     kind: Literal["usage", "late"]
     usage_period: str
+    #: The version of the dataset's terms the line's calls were charged
+    #: under; its revenue split is the one applied (absent on invoices
+    #: closed before terms had versions).
+    terms_version: int | None = None
     calls: int
     records: int
     #: The calls' charges summed, exactly (fen, 4 decimal places).

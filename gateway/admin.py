@@ -92,8 +92,20 @@ def _own(principal: AdminPrincipal, licensee_id: str, what: str) -> None:
 # -- datasets -----------------------------------------------------------------
 
 
+#: What a licensee-scoped token is not shown of a dataset (DESIGN §3): the
+#: upstream it would otherwise call around the gateway, and how it is reached.
+_INTERNAL_DATASET_FIELDS = ("upstream_url", "timeout_seconds")
+
+
+def _as_seen(principal: AdminPrincipal, dataset: dict[str, Any]) -> dict[str, Any]:
+    if principal.own_licensee is not None:
+        for name in _INTERNAL_DATASET_FIELDS:
+            dataset.pop(name, None)
+    return dataset
+
+
 async def list_datasets(request: web.Request, principal: AdminPrincipal) -> web.Response:
-    return _json(dump(await request.app[REGISTRY].list_datasets()))
+    return _json([_as_seen(principal, d) for d in dump(await request.app[REGISTRY].list_datasets())])
 
 
 async def create_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -103,12 +115,16 @@ async def create_dataset(request: web.Request, principal: AdminPrincipal) -> web
 
 
 async def get_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
-    return _json(dump(await request.app[REGISTRY].get_dataset(request.match_info["id"])))
+    return _json(_as_seen(principal, dump(await request.app[REGISTRY].get_dataset(request.match_info["id"]))))
 
 
 async def patch_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
     patch = schemas.parse(schemas.DatasetPatch, await _body(request))
     return _json(dump(await request.app[REGISTRY].update_dataset(request.match_info["id"], patch)))
+
+
+async def list_terms(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json(dump(await request.app[REGISTRY].list_terms(request.match_info["id"])))
 
 
 # -- licensees ----------------------------------------------------------------
@@ -399,6 +415,16 @@ ROUTES: tuple[Route, ...] = (
         "Change a dataset",
         schemas.DatasetPatch,
         schemas.Dataset,
+    ),
+    Route(
+        "GET",
+        "/datasets/{id}/terms",
+        list_terms,
+        "read",
+        "List the versions of a dataset's terms (prices, tiers, revenue split)",
+        None,
+        schemas.Terms,
+        True,
     ),
     Route("GET", "/licensees", list_licensees, "read", "List licensees", None, schemas.Licensee, True),
     Route(

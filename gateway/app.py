@@ -6,6 +6,7 @@ routes of every surface on one port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -36,7 +37,7 @@ from gateway.state import (
     UPSTREAM,
     Clock,
 )
-from ledger.log import Presence
+from ledger.log import Presence, live_replicas
 from ledger.writer import start_writer
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
@@ -104,20 +105,37 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
 class RedisVersionMirror:
     """The catalogue version every replica holds, shared through Redis, so a
     replica that cannot reach the database knows whether its view is still
-    current (``CatalogueCache``)."""
+    current (``CatalogueCache``), and each replica's own (``LOADED``), so a
+    change of terms can wait until every live replica has it."""
 
     KEY = "pdg:catalogue:version"
+    LOADED = "pdg:catalogue:loaded"
     _MAX = (
         "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '-1') "
         "then redis.call('SET', KEYS[1], ARGV[1]) end"
     )
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, replica_id: str) -> None:
         self.client = client
+        self.replica_id = replica_id
 
     async def publish(self, version: int) -> None:
         async with asyncio.timeout(COMMAND_TIMEOUT):
             await self.client.eval(self._MAX, 1, self.KEY, version)
+            await self.client.hset(self.LOADED, self.replica_id, version)
+
+    async def loaded_everywhere(self, version: int) -> bool:
+        live = sorted(await live_replicas(self.client))
+        if not live:
+            return False
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            loaded = await self.client.hmget(self.LOADED, live)
+        return all(v is not None and int(v) >= version for v in loaded)
+
+    async def forget(self) -> None:
+        """This replica leaves (a clean stop)."""
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            await self.client.hdel(self.LOADED, self.replica_id)
 
     async def read(self) -> int | None:
         async with asyncio.timeout(COMMAND_TIMEOUT):
@@ -160,12 +178,17 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         max_assertion_age=settings.tokens.client_assertion_max_age_seconds,
         first_use=first_use,
     )
-    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds, RedisVersionMirror(redis))
+    mirror = RedisVersionMirror(redis, app[REPLICA_ID])
+    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds, mirror)
     app[CATALOGUE] = cache
-    app[REGISTRY] = Registry(sessions, on_change=cache.reload)
+    app[REGISTRY] = Registry(sessions, on_change=cache.reload, on_terms_change=cache.barrier)
     app[ADMIN_TOKENS] = AdminTokens(sessions)
     async with cache.running():
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
+                await mirror.forget()
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

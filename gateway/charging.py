@@ -288,6 +288,8 @@ async def reserve(
     now, period = recorder.now, recorder.period
     recorder.record["pool"] = kind = pool_kind(terms)
     dataset = grant.dataset
+    # The prices below and the record name the same version of the terms.
+    recorder.record["terms_version"] = dataset.terms_version
     if kind == "credit" and dataset.per_record_e4 and dataset.max_records_per_call is None:
         raise PaymentRequiredError(
             f"dataset {dataset.id} prices records but sets no max_records_per_call, "

@@ -7,6 +7,7 @@ way whichever door it comes through. Every command takes ``--json``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import sys
@@ -57,12 +58,20 @@ async def migrated_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 @contextlib.asynccontextmanager
 async def services(settings: Settings) -> AsyncIterator[Services]:
     from licensing.admin_tokens import AdminTokens
+    from licensing.catalogue import max_view_age
     from licensing.registry import Registry
     from storage.db import session_factory
 
+    async def terms_changed(version: int) -> None:
+        # Replicas pick the change up from the database within their view's
+        # longest life; the command returns after it, so the new terms apply
+        # from the next call on, on every replica (CatalogueCache.barrier
+        # waits less in a gateway, which hears the replicas through Redis).
+        await asyncio.sleep(max_view_age(settings.server.catalogue_refresh_seconds))
+
     async with migrated_engine(settings) as engine:
         sessions = session_factory(engine)
-        yield Services(Registry(sessions), AdminTokens(sessions))
+        yield Services(Registry(sessions, on_terms_change=terms_changed), AdminTokens(sessions))
 
 
 @contextlib.contextmanager
@@ -179,6 +188,7 @@ DATASET_COLUMNS = (
     "classification",
     "open_class",
     "free_monthly_calls",
+    "terms_version",
     "upstream_url",
 )
 
@@ -283,6 +293,27 @@ async def dataset_list(args: argparse.Namespace, settings: Settings) -> int:
 async def dataset_show(args: argparse.Namespace, settings: Settings) -> int:
     async with services(settings) as s:
         emit(args, dump(await s.registry.get_dataset(args.dataset_id)))
+    return 0
+
+
+async def dataset_terms(args: argparse.Namespace, settings: Settings) -> int:
+    async with services(settings) as s:
+        versions = dump(await s.registry.list_terms(args.dataset_id))
+    rows = [
+        {
+            "version": t["version"],
+            "effective_from": t["effective_from"],
+            "per_call_fen": t["price"]["per_call_fen"],
+            "per_record_fen": t["price"]["per_record_fen"],
+            "tiers": ", ".join(f"{x['up_to'] or '-'}:{x['per_call_fen']}" for x in t["price"]["tiers"]),
+            "split": "/".join(t["revenue_split"][k] for k in ("provider", "operator", "public_fund")),
+        }
+        for t in versions
+    ]
+    if getattr(args, "json", False):
+        emit(args, versions)
+    else:
+        emit(args, rows, columns=tuple(rows[0]) if rows else ("version",))
     return 0
 
 
@@ -601,6 +632,13 @@ def add_commands(sub: Any, common: Common) -> None:
         )
     command(datasets, "list", "list datasets", dataset_list)
     command(datasets, "show", "show a dataset", dataset_show, "dataset_id")
+    command(
+        datasets,
+        "terms",
+        "list the versions of a dataset's terms (prices, tiers, split)",
+        dataset_terms,
+        "dataset_id",
+    )
 
     licensees = group("licensee", "licensed organisations")
     p = command(licensees, "create", "register a licensee", licensee_create)

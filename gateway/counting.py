@@ -72,6 +72,12 @@ class RecordCounter:
         self._done = False
         self._broken = False
 
+    @property
+    def countable(self) -> bool:
+        """False once the body is known to be no JSON array or object, or an
+        array that is not well formed: its records cannot be counted."""
+        return not self._broken and self._top in (None, b"[", b"{")
+
     def result(self) -> int:
         """The records of the whole body (call once it has all been fed)."""
         if self._top == b"{":

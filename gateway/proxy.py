@@ -47,7 +47,9 @@ Forwarding rules:
   502 when the header says so, else the response is cut as soon as the count
   passes it: ``incomplete``, never charged; where records are priced or
   bounded the upstream is asked for a plain body (``Accept-Encoding:
-  identity``), and an encoded body without ``X-Record-Count`` is 502;
+  identity``), and an encoded body without ``X-Record-Count`` is 502; where
+  records are priced, a body without it that is no JSON array or object (a
+  CSV, say) is 502 too, or cut (``incomplete``) if that shows only later;
 - datasets at classification 3 or above need sender-constrained (DPoP) tokens
   (DESIGN §3); proof checking is not built yet, so such calls are refused
   (``sender-constraint-failed``), failing closed;
@@ -591,6 +593,9 @@ async def _relay(
         else None
     )
     uncountable = declared is None and encoded and metered
+    # Priced records must be counted: a body that turns out not to be JSON
+    # (a CSV asked for with Accept, say) is refused, or cut, never served free.
+    priced = dataset.per_record_e4 > 0
     # The body kept for the retries of an idempotent call, if small enough.
     keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes
     stored: list[bytes] | None = [] if charge.keeps_response else None
@@ -616,6 +621,11 @@ async def _relay(
                 counter.feed(chunk)
                 if max_records is not None and counter.count > max_records:
                     over = f"the response of {dataset.id} holds more than {max_records} records"
+                elif priced and not counter.countable:
+                    over = (
+                        f"the response of {dataset.id} is no JSON array or object and has no "
+                        "X-Record-Count: its records, which are priced, cannot be counted"
+                    )
             if over is not None:
                 if not response.prepared:
                     raise UpstreamUnavailableError(over, upstream_status=status)

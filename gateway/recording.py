@@ -106,6 +106,8 @@ class CallRecorder:
             "period": self.period.name,
             "client_address": clip(request.remote or "", "client_address"),
             "token_id": claims.token_id[:64],
+            # Set when the call is reserved: the terms it is charged under.
+            "terms_version": None,
         }
 
     def _digest_hex(self, data: bytes) -> str:

@@ -53,6 +53,9 @@ DIGEST_SIZE: Final = 32
 GENESIS: Final = bytes(DIGEST_SIZE)
 #: Keys every call record must carry; they are inside the hashed bytes.
 REQUIRED_KEYS: Final = ("seq", "time", "call_id")
+#: Keys a record gained after ledgers had records: left out of the hashed
+#: bytes when null, so the records written before them hash as they did.
+LATER_KEYS: Final = ("terms_version",)
 
 _LEAF: Final = b"\x00"
 _NODE: Final = b"\x01"
@@ -95,6 +98,10 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     are encoded in orjson's shortest round-trip form; prefer integers (fen,
     microseconds) for anything that must compare exactly.
 
+    A key of :data:`LATER_KEYS` (``terms_version``) whose value is ``None``
+    is left out: records written before the record had it hash as they were
+    written. Any other value of it is hashed like every key.
+
     Raises ValueError for a missing or ill-typed ``seq``/``time``/``call_id``, and
     TypeError (``orjson.JSONEncodeError``) for a value with no JSON spelling.
     """
@@ -111,6 +118,8 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     require_utc(time, "call record time")
     if not isinstance(call_id, str):
         raise ValueError(f"call record call_id must be a string, got {call_id!r}")
+    if record.get("terms_version", 0) is None:
+        record = {k: v for k, v in record.items() if k not in LATER_KEYS}
     # orjson encodes only real dicts; copy other mappings.
     return orjson.dumps(record if record.__class__ is dict else dict(record), option=_OPTIONS)
 
@@ -587,6 +596,8 @@ class Verifier:
                     if problem is not None:
                         break
                     continue
+                if record.get("terms_version", 0) is None:
+                    record = {k: v for k, v in record.items() if k not in LATER_KEYS}
                 try:
                     data = dumps(record if record.__class__ is dict else dict(record), option=options)
                 except (TypeError, ValueError) as exc:

@@ -60,6 +60,10 @@ class CallRow(Base):
     token_id: Mapped[str] = mapped_column(String(64))
     #: Digest (hex) of the response body as sent; null when nothing was sent.
     response_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: The version of the dataset's terms the call was charged under (null:
+    #: a call refused before its dataset was known, or a record written
+    #: before terms had versions, which leaves it out of its hashed bytes).
+    terms_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: The chain entry of this record (hex); not part of the hashed bytes.
     hash: Mapped[str] = mapped_column(String(64))
 

@@ -10,6 +10,11 @@ Positional, not an object with names: every byte a gateway appends is written
 again to the Redis server's append-only file, and the names were two fifths of
 each entry. :func:`from_log` reads an object with the names too.
 
+``terms_version`` came last, after ledgers had records: a record without one
+(``None``) is hashed without the key (``ledger.chain.canonical``), so those
+records verify as they were written, and log and in-flight entries written
+before it are read with it ``None``.
+
 While the call is in flight its opening fields (:data:`OPENING_FIELDS`, known
 when it is reserved) wait in the in-flight entry the same way
 (:func:`opening`), for the writer to record the call ``incomplete`` should its
@@ -64,6 +69,7 @@ FIELDS: Final[tuple[str, ...]] = (
     "client_address",
     "token_id",
     "response_digest",
+    "terms_version",
 )
 #: What is known of a call only when it ends.
 CLOSING_FIELDS: Final = (
@@ -83,6 +89,9 @@ OPENING_FIELDS: Final = tuple(name for name in FIELDS[1:] if name not in CLOSING
 #: What the gateway writes to the log, in this order: every field but ``seq``.
 LOGGED_FIELDS: Final = (*OPENING_FIELDS, *CLOSING_FIELDS)
 _LOGGED: Final = frozenset(LOGGED_FIELDS)
+#: The fields of entries written before ``terms_version`` (read with it None).
+_LEGACY_LOGGED: Final = tuple(name for name in LOGGED_FIELDS if name != "terms_version")
+_LEGACY_OPENING: Final = tuple(name for name in OPENING_FIELDS if name != "terms_version")
 _LOGGED_VALUES: Final = operator.itemgetter(*LOGGED_FIELDS)
 _OPENING_VALUES: Final = operator.itemgetter(*OPENING_FIELDS)
 TIME_FIELDS: Final = ("time", "started_at")
@@ -135,6 +144,8 @@ def from_opening(data: bytes | str) -> dict[str, Any]:
         values = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"not JSON: {exc}") from exc
+    if isinstance(values, list) and len(values) == len(_LEGACY_OPENING):
+        return {**dict(zip(_LEGACY_OPENING, values, strict=True)), "terms_version": None}
     if not isinstance(values, list) or len(values) != len(OPENING_FIELDS):
         raise RecordError(f"not the {len(OPENING_FIELDS)} opening fields of a call record")
     return dict(zip(OPENING_FIELDS, values, strict=True))
@@ -148,12 +159,16 @@ def from_log(data: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"not JSON: {exc}") from exc
     if isinstance(record, list):
-        if len(record) != len(LOGGED_FIELDS):
+        if len(record) == len(_LEGACY_LOGGED):
+            record = {**dict(zip(_LEGACY_LOGGED, record, strict=True)), "terms_version": None}
+        elif len(record) != len(LOGGED_FIELDS):
             raise RecordError(f"{len(record)} values, not the {len(LOGGED_FIELDS)} of a call record")
-        record = dict(zip(LOGGED_FIELDS, record, strict=True))
+        else:
+            record = dict(zip(LOGGED_FIELDS, record, strict=True))
     elif not isinstance(record, dict):
         raise RecordError("not a JSON array or object")
     elif record.keys() != _LOGGED:
+        record.setdefault("terms_version", None)
         missing = [name for name in LOGGED_FIELDS if name not in record]
         if missing:
             raise RecordError(f"missing fields: {', '.join(missing)}")

@@ -70,6 +70,8 @@ class DatasetView:
     max_response_bytes: int | None = None
     #: The most records one call may return (``None``: unbounded; records not priced).
     max_records_per_call: int | None = None
+    #: The version of the terms above (prices, tiers, split) in this view.
+    terms_version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +260,7 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         paths=tuple(tuple(p.split("/")) for p in row.paths),
         max_response_bytes=row.max_response_bytes,
         max_records_per_call=row.max_records_per_call,
+        terms_version=row.terms_version,
     )
 
 
@@ -326,6 +329,14 @@ class VersionMirror(Protocol):
 
     async def read(self) -> int | None: ...
 
+    async def loaded_everywhere(self, version: int) -> bool: ...
+
+
+def max_view_age(refresh_seconds: float) -> float:
+    """The oldest confirmation of its view a replica still serves data calls
+    on: DESIGN §7's two seconds, or two polls when they are slower."""
+    return max(CatalogueCache.PROMISE_SECONDS, 2 * refresh_seconds)
+
 
 class CatalogueCache:
     """Holds the current :class:`Catalogue` and keeps it fresh."""
@@ -349,7 +360,7 @@ class CatalogueCache:
         #: ``time.monotonic()`` at which the view was last known to be current.
         self.confirmed_at = time.monotonic()
         #: Oldest confirmation a data call is still served on.
-        self.max_age = max(self.PROMISE_SECONDS, 2 * refresh_seconds)
+        self.max_age = max_view_age(refresh_seconds)
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -385,6 +396,28 @@ class CatalogueCache:
         else:
             await self._publish(version)
         self.confirmed_at = max(self.confirmed_at, started)
+
+    async def barrier(self, version: int) -> None:
+        """Return once every replica serves by catalogue ``version`` (at
+        least) or refuses data calls: a change of terms applies from the
+        next call on, on every replica (DESIGN §4).
+
+        That is when every live replica reports it has loaded the version
+        (they poll every ``catalogue_refresh_seconds``), and at the latest
+        after ``max_age``: a replica that has not loaded it by then last
+        confirmed its view before the change was committed (a confirmation
+        after it reads the new version, from the database or from the
+        mirror), so its view is too old to serve on (:meth:`fresh`)."""
+        deadline = time.monotonic() + self.max_age
+        # The mirror must hold the version: a replica cut off from the
+        # database then no longer confirms its older view.
+        await self._publish(max(version, self.current.version))
+        while time.monotonic() < deadline:
+            if self._mirror is not None:
+                with contextlib.suppress(Exception):
+                    if await self._mirror.loaded_everywhere(version):
+                        return
+            await asyncio.sleep(0.05)
 
     def fresh(self) -> Catalogue:
         """The current view, if it was confirmed recently enough to apply the

@@ -43,8 +43,30 @@ class DatasetRow(Base):
     paths: Mapped[list[str]] = mapped_column(JSON)
     max_response_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_records_per_call: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The version of the terms above (``DatasetTermsRow``): the one in force.
+    terms_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class DatasetTermsRow(Base):
+    """One version of a dataset's terms: its prices and revenue split as in
+    force from ``effective_from`` until the next version. Append-only: a
+    change of terms is a new version, and every call record names the
+    version it was charged under."""
+
+    __tablename__ = "dataset_terms"
+
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    per_call_e4: Mapped[int] = mapped_column(BigInteger)
+    per_record_e4: Mapped[int] = mapped_column(BigInteger)
+    #: ``[{"up_to": int | None, "per_call_e4": int}, ...]``
+    tiers: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    split_provider: Mapped[int] = mapped_column(Integer)
+    split_operator: Mapped[int] = mapped_column(Integer)
+    split_public_fund: Mapped[int] = mapped_column(Integer)
 
 
 class LicenseeRow(Base):

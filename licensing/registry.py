@@ -19,13 +19,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from licensing import schemas
+from licensing.catalogue import current_version
 from licensing.errors import ConflictError, NotFoundError, ValidationFailedError
 from licensing.ids import new_id
-from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow, LicenseeRow
+from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, DatasetTermsRow, LicenceRow, LicenseeRow
 from licensing.secrets import hash_secret_async, new_secret
 from storage.db import utcnow
 
 OnChange = Callable[[], Awaitable[Any]]
+#: Called after a change of terms is committed, with the catalogue version
+#: that holds it; returns once every replica prices calls by it.
+OnTermsChange = Callable[[int], Awaitable[Any]]
 
 #: Every stored id has this shape (``schemas.Identifier`` or ``ids.new_id``);
 #: anything else (NUL, 10 kB, ...) is answered "not found" without asking a
@@ -78,8 +82,57 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         paths=list(row.paths),
         max_response_bytes=row.max_response_bytes,
         max_records_per_call=row.max_records_per_call,
+        terms_version=row.terms_version,
         created_at=row.created_at,
         updated_at=row.updated_at,
+    )
+
+
+def _terms_of(row: DatasetRow) -> tuple[Any, ...]:
+    """What a version of the terms holds."""
+    return (
+        row.per_call_e4,
+        row.per_record_e4,
+        [{"up_to": t["up_to"], "per_call_e4": int(t["per_call_e4"])} for t in row.tiers],
+        row.split_provider,
+        row.split_operator,
+        row.split_public_fund,
+    )
+
+
+def _terms_row(row: DatasetRow, effective_from: datetime) -> DatasetTermsRow:
+    per_call, per_record, tiers, provider, operator, fund = _terms_of(row)
+    return DatasetTermsRow(
+        dataset_id=row.id,
+        version=row.terms_version,
+        effective_from=effective_from,
+        per_call_e4=per_call,
+        per_record_e4=per_record,
+        tiers=tiers,
+        split_provider=provider,
+        split_operator=operator,
+        split_public_fund=fund,
+    )
+
+
+def terms_out(row: DatasetTermsRow) -> schemas.Terms:
+    return schemas.Terms(
+        dataset_id=row.dataset_id,
+        version=row.version,
+        effective_from=row.effective_from.astimezone(UTC),
+        price=schemas.Price(
+            per_call_fen=schemas.e4_to_fen(row.per_call_e4),
+            per_record_fen=schemas.e4_to_fen(row.per_record_e4),
+            tiers=[
+                schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
+                for t in row.tiers
+            ],
+        ),
+        revenue_split=schemas.RevenueSplit(
+            provider=schemas.e4_to_fen(row.split_provider),
+            operator=schemas.e4_to_fen(row.split_operator),
+            public_fund=schemas.e4_to_fen(row.split_public_fund),
+        ),
     )
 
 
@@ -164,9 +217,15 @@ def app_out(row: AppRow, client_secret: str | None = None) -> schemas.App:
 class Registry:
     """Catalogue and licensing operations, each one transaction."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], on_change: OnChange | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        on_change: OnChange | None = None,
+        on_terms_change: OnTermsChange | None = None,
+    ) -> None:
         self._sessions = sessions
         self._on_change = on_change
+        self._on_terms_change = on_terms_change
 
     async def _changed(self) -> None:
         if self._on_change is not None:
@@ -185,9 +244,11 @@ class Registry:
         async with self._sessions() as session:
             if await session.get(DatasetRow, data.id) is not None:
                 raise ConflictError(f"dataset {data.id} already exists")
-            row = DatasetRow(id=data.id, tiers=[])
+            row = DatasetRow(id=data.id, tiers=[], terms_version=1)
             _apply_dataset(row, data)
+            row.created_at = row.updated_at = now = utcnow()
             session.add(row)
+            session.add(_terms_row(row, now))
             await self._commit(session, f"dataset {data.id}")
         await self._changed()
         return dataset_out(row)
@@ -198,10 +259,34 @@ class Registry:
             row = await session.get(DatasetRow, dataset_id)
             if row is None:
                 raise NotFoundError(f"no dataset {dataset_id}")
+            before = _terms_of(row)
             _apply_dataset(row, patch)
+            new_terms = _terms_of(row) != before
+            if new_terms:
+                # A new version, in force from the next call on.
+                row.terms_version += 1
+                session.add(_terms_row(row, utcnow()))
             await self._commit(session, f"dataset {dataset_id}")
+            version = await current_version(session) if new_terms else None
         await self._changed()
+        if version is not None and self._on_terms_change is not None:
+            await self._on_terms_change(version)
         return dataset_out(row)
+
+    async def list_terms(self, dataset_id: str) -> list[schemas.Terms]:
+        """Every version of a dataset's terms, the first first."""
+        _require(dataset_id, "dataset")
+        async with self._sessions() as session:
+            if await session.get(DatasetRow, dataset_id) is None:
+                raise NotFoundError(f"no dataset {dataset_id}")
+            rows = (
+                await session.execute(
+                    select(DatasetTermsRow)
+                    .where(DatasetTermsRow.dataset_id == dataset_id)
+                    .order_by(DatasetTermsRow.version)
+                )
+            ).scalars()
+            return [terms_out(r) for r in rows]
 
     async def get_dataset(self, dataset_id: str) -> schemas.Dataset:
         _require(dataset_id, "dataset")

@@ -303,9 +303,24 @@ class DatasetPatch(_Model):
 
 
 class Dataset(DatasetIn):
-    upstream_url: str  # type: ignore[assignment]
+    #: Absent for a licensee-scoped token, as ``timeout_seconds`` is.
+    upstream_url: str | None = None  # type: ignore[assignment]
+    #: The version of the terms (price, tiers, revenue split) in force: 1 at
+    #: creation, one more at each change of them.
+    terms_version: int = 1
     created_at: datetime
     updated_at: datetime
+
+
+class Terms(_Model):
+    """One version of a dataset's terms, in force from ``effective_from``
+    until the next version's."""
+
+    dataset_id: str
+    version: int
+    effective_from: datetime
+    price: Price
+    revenue_split: RevenueSplit
 
 
 class LicenseeIn(_Model):

@@ -172,7 +172,8 @@ async def upstream() -> AsyncIterator[Upstream]:
     ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``, ``/svc/cut``
     (the head and part of the body, then the connection dropped),
     ``/svc/array?n=&gate=`` (a JSON array streamed without ``X-Record-Count``),
-    ``/svc/gzipped?n=&force=`` (the same, gzip-encoded if accepted or forced).
+    ``/svc/gzipped?n=&force=`` (the same, gzip-encoded if accepted or forced),
+    ``/svc/negotiated?n=`` (the same, or CSV when ``Accept`` asks for it).
     ``/svc/big?announce=1`` sends its ``Content-Length``."""
     port = free_port()
     state = Upstream(url=f"http://127.0.0.1:{port}/svc")
@@ -270,6 +271,16 @@ async def upstream() -> AsyncIterator[Upstream]:
                 headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
             )
         return web.Response(body=body, content_type="application/json")
+
+    async def negotiated(request: web.Request) -> web.StreamResponse:
+        # n records without X-Record-Count: CSV when the caller asks for it
+        # (Accept), else a JSON array.
+        await record(request)
+        n = int(request.query.get("n", "3"))
+        if "text/csv" in request.headers.get("Accept", ""):
+            csv = "id\n" + "".join(f"{i}\n" for i in range(n))
+            return web.Response(text=csv, content_type="text/csv")
+        return web.json_response([{"id": i} for i in range(n)])
 
     def digest_of(body: bytes) -> dict[str, Any]:
         return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
@@ -369,6 +380,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/svc/records", records)
     app.router.add_route("*", "/svc/array", array)
     app.router.add_route("*", "/svc/gzipped", gzipped)
+    app.router.add_route("*", "/svc/negotiated", negotiated)
     app.router.add_route("*", "/svc/cut", cut)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner = web.AppRunner(app, access_log=None)

@@ -80,6 +80,9 @@ def make_record(i: int) -> dict[str, Any]:
         "client_address": "203.0.113.9",
         "token_id": f"tok-{i}",
         "response_digest": None if refused else "cd" * 32,
+        # Some records from before terms had versions (no terms_version in
+        # their hashed bytes), most naming theirs.
+        "terms_version": None if i % 3 == 0 else 1 + i % 2,
     }
 
 
@@ -189,7 +192,7 @@ def changed(value: Any, column: str) -> Any:
     if isinstance(value, int):
         return value + 1
     if value is None:
-        return 1 if column == "upstream_status" else "x"
+        return 1 if column in ("upstream_status", "terms_version") else "x"
     if column == "hash":
         return ("0" if value[0] != "0" else "1") + value[1:]
     return value[:-1] + ("x" if value[-1] != "x" else "y")
@@ -365,6 +368,10 @@ async def test_tampering_is_found_at_its_seq(ledger: Ledger, pdg: PdgRunner) -> 
         kind = "missing" if column == "seq" else "altered"
         await expect(ledger, pdg, 1500, kind, cli_too=column in ("seq", "charge_e4", "time"))
         await restore()
+    # A terms version taken away (null is how records from before versions hash).
+    await ledger.sql(update(CALLS).where(CALLS.c.seq == 1501).values(terms_version=None))
+    await expect(ledger, pdg, 1501, "altered", cli_too=False)
+    await restore()
     # ... and in the unsigned tail, where only the chain and the writer's state guard it.
     await ledger.sql(update(CALLS).where(CALLS.c.seq == 2300).values(licensee_id="lic-9"))
     await expect(ledger, pdg, 2300, "altered", cli_too=False)

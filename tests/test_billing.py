@@ -135,6 +135,8 @@ class Books:
     store: LedgerStore
     backend: Backend
     n: int = 0
+    #: The terms version the records name.
+    terms_version: int = 1
 
     def config(self, tmp_path: Path) -> Path:
         """A ``pdg.toml`` for the CLI over this database."""
@@ -179,6 +181,7 @@ class Books:
                     "client_address": "203.0.113.9",
                     "token_id": f"tok-{i}",
                     "response_digest": "cd" * 32 if served else None,
+                    "terms_version": self.terms_version,
                 }
             )
         await self.store.append(records, f"{self.n}-0")

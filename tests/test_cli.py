@@ -240,6 +240,14 @@ def test_scenario_with_flags_on_the_embedded_database(tmp_path: Path) -> None:
     changed = updated.json()
     assert (changed["classification"], changed["revenue_split"]["provider"]) == (3, "1")
     assert changed["price"] == dataset["price"]  # not named, not changed
+    assert changed["terms_version"] == 2  # a new split: the next version of the terms
+    versions = pdg("dataset", "terms", "ent-registry", "--json", env=env, cwd=tmp_path).json()
+    assert [(v["version"], v["revenue_split"]["provider"]) for v in versions] == [
+        (1, dataset["revenue_split"]["provider"]),
+        (2, "1"),
+    ]
+    table = pdg("dataset", "terms", "ent-registry", env=env, cwd=tmp_path).ok().out
+    assert "1/0/0" in table, table
     assert revoked_token.json() == {"id": token["id"], "revoked": True}
     assert [t["id"] for t in tokens.json()] == [token["id"]]
     assert "token" not in tokens.json()[0]

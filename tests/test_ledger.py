@@ -242,6 +242,7 @@ def lost_call_skeleton(
         "period": period,
         "client_address": "127.0.0.1",
         "token_id": "jti-lost",
+        "terms_version": ds["terms_version"],
     }
 
 
@@ -294,6 +295,7 @@ async def test_a_dead_replicas_call_is_recorded_incomplete_and_released(
     lost = [r for r in rows if r["request_id"] == "lost-call"]
     assert len(lost) == 1
     assert lost[0]["outcome"] == "incomplete"
+    assert lost[0]["terms_version"] == ds["terms_version"]
     assert lost[0]["charge_e4"] == 0
     assert lost[0]["status"] == 0
     # What was known when it was reserved is all in its record.

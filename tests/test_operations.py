@@ -453,3 +453,43 @@ async def test_metered_records_are_never_left_uncounted_in_an_encoded_body(world
     assert status == 200
     assert world.upstream.last["headers"]["Accept-Encoding"] == "gzip"
     assert resp.headers["Content-Encoding"] == "gzip"
+
+
+async def test_priced_records_are_never_served_uncounted_in_another_format(world: World) -> None:
+    """A licensee that asks a priced dataset's upstream for CSV (which has no
+    X-Record-Count and is not JSON) does not get its records free: the call
+    is refused (502) before anything is sent and not charged. As JSON the
+    same call is counted and priced; where records are not priced the CSV
+    is served."""
+    ds, lic, _app, token = await world.licensed(
+        purpose="industrial",
+        dataset_fields={**PER_RECORD, "max_records_per_call": 100},
+        licence_fields={"paid": {"credit_limit_fen": 1000}},
+    )
+    path = f"/data/{ds['id']}/negotiated?n=7"
+    status, body, resp = await world.call(path, token)
+    assert (status, len(body)) == (200, 7)
+    row = await record_of(world, resp.headers["X-Call-Id"])
+    assert (row["records"], row["charge_e4"]) == (7, 10000 + 7)
+    paid = await usage(world, lic, ds, PERIOD)
+
+    status, body, resp = await world.call(path, token, headers={"Accept": "text/csv"})
+    check_problem(status, body, resp, 502, "upstream-unavailable")
+    assert "cannot be counted" in body["detail"]
+    assert world.upstream.last["headers"]["Accept"] == "text/csv"
+    row = await record_of(world, resp.headers["X-Call-Id"])
+    assert (row["outcome"], row["records"], row["charge_e4"]) == ("upstream-failure", 0, 0)
+
+    async def unchanged() -> bool:
+        return bool(await usage(world, lic, ds, PERIOD) == paid)
+
+    await eventually(unchanged)
+
+    plain, _lic, _app, plain_token = await world.licensed(purpose="industrial")
+    status, body, resp = await world.call(
+        f"/data/{plain['id']}/negotiated?n=7", plain_token, headers={"Accept": "text/csv"}
+    )
+    assert status == 200
+    assert body.startswith(b"id\n0\n")
+    row = await record_of(world, resp.headers["X-Call-Id"])
+    assert (row["outcome"], row["records"]) == ("served", 0)

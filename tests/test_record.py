@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ledger.chain import canonical
 from ledger.record import (
     FIELDS,
     LOGGED_FIELDS,
@@ -48,6 +49,7 @@ def record() -> dict[str, Any]:
         "latency_us": 750000,
         "charge_e4": 10000,
         "response_digest": "ab" * 32,
+        "terms_version": 3,
     }
 
 
@@ -100,3 +102,30 @@ def test_the_opening_fields_wait_with_the_reservation() -> None:
         from_opening(b'["too", "few"]')
     with pytest.raises(RecordError):
         from_opening(b"{}")
+
+
+def test_entries_from_before_terms_versions_read_without_one() -> None:
+    """Log and in-flight entries written before records named their terms
+    version (one value fewer) read with it None; one value more is refused."""
+    old = {k: v for k, v in record().items() if k != "terms_version"}
+    values = [old[name] for name in LOGGED_FIELDS if name != "terms_version"]
+    back = from_log(orjson.dumps(values, option=orjson.OPT_UTC_Z))
+    assert back == {**old, "terms_version": None}
+    named = from_log(orjson.dumps(old, option=orjson.OPT_UTC_Z))
+    assert named == {**old, "terms_version": None}
+    values = orjson.loads(opening(record()))
+    opened = [v for v, name in zip(values, OPENING_FIELDS, strict=True) if name != "terms_version"]
+    assert from_opening(orjson.dumps(opened))["terms_version"] is None
+    assert from_opening(orjson.dumps(opened))["path"] == record()["path"]
+
+
+def test_a_record_without_terms_version_hashes_as_before_it_existed() -> None:
+    """A null terms_version is left out of the hashed bytes (records stored
+    before it keep their hashes); any value of it is hashed."""
+    with_seq = {**record(), "seq": 7}
+    old = {k: v for k, v in with_seq.items() if k != "terms_version"}
+    assert canonical({**old, "terms_version": None}) == canonical(old)
+    assert b'"terms_version"' not in canonical(old)
+    assert b'"terms_version":3' in canonical(with_seq)
+    assert canonical({**with_seq, "terms_version": 4}) != canonical(with_seq)
+    assert canonical({**with_seq, "terms_version": 0}) != canonical(old)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger.chain import GENESIS, Checkpoint, Problem, rfc3339
+from ledger.chain import GENESIS, LATER_KEYS, Checkpoint, Problem, rfc3339
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import FIELDS, TIME_FIELDS, public
 from ledger.store import checkpoint_of
@@ -152,7 +152,8 @@ def checkpoint_from_json(data: Any, where: str) -> Checkpoint:
 
 def _record_from_public(data: Mapping[str, Any]) -> dict[str, Any]:
     """The hashed record back from its public (exported or proved) form."""
-    record = {name: data[name] for name in FIELDS}
+    # An export or proof from before a later key has none: it was not hashed.
+    record: dict[str, Any] = {name: data.get(name) if name in LATER_KEYS else data[name] for name in FIELDS}
     for name in TIME_FIELDS:
         record[name] = datetime.fromisoformat(record[name])
     expected_fen = public({**record, "hash": ""})["charge_fen"]
