@@ -53,6 +53,25 @@ async def _bump(session: AsyncSession) -> None:
 # -- row <-> resource ---------------------------------------------------------
 
 
+def _price(row: DatasetRow | DatasetTermsRow) -> schemas.Price:
+    return schemas.Price(
+        per_call_fen=schemas.e4_to_fen(row.per_call_e4),
+        per_record_fen=schemas.e4_to_fen(row.per_record_e4),
+        tiers=[
+            schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
+            for t in row.tiers
+        ],
+    )
+
+
+def _revenue_split(row: DatasetRow | DatasetTermsRow) -> schemas.RevenueSplit:
+    return schemas.RevenueSplit(
+        provider=schemas.e4_to_fen(row.split_provider),
+        operator=schemas.e4_to_fen(row.split_operator),
+        public_fund=schemas.e4_to_fen(row.split_public_fund),
+    )
+
+
 def dataset_out(row: DatasetRow) -> schemas.Dataset:
     return schemas.Dataset(
         id=row.id,
@@ -62,19 +81,8 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         classification=row.classification,
         open_class=row.open_class,
         free_monthly_calls=row.free_monthly_calls,
-        price=schemas.Price(
-            per_call_fen=schemas.e4_to_fen(row.per_call_e4),
-            per_record_fen=schemas.e4_to_fen(row.per_record_e4),
-            tiers=[
-                schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
-                for t in row.tiers
-            ],
-        ),
-        revenue_split=schemas.RevenueSplit(
-            provider=schemas.e4_to_fen(row.split_provider),
-            operator=schemas.e4_to_fen(row.split_operator),
-            public_fund=schemas.e4_to_fen(row.split_public_fund),
-        ),
+        price=_price(row),
+        revenue_split=_revenue_split(row),
         burst=schemas.Burst(per_second=row.burst_per_second, capacity=row.burst_capacity),
         timeout_seconds=row.timeout_seconds,
         description=row.description,
@@ -120,19 +128,8 @@ def terms_out(row: DatasetTermsRow) -> schemas.Terms:
         dataset_id=row.dataset_id,
         version=row.version,
         effective_from=row.effective_from.astimezone(UTC),
-        price=schemas.Price(
-            per_call_fen=schemas.e4_to_fen(row.per_call_e4),
-            per_record_fen=schemas.e4_to_fen(row.per_record_e4),
-            tiers=[
-                schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
-                for t in row.tiers
-            ],
-        ),
-        revenue_split=schemas.RevenueSplit(
-            provider=schemas.e4_to_fen(row.split_provider),
-            operator=schemas.e4_to_fen(row.split_operator),
-            public_fund=schemas.e4_to_fen(row.split_public_fund),
-        ),
+        price=_price(row),
+        revenue_split=_revenue_split(row),
     )
 
 
