@@ -1,5 +1,5 @@
 """pdg, the Public Data Gateway: the HTTP edge (data plane, OAuth, admin API,
-operations endpoints) and the ``pdg`` command line."""
+operations endpoints). The ``pdg`` command line is ``cli``."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
 
 from billing import schemas as billing_schemas
 from billing.export import FORMATS as EXPORT_FORMATS
@@ -26,6 +25,7 @@ from billing.export import period_books, render
 from billing.invoices import close_billing, get_invoice, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
+from gateway.openapi import Handler, Route, build_openapi
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
 from licensing import schemas
@@ -35,31 +35,6 @@ from licensing.registry import dump
 from metering.periods import Period, PeriodError, parse_period, period_of, zone
 from metering.quota import QuotaStoreError
 from metering.usage import UsageRow, usage_report
-
-Handler = Callable[[web.Request, AdminPrincipal], Awaitable[web.Response]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    permission: str
-    summary: str
-    request_model: type[BaseModel] | None = None
-    response_model: type[BaseModel] | None = None
-    response_list: bool = False
-    status: int = 200
-    query: tuple[str, ...] = ()
-    #: May answer 409 (a duplicate, or a transition the resource's state forbids).
-    conflict: bool = False
-    #: Media types of a file the route answers with (instead of a JSON model);
-    #: its ``application/json`` form is described by ``response_model``.
-    produces: tuple[str, ...] = ()
-    #: Other success statuses with the same body (a repeat that finds the work done).
-    also_status: tuple[int, ...] = ()
-    #: May answer 503 (a store the answer needs, such as the quota counters, is unreachable).
-    unavailable: bool = False
 
 
 def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -659,8 +634,6 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    from gateway.openapi import build_openapi
-
     return _json(build_openapi(ROUTES))
 
 

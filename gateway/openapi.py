@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document of the admin API, generated from the route table
+"""The admin API's route table entries (:class:`Route`, declared in
+``gateway.admin``) and its OpenAPI 3.1 document, generated from the route table
 and the pydantic models that validate the payloads (JSON Schema 2020-12,
 which OpenAPI 3.1 uses as is)."""
 
@@ -6,16 +7,42 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway import __version__
+from licensing.admin_tokens import AdminPrincipal
 
-if TYPE_CHECKING:
-    from gateway.admin import Route
+Handler = Callable[[web.Request, AdminPrincipal], Awaitable[web.Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    permission: str
+    summary: str
+    request_model: type[BaseModel] | None = None
+    response_model: type[BaseModel] | None = None
+    response_list: bool = False
+    status: int = 200
+    query: tuple[str, ...] = ()
+    #: May answer 409 (a duplicate, or a transition the resource's state forbids).
+    conflict: bool = False
+    #: Media types of a file the route answers with (instead of a JSON model);
+    #: its ``application/json`` form is described by ``response_model``.
+    produces: tuple[str, ...] = ()
+    #: Other success statuses with the same body (a repeat that finds the work done).
+    also_status: tuple[int, ...] = ()
+    #: May answer 503 (a store the answer needs, such as the quota counters, is unreachable).
+    unavailable: bool = False
+
 
 _PROBLEM = {
     "type": "object",

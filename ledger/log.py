@@ -50,12 +50,6 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
 return redis.call('XLEN', KEYS[2])
 """
-#: The replicas whose deadline has passed (ARGV[1] = '-inf', '(now') or not.
-_DEAD = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms)
-"""
 _LIVE = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -172,12 +166,6 @@ class Presence:
     def still_valid(self, epoch: int) -> bool:
         """A call that began in ``epoch`` may still be completed."""
         return self.epoch == epoch and self.fresh
-
-
-async def dead_replicas(client: RedisClient) -> set[str]:
-    async with asyncio.timeout(COMMAND_TIMEOUT):
-        found = await client.eval(_DEAD, 1, REPLICAS)
-    return {x.decode() if isinstance(x, bytes) else str(x) for x in found}
 
 
 async def live_replicas(client: RedisClient) -> set[str]:

@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from licensing.models import SigningKeyRow
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 #: The only algorithms our own tokens may carry, per key type.
 ALGORITHM_FOR_KEY = {"EC": "ES256", "OKP": "EdDSA"}

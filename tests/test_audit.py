@@ -26,8 +26,8 @@ from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cli import main as cli
 from config.settings import Settings
-from gateway import cli
 from gateway.state import ADMIN_TOKENS, ENGINE
 from ledger import audit
 from ledger.chain import Chain, Checkpoint, Verifier, canonical, sm3_available

@@ -64,7 +64,7 @@ def shifted() -> datetime:
 
 gateway.state.Clock.__init__.__defaults__ = (shifted,)
 
-from gateway.cli import main  # noqa: E402
+from cli.main import main  # noqa: E402
 
 sys.exit(main(sys.argv[2:]))
 """

@@ -1,4 +1,4 @@
-"""The sample upstream services (gateway.samples), exercised over real HTTP."""
+"""The sample upstream services (samples.upstreams), exercised over real HTTP."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.samples import SAMPLE_DATASETS, SampleDataset, sample_app, start_sample_upstream
 from licensing.credit_code import validate_credit_code
+from samples.upstreams import SAMPLE_DATASETS, SampleDataset, sample_app, start_sample_upstream
 
 Client = TestClient[web.Request, web.Application]
 

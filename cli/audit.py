@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from cli.resources import command_group, emit, progress_bar
 from config.settings import Settings
-from gateway.cli_resources import command_group, emit, progress_bar
 from licensing.errors import BadRequestError, NotFoundError
 
 if TYPE_CHECKING:

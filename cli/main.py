@@ -15,8 +15,11 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
+from cli import audit as cli_audit
+from cli import billing as cli_billing
+from cli import resources as cli_resources
 from config.settings import ConfigurationError, Settings, load_settings
-from gateway import __version__, cli_audit, cli_billing, cli_resources
+from gateway import __version__
 from licensing.errors import GatewayError
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -126,7 +129,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     lock and works; the others stand by."""
     import signal
 
-    from gateway.server import prepare
+    from cli.serve import prepare
     from ledger import process
     from licensing.ids import new_call_id
 
@@ -181,11 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "serve":
-            from gateway.server import serve
+            from cli.serve import serve
 
             return serve(settings)
         if args.command == "demo":
-            from gateway.demo import run_demo
+            from cli.demo import run_demo
 
             return run_demo(args)
         command: Command = args.run

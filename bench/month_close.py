@@ -1,15 +1,15 @@
 """Billing benchmark: how long closing and reconciling a period of a large call
 record take on PostgreSQL.
 
-    .venv/bin/python -m bench.billing               # 1,000,000 records x 1 run
-    .venv/bin/python bench/billing.py -n 50000      # smoke check
-    .venv/bin/python -m bench.billing --json        # the report as JSON on stdout
+    .venv/bin/python -m bench.month_close               # 1,000,000 records x 1 run
+    .venv/bin/python bench/month_close.py -n 50000      # smoke check
+    .venv/bin/python -m bench.month_close --json        # the report as JSON on stdout
 
 Needs a local PostgreSQL. Each run (``--runs``):
 
 1. creates a fresh database ``pdg_bench_<hex>`` (``--pg-admin-url``) and migrates it;
    adds the eight datasets the records use, each with its own revenue split;
-2. writes ``-n`` realistic call records of March 2026 (``bench.ledger.make_log``: 20
+2. writes ``-n`` realistic call records of March 2026 (``bench.call_record.make_log``: 20
    licensees, 8 datasets, ~93 % served, both purposes) into the ledger through the
    ledger store (``LedgerStore.append``, 10,000 per batch: chained and checkpointed as
    the writer does) -- not timed;
@@ -59,7 +59,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from bench.ledger import (  # noqa: E402
+from bench.call_record import (  # noqa: E402
     DATASETS,
     DEFAULT_PG_ADMIN,
     MAX_RECORDS,

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from cli.resources import command_group, emit, migrated_engine, progress_bar
 from config.settings import Settings
-from gateway.cli_resources import command_group, emit, migrated_engine, progress_bar
 from licensing.errors import BadRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ async def billing_export(args: argparse.Namespace, settings: Settings) -> int:
 
 async def billing_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from billing.reconcile import reconcile
-    from gateway.cli_audit import _file_keys
+    from cli.audit import _file_keys
     from metering.quota import QuotaStoreError
     from storage.redis import deployment_redis
 

@@ -1,6 +1,6 @@
 """``pdg demo``: the whole gateway in one process on the embedded defaults
 (SQLite + embedded Valkey), with the three sample data services of
-``gateway.samples`` as upstreams, a seeded licensee, licence and app, and
+``samples.upstreams`` as upstreams, a seeded licensee, licence and app, and
 copy-paste steps printed for an app developer and for the operating company.
 
 Without ``--data-dir`` the demo lives in a temporary folder removed on exit.
@@ -25,12 +25,12 @@ from aiohttp import web
 
 from config.settings import Settings, load_settings
 from gateway.app import create_app
-from gateway.samples import SAMPLE_DATASETS, start_sample_upstream
 from gateway.state import ADMIN_TOKENS, REGISTRY
 from licensing import schemas
 from licensing.credit_code import with_check_character
 from licensing.errors import ConflictError, NotFoundError
 from licensing.registry import Registry
+from samples.upstreams import SAMPLE_DATASETS, start_sample_upstream
 
 DEMO_LICENSEE = "wuhan-smart-city-tech"
 DEMO_LICENCE = "licence-demo-2026"

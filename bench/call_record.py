@@ -1,10 +1,10 @@
 """Ledger benchmark: how fast the writer moves the log into PostgreSQL, and how fast
 the stored ledger re-verifies.
 
-    .venv/bin/python -m bench.ledger              # 200,000 records x 3 runs (~1.5-2 min)
-    .venv/bin/python bench/ledger.py -n 20000 -r 1   # smoke check
-    .venv/bin/python -m bench.ledger --json       # the report as JSON on stdout
-    .venv/bin/python -m bench.ledger --profile    # also a cProfile of writer.drain()
+    .venv/bin/python -m bench.call_record              # 200,000 records x 3 runs (~1.5-2 min)
+    .venv/bin/python bench/call_record.py -n 20000 -r 1   # smoke check
+    .venv/bin/python -m bench.call_record --json       # the report as JSON on stdout
+    .venv/bin/python -m bench.call_record --profile    # also a cProfile of writer.drain()
 
 Needs a local PostgreSQL and Redis (not the embedded defaults). Each run (``--runs``):
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# Run as a file, bench/ is sys.path[0] and this file would shadow the ``ledger`` package.
+# Run as a file, bench/ is sys.path[0]: the project root takes its place.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -1,0 +1,1 @@
+"""Sample upstream data services, for ``pdg demo`` and the tests."""
