@@ -14,7 +14,7 @@ Needs a local PostgreSQL and Redis (not the embedded defaults). Each run (``--ru
    ``--redis-url`` (default ``redis://127.0.0.1:6379/14``, which must name its database:
    ``FLUSHDB`` on that database only, before and after; no other is touched);
 2. fills the log stream ``pdg:{ledger}:log`` with ``-n`` realistic call records (the
-   shape ``gateway.recording`` writes: UUIDv7 call ids, ~93 % served, digests...;
+   shape ``gateway.call`` writes: UUIDv7 call ids, ~93 % served, digests...;
    ~770 bytes each), ``ledger.record.to_log`` bytes in field ``r``, pipelined ``XADD``
    -- not timed;
 3. **write**: builds the deployment's writer (``ledger.writer.build_writer``, with

@@ -16,11 +16,13 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from config.settings import Settings
 from gateway import admin, health, oauth, proxy
+from gateway.call import CallContext, digest_factory
 from gateway.metrics import Metrics
 from gateway.problems import problems_middleware
 from gateway.state import (
     ACCEPTING,
     ADMIN_TOKENS,
+    CALLS,
     CATALOGUE,
     CLIENTS,
     CLOCK,
@@ -47,6 +49,7 @@ from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
+from metering.periods import zone
 from metering.quota import QuotaBatcher
 from storage import migrate
 from storage.db import create_engine, session_factory
@@ -88,6 +91,14 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         max_backlog=settings.ledger.max_backlog,
     )
     app[PRESENCE] = presence
+    app[CALLS] = CallContext(
+        quota=app[QUOTA],
+        presence=presence,
+        clock=app[CLOCK],
+        zone=zone(settings.billing.time_zone),
+        new_digest=digest_factory(settings.ledger.hash_algorithm),
+        replica_id=app[REPLICA_ID],
+    )
     await presence.start()
     if not settings.ledger.run_writer:
         try:

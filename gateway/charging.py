@@ -1,5 +1,7 @@
-"""The quota stage of the data plane: reserve before forwarding, settle or
-release after (``metering.quota`` does the counting).
+"""The quota rules of a data call: its terms, what the quota store's answer
+to its reservation means (:func:`judge`), the Idempotency-Key and the
+``RateLimit`` fields. ``gateway.call`` reserves before forwarding and settles
+or releases after; ``metering.quota`` does the counting.
 
 - ``public-interest`` calls draw on the free allowance; exhausted: 429
   ``quota-exhausted`` with ``Retry-After`` = seconds to the next period.
@@ -52,14 +54,11 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
 
 import orjson
 from aiohttp import web
 
-from gateway.recording import CallRecorder
-from gateway.state import PRESENCE, QUOTA, REPLICA_ID
-from ledger.record import REPLAY_POOL, to_log, to_log_uncharged
 from licensing.catalogue import Grant
 from licensing.errors import (
     BadRequestError,
@@ -67,7 +66,6 @@ from licensing.errors import (
     IdempotencyMismatchError,
     PaymentRequiredError,
     QuotaExhaustedError,
-    QuotaUnavailableError,
     RateLimitedError,
 )
 from metering.periods import Period
@@ -79,11 +77,8 @@ from metering.quota import (
     RATE_LIMITED,
     REPLAYED,
     Outcome,
-    QuotaStoreError,
     Reservation,
     Terms,
-    plan_reservation,
-    pool_kind,
 )
 
 _IDEMPOTENCY_KEY_MAX = 255
@@ -142,16 +137,17 @@ def fingerprint(method: str, raw_path: str, body: bytes) -> str:
     return hashlib.sha256(f"{method}\n{raw_path}\n{body_digest}".encode()).hexdigest()
 
 
-@dataclass
+@dataclass(slots=True)
 class Charge:
-    """One call's reservation and the headers it reports."""
+    """One call's reservation as the quota store answered it, and the
+    headers it reports. Finished by ``gateway.call.Call``."""
 
     reservation: Reservation | None
     outcome: Outcome
-    period: Period
     headers: dict[str, str]
     per_record_e4: int
     pool: str
+    #: Settled, released or handed to the ledger writer: nothing is held.
     done: bool = False
     #: A retry of an idempotent call already served: the response kept for
     #: it, which answers the call (nothing is forwarded).
@@ -174,51 +170,9 @@ class Charge:
         idempotent call already charged (nor the free allowance)."""
         return self.reservation is not None and self.pool in ("prepaid", "credit")
 
-    async def record_and_finish(
-        self, app: web.Application, log: str, record: dict[str, Any], *, served: bool, records: int
-    ) -> None:
-        """Append the call's ``record`` (to the stream ``log``) and settle the
-        call (``served``: it stays charged; a paid call is priced now, its
-        charge written into the record as it is appended) or release it: one
-        round trip on a single server (``QuotaBatcher.finish``). With nothing
-        to finish, only the append.
 
-        Raises :class:`QuotaStoreError` if that failed. Then, and if this is
-        cancelled while it waits, whether the record landed is not known here:
-        the call is handed to the ledger writer, which settles or releases it
-        by what the ledger holds (the hand-over of a call finished meanwhile
-        finds nothing to do)."""
-        reservation = self.reservation
-        if reservation is None or self.done:
-            await app[QUOTA].append(log, to_log(record))
-            return
-        self.done = True
-        charge_at, extra = 0, 0
-        if served and self.priced:
-            entry, charge_at = to_log_uncharged(record)
-            extra = records * self.per_record_e4
-        else:
-            entry = to_log(record)
-        try:
-            action = "settle" if served else "release"
-            kept = self.kept if served else b""
-            await app[QUOTA].finish(
-                reservation, action, extra, record=(log, entry), charge_at=charge_at, response=kept
-            )
-        except BaseException:
-            app[PRESENCE].orphan(reservation.licence_id, reservation.call_id)
-            raise
-
-    def orphan(self, app: web.Application) -> None:
-        """The call's record could not be written: leave the call to the
-        ledger writer, which records it and settles or releases it."""
-        if self.reservation is None or self.done:
-            return
-        self.done = True
-        app[PRESENCE].orphan(self.reservation.licence_id, self.reservation.call_id)
-
-
-def _terms(grant: Grant, app_id: str) -> Terms:
+def terms_of(grant: Grant, app_id: str) -> Terms:
+    """What a call of ``app_id`` under ``grant`` draws on."""
     licence, dataset = grant.licence, grant.dataset
     return Terms(
         licence_id=licence.id,
@@ -269,49 +223,11 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def reserve(
-    request: web.Request,
-    grant: Grant,
-    app_id: str,
-    call_id: str,
-    recorder: CallRecorder,
-    *,
-    key: str | None = None,
-    request_fingerprint: str = "",
-) -> Charge:
-    """Reserve this call's quota, or raise the problem that refuses it. The
-    call record so far (``recorder``) stays with the reservation while the
-    call is in flight. ``key``: the call's Idempotency-Key, bound to
-    ``request_fingerprint`` (:func:`fingerprint`)."""
-    terms = _terms(grant, app_id)
-    # Judged at the instant and in the period the call record says.
-    now, period = recorder.now, recorder.period
-    recorder.record["pool"] = kind = pool_kind(terms)
-    dataset = grant.dataset
-    # The prices below and the record name the same version of the terms.
-    recorder.record["terms_version"] = dataset.terms_version
-    if kind == "credit" and dataset.per_record_e4 and dataset.max_records_per_call is None:
-        raise PaymentRequiredError(
-            f"dataset {dataset.id} prices records but sets no max_records_per_call, "
-            "so a call's worst case cannot be held against the credit limit"
-        )
-    record = recorder.skeleton()
-    reservation = plan_reservation(
-        terms,
-        period,
-        now,
-        call_id,
-        key,
-        replica=request.app[REPLICA_ID],
-        record=record,
-        fingerprint=request_fingerprint,
-    )
-    try:
-        outcome = await request.app[QUOTA].reserve(reservation)
-    except QuotaStoreError as exc:
-        raise QuotaUnavailableError(
-            "the quota store cannot be reached; nothing was forwarded", headers={"Retry-After": "1"}
-        ) from exc
+def judge(grant: Grant, reservation: Reservation, outcome: Outcome, period: Period, now: datetime) -> Charge:
+    """What the quota store's answer to ``reservation`` means for the call:
+    its :class:`Charge`, or the problem that refuses it (429, 402, 422, 409).
+    Judged at the instant and in the period of the call's start (``now``)."""
+    app_id = grant.app.id
     headers = _headers(reservation, outcome)
     if outcome.status == RATE_LIMITED:
         retry = str(max(1, math.ceil(outcome.retry_after_ms / 1000)))
@@ -354,12 +270,8 @@ async def reserve(
     held: Reservation | None = reservation
     replay = None
     if outcome.status == REPLAYED:
-        # Answered from the kept response, drawn on no pool: the record says
-        # so, and billing and reconciliation leave it out (the pool counted
-        # the call it repeats).
+        # Answered from the kept response, drawn on no pool (the pool counted
+        # the call it repeats): nothing is held.
         held = None
-        recorder.record["pool"] = REPLAY_POOL
         replay = KeptResponse.decode(outcome.response or b"")
-    return Charge(
-        held, outcome, period, headers, grant.dataset.per_record_e4, reservation.pool.kind, replay=replay
-    )
+    return Charge(held, outcome, headers, grant.dataset.per_record_e4, reservation.pool.kind, replay=replay)

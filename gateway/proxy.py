@@ -77,10 +77,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import charging
+from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
-from gateway.recording import CallRecorder
-from gateway.state import CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
+from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import Grant, check_operation
 from licensing.errors import (
@@ -194,6 +194,16 @@ def upstream_path(raw_path: str) -> tuple[str, str]:
     return dataset, path + (sep + query if sep else "")
 
 
+#: An ``X-Request-Id`` passed on (and recorded) as the caller sent it; any
+#: other is replaced by the call id.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id(request: web.Request, call_id: str) -> str:
+    incoming = request.headers.get("X-Request-Id", "")
+    return incoming if REQUEST_ID.match(incoming) else call_id
+
+
 def _trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
     if not peer or not trusted:
         return False
@@ -285,30 +295,35 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     try:
         claims = await app[TOKENS].verify(_bearer(request))
         # From here on the call is recorded, whatever its outcome.
-        recorder = CallRecorder(request, claims, call_id)
+        call = Call(
+            app[CALLS],
+            claims,
+            call_id=call_id,
+            request_id=request_id(request, call_id),
+            method=request.method,
+            raw_path=request.raw_path,
+            client_address=request.remote or "",
+        )
     except GatewayError as error:
         metrics.data_calls.labels(dataset_label, error.code).inc()
         _with_challenge(error)
         raise
-    charge: charging.Charge | None = None
     try:
         try:
             grant, rest = _authorize(request, claims)
             dataset_label = grant.dataset.id
-            recorder.record["dataset_id"] = grant.dataset.id
+            call.authorised(grant)
             key = charging.idempotency_key(request)
             body: bytes | None = None
             fingerprint = ""
             if key is not None:
                 body = await _read_body(request, app[SETTINGS].proxy.max_body_bytes)
                 fingerprint = charging.fingerprint(request.method, request.raw_path, body)
-            charge = await charging.reserve(
-                request, grant, claims.app_id, call_id, recorder, key=key, request_fingerprint=fingerprint
-            )
+            charge = await call.reserve(grant, key=key, fingerprint=fingerprint)
             if charge.replay is not None:
-                response, served = await _replay(request, charge.replay, charge, recorder)
+                response, served = await _replay(request, charge.replay, charge, call)
             else:
-                response, served = await _forward(request, grant, rest, charge, recorder, body)
+                response, served = await _forward(request, grant, rest, charge, call, body)
         except LedgerUnavailableError:
             raise
         except GatewayError as error:
@@ -317,14 +332,13 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             body = bytes(refusal.body) if isinstance(refusal.body, bytes) else b""
             upstream_status = error.extra.get("upstream_status")
             try:
-                await recorder.write(
+                await call.finish(
                     status=refusal.status,
                     outcome=UPSTREAM_FAILURE if isinstance(error, UpstreamUnavailableError) else REFUSED,
                     problem=error.code,
                     upstream_status=upstream_status if isinstance(upstream_status, int) else None,
                     size=len(body),
-                    digest=recorder.digest_of(body),
-                    charge=charge,
+                    digest=call.digest_of(body),
                 )
             except LedgerUnavailableError:
                 if isinstance(error, QuotaUnavailableError):
@@ -336,8 +350,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             return refusal
     except BaseException:
         # No record, or no finish: the ledger writer ends the call.
-        if charge is not None:
-            charge.orphan(request.app)
+        call.abandon()
         raise
     if not served.complete:
         # The call is recorded and finished (or handed to the ledger writer):
@@ -396,7 +409,7 @@ async def _replay(
     request: web.Request,
     kept: charging.KeptResponse,
     charge: charging.Charge,
-    recorder: CallRecorder,
+    call: Call,
 ) -> tuple[web.StreamResponse, Served]:
     """Answer a retry of a served idempotent call with the response kept for
     its key, as the first call's caller got it, but for this call's own
@@ -404,22 +417,21 @@ async def _replay(
     response = web.StreamResponse(status=kept.status, reason=kept.reason or None)
     for name, value in kept.headers:
         response.headers.add(name, value)
-    response.headers["X-Call-Id"] = recorder.record["call_id"]
+    response.headers["X-Call-Id"] = call.record["call_id"]
     response.headers.update(charge.headers)
     if kept.length is not None:
         if "Content-Encoding" in response.headers:
             response.headers["Content-Length"] = str(kept.length)
         else:
             response.content_length = kept.length
-    digest = recorder.new_digest()
+    digest = call.new_digest()
     digest.update(kept.body)
-    await recorder.write(
+    await call.finish(
         status=kept.status,
         outcome=SERVED,
         records=kept.records,
         size=len(kept.body),
         digest=digest.hexdigest(),
-        charge=charge,
     )
     try:
         await response.prepare(request)
@@ -434,7 +446,7 @@ async def _forward(
     grant: Grant,
     rest: str,
     charge: charging.Charge,
-    recorder: CallRecorder,
+    call: Call,
     buffered: bytes | None = None,
 ) -> tuple[web.StreamResponse, Served]:
     settings = request.app[SETTINGS]
@@ -443,7 +455,7 @@ async def _forward(
         raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
     base = str(grant.dataset.upstream).rstrip("/")
     url = URL(f"{base}/{rest}", encoded=True)
-    headers = _forward_headers(request, recorder.record["request_id"], settings.server.trusted_proxies)
+    headers = _forward_headers(request, call.record["request_id"], settings.server.trusted_proxies)
     if _metered_records(grant):
         # Records priced or bounded are counted from the body: ask for it plain.
         headers["Accept-Encoding"] = "identity"
@@ -465,7 +477,7 @@ async def _forward(
             compress=None,
             auto_decompress=False,
         ) as upstream:
-            return await _relay(request, upstream, grant, url, charge, recorder)
+            return await _relay(request, upstream, grant, url, charge, call)
     except (RequestTooLargeError, LedgerUnavailableError):
         raise
     except TimeoutError as exc:
@@ -524,7 +536,7 @@ async def _relay(
     grant: Grant,
     url: URL,
     charge: charging.Charge,
-    recorder: CallRecorder,
+    call: Call,
 ) -> tuple[web.StreamResponse, Served]:
     status = upstream.status
     if 300 <= status < 400 and status != 304:
@@ -572,7 +584,7 @@ async def _relay(
             upstream_status=status,
         )
     relayed = charging.kept_headers(response.headers.items()) if charge.keeps_response else []
-    response.headers["X-Call-Id"] = recorder.record["call_id"]
+    response.headers["X-Call-Id"] = call.record["call_id"]
     response.headers.update(charge.headers)
     if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
         response.content_length = upstream.content_length
@@ -599,7 +611,7 @@ async def _relay(
     # The body kept for the retries of an idempotent call, if small enough.
     keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes
     stored: list[bytes] | None = [] if charge.keeps_response else None
-    digest = recorder.new_digest()
+    digest = call.new_digest()
     size = 0
     # What tells the caller the response is whole leaves only once the record
     # is durable: the body's last chunk when a Content-Length announces it
@@ -629,7 +641,7 @@ async def _relay(
             if over is not None:
                 if not response.prepared:
                     raise UpstreamUnavailableError(over, upstream_status=status)
-                return response, await _cut(recorder, charge, status, size, digest, "upstream-unavailable")
+                return response, await _cut(call, status, size, digest, "upstream-unavailable")
             digest.update(chunk)
             size += len(chunk)
             if stored is not None:
@@ -644,9 +656,9 @@ async def _relay(
                     await response.prepare(request)
                 await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
-        return response, await _cut(recorder, charge, status, size, digest, "upstream-unavailable")
+        return response, await _cut(call, status, size, digest, "upstream-unavailable")
     except ConnectionResetError:
-        return response, await _cut(recorder, charge, status, size, digest, "client-disconnected")
+        return response, await _cut(call, status, size, digest, "client-disconnected")
     records = declared if declared is not None else counter.result() if counter is not None else 0
     if stored is not None:
         charge.keep(
@@ -655,14 +667,13 @@ async def _relay(
             )
         )
     try:
-        await recorder.write(
+        await call.finish(
             status=status,
             outcome=SERVED,
             upstream_status=status,
             records=records,
             size=size,
             digest=digest.hexdigest(),
-            charge=charge,
         )
     except LedgerUnavailableError:
         if not response.prepared:
@@ -684,21 +695,18 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
-async def _cut(
-    recorder: CallRecorder, charge: charging.Charge, status: int, size: int, digest: Any, problem: str
-) -> Served:
+async def _cut(call: Call, status: int, size: int, digest: Any, problem: str) -> Served:
     """The response could not be sent whole: record it ``incomplete`` and
     release it (the caller then cuts the connection). If the record cannot be
     written the call is the ledger writer's to end."""
     with contextlib.suppress(LedgerUnavailableError):
-        await recorder.write(
+        await call.finish(
             status=status,
             outcome=INCOMPLETE,
             problem=problem,
             upstream_status=status,
             size=size,
             digest=digest.hexdigest(),
-            charge=charge,
         )
     return Served(complete=False, records=0)
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from config.settings import Settings
+from gateway.call import CallContext
 from gateway.metrics import Metrics
 from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
@@ -51,5 +52,7 @@ TOKENS = web.AppKey("tokens", TokenService)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
+#: What every data call works with (``gateway.call``), made once.
+CALLS = web.AppKey("calls", CallContext)
 #: False once shutdown begins, so readiness fails before connections drain.
 ACCEPTING = web.AppKey("accepting", list[bool])

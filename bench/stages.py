@@ -1,0 +1,163 @@
+"""Where a data call's CPU goes: a per-stage budget of one call, in µs.
+
+    .venv/bin/python bench/stages.py              # 20 s of load, twice (~2 min)
+    .venv/bin/python bench/stages.py -d 10 --top 25
+
+1. runs ``bench/proxy.py`` once as it is (``-r 1``): the bare proxy's and the
+   gateway's CPU per call, measured without a profiler;
+2. runs it again with the gateway's ``pdg serve`` under ``cProfile`` (this file
+   stands in for ``pdg``: ``serve`` is profiled, other commands pass through) and
+   reads the profile the gateway writes when it stops;
+3. splits the profiled CPU into the stages of a call (below) and scales each
+   share to the unprofiled CPU per call. The profiler slows Python code more
+   than C code, so the split is an estimate; the total is measured.
+
+Stages, by the functions that do them (cumulative time, each counted once):
+
+- token: ``TokenService.verify``; authorise: ``_authorize`` (licence and
+  operation rules);
+- reserve: ``Call.reserve`` (planning and judging the reservation);
+- forward: ``_forward`` without ``_relay`` (the upstream request);
+- relay: ``_relay`` without ``Call.finish`` (streaming the body, counting
+  records, the response digest);
+- record + finish: ``Call.finish`` (the record completed, the finish queued);
+- quota store: ``QuotaBatcher._send`` (the batched reserve and finish runs
+  and record appends, their encoding and replies);
+- metrics: ``prometheus_client``;
+- the rest: the HTTP server (parsing, writing), the event loop, the
+  catalogue poll, the heartbeat.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Any  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+#: The profile's path, for the stand-in ``pdg`` (not a PDG_ variable: the
+#: proxy benchmark drops those).
+PROFILE_ENV = "STAGES_PROFILE"
+
+#: (stage, file suffix, function name); a function's cumulative time.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("token", "licensing/tokens.py", "verify"),
+    ("authorise", "gateway/proxy.py", "_authorize"),
+    ("reserve", "gateway/call.py", "reserve"),
+    ("forward", "gateway/proxy.py", "_forward"),
+    ("relay", "gateway/proxy.py", "_relay"),
+    ("record + finish", "gateway/call.py", "finish"),
+    ("quota store", "metering/quota.py", "_send"),
+)
+
+
+def stand_in(argv: list[str]) -> int:
+    """``pdg`` itself, with ``serve`` under cProfile."""
+    from cli.main import main
+
+    if not argv or argv[0] != "serve":
+        return main(argv)
+    profile = cProfile.Profile()
+    try:
+        return int(profile.runcall(main, argv) or 0)
+    finally:
+        profile.dump_stats(os.environ[PROFILE_ENV])
+
+
+def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    return sum(v[3] for (file, _line, func), v in raw.items() if func == name and file.endswith(suffix))
+
+
+def budget(profile: Path, cpu_per_call_us: float) -> list[tuple[str, float]]:
+    stats = pstats.Stats(str(profile))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+    cum = {stage: cumulative(stats, suffix, name) for stage, suffix, name in STAGES}
+    metrics = sum(v[2] for (file, _l, _f), v in raw.items() if "prometheus_client" in file)
+    seconds = {
+        "token": cum["token"],
+        "authorise": cum["authorise"],
+        "reserve": cum["reserve"],
+        "forward": cum["forward"] - cum["relay"],
+        "relay": cum["relay"] - cum["record + finish"],
+        "record + finish": cum["record + finish"],
+        "quota store": cum["quota store"],
+        "metrics": metrics,
+    }
+    seconds["the rest"] = max(0.0, total - sum(seconds.values()))
+    return [(stage, cpu_per_call_us * s / total) for stage, s in seconds.items()]
+
+
+def proxy_bench(pdg: str | None, seconds: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    argv = [sys.executable, str(HERE / "proxy.py"), "-r", "1", "-d", str(seconds), "-o", str(out)]
+    if pdg:
+        argv += ["--pdg", pdg]
+    subprocess.run(argv, env=env, check=True, timeout=seconds * 10 + 300)
+    return dict(json.loads(out.read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", "--duration", type=int, default=20, help="seconds of load per run (20)")
+    p.add_argument("--top", type=int, default=15, help="functions listed by own time (15)")
+    p.add_argument("-o", "--output", type=Path, default=HERE / "results" / "stages.json")
+    opts = p.parse_args(argv)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="pdg-stages-") as tmp:
+        folder = Path(tmp)
+        plain = proxy_bench(None, opts.duration, folder / "plain.json", dict(os.environ))
+        wrapper = folder / "pdg"
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" --as-pdg "$@"\n')
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+        profile = folder / "gateway.prof"
+        proxy_bench(
+            str(wrapper), opts.duration, folder / "profiled.json", {**os.environ, PROFILE_ENV: str(profile)}
+        )
+        gateway_us = float(plain["results"]["gateway"]["proxy_cpu_us_per_request"])
+        bare_us = float(plain["results"]["bare"]["proxy_cpu_us_per_request"])
+        stages = budget(profile, gateway_us)
+        table = Table("stage", "µs per call", "share")
+        for stage, us in stages:
+            table.add_row(stage, f"{us:.0f}", f"{100 * us / gateway_us:.0f} %")
+        table.add_row("gateway, measured", f"{gateway_us:.0f}", "100 %")
+        table.add_row("bare proxy, measured", f"{bare_us:.0f}", f"{100 * bare_us / gateway_us:.0f} %")
+        console.print(table)
+        console.print(f"top {opts.top} functions by own time (profiled):")
+        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(opts.top)
+        opts.output.parent.mkdir(parents=True, exist_ok=True)
+        opts.output.write_text(
+            json.dumps(
+                {
+                    "gateway_cpu_us_per_call": gateway_us,
+                    "bare_cpu_us_per_call": bare_us,
+                    "stages_us": {stage: round(us, 1) for stage, us in stages},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--as-pdg"]:
+        sys.exit(stand_in(sys.argv[2:]))
+    sys.exit(main())
