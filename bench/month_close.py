@@ -68,9 +68,10 @@ from bench.call_record import (  # noqa: E402
     make_log,
     price_of,
 )
-from billing.invoices import close_period, e4_text  # noqa: E402
+from billing.invoices import close_period  # noqa: E402
 from billing.models import InvoiceCallRow  # noqa: E402
 from billing.reconcile import reconcile  # noqa: E402
+from core.money import e4_text  # noqa: E402
 from ledger.models import CallRow  # noqa: E402
 from ledger.record import from_log  # noqa: E402
 from ledger.store import LedgerStore  # noqa: E402

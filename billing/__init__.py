@@ -1,2 +1,2 @@
-"""Billing: money rules (:mod:`billing.money`), closing a period into
+"""Billing: money rules (:mod:`core.money`), closing a period into
 invoices and reading them (:mod:`billing.invoices`)."""

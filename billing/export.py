@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.invoices import list_invoices
 from billing.models import BillingCloseRow
 from billing.notes import CREDIT, list_notes
-from licensing.errors import NotFoundError
+from core.errors import NotFoundError
 
 FORMAT: Final = "pdg.billing-export.v1"
 FORMATS: Final = ("csv", "json", "xlsx")

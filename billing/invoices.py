@@ -35,7 +35,7 @@ SQL half (tests and the benchmark feed the ledger directly).
 **What an invoice holds.** One invoice per licensee with billed calls, a line
 per dataset, purpose, kind and terms version (and period, for late lines): its calls and
 records, the exact charge (the calls' ``charge_e4`` summed, in 1/10000 fen),
-the amount rounded half up to the fen once (:mod:`billing.money`), and the
+the amount rounded half up to the fen once (:mod:`core.money`), and the
 amount split by largest remainder by the revenue split of the terms its
 calls were charged under: each call record names its terms version, and a
 line holds the calls of one version (``terms_version``; records from before
@@ -70,15 +70,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
-from billing.money import E4, fen_of_e4, parse_vat_rate, split, vat_of
 from config.settings import Settings
+from core.errors import ConflictError, LedgerUnavailableError
+from core.money import E4, e4_text, fen_of_e4, fen_to_e4, parse_vat_rate, split, vat_of
 from ledger.chain import rfc3339
 from ledger.log import REDIS_ERRORS
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
-from licensing.errors import ConflictError, LedgerUnavailableError
 from licensing.models import DatasetTermsRow
 from metering.periods import Period, parse_period
 from storage.redis import EmbeddedValkeyError, RedisClient
@@ -130,17 +130,6 @@ def billable(calls: Table = _CALLS) -> Any:
 
 def invoice_id(period: str, licensee_id: str) -> str:
     return f"inv-{period}-{licensee_id}"
-
-
-def e4_text(amount_e4: int) -> str:
-    """An exact amount in 1/10000 fen as a decimal string of fen (``"12.3456"``)."""
-    sign, amount = ("-", -amount_e4) if amount_e4 < 0 else ("", amount_e4)
-    return f"{sign}{amount // E4}.{amount % E4:04d}"
-
-
-def e4_of(fen_text: str) -> int:
-    """The inverse of :func:`e4_text`: ``"12.3456"`` -> 123456 (exact)."""
-    return int(Decimal(fen_text) * E4)
 
 
 def _fraction(basis_points: int) -> str:
@@ -432,7 +421,7 @@ async def _close(
                 "usage_period": line["usage_period"],
                 "calls": line["calls"],
                 "records": line["records"],
-                "charge_e4": e4_of(line["charge_fen"]),
+                "charge_e4": fen_to_e4(line["charge_fen"]),
                 "amount_fen": line["amount_fen"],
                 "provider_fen": line["split"]["provider_fen"],
                 "operator_fen": line["split"]["operator_fen"],

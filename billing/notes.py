@@ -44,9 +44,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing.invoices import canonical
 from billing.models import BillingNoteRow, InvoiceRow
-from billing.money import E4, allocate, vat_of
+from core.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
+from core.money import E4, allocate, vat_of
 from ledger.chain import rfc3339
-from licensing.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
 from metering.periods import period_of
 
 _NOTES = cast(Table, BillingNoteRow.__table__)

@@ -80,14 +80,15 @@ from sqlalchemy import BigInteger, Table, and_, func, not_, or_, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing.invoices import billable, e4_of
+from billing.invoices import billable
 from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from core.errors import ConflictError
+from core.money import fen_to_e4
 from ledger import audit
 from ledger.audit.common import _snapshot
 from ledger.log import LOG
 from ledger.models import CallRow
 from ledger.record import REPLAY_POOL, SERVED
-from licensing.errors import ConflictError
 from licensing.models import DatasetTermsRow
 from metering.periods import Period
 from metering.quota import LicenceKeys, QuotaStoreError
@@ -463,7 +464,7 @@ def _line_said(row: Any, line: dict[str, Any]) -> str:
         for part in ("provider_fen", "operator_fen", "public_fund_fen")
         if getattr(row, part) != split[part]
     ]
-    if int(row.charge_e4) != e4_of(line["charge_fen"]):
+    if int(row.charge_e4) != fen_to_e4(line["charge_fen"]):
         wrong.append("charge_e4")
     if not wrong:
         return ""

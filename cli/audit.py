@@ -25,7 +25,7 @@ import orjson
 
 from cli.resources import command_group, emit, progress_bar
 from config.settings import Settings
-from licensing.errors import BadRequestError, NotFoundError
+from core.errors import BadRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from cli.resources import command_group, emit, migrated_engine, progress_bar
 from config.settings import Settings
-from licensing.errors import BadRequestError, NotFoundError
+from core.errors import BadRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from metering.periods import Period

@@ -24,11 +24,11 @@ from urllib.parse import quote
 from aiohttp import web
 
 from config.settings import Settings, load_settings
+from core.errors import ConflictError, NotFoundError
 from gateway.app import create_app
 from gateway.state import ADMIN_TOKENS, REGISTRY
 from licensing import schemas
 from licensing.credit_code import with_check_character
-from licensing.errors import ConflictError, NotFoundError
 from licensing.registry import Registry
 from samples.upstreams import SAMPLE_DATASETS, start_sample_upstream
 

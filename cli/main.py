@@ -19,8 +19,8 @@ from cli import audit as cli_audit
 from cli import billing as cli_billing
 from cli import resources as cli_resources
 from config.settings import ConfigurationError, Settings, load_settings
+from core.errors import GatewayError
 from gateway import __version__
-from licensing.errors import GatewayError
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from config.settings import Settings
+from core.errors import BadRequestError
 from licensing import schemas
-from licensing.errors import BadRequestError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine

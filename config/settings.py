@@ -99,7 +99,7 @@ class BillingSettings(_Section):
     @field_validator("vat_rate")
     @classmethod
     def _vat_rate(cls, value: str) -> str:
-        from billing.money import parse_vat_rate
+        from core.money import parse_vat_rate
 
         return str(parse_vat_rate(value))
 

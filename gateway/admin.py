@@ -25,12 +25,12 @@ from billing.export import period_books, render
 from billing.invoices import close_billing, get_invoice, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
+from core.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
 from gateway.openapi import Handler, Route, build_openapi
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
-from licensing.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
 from licensing.registry import dump
 from metering.periods import Period, PeriodError, parse_period, period_of, zone
 from metering.quota import QuotaStoreError

@@ -15,6 +15,7 @@ from aiohttp import web
 from redis.exceptions import RedisClusterException, RedisError
 
 from config.settings import Settings
+from core.errors import ServiceUnavailableError
 from gateway import admin, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
 from gateway.metrics import Metrics
@@ -44,7 +45,6 @@ from ledger.writer import start_writer
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
-from licensing.errors import ServiceUnavailableError
 from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry

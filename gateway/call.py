@@ -39,12 +39,12 @@ from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives import hashes
 
+from core.errors import LedgerUnavailableError, PaymentRequiredError, QuotaUnavailableError
 from gateway import charging
 from gateway.charging import Charge
 from ledger.log import LOG, Presence
 from ledger.record import REPLAY_POOL, SERVED, clip, opening, to_log, to_log_uncharged
 from licensing.catalogue import Grant
-from licensing.errors import LedgerUnavailableError, PaymentRequiredError, QuotaUnavailableError
 from licensing.tokens import AccessClaims
 from metering.periods import Period, period_of
 from metering.quota import QuotaBatcher, QuotaStoreError, plan_reservation, pool_kind

@@ -59,8 +59,7 @@ from datetime import datetime
 import orjson
 from aiohttp import web
 
-from licensing.catalogue import Grant
-from licensing.errors import (
+from core.errors import (
     BadRequestError,
     ConflictError,
     IdempotencyMismatchError,
@@ -68,6 +67,7 @@ from licensing.errors import (
     QuotaExhaustedError,
     RateLimitedError,
 )
+from licensing.catalogue import Grant
 from metering.periods import Period
 from metering.quota import (
     EXHAUSTED,

@@ -18,10 +18,7 @@ from datetime import datetime
 import orjson
 from aiohttp import web
 
-from gateway.state import CATALOGUE, CLIENTS, CLOCK, METRICS, SETTINGS, TOKENS
-from licensing.catalogue import AppView, Catalogue, LicenceView
-from licensing.clients import SIGNING_ALGORITHMS
-from licensing.errors import (
+from core.errors import (
     BadRequestError,
     DatasetClosedError,
     DatasetNotLicensedError,
@@ -31,6 +28,9 @@ from licensing.errors import (
     LicenceInactiveError,
     PurposeNotAllowedError,
 )
+from gateway.state import CATALOGUE, CLIENTS, CLOCK, METRICS, SETTINGS, TOKENS
+from licensing.catalogue import AppView, Catalogue, LicenceView
+from licensing.clients import SIGNING_ALGORITHMS
 from licensing.schemas import PURPOSES
 
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR

@@ -1,6 +1,6 @@
 """RFC 9457 problem details: the one place where errors become responses.
 
-Every error the gateway produces is a :class:`licensing.errors.GatewayError`
+Every error the gateway produces is a :class:`core.errors.GatewayError`
 (or is mapped to one here) and leaves as ``application/problem+json`` with
 ``type``, ``title``, ``status``, ``detail``, ``instance`` (the call id) and the
 stable ``code`` of DESIGN §3.
@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from licensing.errors import GatewayError
+from core.errors import GatewayError
 from licensing.ids import new_call_id
 
 log = logging.getLogger(__name__)

@@ -76,14 +76,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway import charging
-from gateway.call import Call
-from gateway.counting import RecordCounter
-from gateway.problems import call_id_of, problem_response, render
-from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
-from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
-from licensing.catalogue import Grant, check_operation
-from licensing.errors import (
+from core.errors import (
     AuthenticationError,
     BadRequestError,
     GatewayError,
@@ -95,6 +88,13 @@ from licensing.errors import (
     TokenRequiredError,
     UpstreamUnavailableError,
 )
+from gateway import charging
+from gateway.call import Call
+from gateway.counting import RecordCounter
+from gateway.problems import call_id_of, problem_response, render
+from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
+from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
+from licensing.catalogue import Grant, check_operation
 from licensing.tokens import AccessClaims
 
 HOP_BY_HOP = frozenset(

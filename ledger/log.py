@@ -31,7 +31,7 @@ from typing import Final
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from licensing.errors import LedgerUnavailableError
+from core.errors import LedgerUnavailableError
 from storage.redis import COMMAND_TIMEOUT, RedisClient
 from storage.tasks import cancel_and_wait
 

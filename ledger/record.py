@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import orjson
 
+from core.money import e4_text
 from ledger.chain import require_utc
 
 SERVED: Final = "served"
@@ -191,7 +192,5 @@ def public(row: Mapping[str, Any]) -> dict[str, Any]:
     """A record as the admin API and ``pdg audit`` show it: every column,
     the charge also in fen (a decimal string: prices have 4 decimal places)."""
     data = {name: row[name] for name in (*FIELDS, "hash")}
-    e4 = int(row["charge_e4"])
-    sign, e4 = ("-", -e4) if e4 < 0 else ("", e4)
-    data["charge_fen"] = f"{sign}{e4 // 10000}.{e4 % 10000:04d}"
+    data["charge_fen"] = e4_text(int(row["charge_e4"]))
     return data

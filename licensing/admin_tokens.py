@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from licensing.errors import AdminAuthError, ForbiddenError, ValidationFailedError
+from core.errors import AdminAuthError, ForbiddenError, ValidationFailedError
 from licensing.models import AdminTokenRow, LicenseeRow
 from licensing.schemas import AdminTokenIn
 from licensing.secrets import hash_secret_async, new_secret, verify_secret_async

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
-from licensing.errors import (
+from core.errors import (
     DatasetClosedError,
     DatasetNotLicensedError,
     InvalidTokenError,

@@ -27,8 +27,8 @@ from urllib.parse import unquote_plus
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from core.errors import BadRequestError, InvalidClientError
 from licensing.catalogue import AppView, Catalogue
-from licensing.errors import BadRequestError, InvalidClientError
 from licensing.secrets import verify_secret_async
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

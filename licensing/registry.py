@@ -18,9 +18,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.errors import ConflictError, NotFoundError, ValidationFailedError
+from core.money import e4_to_fen, fen_to_e4
 from licensing import schemas
 from licensing.catalogue import current_version
-from licensing.errors import ConflictError, NotFoundError, ValidationFailedError
 from licensing.ids import new_id
 from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, DatasetTermsRow, LicenceRow, LicenseeRow
 from licensing.secrets import hash_secret_async, new_secret
@@ -55,20 +56,17 @@ async def _bump(session: AsyncSession) -> None:
 
 def _price(row: DatasetRow | DatasetTermsRow) -> schemas.Price:
     return schemas.Price(
-        per_call_fen=schemas.e4_to_fen(row.per_call_e4),
-        per_record_fen=schemas.e4_to_fen(row.per_record_e4),
-        tiers=[
-            schemas.Tier(up_to=t["up_to"], per_call_fen=schemas.e4_to_fen(t["per_call_e4"]))
-            for t in row.tiers
-        ],
+        per_call_fen=e4_to_fen(row.per_call_e4),
+        per_record_fen=e4_to_fen(row.per_record_e4),
+        tiers=[schemas.Tier(up_to=t["up_to"], per_call_fen=e4_to_fen(t["per_call_e4"])) for t in row.tiers],
     )
 
 
 def _revenue_split(row: DatasetRow | DatasetTermsRow) -> schemas.RevenueSplit:
     return schemas.RevenueSplit(
-        provider=schemas.e4_to_fen(row.split_provider),
-        operator=schemas.e4_to_fen(row.split_operator),
-        public_fund=schemas.e4_to_fen(row.split_public_fund),
+        provider=e4_to_fen(row.split_provider),
+        operator=e4_to_fen(row.split_operator),
+        public_fund=e4_to_fen(row.split_public_fund),
     )
 
 
@@ -147,11 +145,9 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
     if "upstream_url" in fields and data.upstream_url is not None:
         row.upstream_url = str(data.upstream_url).rstrip("/")
     if "price" in fields and data.price is not None:
-        row.per_call_e4 = schemas.fen_to_e4(data.price.per_call_fen)
-        row.per_record_e4 = schemas.fen_to_e4(data.price.per_record_fen)
-        row.tiers = [
-            {"up_to": t.up_to, "per_call_e4": schemas.fen_to_e4(t.per_call_fen)} for t in data.price.tiers
-        ]
+        row.per_call_e4 = fen_to_e4(data.price.per_call_fen)
+        row.per_record_e4 = fen_to_e4(data.price.per_record_fen)
+        row.tiers = [{"up_to": t.up_to, "per_call_e4": fen_to_e4(t.per_call_fen)} for t in data.price.tiers]
     if "revenue_split" in fields and data.revenue_split is not None:
         row.split_provider, row.split_operator, row.split_public_fund = data.revenue_split.basis_points()
     if "burst" in fields and data.burst is not None:

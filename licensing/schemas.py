@@ -25,8 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from core.errors import ValidationFailedError
+from core.money import fen_to_e4
 from licensing.credit_code import CreditCodeError, validate_credit_code
-from licensing.errors import ValidationFailedError
 
 Purpose = Literal["public-interest", "industrial"]
 PURPOSES: tuple[str, ...] = ("public-interest", "industrial")
@@ -39,7 +40,6 @@ ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="lower-case letters, digits, . _ -")]
 #: A dataset id, or ``provider/*`` for every dataset of a provider.
 DatasetGrant = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")]
-E4 = Decimal(10000)
 MAX_URL_LENGTH = 1000
 MIN_YEAR, MAX_YEAR = 1970, 9998
 M = TypeVar("M", bound=BaseModel)
@@ -96,17 +96,6 @@ def _time_in_range(value: datetime) -> datetime:
 
 #: An RFC 3339 time with a zone offset, in a range every database can store.
 Time = Annotated[AwareDatetime, AfterValidator(_time_in_range)]
-
-
-def fen_to_e4(value: str) -> int:
-    """A decimal fen string as an integer count of 1/10000 fen (exact)."""
-    return int(Decimal(value) * E4)
-
-
-def e4_to_fen(value: int) -> str:
-    """The inverse of :func:`fen_to_e4`, normalised (``25000`` -> ``"2.5"``)."""
-    text = format(Decimal(value) / E4, "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class _Model(BaseModel):

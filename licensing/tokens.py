@@ -40,7 +40,7 @@ from typing import Any
 
 import jwt
 
-from licensing.errors import InvalidTokenError
+from core.errors import InvalidTokenError
 from licensing.ids import new_id
 from licensing.keys import ALGORITHM_FOR_KEY, SigningKey
 

@@ -17,8 +17,8 @@ from typing import Literal
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
+from core.money import e4_to_fen
 from licensing.catalogue import Catalogue, DatasetView, LicenceView
-from licensing.schemas import e4_to_fen
 from metering.periods import Period
 from metering.quota import LicenceKeys, QuotaStoreError
 from storage.redis import COMMAND_TIMEOUT, RedisClient

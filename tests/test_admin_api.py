@@ -934,7 +934,7 @@ async def test_licensee_scoped_token_sees_only_its_own(world: World) -> None:
     assert await snapshot(world) == before
 
     # A licensee role needs its licensee (and only it takes one).
-    from licensing.errors import ValidationFailedError
+    from core.errors import ValidationFailedError
     from licensing.schemas import parse
 
     for bad in ({"role": "licensee"}, {"role": "viewer", "licensee_id": mine["id"]}):

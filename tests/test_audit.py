@@ -28,13 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cli import main as cli
 from config.settings import Settings
+from core.errors import NotFoundError, ValidationFailedError
 from gateway.state import ADMIN_TOKENS, ENGINE
 from ledger import audit
 from ledger.chain import Chain, Checkpoint, Verifier, canonical, sm3_available
 from ledger.models import CallRow, CheckpointRow, LedgerStateRow
 from ledger.record import FIELDS
 from ledger.store import LedgerStore
-from licensing.errors import NotFoundError, ValidationFailedError
 from licensing.keys import SigningKey, load_or_create_signing_key
 from licensing.schemas import AdminTokenIn
 from storage import migrate

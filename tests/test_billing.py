@@ -24,11 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.invoices import close_period, get_invoice, list_invoices
 from billing.models import InvoiceCallRow, InvoiceLineRow, InvoiceRow
-from billing.money import fen_of_e4, parse_vat_rate, split, vat_of
+from core.errors import ConflictError
+from core.money import fen_of_e4, parse_vat_rate, split, vat_of
 from gateway.state import ADMIN_TOKENS, CLOCK
 from ledger.models import CallRow
 from ledger.store import LedgerStore
-from licensing.errors import ConflictError
 from licensing.keys import load_or_create_signing_key
 from licensing.registry import Registry
 from licensing.schemas import AdminTokenIn, DatasetIn, RevenueSplit

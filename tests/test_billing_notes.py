@@ -20,10 +20,10 @@ from sqlalchemy.exc import DBAPIError
 
 from billing.export import CSV_COLUMNS, period_books, render
 from billing.invoices import close_period, get_invoice
-from billing.money import vat_of
 from billing.notes import issue_note, list_notes
+from core.errors import ConflictError, NotFoundError, ValidationFailedError
+from core.money import vat_of
 from gateway.state import ADMIN_TOKENS
-from licensing.errors import ConflictError, NotFoundError, ValidationFailedError
 from licensing.schemas import AdminTokenIn
 from metering.periods import zone
 from tests.test_audit import PdgRunner, pdg  # noqa: F401  (the fixture)

@@ -13,11 +13,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from yarl import URL
 
+from core.errors import QuotaExhaustedError
 from gateway.call import Call, CallContext, digest_factory
 from ledger.log import LOG, Presence, inflight_key
 from ledger.record import SERVED, UPSTREAM_FAILURE, from_log
 from licensing.catalogue import AppView, DatasetView, Grant, LicenceView
-from licensing.errors import QuotaExhaustedError
 from licensing.tokens import AccessClaims
 from metering.quota import LicenceKeys, QuotaBatcher
 from storage.redis import RedisClient, connect

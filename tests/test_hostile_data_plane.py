@@ -31,10 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from core.errors import BadRequestError, GatewayError, InvalidTokenError, TokenRequiredError
 from gateway.charging import idempotency_key
 from gateway.oauth import parse_scope
 from gateway.proxy import _bearer, upstream_path
-from licensing.errors import BadRequestError, GatewayError, InvalidTokenError, TokenRequiredError
 from licensing.schemas import PURPOSES
 from tests.conftest import World
 from tests.test_path_escape import raw_request
@@ -361,7 +361,7 @@ async def test_an_encoded_line_break_in_the_path_is_a_bad_request(world: World) 
 #: RFC 6749 §5.2 error codes the token endpoint may give.
 OAUTH_ERRORS = {"invalid_request", "invalid_client", "invalid_scope", "unsupported_grant_type"}
 #: The token endpoint's codes: DESIGN §3's, and ``invalid-client`` (401) for a
-#: failed client authentication (licensing/errors.py; not in DESIGN's table).
+#: failed client authentication (core/errors.py; not in DESIGN's table).
 TOKEN_CODES = DESIGN_CODES | {"invalid-client"}
 
 

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from core.errors import BadRequestError
 from gateway import oauth
-from licensing.errors import BadRequestError
 from tests.conftest import World
 
 PROBLEM = "application/problem+json"

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from core.errors import InvalidTokenError
 from gateway.state import TOKENS
-from licensing.errors import InvalidTokenError
 from licensing.keys import load_or_create_signing_key
 from licensing.tokens import TokenService
 from tests.conftest import World

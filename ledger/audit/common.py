@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from core.errors import BadRequestError
 from ledger.chain import GENESIS, LATER_KEYS, Checkpoint, Problem, rfc3339
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import FIELDS, TIME_FIELDS, public
 from ledger.store import checkpoint_of
-from licensing.errors import BadRequestError
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)

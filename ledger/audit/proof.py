@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.errors import NotFoundError
 from ledger.audit.common import (
     _CALLS,
     _CHECKPOINTS,
@@ -27,7 +28,6 @@ from ledger.audit.keys import load_public_key
 from ledger.chain import Chain, canonical, strict_int
 from ledger.record import FIELDS
 from ledger.store import checkpoint_of, public_pem
-from licensing.errors import NotFoundError
 
 PROOF_FORMAT: Final = "pdg.inclusion-proof.v1"
 

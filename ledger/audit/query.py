@@ -12,8 +12,8 @@ from pydantic import AwareDatetime, BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.errors import ValidationFailedError
 from ledger.audit.common import _CALLS, public_json
-from licensing.errors import ValidationFailedError
 
 MAX_PAGE: Final = 1000
 

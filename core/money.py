@@ -30,6 +30,26 @@ WHOLE: Final = 10_000
 DEFAULT_VAT_RATE: Final = Decimal("0.06")
 
 
+def fen_to_e4(fen: str) -> int:
+    """A decimal string of fen (at most 4 places) as 1/10000 fen, exactly:
+    ``"12.3456"`` -> 123456."""
+    return int(Decimal(fen) * E4)
+
+
+def e4_to_fen(amount_e4: int) -> str:
+    """1/10000 fen as a decimal string of fen, normalised: 25000 -> ``"2.5"``
+    (how prices are shown)."""
+    text = format(Decimal(amount_e4) / E4, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def e4_text(amount_e4: int) -> str:
+    """1/10000 fen as a decimal string of fen with all 4 places:
+    123456 -> ``"12.3456"`` (how charges are shown)."""
+    sign, amount = ("-", -amount_e4) if amount_e4 < 0 else ("", amount_e4)
+    return f"{sign}{amount // E4}.{amount % E4:04d}"
+
+
 def fen_of_e4(amount_e4: int) -> int:
     """``amount_e4`` (1/10000 fen) rounded half up to whole fen."""
     if amount_e4.__class__ is not int:
