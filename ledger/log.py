@@ -32,6 +32,7 @@ from typing import Final
 from redis.exceptions import RedisClusterException, RedisError
 
 from core.errors import LedgerUnavailableError
+from metering import inflight
 from storage.redis import COMMAND_TIMEOUT, RedisClient
 from storage.tasks import cancel_and_wait
 
@@ -56,22 +57,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
 """
 
-#: Hand an in-flight call to the ledger writer's recovery: its marker names
-#: no live replica any more.
-_ORPHAN = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then return 0 end
-local cost, rest = string.match(v, '^(%d+)|[^|]*|(.*)$')
-redis.call('HSET', KEYS[1], ARGV[1], cost .. '|orphan|' .. rest)
-return 1
-"""
-
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-def inflight_key(licence_id: str) -> str:
-    """The licence's in-flight hash (written by ``reserve.lua``)."""
-    return f"pdg:{{{licence_id}}}:inflight"
 
 
 class Presence:
@@ -116,7 +102,7 @@ class Presence:
         while self._orphans:
             licence_id, call_id = self._orphans[0]
             async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self.client.eval(_ORPHAN, 1, inflight_key(licence_id), call_id)
+                await self.client.eval(inflight.ORPHAN_SCRIPT, 1, inflight.key(licence_id), call_id)
             self._orphans.pop(0)
 
     async def _run(self) -> None:

@@ -51,11 +51,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
 from ledger.chain import rfc3339
-from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, inflight_key, live_replicas
+from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, live_replicas
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, from_opening, to_log
 from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
+from metering import inflight
 from metering.quota import Scripts
 from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 from storage.tasks import cancel_and_wait
@@ -127,17 +128,10 @@ class Unfinished:
 
 
 def _in_flight(licence_id: str, call_id: str, value: bytes) -> tuple[str, Unfinished]:
-    """An in-flight entry, ``cost|replica|kind|idem|pool|paid|idem key|record``
-    (``metering.quota.plan_reservation``), and the replica that holds it."""
-    cost, replica, kind, idem, pool, paid, idem_key, record = value.split(b"|", 7)
-    return replica.decode(), Unfinished(
-        licence_id,
-        call_id,
-        int(cost),
-        kind.decode(),
-        idem == b"1",
-        (pool.decode(), paid.decode(), idem_key.decode()),
-        from_opening(record),
+    """An in-flight entry (``metering.inflight``), and the replica that holds it."""
+    entry = inflight.parse(value)
+    return entry.replica, Unfinished(
+        licence_id, call_id, entry.cost, entry.kind, entry.idempotent, entry.keys, from_opening(entry.record)
     )
 
 
@@ -370,11 +364,11 @@ class LedgerWriter:
         async with asyncio.timeout(COMMAND_TIMEOUT * 2):
             pipe = self.client.pipeline(transaction=False)
             for licence_id in licences:
-                pipe.hgetall(inflight_key(licence_id))
+                pipe.hgetall(inflight.key(licence_id))
             replies = await pipe.execute()
         for licence_id, entries in zip(licences, replies, strict=True):
             for call_id, value in entries.items():
-                if call_id.endswith(b":p"):
+                if call_id.endswith(inflight.PRICE_SUFFIX.encode()):
                     continue  # a call's price (finish.lua), beside its entry
                 try:
                     found.append(_in_flight(licence_id, bytes(call_id).decode(), bytes(value)))
@@ -426,7 +420,7 @@ class LedgerWriter:
                     pool,
                     paid,
                     idem,
-                    inflight_key(u.licence_id),
+                    inflight.key(u.licence_id),
                     1,
                     0,
                     action,

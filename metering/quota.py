@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ledger.record import with_charge
+from metering import inflight
 from metering.periods import Period
 from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
 
@@ -136,7 +137,7 @@ class LicenceKeys:
         return f"{self.prefix}:idempotency:{app_id}:{digest}"
 
     def inflight(self) -> str:
-        return f"{self.prefix}:inflight"
+        return inflight.key(self.licence_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +253,7 @@ def plan_reservation(
         k.idempotency(terms.app_id, idempotency_key),
         k.inflight(),
     )
-    # "replica|kind|idem|pool key|paid key|idempotency key|record": ids and
-    # keys never hold a "|" (ID_PATTERN), the record comes last.
-    marker = "|".join((replica, pool.kind, "1" if idempotency_key else "0", *keys[1:4], "")).encode() + record
+    entry = inflight.marker(replica, pool.kind, idempotency_key is not None, *keys[1:4], record)
     interval_us = max(1, int(1_000_000 / terms.burst_per_second))
     tiers: list[int] = []
     for up_to, price in terms.tiers:
@@ -267,7 +266,7 @@ def plan_reservation(
         call_id,
         1 if idempotency_key else 0,
         terms.per_call_e4,
-        marker,
+        entry,
         fingerprint if idempotency_key else "",
         terms.worst_records_e4,
         *tiers,

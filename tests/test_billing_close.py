@@ -28,9 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceRow
 from gateway.state import ADMIN_TOKENS, CLOCK, ENGINE, REDIS
-from ledger.log import LOG, WRITER_LOCK, inflight_key
+from ledger.log import LOG, WRITER_LOCK
 from ledger.models import CallRow
 from licensing.schemas import AdminTokenIn
+from metering.inflight import key as inflight_key
 from metering.periods import period_of, zone
 from storage.redis import redis_for
 from tests.conftest import Backend, Upstream, credit_code, free_port

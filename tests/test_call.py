@@ -15,10 +15,11 @@ from yarl import URL
 
 from core.errors import QuotaExhaustedError
 from gateway.call import Call, CallContext, digest_factory
-from ledger.log import LOG, Presence, inflight_key
+from ledger.log import LOG, Presence
 from ledger.record import SERVED, UPSTREAM_FAILURE, from_log
 from licensing.catalogue import AppView, DatasetView, Grant, LicenceView
 from licensing.tokens import AccessClaims
+from metering.inflight import key as inflight_key
 from metering.quota import LicenceKeys, QuotaBatcher
 from storage.redis import RedisClient, connect
 from tests.conftest import Backend

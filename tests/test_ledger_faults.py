@@ -38,10 +38,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ledger.chain import Verifier
-from ledger.log import LOG, WRITER_LOCK, Presence, inflight_key
+from ledger.log import LOG, WRITER_LOCK, Presence
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import hashed
 from ledger.store import checkpoint_of
+from metering.inflight import key as inflight_key
 from tests.conftest import PG_URL, Upstream, credit_code, free_port, fresh_postgres_database
 from tests.servers import (
     PdgProcess,

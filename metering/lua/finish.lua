@@ -4,7 +4,7 @@
 -- is appended. One or more calls per run, each on its own; on a Cluster one
 -- call per run, whose keys share the licence's hash tag.
 --
--- A call is finished once: only while its in-flight entry (written by
+-- A call is finished once: only while its in-flight entry (metering/inflight.py; written by
 -- reserve.lua, with the cost the reservation took) is there, and the entry
 -- goes in the same run. So a gateway finishing a call and the ledger writer
 -- recovering it after the gateway died can not both act on it.

@@ -20,7 +20,8 @@
 --         hash, state (pending | done), call (the first call's id), fp (its
 --         request fingerprint) and, once served, response (the served
 --         response as the gateway keeps it, when it was small enough)
--- k[5] the licence's in-flight calls: a hash, call id -> "cost|replica|marker".
+-- k[5] the licence's in-flight calls: a hash, call id -> "cost|" .. a[8]
+--         (the entry's format: metering/inflight.py).
 --         A reserved call is entered here in the same run that counts it, and
 --         leaves in the run that settles or releases it (finish.lua); an entry
 --         left by a replica that died is what the ledger writer uses to
@@ -33,7 +34,8 @@
 -- a[5] call id
 -- a[6] 1 when the call has an Idempotency-Key, else 0
 -- a[7] per-call price (1/10000 fen) when no tier applies
--- a[8] the in-flight marker: "replica|JSON" (pool kind, keys, the record so far)
+-- a[8] the in-flight entry without its cost (metering/inflight.py: the
+--      replica, pool kind, keys, the record so far)
 -- a[9] the request's fingerprint (method, path, query, body digest) when the
 --      call has an Idempotency-Key, else ''
 -- a[10] the most the call's records can cost (1/10000 fen): the per-record
