@@ -282,66 +282,99 @@ async def _in_order(conn: AsyncConnection, period: Period) -> int:
     return 0
 
 
-async def _close(
-    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
-) -> Closed:
-    name = period.name
-    after = await _in_order(conn, period)
-    state = await conn.scalar(select(_STATE.c.next_seq))
-    through = int(state) - 1 if state is not None else 0
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One group of billed calls, summed in SQL."""
 
-    total = sql_cast(func.sum(_CALLS.c.charge_e4), BigInteger)
-    records = sql_cast(func.sum(_CALLS.c.records), BigInteger)
-    # Records written before terms had versions were charged under version 1.
+    kind: str
+    licensee: str
+    dataset: str
+    purpose: str
+    period: str
+    terms_version: int
+    calls: int
+    records: int
+    charge_e4: int
+    first_seq: int
+
+
+def _billed(name: str, after: int, through: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The conditions of the period's own calls and of its late ones."""
+    served = billable()
+    usage = (served, _CALLS.c.period == name, _CALLS.c.seq <= through)
+    late = (served, and_(_CALLS.c.period < name, _CALLS.c.seq > after, _CALLS.c.seq <= through))
+    return usage, late
+
+
+async def _aggregate(conn: AsyncConnection, where: tuple[Any, ...], kind: str) -> list[Usage]:
+    """The calls ``where`` selects, summed per licensee, dataset, purpose,
+    period and terms version (records from before terms had versions were
+    charged under version 1)."""
     version = func.coalesce(_CALLS.c.terms_version, 1)
-    columns = (
-        _CALLS.c.licensee_id,
-        _CALLS.c.dataset_id,
-        _CALLS.c.purpose,
-        _CALLS.c.period,
-        version,
+    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period, version)
+    query = select(
+        *groups,
         func.count(),
-        records,
-        total,
+        sql_cast(func.sum(_CALLS.c.records), BigInteger),
+        sql_cast(func.sum(_CALLS.c.charge_e4), BigInteger),
         func.min(_CALLS.c.seq),
     )
-    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period, version)
-    served = billable()
-    usage_where = (served, _CALLS.c.period == name, _CALLS.c.seq <= through)
-    late_where = (served, and_(_CALLS.c.period < name, _CALLS.c.seq > after, _CALLS.c.seq <= through))
-    usage = (await conn.execute(select(*columns).where(*usage_where).group_by(*groups))).all()
-    progress(1, STEPS)
-    late = (await conn.execute(select(*columns).where(*late_where).group_by(*groups))).all()
-    progress(2, STEPS)
-    rows = [(USAGE, r) for r in usage] + [(LATE, r) for r in late]
-    splits = await _splits(conn, {(r[1], int(r[4])) for _, r in rows})
-    closed_at = rfc3339(now)
-    rate = str(vat_rate)
-    by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    first_seq = min((int(r[8]) for _, r in rows), default=0)
-    for kind, (licensee, dataset, purpose, of_period, terms, calls, recs, charge, _first) in rows:
-        basis = splits[dataset, int(terms)]
-        amount = fen_of_e4(int(charge or 0))
-        provider, operator, fund = split(amount, basis)
-        by_licensee[licensee].append(
-            {
-                "dataset": dataset,
-                "purpose": purpose,
-                "kind": kind,
-                "usage_period": of_period,
-                "terms_version": int(terms),
-                "calls": int(calls),
-                "records": int(recs or 0),
-                "charge_fen": e4_text(int(charge or 0)),
-                "amount_fen": amount,
-                "split": {"provider_fen": provider, "operator_fen": operator, "public_fund_fen": fund},
-                "revenue_split": {
-                    "provider": _fraction(basis[0]),
-                    "operator": _fraction(basis[1]),
-                    "public_fund": _fraction(basis[2]),
-                },
-            }
+    rows = await conn.execute(query.where(*where).group_by(*groups))
+    return [
+        Usage(
+            kind,
+            licensee,
+            dataset,
+            purpose,
+            period,
+            int(terms),
+            int(calls),
+            int(recs or 0),
+            int(charge or 0),
+            int(first),
         )
+        for licensee, dataset, purpose, period, terms, calls, recs, charge, first in rows
+    ]
+
+
+def _line(usage: Usage, basis: tuple[int, int, int]) -> dict[str, Any]:
+    amount = fen_of_e4(usage.charge_e4)
+    provider, operator, fund = split(amount, basis)
+    return {
+        "dataset": usage.dataset,
+        "purpose": usage.purpose,
+        "kind": usage.kind,
+        "usage_period": usage.period,
+        "terms_version": usage.terms_version,
+        "calls": usage.calls,
+        "records": usage.records,
+        "charge_fen": e4_text(usage.charge_e4),
+        "amount_fen": amount,
+        "split": {"provider_fen": provider, "operator_fen": operator, "public_fund_fen": fund},
+        "revenue_split": {
+            "provider": _fraction(basis[0]),
+            "operator": _fraction(basis[1]),
+            "public_fund": _fraction(basis[2]),
+        },
+    }
+
+
+def build_invoices(
+    usage: list[Usage],
+    splits: dict[tuple[str, int], tuple[int, int, int]],
+    *,
+    period: str,
+    after: int,
+    through: int,
+    vat_rate: Decimal,
+    closed_at: str,
+) -> list[dict[str, Any]]:
+    """The period's invoices from its billed usage (pure): one per licensee,
+    its lines in a fixed order and numbered, VAT on the subtotal, each with
+    the SHA-256 of its canonical bytes (``_content`` holds those bytes)."""
+    by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for group in usage:
+        by_licensee[group.licensee].append(_line(group, splits[group.dataset, group.terms_version]))
     invoices: list[dict[str, Any]] = []
     for licensee in sorted(by_licensee):
         lines = sorted(
@@ -360,16 +393,16 @@ async def _close(
         vat = vat_of(subtotal, vat_rate)
         invoice: dict[str, Any] = {
             "format": FORMAT,
-            "id": invoice_id(name, licensee),
+            "id": invoice_id(period, licensee),
             "licensee_id": licensee,
-            "period": name,
+            "period": period,
             "status": "closed",
             "closed_at": closed_at,
             "covers": {"after_seq": after, "through_seq": through},
             "calls": sum(line["calls"] for line in lines),
             "lines": lines,
             "subtotal_fen": subtotal,
-            "vat_rate": rate,
+            "vat_rate": str(vat_rate),
             "vat_fen": vat,
             "total_fen": subtotal + vat,
         }
@@ -377,11 +410,27 @@ async def _close(
         invoice["content_hash"] = hashlib.sha256(content).hexdigest()
         invoice["_content"] = content
         invoices.append(invoice)
+    return invoices
 
-    # The period's row first: a second close of the period fails here.
+
+async def _store(
+    conn: AsyncConnection,
+    invoices: list[dict[str, Any]],
+    splits: dict[tuple[str, int], tuple[int, int, int]],
+    *,
+    period: str,
+    after: int,
+    through: int,
+    first_seq: int,
+    vat_rate: Decimal,
+    now: datetime,
+) -> None:
+    """The close's row, then its invoices and their lines (the period's row
+    first: a second close of the period fails there)."""
+    rate = str(vat_rate)
     await conn.execute(
         insert(_CLOSES).values(
-            period=name,
+            period=period,
             after_seq=after,
             through_seq=through,
             first_seq=first_seq,
@@ -390,68 +439,109 @@ async def _close(
             closed_at=now,
         )
     )
-    if invoices:
-        await conn.execute(
-            insert(_INVOICES),
-            [
-                {
-                    "id": inv["id"],
-                    "licensee_id": inv["licensee_id"],
-                    "period": name,
-                    "status": inv["status"],
-                    "calls": inv["calls"],
-                    "subtotal_fen": inv["subtotal_fen"],
-                    "vat_rate": rate,
-                    "vat_fen": inv["vat_fen"],
-                    "total_fen": inv["total_fen"],
-                    "closed_at": now,
-                    "content_hash": inv["content_hash"],
-                    "content": inv.pop("_content").decode(),
-                }
-                for inv in invoices
-            ],
-        )
-        line_rows = [
+    if not invoices:
+        return
+    await conn.execute(
+        insert(_INVOICES),
+        [
             {
-                "invoice_id": inv["id"],
-                "line_no": line["line_no"],
-                "dataset_id": line["dataset"],
-                "purpose": line["purpose"],
-                "kind": line["kind"],
-                "usage_period": line["usage_period"],
-                "calls": line["calls"],
-                "records": line["records"],
-                "charge_e4": fen_to_e4(line["charge_fen"]),
-                "amount_fen": line["amount_fen"],
-                "provider_fen": line["split"]["provider_fen"],
-                "operator_fen": line["split"]["operator_fen"],
-                "public_fund_fen": line["split"]["public_fund_fen"],
-                "split_provider": splits[line["dataset"], line["terms_version"]][0],
-                "split_operator": splits[line["dataset"], line["terms_version"]][1],
-                "split_public_fund": splits[line["dataset"], line["terms_version"]][2],
-                "terms_version": line["terms_version"],
+                "id": inv["id"],
+                "licensee_id": inv["licensee_id"],
+                "period": period,
+                "status": inv["status"],
+                "calls": inv["calls"],
+                "subtotal_fen": inv["subtotal_fen"],
+                "vat_rate": rate,
+                "vat_fen": inv["vat_fen"],
+                "total_fen": inv["total_fen"],
+                "closed_at": now,
+                "content_hash": inv["content_hash"],
+                "content": inv.pop("_content").decode(),
             }
             for inv in invoices
-            for line in inv["lines"]
-        ]
-        await conn.execute(insert(_LINES), line_rows)
+        ],
+    )
+    line_rows = []
+    for inv in invoices:
+        for line in inv["lines"]:
+            basis = splits[line["dataset"], line["terms_version"]]
+            line_rows.append(
+                {
+                    "invoice_id": inv["id"],
+                    "line_no": line["line_no"],
+                    "dataset_id": line["dataset"],
+                    "purpose": line["purpose"],
+                    "kind": line["kind"],
+                    "usage_period": line["usage_period"],
+                    "calls": line["calls"],
+                    "records": line["records"],
+                    "charge_e4": fen_to_e4(line["charge_fen"]),
+                    "amount_fen": line["amount_fen"],
+                    "provider_fen": line["split"]["provider_fen"],
+                    "operator_fen": line["split"]["operator_fen"],
+                    "public_fund_fen": line["split"]["public_fund_fen"],
+                    "split_provider": basis[0],
+                    "split_operator": basis[1],
+                    "split_public_fund": basis[2],
+                    "terms_version": line["terms_version"],
+                }
+            )
+    await conn.execute(insert(_LINES), line_rows)
+
+
+async def _copy_billed(conn: AsyncConnection, period: str, wheres: tuple[tuple[Any, ...], ...]) -> None:
+    """Each call billed, copied in the database (a million rows never pass
+    through Python): seq, call id, invoice, charge."""
+    prefix = literal(invoice_id(period, ""))
+    for where in wheres:
+        await conn.execute(
+            insert(_BILLED).from_select(
+                ["seq", "call_id", "invoice_id", "charge_e4"],
+                select(
+                    _CALLS.c.seq, _CALLS.c.call_id, prefix + _CALLS.c.licensee_id, _CALLS.c.charge_e4
+                ).where(*where),
+            )
+        )
+    if conn.dialect.name == "postgresql":
+        # A million new rows: give the planner their statistics now, not at
+        # autovacuum's next round (reconciliation reads them right after).
+        await conn.exec_driver_sql("ANALYZE invoice_calls")
+
+
+async def _close(
+    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
+) -> Closed:
+    """The order check, the usage summed, the invoices built, stored, and the
+    billed calls copied: one transaction."""
+    name = period.name
+    after = await _in_order(conn, period)
+    state = await conn.scalar(select(_STATE.c.next_seq))
+    through = int(state) - 1 if state is not None else 0
+    usage_where, late_where = _billed(name, after, through)
+    usage = await _aggregate(conn, usage_where, USAGE)
+    progress(1, STEPS)
+    usage += await _aggregate(conn, late_where, LATE)
+    progress(2, STEPS)
+    splits = await _splits(conn, {(u.dataset, u.terms_version) for u in usage})
+    closed_at = rfc3339(now)
+    invoices = build_invoices(
+        usage, splits, period=name, after=after, through=through, vat_rate=vat_rate, closed_at=closed_at
+    )
+    first_seq = min((u.first_seq for u in usage), default=0)
+    await _store(
+        conn,
+        invoices,
+        splits,
+        period=name,
+        after=after,
+        through=through,
+        first_seq=first_seq,
+        vat_rate=vat_rate,
+        now=now,
+    )
     progress(3, STEPS)
     if invoices:
-        # The calls billed, copied in the database (a million rows never pass through Python).
-        prefix = literal(invoice_id(name, ""))
-        for where in (usage_where, late_where):
-            await conn.execute(
-                insert(_BILLED).from_select(
-                    ["seq", "call_id", "invoice_id", "charge_e4"],
-                    select(
-                        _CALLS.c.seq, _CALLS.c.call_id, prefix + _CALLS.c.licensee_id, _CALLS.c.charge_e4
-                    ).where(*where),
-                )
-            )
-        if conn.dialect.name == "postgresql":
-            # A million new rows: give the planner their statistics now, not at
-            # autovacuum's next round (reconciliation reads them right after).
-            await conn.exec_driver_sql("ANALYZE invoice_calls")
+        await _copy_billed(conn, name, (usage_where, late_where))
     progress(4, STEPS)
     return Closed(name, False, after, through, closed_at, invoices)
 
