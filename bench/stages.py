@@ -3,14 +3,17 @@
     .venv/bin/python bench/stages.py              # 20 s of load, twice (~2 min)
     .venv/bin/python bench/stages.py -d 10 --top 25
 
-1. runs ``bench/proxy.py`` once as it is (``-r 1``): the bare proxy's and the
-   gateway's CPU per call, measured without a profiler;
-2. runs it again with the gateway's ``pdg serve`` under ``cProfile`` (this file
+1. measures CPU per call without a profiler, under the load ``bench/proxy.py``
+   uses (its processes, layout and ``wrk``): the bare proxy's, and, for the
+   gateway, each process of its group apart: the gateway itself, its
+   embedded Valkey and its ledger writer;
+2. runs ``bench/proxy.py`` (``-r 1``) with the gateway's ``pdg serve`` under ``cProfile`` (this file
    stands in for ``pdg``: ``serve`` is profiled, other commands pass through) and
    reads the profile the gateway writes when it stops;
-3. splits the profiled CPU into the stages of a call (below) and scales each
-   share to the unprofiled CPU per call. The profiler slows Python code more
-   than C code, so the split is an estimate; the total is measured. (The
+3. splits the gateway process's profiled CPU into the stages of a call
+   (below) and scales each share to that process's unprofiled CPU per call.
+   The profiler slows Python code more than C code, so the split is an
+   estimate; the totals are measured. (The
    app's cleanup contexts, suspended for the whole run, are left out: cProfile
    charges a suspended async generator with the time it waits.)
 
@@ -46,6 +49,7 @@ import cProfile  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
+import shutil  # noqa: E402
 import stat  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -53,6 +57,8 @@ from typing import Any  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+from bench import proxy  # noqa: E402
 
 #: The profile's path, for the stand-in ``pdg`` (not a PDG_ variable: the
 #: proxy benchmark drops those).
@@ -116,6 +122,82 @@ def budget(profile: Path, cpu_per_call_us: float) -> list[tuple[str, float]]:
     return [(stage, cpu_per_call_us * s / total) for stage, s in seconds.items()]
 
 
+def _member_cpu(pgid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each live process of a group, with its name."""
+    found: dict[int, tuple[str, float]] = {}
+    for pid in proxy.group_members(pgid):
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name = stat_line[stat_line.index("(") + 1 : stat_line.rindex(")")]
+        fields = stat_line[stat_line.rindex(")") + 2 :].split()
+        found[pid] = (name, (int(fields[11]) + int(fields[12])) / proxy.CLK_TCK)
+    return found
+
+
+def measure(seconds: int) -> dict[str, float]:
+    """CPU µs per call, unprofiled: the bare proxy, and the gateway's
+    process, its Valkey and its ledger writer, one load run each."""
+    procs = proxy.Processes()
+    data_dir = Path(tempfile.mkdtemp(prefix="pdg-stages-plain-"))
+    layout = proxy.plan_layout("sut-alone")
+    tool = "wrk" if shutil.which("wrk") else "python"
+    try:
+        up_port = proxy.free_port()
+        upstream = procs.start(
+            "upstream",
+            [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)],
+            layout.upstream,
+            log=data_dir / "upstream.log",
+        )
+        up_base = f"http://127.0.0.1:{up_port}"
+        if not proxy.wait_ready(up_base + "/", upstream, 30):
+            raise proxy.BenchError("the upstream did not start")
+        bare_port = proxy.free_port()
+        bare = procs.start(
+            "bare",
+            [sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_port), "--upstream", up_base],
+            layout.proxy,
+            log=data_dir / "bare.log",
+        )
+        if not proxy.wait_ready(f"http://127.0.0.1:{bare_port}/", bare, 30):
+            raise proxy.BenchError("the bare proxy did not start")
+        pdg = proxy.find_pdg(None)
+        gateway, port = proxy.start_gateway(procs, pdg, data_dir, layout.proxy, 3, 90)
+        world = proxy.provision(pdg, data_dir, f"http://127.0.0.1:{port}", up_base)
+        token = world.token()
+        urls = {
+            "bare": (f"http://127.0.0.1:{bare_port}{proxy.UPSTREAM_PREFIX}{proxy.CALL_PATH}", bare),
+            "gateway": (f"{world.base}/data/{proxy.DATASET}{proxy.CALL_PATH}", gateway),
+        }
+        own = [upstream.pid, bare.pid, gateway.pid]
+        warm = proxy.Load(tool, 64, 2, 10**9, layout, procs)
+        load = proxy.Load(tool, 64, seconds, 10**9, layout, procs)
+        out: dict[str, float] = {}
+        for name, (url, target) in urls.items():
+            warm.run(url, token, target.pid, upstream.pid, own)
+            before = _member_cpu(target.pid)
+            result = load.run(url, token, target.pid, upstream.pid, own)
+            after = _member_cpu(target.pid)
+            calls = max(1, int(result["requests"]))
+            for pid, (comm, cpu) in after.items():
+                used = 1e6 * (cpu - before.get(pid, (comm, 0.0))[1]) / calls
+                if name == "bare":
+                    part = "bare proxy"
+                elif pid == target.pid:
+                    part = "gateway"
+                elif "valkey" in comm:
+                    part = "valkey"
+                else:
+                    part = "ledger writer"
+                out[part] = out.get(part, 0.0) + used
+        return out
+    finally:
+        procs.stop_all()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def proxy_bench(pdg: str | None, seconds: int, out: Path, env: dict[str, str]) -> dict[str, Any]:
     argv = [sys.executable, str(HERE / "proxy.py"), "-r", "1", "-d", str(seconds), "-o", str(out)]
     if pdg:
@@ -133,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="pdg-stages-") as tmp:
         folder = Path(tmp)
-        plain = proxy_bench(None, opts.duration, folder / "plain.json", dict(os.environ))
+        plain = measure(opts.duration)
         wrapper = folder / "pdg"
         wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" --as-pdg "$@"\n')
         wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -141,14 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         proxy_bench(
             str(wrapper), opts.duration, folder / "profiled.json", {**os.environ, PROFILE_ENV: str(profile)}
         )
-        gateway_us = float(plain["results"]["gateway"]["proxy_cpu_us_per_request"])
-        bare_us = float(plain["results"]["bare"]["proxy_cpu_us_per_request"])
+        gateway_us, bare_us = plain["gateway"], plain["bare proxy"]
+        group_us = gateway_us + plain.get("valkey", 0.0) + plain.get("ledger writer", 0.0)
         stages = budget(profile, gateway_us)
-        table = Table("stage", "µs per call", "share")
+        table = Table("stage", "µs per call")
         for stage, us in stages:
-            table.add_row(stage, f"{us:.0f}", f"{100 * us / gateway_us:.0f} %")
-        table.add_row("gateway, measured", f"{gateway_us:.0f}", "100 %")
-        table.add_row("bare proxy, measured", f"{bare_us:.0f}", f"{100 * bare_us / gateway_us:.0f} %")
+            table.add_row(stage, f"{us:.0f}")
+        table.add_row("gateway process, measured", f"{gateway_us:.0f}")
+        table.add_row("its embedded Valkey, measured", f"{plain.get('valkey', 0.0):.0f}")
+        table.add_row("its ledger writer, measured", f"{plain.get('ledger writer', 0.0):.0f}")
+        table.add_row("the whole gateway, measured", f"{group_us:.0f}")
+        table.add_row("bare proxy, measured", f"{bare_us:.0f}")
         console.print(table)
         console.print(f"top {opts.top} functions by own time (profiled):")
         top = pstats.Stats(str(profile))
@@ -160,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.output.write_text(
             json.dumps(
                 {
-                    "gateway_cpu_us_per_call": gateway_us,
-                    "bare_cpu_us_per_call": bare_us,
+                    "measured_us": {k: round(v, 1) for k, v in plain.items()},
                     "stages_us": {stage: round(us, 1) for stage, us in stages},
                 },
                 indent=2,

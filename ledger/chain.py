@@ -24,9 +24,9 @@ Constructions (``H`` is SHA-256 or SM3, both 32-byte digests):
   and ``openssl dgst -sha256 -verify`` produce and accept).
 
 Hashing: SHA-256 goes through :mod:`hashlib` -- OpenSSL's implementation, the same
-one ``cryptography`` binds -- because a ``hashlib`` call costs well under half of
-a ``cryptography`` ``Hash`` object per small message (0.6 vs 1.5 us measured),
-and ``pdg audit verify`` must do 200,000 records/s. SM3 is not reliably in :mod:`hashlib`, so SM3 goes
+one ``cryptography`` binds -- because a ``hashlib`` call costs much less than a
+``cryptography`` ``Hash`` object per small message, and verification hashes
+every record. SM3 is not reliably in :mod:`hashlib`, so SM3 goes
 through ``cryptography``'s ``hashes.SM3`` (and is refused with a clear error when
 this OpenSSL build lacks it).
 """
@@ -88,8 +88,7 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     microseconds as six digits when non-zero, no fraction when zero
     (``2026-01-02T03:04:05.000006Z``, ``2026-01-02T03:04:05Z``) -- one spelling
     per instant. orjson's native encoder is used rather than a ``default`` hook
-    because calling back into Python per datetime cost more than the hashing and
-    kept ``pdg audit verify`` under its 200,000 records/s.
+    because calling back into Python per datetime costs more than the hashing.
 
     ``seq`` (an integer), ``time`` (an aware UTC datetime) and ``call_id`` must be
     present, so position, time and identity are all covered by the hash. Other

@@ -8,7 +8,7 @@ driver's thread and the event loop hand it to each other at every statement,
 and the writer's batches hold up calls. In a process of its own the writer
 takes a core of its own where there is one, and where there is not, the
 operating system interleaves the two more cheaply than the lock does
-(measured in ``bench/proxy.py``: the README's Performance section).
+(``bench/proxy.py`` measures it).
 
 The child of ``pdg serve`` is started with the deployment's settings (the
 embedded Valkey's address filled in, so it never starts a server of its

@@ -13,7 +13,7 @@ alone cannot show: that the last record is the one the writer's state
 read from one snapshot (``REPEATABLE READ`` on PostgreSQL, a read transaction
 on SQLite), so a gateway writing meanwhile is never mistaken for tampering. On
 PostgreSQL rows are streamed through asyncpg directly (the ORM would cost more
-than the hashing); ``pdg audit verify`` must do 200,000 records/s.
+than the hashing).
 
 Trusted keys (:mod:`ledger.audit.keys`) are the caller's: the deployment's
 ledger key file and any ``--public-key`` files. Keys stored in ``ledger_keys``

@@ -1,7 +1,7 @@
 """Verifying a large PostgreSQL ledger on several cores.
 
-One process reads the rows, then hashes them, one after the other (~7 us of
-its own CPU per record, and ~2.3 us of the PostgreSQL backend's). So a large
+One process reads the rows, then hashes them, one after the other, its own
+CPU the bound (the PostgreSQL backend's is a third of it). So a large
 ledger is cut into pieces at checkpoint boundaries, each verified on its own
 from the signed chain head of the checkpoint before it: the piece before
 closes that checkpoint itself, so together the pieces check exactly what one
