@@ -47,7 +47,7 @@ from ledger.record import REPLAY_POOL, SERVED, clip, opening, to_log, to_log_unc
 from licensing.catalogue import Grant
 from licensing.tokens import AccessClaims
 from metering.periods import Period, period_of
-from metering.quota import QuotaBatcher, QuotaStoreError, plan_reservation, pool_kind
+from metering.quota import QuotaBatcher, QuotaStoreError, Reservation, plan_reservation, pool_kind
 
 
 class _SM3:
@@ -249,17 +249,16 @@ class Call:
         is handed to the ledger writer (the hand-over of a call finished
         meanwhile finds nothing to do)."""
         charge = self.charge
-        if charge is None or charge.reservation is None or charge.done:
+        reservation = self._let_go()
+        if charge is None or reservation is None:
             await self.ctx.quota.append(self.ctx.log, to_log(record))
             return
-        charge.done = True
         charge_at, extra = 0, 0
         if served and charge.priced:
             entry, charge_at = to_log_uncharged(record)
             extra = records * charge.per_record_e4
         else:
             entry = to_log(record)
-        reservation = charge.reservation
         try:
             await self.ctx.quota.finish(
                 reservation,
@@ -276,8 +275,15 @@ class Call:
     def abandon(self) -> None:
         """The call's record or finish could not be written: leave the call
         to the ledger writer, which records it and settles or releases it."""
+        reservation = self._let_go()
+        if reservation is not None:
+            self.ctx.presence.orphan(reservation.licence_id, reservation.call_id)
+
+    def _let_go(self) -> Reservation | None:
+        """The reservation this call still holds, if any, which it holds no
+        longer: a call is finished or abandoned once."""
         charge = self.charge
         if charge is None or charge.reservation is None or charge.done:
-            return
+            return None
         charge.done = True
-        self.ctx.presence.orphan(charge.reservation.licence_id, charge.reservation.call_id)
+        return charge.reservation
