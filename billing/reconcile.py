@@ -506,7 +506,7 @@ def price_at(pricing: Pricing, position: int) -> int:
     passed (no bound: any position), else the per-call price."""
     per_call, _per_record, tiers = pricing
     for up_to, price in tiers:
-        if up_to is None or up_to == 0 or position <= up_to:
+        if up_to is None or position <= up_to:
             return price
     return per_call
 
