@@ -38,6 +38,7 @@ from gateway.state import (
     SETTINGS,
     TOKENS,
     UPSTREAM,
+    UPSTREAMS,
     Clock,
 )
 from ledger.log import Presence, live_replicas
@@ -230,6 +231,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[UPSTREAMS] = {}
     app[ACCEPTING] = [True]
     app[CLOCK] = Clock()
     app[REPLICA_ID] = new_call_id()

@@ -32,8 +32,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -47,7 +47,7 @@ from ledger.record import REPLAY_POOL, SERVED, clip, opening, to_log, to_log_unc
 from licensing.catalogue import Grant
 from licensing.tokens import AccessClaims
 from metering.periods import Period, period_of
-from metering.quota import QuotaBatcher, QuotaStoreError, Reservation, plan_reservation, pool_kind
+from metering.quota import QuotaBatcher, QuotaStoreError, Reservation, ReservationPlan, plan
 
 
 class _SM3:
@@ -73,6 +73,25 @@ class Clock(Protocol):
     def now(self) -> datetime: ...
 
 
+#: Reservation plans kept at most (a new catalogue view, or a new period,
+#: makes new ones; the old are dropped when the limit is reached).
+MAX_PLANS = 4096
+
+
+class _Memo:
+    """What calls in a row share: the current period and its bounds, and the
+    reservation plans of the current catalogue view, by licence, dataset, app
+    and purpose (the views are the catalogue's own objects: a new view's are
+    new objects, so its plans are made anew)."""
+
+    __slots__ = ("end", "period", "plans", "start")
+
+    def __init__(self) -> None:
+        self.period: Period | None = None
+        self.start = self.end = datetime.min.replace(tzinfo=UTC)
+        self.plans: dict[tuple[int, int, str, str], tuple[Grant, ReservationPlan]] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """What every call of this gateway works with, made once."""
@@ -88,6 +107,32 @@ class CallContext:
     replica_id: str
     #: The call-record log.
     log: str = LOG
+    memo: _Memo = field(default_factory=_Memo, compare=False)
+
+    def period_at(self, now: datetime) -> Period:
+        """The billing period holding ``now``."""
+        memo = self.memo
+        if memo.period is not None and memo.start <= now < memo.end:
+            return memo.period
+        period = period_of(now, self.zone)
+        memo.period, memo.start, memo.end = period, period.start, period.end
+        return period
+
+    def plan(self, grant: Grant, app_id: str, period: Period) -> ReservationPlan:
+        """The reservation plan of ``app_id``'s calls under ``grant`` in ``period``."""
+        plans = self.memo.plans
+        key = (id(grant.licence), id(grant.dataset), app_id, grant.purpose)
+        kept = plans.get(key)
+        if kept is not None:
+            held, made = kept
+            if held.licence is grant.licence and held.dataset is grant.dataset and made.period == period:
+                return made
+        made = plan(charging.terms_of(grant, app_id), period, replica=self.replica_id)
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        # The grant keeps its views alive, so their ids are not reused meanwhile.
+        plans[key] = (grant, made)
+        return made
 
 
 class Call:
@@ -113,7 +158,7 @@ class Call:
         #: When the call began, and its billing period: the reservation is
         #: judged at the same instant.
         self.now = now = ctx.clock.now()
-        self.period: Period = period_of(now, ctx.zone)
+        self.period: Period = ctx.period_at(now)
         target, sep, query = raw_path.partition("?")
         dataset = target.split("/", 3)[2] if target.count("/") >= 2 else ""
         self.written = False
@@ -163,25 +208,19 @@ class Call:
         The record so far stays with the reservation while the call is in
         flight. ``key``: the call's Idempotency-Key, bound to ``fingerprint``
         (:func:`gateway.charging.fingerprint`)."""
-        terms = charging.terms_of(grant, self.record["app_id"])
+        record = self.record
+        made = self.ctx.plan(grant, record["app_id"], self.period)
         dataset = grant.dataset
-        self.record["pool"] = kind = pool_kind(terms)
+        record["pool"] = kind = made.kind
         # The prices below and the record name the same version of the terms.
-        self.record["terms_version"] = dataset.terms_version
+        record["terms_version"] = dataset.terms_version
         if kind == "credit" and dataset.per_record_e4 and dataset.max_records_per_call is None:
             raise PaymentRequiredError(
                 f"dataset {dataset.id} prices records but sets no max_records_per_call, "
                 "so a call's worst case cannot be held against the credit limit"
             )
-        reservation = plan_reservation(
-            terms,
-            self.period,
-            self.now,
-            self.call_id,
-            key,
-            replica=self.ctx.replica_id,
-            record=opening(self.record),
-            fingerprint=fingerprint,
+        reservation = made.reservation(
+            self.now, record["call_id"], key, record=opening(record), fingerprint=fingerprint
         )
         try:
             outcome = await self.ctx.quota.reserve(reservation)

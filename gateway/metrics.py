@@ -3,6 +3,8 @@ collapse to ``unknown``) and problem codes, never raw paths or caller ids."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -37,6 +39,24 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+
+        # A label set's child, found once (``labels()`` takes a lock and
+        # checks the labels on every call).
+        self._calls: dict[tuple[str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def data_call(self, dataset: str, outcome: str) -> None:
+        """Count one data-plane call."""
+        child = self._calls.get((dataset, outcome))
+        if child is None:
+            child = self._calls[(dataset, outcome)] = self.data_calls.labels(dataset, outcome)
+        child.inc()
+
+    def data_call_seconds(self, dataset: str, seconds: float) -> None:
+        child = self._latency.get(dataset)
+        if child is None:
+            child = self._latency[dataset] = self.data_latency.labels(dataset)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

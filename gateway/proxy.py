@@ -92,9 +92,9 @@ from gateway import charging
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
-from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM
+from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
-from licensing.catalogue import Grant, check_operation
+from licensing.catalogue import DatasetView, Grant, check_operation
 from licensing.tokens import AccessClaims
 
 HOP_BY_HOP = frozenset(
@@ -136,6 +136,7 @@ _BAD_PATH = "the path may not contain dot segments, encoded slashes or control c
 #: Classification from which DESIGN §3 requires sender-constrained tokens.
 SENDER_CONSTRAINED_FROM = 3
 _WWW_AUTH = 'Bearer realm="pdg"'
+_STATUS_CLASS = tuple(f"{n}xx" for n in range(10))
 
 
 def _bearer(request: web.Request) -> str:
@@ -161,8 +162,15 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
+#: A segment of unreserved characters that does not begin with a dot: never
+#: refused (the checks below pass it), so it skips them.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+
+
 def _refused_segment(segment: str) -> bool:
     """A path segment that an upstream could read as leaving its prefix."""
+    if _PLAIN_SEGMENT.fullmatch(segment):
+        return False
     if _MALFORMED_ESCAPE.search(segment) or _OVERLONG.search(segment):
         return True
     decoded = unquote(segment)
@@ -305,7 +313,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             client_address=request.remote or "",
         )
     except GatewayError as error:
-        metrics.data_calls.labels(dataset_label, error.code).inc()
+        metrics.data_call(dataset_label, error.code)
         _with_challenge(error)
         raise
     try:
@@ -327,7 +335,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         except LedgerUnavailableError:
             raise
         except GatewayError as error:
-            metrics.data_calls.labels(dataset_label, error.code).inc()
+            metrics.data_call(dataset_label, error.code)
             refusal = render(_with_challenge(error), request)
             body = bytes(refusal.body) if isinstance(refusal.body, bytes) else b""
             upstream_status = error.extra.get("upstream_status")
@@ -356,8 +364,8 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         # The call is recorded and finished (or handed to the ledger writer):
         # cutting the connection now, which may cancel this handler, is safe.
         _abort(request)
-    metrics.data_calls.labels(dataset_label, f"{response.status // 100}xx").inc()
-    metrics.data_latency.labels(dataset_label).observe(time.perf_counter() - started)
+    metrics.data_call(dataset_label, _STATUS_CLASS[response.status // 100])
+    metrics.data_call_seconds(dataset_label, time.perf_counter() - started)
     return response
 
 
@@ -453,14 +461,13 @@ async def _forward(
     limit = settings.proxy.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
-    base = str(grant.dataset.upstream).rstrip("/")
-    url = URL(f"{base}/{rest}", encoded=True)
+    route = upstream_of(request.app, grant.dataset)
+    url = URL(f"{route.base}/{rest}", encoded=True)
     headers = _forward_headers(request, call.record["request_id"], settings.server.trusted_proxies)
-    if _metered_records(grant):
+    if route.metered:
         # Records priced or bounded are counted from the body: ask for it plain.
         headers["Accept-Encoding"] = "identity"
-    timeout_s = grant.dataset.timeout_seconds or settings.proxy.default_timeout_seconds
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    timeout_s = route.timeout_s
     exceeded = [False]
     body: bytes | AsyncIterator[bytes] | None = None
     if request.body_exists:
@@ -473,11 +480,11 @@ async def _forward(
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=timeout,
+            timeout=route.timeout,
             compress=None,
             auto_decompress=False,
         ) as upstream:
-            return await _relay(request, upstream, grant, url, charge, call)
+            return await _relay(request, upstream, grant, route, url, charge, call)
     except (RequestTooLargeError, LedgerUnavailableError):
         raise
     except TimeoutError as exc:
@@ -520,9 +527,41 @@ class Served:
     records: int
 
 
-def _metered_records(grant: Grant) -> bool:
-    """The call's records are priced or bounded, so they must be known."""
-    return grant.dataset.per_record_e4 > 0 or grant.dataset.max_records_per_call is not None
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """How calls to one dataset are forwarded and relayed, made once per
+    catalogue view of the dataset (:func:`upstream_of`)."""
+
+    dataset: DatasetView
+    #: The upstream's base URL, without its last slash.
+    base: str
+    timeout_s: float
+    timeout: aiohttp.ClientTimeout
+    #: The largest response relayed.
+    limit: int
+    #: Records are priced or bounded, so they must be known.
+    metered: bool
+    #: Records are priced.
+    priced: bool
+
+
+def upstream_of(app: web.Application, dataset: DatasetView) -> Upstream:
+    kept: Upstream | None = app[UPSTREAMS].get(dataset.id)
+    if kept is not None and kept.dataset is dataset:
+        return kept
+    proxy = app[SETTINGS].proxy
+    timeout_s = dataset.timeout_seconds or proxy.default_timeout_seconds
+    made = Upstream(
+        dataset=dataset,
+        base=str(dataset.upstream).rstrip("/"),
+        timeout_s=timeout_s,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
+        limit=dataset.max_response_bytes or proxy.max_response_bytes,
+        metered=dataset.per_record_e4 > 0 or dataset.max_records_per_call is not None,
+        priced=dataset.per_record_e4 > 0,
+    )
+    app[UPSTREAMS][dataset.id] = made
+    return made
 
 
 def _declared_records(upstream: aiohttp.ClientResponse) -> int | None:
@@ -534,6 +573,7 @@ async def _relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     grant: Grant,
+    route: Upstream,
     url: URL,
     charge: charging.Charge,
     call: Call,
@@ -568,11 +608,12 @@ async def _relay(
             continue
         response.headers.add(name, value)
     dataset = grant.dataset
-    limit = dataset.max_response_bytes or request.app[SETTINGS].proxy.max_response_bytes
-    if upstream.content_length is not None and upstream.content_length > limit:
+    limit = route.limit
+    # Content-Length parsed once (the property parses the header each time).
+    expected = upstream.content_length
+    if expected is not None and expected > limit:
         raise UpstreamUnavailableError(
-            f"upstream of {dataset.id} announced {upstream.content_length} bytes; "
-            f"at most {limit} are relayed",
+            f"upstream of {dataset.id} announced {expected} bytes; at most {limit} are relayed",
             upstream_status=status,
         )
     declared = _declared_records(upstream)
@@ -586,15 +627,15 @@ async def _relay(
     relayed = charging.kept_headers(response.headers.items()) if charge.keeps_response else []
     response.headers["X-Call-Id"] = call.record["call_id"]
     response.headers.update(charge.headers)
-    if upstream.content_length is not None and "Content-Encoding" not in upstream.headers:
-        response.content_length = upstream.content_length
-    elif upstream.content_length is not None:
-        response.headers["Content-Length"] = str(upstream.content_length)
+    if expected is not None and "Content-Encoding" not in upstream.headers:
+        response.content_length = expected
+    elif expected is not None:
+        response.headers["Content-Length"] = str(expected)
     # Records are counted as the body streams when the upstream does not say
     # and the body is JSON, or records are priced or bounded. An encoded body
     # (gzip, ...: sent although plain was asked for) cannot be counted: where
     # records are metered, it is refused rather than served uncounted.
-    metered = _metered_records(grant)
+    metered = route.metered
     encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
     encoded = encoding not in ("", "identity")
     counter = (
@@ -607,9 +648,9 @@ async def _relay(
     uncountable = declared is None and encoded and metered
     # Priced records must be counted: a body that turns out not to be JSON
     # (a CSV asked for with Accept, say) is refused, or cut, never served free.
-    priced = dataset.per_record_e4 > 0
+    priced = route.priced
     # The body kept for the retries of an idempotent call, if small enough.
-    keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes
+    keep_max = request.app[SETTINGS].proxy.idempotent_response_max_bytes if charge.keeps_response else 0
     stored: list[bytes] | None = [] if charge.keeps_response else None
     digest = call.new_digest()
     size = 0
@@ -618,12 +659,10 @@ async def _relay(
     # (a small body's only chunk: then headers and body leave together, in
     # one write), else the end of the chunked body (write_eof); an empty
     # body's headers. Everything before streams as it comes.
-    expected = upstream.content_length
     held = b""
+    content = upstream.content
     try:
-        async for chunk in upstream.content.iter_any():
-            if not chunk:
-                continue
+        while chunk := await content.readany():
             over = None
             if uncountable:
                 over = f"the response of {dataset.id} is {encoding[:32]}-encoded without X-Record-Count"
@@ -662,9 +701,7 @@ async def _relay(
     records = declared if declared is not None else counter.result() if counter is not None else 0
     if stored is not None:
         charge.keep(
-            charging.KeptResponse(
-                status, upstream.reason or "", relayed, upstream.content_length, records, b"".join(stored)
-            )
+            charging.KeptResponse(status, upstream.reason or "", relayed, expected, records, b"".join(stored))
         )
     try:
         await call.finish(

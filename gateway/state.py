@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -52,6 +53,8 @@ TOKENS = web.AppKey("tokens", TokenService)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
+#: How calls to each dataset are forwarded (``gateway.proxy.upstream_of``), by dataset id.
+UPSTREAMS: web.AppKey[dict[str, Any]] = web.AppKey("upstreams")
 #: What every data call works with (``gateway.call``), made once.
 CALLS = web.AppKey("calls", CallContext)
 #: False once shutdown begins, so readiness fails before connections drain.

@@ -206,10 +206,11 @@ def check_operation(grant: Grant, method: str, path: str) -> None:
     also none. ``stations/`` (a trailing empty segment) is not ``stations``.
     """
     dataset, licence = grant.dataset, grant.licence
-    segments = tuple(unquote(s) for s in path.split("/")) if path else ()
+    granted = licence.paths.get(dataset.id)
+    if dataset.paths or granted is not None:
+        segments = tuple(unquote(s) for s in path.split("/")) if path else ()
     if dataset.paths and not any(path_matches(p, segments) for p in dataset.paths):
         raise UnknownOperationError(f"dataset {dataset.id} serves no operation at /{path[:200]}")
-    granted = licence.paths.get(dataset.id)
     if granted is not None and not any(path_matches(p, segments) for p in granted):
         raise UnknownOperationError(
             f"licence {licence.id} grants no operation of dataset {dataset.id} at /{path[:200]}"

@@ -13,8 +13,15 @@ def new_id(prefix: str) -> str:
 
 
 def new_call_id() -> str:
-    """A UUIDv7 (RFC 9562): time-ordered, so call ids sort by arrival."""
-    return uuid7(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10), "big"))
+    """A UUIDv7 (RFC 9562): time-ordered, so call ids sort by arrival.
+    (:func:`uuid7`'s layout, built from bytes: one per data call.)"""
+    rand = os.urandom(10)
+    h = (
+        (time.time_ns() // 1_000_000 & 0xFFFFFFFFFFFF).to_bytes(6, "big")
+        + bytes((0x70 | rand[0] & 0x0F, rand[1], 0x80 | rand[2] & 0x3F))
+        + rand[3:]
+    ).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def uuid7(ms: int, rand: int) -> str:

@@ -215,6 +215,133 @@ def pool_kind(terms: Terms) -> str:
     return "none"
 
 
+@dataclass(frozen=True, slots=True)
+class ReservationPlan:
+    """What every reservation of one app's calls to one dataset under one
+    licence in one period shares: keys, script arguments and prices, made
+    once (:func:`plan`) and used for each call (:meth:`reservation`)."""
+
+    licence_id: str
+    period: Period
+    #: The period's bounds (UTC): a reservation is planned within them.
+    start: datetime
+    end: datetime
+    kind: str
+    limit: int
+    name: str
+    window_seconds: int | None
+    keys: tuple[str, str, str, str, str]
+    #: The script's arguments before the call's own (interval, tolerance, kind, limit).
+    head: tuple[Any, ...]
+    per_call_e4: int
+    worst_records_e4: int
+    tiers: tuple[int, ...]
+    burst_capacity: int
+    burst_window: float
+    prices: str
+    app_id: str
+    replica: str
+    #: The in-flight marker of a call without an Idempotency-Key, before its record.
+    marker_head: bytes
+
+    def covers(self, now: datetime) -> bool:
+        return self.start <= now < self.end
+
+    def reservation(
+        self,
+        now: datetime,
+        call_id: str,
+        idempotency_key: str | None,
+        *,
+        record: bytes = b"[]",
+        fingerprint: str = "",
+    ) -> Reservation:
+        """The reservation of one call at ``now`` (within the period)."""
+        idempotent = idempotency_key is not None
+        keys = self.keys
+        if idempotent:
+            idem_key = LicenceKeys(self.licence_id).idempotency(self.app_id, idempotency_key)
+            keys = (*keys[:3], idem_key, keys[4])
+            entry = inflight.marker(self.replica, self.kind, True, *keys[1:4], record)
+        else:
+            entry = self.marker_head + record
+        reset = max(1, int((self.end - now).total_seconds() + 0.999999)) if self.window_seconds else None
+        pool = Pool(self.kind, self.limit, keys[1], self.name, self.window_seconds, reset)
+        args = (
+            *self.head,
+            call_id,
+            1 if idempotent else 0,
+            self.per_call_e4,
+            entry,
+            fingerprint if idempotent else "",
+            self.worst_records_e4,
+            *self.tiers,
+        )
+        return Reservation(
+            self.licence_id,
+            call_id,
+            keys,
+            args,
+            pool,
+            self.burst_capacity,
+            self.burst_window,
+            idempotent,
+            self.prices,
+        )
+
+
+def plan(terms: Terms, period: Period, *, replica: str = "-") -> ReservationPlan:
+    """The :class:`ReservationPlan` of calls on ``terms`` in ``period``,
+    served by ``replica``."""
+    k = LicenceKeys(terms.licence_id)
+    start, end = period.start, period.end
+    window = int((end - start).total_seconds())
+    kind = pool_kind(terms)
+    if kind == "free":
+        limit, counter, name, windowed = terms.free_limit, k.free(terms.dataset_id, period), "free", True
+    elif kind == "prepaid":
+        limit, counter, name, windowed = terms.prepaid_calls or 0, k.prepaid(), "paid", False
+    elif kind == "credit":
+        limit, counter, name, windowed = (terms.credit_limit_fen or 0) * 10000, k.credit(period), "paid", True
+    else:
+        limit, counter, name, windowed = 0, k.no_paid_terms(), "paid", False
+    keys = (
+        k.burst(terms.app_id, terms.dataset_id),
+        counter,
+        k.paid_calls(terms.dataset_id, period),
+        k.idempotency(terms.app_id, None),
+        k.inflight(),
+    )
+    interval_us = max(1, int(1_000_000 / terms.burst_per_second))
+    tiers: list[int] = []
+    for up_to, price in terms.tiers:
+        tiers.extend((up_to or 0, price))
+    prices = ""
+    if kind in ("prepaid", "credit"):
+        prices = ";".join((str(terms.per_call_e4), *(f"{u or 0}:{p}" for u, p in terms.tiers)))
+    return ReservationPlan(
+        licence_id=terms.licence_id,
+        period=period,
+        start=start,
+        end=end,
+        kind=kind,
+        limit=limit,
+        name=name,
+        window_seconds=window if windowed else None,
+        keys=keys,
+        head=(interval_us, interval_us * terms.burst_capacity, kind, limit),
+        per_call_e4=terms.per_call_e4,
+        worst_records_e4=terms.worst_records_e4,
+        tiers=tuple(tiers),
+        burst_capacity=terms.burst_capacity,
+        burst_window=terms.burst_capacity / terms.burst_per_second,
+        prices=prices,
+        app_id=terms.app_id,
+        replica=replica,
+        marker_head=inflight.marker(replica, kind, False, *keys[1:4], b""),
+    )
+
+
 def plan_reservation(
     terms: Terms,
     period: Period,
@@ -234,56 +361,8 @@ def plan_reservation(
 
     With an ``idempotency_key``, ``fingerprint`` names the request (method,
     path, query and body digest): the key is bound to it."""
-    k = LicenceKeys(terms.licence_id)
-    reset = period.seconds_left(now)
-    window = int((period.end - period.start).total_seconds())
-    kind = pool_kind(terms)
-    if kind == "free":
-        pool = Pool("free", terms.free_limit, k.free(terms.dataset_id, period), "free", window, reset)
-    elif kind == "prepaid":
-        pool = Pool("prepaid", terms.prepaid_calls or 0, k.prepaid(), "paid", None, None)
-    elif kind == "credit":
-        pool = Pool("credit", (terms.credit_limit_fen or 0) * 10000, k.credit(period), "paid", window, reset)
-    else:
-        pool = Pool("none", 0, k.no_paid_terms(), "paid", None, None)
-    keys = (
-        k.burst(terms.app_id, terms.dataset_id),
-        pool.counter_key,
-        k.paid_calls(terms.dataset_id, period),
-        k.idempotency(terms.app_id, idempotency_key),
-        k.inflight(),
-    )
-    entry = inflight.marker(replica, pool.kind, idempotency_key is not None, *keys[1:4], record)
-    interval_us = max(1, int(1_000_000 / terms.burst_per_second))
-    tiers: list[int] = []
-    for up_to, price in terms.tiers:
-        tiers.extend((up_to or 0, price))
-    args = (
-        interval_us,
-        interval_us * terms.burst_capacity,
-        pool.kind,
-        pool.limit,
-        call_id,
-        1 if idempotency_key else 0,
-        terms.per_call_e4,
-        entry,
-        fingerprint if idempotency_key else "",
-        terms.worst_records_e4,
-        *tiers,
-    )
-    prices = ""
-    if pool.kind in ("prepaid", "credit"):
-        prices = ";".join((str(terms.per_call_e4), *(f"{u or 0}:{p}" for u, p in terms.tiers)))
-    return Reservation(
-        terms.licence_id,
-        call_id,
-        keys,
-        args,
-        pool,
-        terms.burst_capacity,
-        terms.burst_capacity / terms.burst_per_second,
-        idempotency_key is not None,
-        prices,
+    return plan(terms, period, replica=replica).reservation(
+        now, call_id, idempotency_key, record=record, fingerprint=fingerprint
     )
 
 
@@ -445,12 +524,13 @@ class QuotaBatcher:
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
-        status, a, b = (int(x) for x in result[:3])
+        status = int(result[0])
         if status == RATE_LIMITED:
-            return Outcome(status, 0, 0, retry_after_ms=a)
-        first = bytes(result[4]).decode() if len(result) > 4 else ""
+            return Outcome(status, 0, 0, retry_after_ms=int(result[1]))
+        if len(result) <= 4:
+            return Outcome(status, int(result[1]), int(result[2]))
         response = bytes(result[5]) if len(result) > 5 else None
-        return Outcome(status, a, b, first_call_id=first, response=response)
+        return Outcome(status, int(result[1]), int(result[2]), 0, bytes(result[4]).decode(), response)
 
     async def finish(
         self,

@@ -203,7 +203,8 @@ async def execute_raw(client: aioredis.Redis, commands: Sequence[Sequence[Any]])
     :class:`ResponseError`. Bound the call with ``asyncio.timeout``: on any
     failure or cancellation the connection is dropped, never reused with
     replies unread."""
-    packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+    pack = hiredis.pack_command
+    packed = b"".join([pack(command if type(command) is tuple else tuple(command)) for command in commands])
     pool = client.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
