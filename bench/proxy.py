@@ -375,12 +375,17 @@ def find_pdg(explicit: str | None) -> str:
 #: Settings given to the gateway (``--set NAME=VALUE``), e.g. the ledger
 #: writer moved out of the gateway's process.
 GATEWAY_SETTINGS: dict[str, str] = {}
+#: Settings for the ``--against`` gateway only, over those (``--against-set``),
+#: e.g. ``PDG_WORKERS=1`` against a gateway run with ``--set PDG_WORKERS=2``.
+AGAINST_SETTINGS: dict[str, str] = {}
 
 
-def gateway_env(data_dir: Path) -> dict[str, str]:
+def gateway_env(data_dir: Path, name: str = "gateway") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDG_")}
     env["PDG_DATA_DIR"] = str(data_dir)
     env.update(GATEWAY_SETTINGS)
+    if name == "against":
+        env.update(AGAINST_SETTINGS)
     return env
 
 
@@ -405,7 +410,7 @@ def start_gateway(
     for attempt in range(1, attempts + 1):
         port = free_port()
         argv = [pdg, "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
-        proc = procs.start(name, argv, cpus, log=log, env=gateway_env(data_dir))
+        proc = procs.start(name, argv, cpus, log=log, env=gateway_env(data_dir, name))
         if wait_ready(f"http://127.0.0.1:{port}/healthz", proc, timeout):
             return proc, port
         console.print(
@@ -851,6 +856,7 @@ class Options:
     keep_data: bool
     settings: tuple[str, ...] = ()
     against: str | None = None
+    against_settings: tuple[str, ...] = ()
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -904,6 +910,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         metavar="PDG_NAME=VALUE",
         help="a setting for the gateway (repeatable), e.g. PDG_LEDGER_RUN_WRITER=false",
     )
+    parser.add_argument(
+        "--against-set",
+        action="append",
+        default=[],
+        metavar="PDG_NAME=VALUE",
+        help="a setting for the --against gateway only, over --set (repeatable), e.g. PDG_WORKERS=1",
+    )
     a = parser.parse_args(argv)
     duration = a.duration if a.duration is not None else (3 if a.quick else 10)
     runs = a.runs if a.runs is not None else (1 if a.quick else 3)
@@ -934,6 +947,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         keep_data=a.keep_data,
         settings=tuple(a.set),
         against=a.against,
+        against_settings=tuple(a.against_set),
     )
 
 
@@ -1047,6 +1061,8 @@ def bench(opts: Options, procs: Processes, data_dir: Path) -> dict[str, Any]:
             "uvloop": has_uvloop(),
             "gateway_url": targets["gateway"][0],
             "bare_url": targets["bare"][0],
+            "gateway_settings": dict(GATEWAY_SETTINGS),
+            "against_settings": {**GATEWAY_SETTINGS, **AGAINST_SETTINGS},
         },
         "pinning": {**layout.describe(), "text": layout.text()},
         "source": source_facts(pdg),
@@ -1071,11 +1087,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    for item in opts.settings:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("PDG_"):
-            raise SystemExit(f"bench: --set takes PDG_NAME=VALUE, not {item!r}")
-        GATEWAY_SETTINGS[name] = value
+    for items, into in ((opts.settings, GATEWAY_SETTINGS), (opts.against_settings, AGAINST_SETTINGS)):
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name.startswith("PDG_"):
+                raise SystemExit(f"bench: --set and --against-set take PDG_NAME=VALUE, not {item!r}")
+            into[name] = value
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _raise_interrupt)
     with contextlib.suppress(AttributeError):
