@@ -223,8 +223,7 @@ class ReservationPlan:
 
     licence_id: str
     period: Period
-    #: The period's bounds (UTC): a reservation is planned within them.
-    start: datetime
+    #: The period's end (UTC): a reservation's reset is counted to it.
     end: datetime
     kind: str
     limit: int
@@ -243,9 +242,6 @@ class ReservationPlan:
     replica: str
     #: The in-flight marker of a call without an Idempotency-Key, before its record.
     marker_head: bytes
-
-    def covers(self, now: datetime) -> bool:
-        return self.start <= now < self.end
 
     def reservation(
         self,
@@ -322,7 +318,6 @@ def plan(terms: Terms, period: Period, *, replica: str = "-") -> ReservationPlan
     return ReservationPlan(
         licence_id=terms.licence_id,
         period=period,
-        start=start,
         end=end,
         kind=kind,
         limit=limit,
