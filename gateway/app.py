@@ -90,6 +90,8 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         app[REPLICA_ID],
         timeout=settings.ledger.replica_timeout_seconds,
         max_backlog=settings.ledger.max_backlog,
+        # Its heartbeat reads the server's clock for the reservations' deadlines.
+        clock=app[QUOTA].clock,
     )
     app[PRESENCE] = presence
     app[CALLS] = CallContext(

@@ -225,6 +225,9 @@ class Call:
         try:
             outcome = await self.ctx.quota.reserve(reservation)
         except QuotaStoreError as exc:
+            # The store may yet have made it (its answer lost, or late): the
+            # ledger writer releases whatever is held for this call id.
+            self.ctx.presence.orphan(reservation.licence_id, reservation.call_id)
             raise QuotaUnavailableError(
                 "the quota store cannot be reached; nothing was forwarded", headers={"Retry-After": "1"}
             ) from exc

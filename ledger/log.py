@@ -33,7 +33,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from core.errors import LedgerUnavailableError
 from metering import inflight
-from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.redis import COMMAND_TIMEOUT, RedisClient, ServerClock
 from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _BEAT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-return redis.call('XLEN', KEYS[2])
+return {redis.call('XLEN', KEYS[2]), t[1], t[2]}
 """
 _LIVE = """
 local t = redis.call('TIME')
@@ -63,8 +63,18 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 class Presence:
     """This replica in the log's eyes: its heartbeat and the backlog."""
 
-    def __init__(self, client: RedisClient, replica_id: str, *, timeout: float, max_backlog: int) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        replica_id: str,
+        *,
+        timeout: float,
+        max_backlog: int,
+        clock: ServerClock | None = None,
+    ) -> None:
         self.client = client
+        #: The server's clock, read at every heartbeat.
+        self.clock = clock or ServerClock()
         self.replica_id = replica_id
         self.timeout = timeout
         self.beat_seconds = min(BEAT_SECONDS, timeout / 9)
@@ -84,18 +94,22 @@ class Presence:
     async def beat(self) -> None:
         """Announce this replica and read the backlog, or raise."""
         async with asyncio.timeout(COMMAND_TIMEOUT):
-            backlog = await self.client.eval(
+            backlog, seconds, microseconds = await self.client.eval(
                 _BEAT, 2, REPLICAS, LOG, self.replica_id, int(self.timeout * 1000)
             )
+        self.clock.sample(int(seconds), int(microseconds))
         if not self.fresh:
             self.epoch += 1
         self.backlog = int(backlog)
         self._heard = time.monotonic()
 
     def orphan(self, licence_id: str, call_id: str) -> None:
-        """A reserved call whose record or finish could not be written (the
-        log unreachable): hand it to the ledger writer, which records it
-        (unless its record did land) and settles or releases it by that."""
+        """A call whose record or finish could not be written (the log
+        unreachable), or whose reservation was never answered: hand it to the
+        ledger writer, which records it (unless its record did land) and
+        settles or releases it by that. A call the store holds nothing for
+        is left alone (a reservation the store gets to later is refused by
+        its deadline, ``metering.quota``)."""
         self._orphans.append((licence_id, call_id))
 
     async def _hand_over(self) -> None:

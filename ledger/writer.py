@@ -421,8 +421,10 @@ class LedgerWriter:
                     paid,
                     idem,
                     inflight.key(u.licence_id),
-                    1,
-                    0,
+                    1,  # one call,
+                    0,  # no log,
+                    0,  # no deadline,
+                    0,  # no record alone
                     action,
                     extra,
                     u.kind,

@@ -30,6 +30,15 @@ release) and call-record appends of all calls in flight are sent together,
 one pipeline per event-loop turn (``QuotaBatcher``), each kind as one script
 run for the whole batch on a single server.
 
+Every run carries a deadline in the server's time (``storage.redis.ServerClock``,
+kept by the replica's heartbeat), half a second short of the time its caller
+waits (``COMMAND_TIMEOUT``): a server that stalls and then resumes does
+nothing for the calls that stopped waiting (they were answered 503). A call
+whose reservation or finish was not answered is handed to the ledger writer
+by its call id (``ledger.log.Presence.orphan``): whatever the server made of
+it before the deadline is released (or settled, if its record says served),
+so counters always equal the served calls.
+
 A reservation enters the call in its licence's in-flight hash in the same
 script run that counts it, with the cost it took and a marker (the replica,
 the keys, the record so far); the finish removes it in the run that settles
@@ -62,12 +71,18 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from ledger.record import with_charge
 from metering import inflight
 from metering.periods import Period
-from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
+from storage.redis import COMMAND_TIMEOUT, RedisClient, ServerClock, execute_raw
 
 RESERVED, RATE_LIMITED, EXHAUSTED, REPLAYED, IN_FLIGHT = 0, 1, 2, 3, 4
 #: The Idempotency-Key was first used for another request; a retry of a
 #: served call whose response was not kept (``reserve.lua``).
 IDEMPOTENCY_MISMATCH, NOT_KEPT = 5, 6
+#: The script ran past the reservation's deadline: it did nothing
+#: (``reserve.lua``); a finish or append past its deadline (``finish.lua``).
+LATE, PAST_DEADLINE = 7, -2
+#: A reservation must be made this long before its caller stops waiting
+#: (``COMMAND_TIMEOUT`` after its batch is sent), in the server's time.
+DEADLINE_MARGIN = 0.5
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
 #: come back and then go together: an idle gateway sends each call at once,
 #: a busy one sends larger batches (group commit), so the cost per call falls
@@ -374,10 +389,9 @@ class _Pending:
 @dataclass(frozen=True, slots=True)
 class _Command:
     args: tuple[Any, ...]
-    #: Indexes of the batch's calls this run answers.
+    #: Indexes of the batch's calls this run answers, in the order of its
+    #: reply (a list, one answer per call).
     answers: list[int]
-    #: The reply is a list, one answer per call (a run of reservations).
-    many: bool
 
 
 class QuotaBatcher:
@@ -385,8 +399,13 @@ class QuotaBatcher:
     event-loop turn. A Redis failure fails every call of the batch (fail
     closed); the next batch tries again on a fresh connection."""
 
-    def __init__(self, client: RedisClient, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, scripts: Scripts | None = None, *, clock: ServerClock | None = None
+    ) -> None:
         self.client = client
+        #: The server's clock (kept by the replica's heartbeat): reservations
+        #: carry a deadline in it.
+        self.clock = clock or ServerClock()
         self._cluster = isinstance(client, aioredis.RedisCluster)
         self.scripts = scripts or Scripts()
         self._pending: list[_Pending] = []
@@ -420,42 +439,49 @@ class QuotaBatcher:
         # Calls that arrived while the batches were in flight go now, together.
         self._schedule(asyncio.get_running_loop())
 
-    def _commands(self, batch: Sequence[_Pending], *, one_per_call: bool) -> list[_Command]:
-        """The commands that answer ``batch``: all its reservations in one
-        script run, all its finishes in another, with the records they append
-        (or, on a Cluster, one run per call: a run's keys share one slot), and
-        an ``XADD`` per record appended on its own."""
+    def _commands(self, batch: Sequence[_Pending], *, one_per_call: bool, deadline: int) -> list[_Command]:
+        """The script runs that answer ``batch``: all its reservations in one
+        run; all its finishes in another, with the records they append and the
+        records appended alone, one run per log. On a Cluster a run's keys
+        share one slot: one run per reservation and per finish, and the
+        records appended alone in one run per log. No run does anything past
+        ``deadline`` (server time, µs; 0: none)."""
         sha = self.scripts.sha
         commands = []
-        for script in self.scripts.names:
-            calls = [i for i, item in enumerate(batch) if item.script == script]
-            if one_per_call:
-                groups = [[i] for i in calls]
-            else:
-                by_log: dict[str | None, list[int]] = {}
-                for i in calls:
-                    by_log.setdefault(batch[i].log, []).append(i)
-                groups = list(by_log.values())
-            for group in groups:
-                log = batch[group[0]].log
-                keys = [key for i in group for key in batch[i].keys]
-                args: list[Any] = [len(group)]
-                if script == "finish":
-                    args.append(1 if log else 0)
-                    keys = [log, *keys] if log else keys
-                for i in group:
-                    # A reservation's argument count varies with its tiers.
-                    args += [len(batch[i].args), *batch[i].args] if script == "reserve" else batch[i].args
-                commands.append(_Command(("EVALSHA", sha[script], len(keys), *keys, *args), group, True))
+        reserves = [i for i, item in enumerate(batch) if item.script == "reserve"]
+        for group in [[i] for i in reserves] if one_per_call else [reserves] if reserves else []:
+            keys = [key for i in group for key in batch[i].keys]
+            args: list[Any] = [len(group), deadline]
+            for i in group:
+                # A reservation's argument count varies with its tiers.
+                args += [len(batch[i].args), *batch[i].args]
+            commands.append(_Command(("EVALSHA", sha["reserve"], len(keys), *keys, *args), group))
+        # By log: (finishes, records appended alone); a finish without a log
+        # appends nothing.
+        runs: dict[str | None, tuple[list[int], list[int]]] = {}
         for i, item in enumerate(batch):
-            if item.script == "append":
-                commands.append(_Command(("XADD", item.keys[0], "*", "r", *item.args), [i], False))
+            if item.script == "finish":
+                if one_per_call:
+                    runs[f"#{i}"] = ([i], [])
+                else:
+                    runs.setdefault(item.log, ([], []))[0].append(i)
+            elif item.script == "append":
+                runs.setdefault(item.keys[0], ([], []))[1].append(i)
+        for finishes, alone in runs.values():
+            log = batch[finishes[0]].log if finishes else batch[alone[0]].keys[0]
+            keys = [] if log is None else [log]
+            args = [len(finishes), 0 if log is None else 1, deadline, len(alone)]
+            args += [batch[i].args[0] for i in alone]
+            for i in finishes:
+                keys += batch[i].keys
+                args += batch[i].args
+            commands.append(_Command(("EVALSHA", sha["finish"], len(keys), *keys, *args), finishes + alone))
         return commands
 
-    async def _execute(self, batch: Sequence[_Pending]) -> list[Any]:
+    async def _execute(self, batch: Sequence[_Pending], deadline: int) -> list[Any]:
         """One answer per call of ``batch``, in order (an exception for a call
         whose script failed)."""
-        commands = self._commands(batch, one_per_call=self._cluster)
+        commands = self._commands(batch, one_per_call=self._cluster, deadline=deadline)
         if isinstance(self.client, aioredis.RedisCluster):
             # The Cluster client routes each run to the node of its slot.
             pipe = self.client.pipeline(transaction=False)
@@ -466,7 +492,7 @@ class QuotaBatcher:
             replies = await execute_raw(self.client, [command.args for command in commands])
         answers: list[Any] = [None] * len(batch)
         for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, Exception) or not command.many:
+            if isinstance(reply, Exception):
                 for i in command.answers:
                     answers[i] = reply
             else:
@@ -481,15 +507,23 @@ class QuotaBatcher:
                 item.future.set_exception(error)
 
     async def _send(self, batch: list[_Pending]) -> None:
+        # Whatever the server gets to after the batch stopped waiting must not
+        # count: a reservation nobody is told of would never be given back.
+        # So a reservation is refused by the script past a deadline short of
+        # the wait, in the server's time; and a call whose reservation was
+        # never answered is handed to the ledger writer by its call id
+        # (``gateway.call``), which releases what did land before it.
+        server_now = self.clock.now_us()
+        deadline = 0 if server_now is None else server_now + int((COMMAND_TIMEOUT - DEADLINE_MARGIN) * 1e6)
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self._send_within(batch)
+                await self._send_within(batch, deadline)
         except TimeoutError:
             self._fail(batch, QuotaStoreError("quota store did not answer in time"))
 
-    async def _send_within(self, batch: list[_Pending]) -> None:
+    async def _send_within(self, batch: list[_Pending], deadline: int) -> None:
         try:
-            results = await self._execute(batch)
+            results = await self._execute(batch, deadline)
             if any(isinstance(r, NoScriptError) for r in results):
                 # A restarted (or new) server, or a Cluster primary that
                 # never saw the scripts (a failover, a new node): load them on
@@ -497,7 +531,7 @@ class QuotaBatcher:
                 # are idempotent per call id.
                 await self.scripts.load(self.client)
                 retry = [item for item, r in zip(batch, results, strict=True) if isinstance(r, NoScriptError)]
-                again = iter(await self._execute(retry))
+                again = iter(await self._execute(retry, deadline))
                 results = [next(again) if isinstance(r, NoScriptError) else r for r in results]
         except (RedisError, RedisClusterException, OSError) as exc:
             # RedisClusterException is no RedisError (a slot no node owns, a
@@ -514,12 +548,18 @@ class QuotaBatcher:
                 continue
             if isinstance(result, Exception):
                 item.future.set_exception(QuotaStoreError(f"quota script failed: {result}"))
+            elif result == PAST_DEADLINE:
+                item.future.set_exception(
+                    QuotaStoreError("the quota store got to the call past its deadline")
+                )
             else:
                 item.future.set_result(result)
 
     async def reserve(self, reservation: Reservation) -> Outcome:
         result = await self._submit("reserve", reservation.keys, reservation.args)
         status = int(result[0])
+        if status == LATE:
+            raise QuotaStoreError("the quota store got to the reservation past its deadline")
         if status == RATE_LIMITED:
             return Outcome(status, 0, 0, retry_after_ms=int(result[1]))
         if len(result) <= 4:
@@ -605,11 +645,10 @@ class QuotaBatcher:
     async def release(self, reservation: Reservation) -> bool:
         return await self.finish(reservation, "release")
 
-    async def append(self, stream: str, data: bytes) -> bytes:
-        """Append ``data`` to the stream (the call-record log); the answer is
-        its entry id, once the server has it."""
-        result = await self._submit("append", (stream,), (data,))
-        return bytes(result) if not isinstance(result, bytes) else result
+    async def append(self, stream: str, data: bytes) -> None:
+        """Append ``data`` to the stream (the call-record log); returns once
+        the server has it."""
+        await self._submit("append", (stream,), (data,))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -11,10 +11,12 @@ second one; a server left behind by a killed gateway is adopted the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,34 @@ def _cluster_url_problem(url: str) -> str | None:
 #: cancelled -- a background loop being stopped, or a caller's own
 #: ``asyncio.timeout`` firing -- would carry on as if nothing had happened.
 COMMAND_TIMEOUT = 2.0
+
+
+class ServerClock:
+    """The Redis server's clock as this process can know it: the server's
+    time (read by a script, ``TIME``) minus this process's monotonic clock
+    when the answer arrived. An answer arrives after the server read its
+    clock, so every sample is at most the true offset; the largest of the
+    last few is kept (a late answer only lowers its own sample).
+
+    A reservation carries a deadline in server time (``metering.quota``): a
+    script run that the server gets to after the caller gave up does no work.
+    Erring low makes the deadline earlier, never later."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, window: int = 16) -> None:
+        self._samples: collections.deque[int] = collections.deque(maxlen=window)
+
+    def sample(self, seconds: int, microseconds: int) -> None:
+        """The server's ``TIME``, read in an answer that has just arrived."""
+        self._samples.append(seconds * 1_000_000 + microseconds - time.monotonic_ns() // 1000)
+
+    def now_us(self) -> int | None:
+        """The server's time now, in microseconds since the epoch (``None``:
+        never heard from)."""
+        if not self._samples:
+            return None
+        return time.monotonic_ns() // 1000 + max(self._samples)
 
 
 def connect(url: str, *, cluster: bool = False) -> RedisClient:

