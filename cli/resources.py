@@ -239,6 +239,7 @@ def _dataset_payload(args: argparse.Namespace) -> dict[str, Any]:
             "free_monthly_calls": "free_monthly_calls",
             "split": "revenue_split",
             "timeout": "timeout_seconds",
+            "idle_timeout": "idle_timeout_seconds",
             "description": "description",
             "method": "methods",
             "path": "paths",
@@ -623,7 +624,8 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("--split", type=_split, help="revenue split PROVIDER,OPERATOR,PUBLIC_FUND")
         p.add_argument("--burst-per-second", type=float)
         p.add_argument("--burst-capacity", type=int)
-        p.add_argument("--timeout", type=float, help="upstream timeout in seconds")
+        p.add_argument("--timeout", type=float, help="a call's whole time upstream, in seconds")
+        p.add_argument("--idle-timeout", type=float, help="the longest silence of the upstream, in seconds")
         p.add_argument("--description")
         _operation_flags(p, "the dataset serves")
         p.add_argument("--max-response-bytes", type=int, help="largest response relayed")

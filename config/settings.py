@@ -84,8 +84,14 @@ class ProxySettings(_Section):
     #: chunks, one byte per bracket still open below the top level, at most
     #: this many; a body that would need more counts no records.
     max_counted_depth: int = Field(1024, ge=2, le=65536)
-    #: Upstream timeout when a dataset sets none.
+    #: A call's whole time upstream when a dataset sets none: from forwarding
+    #: to the response's last byte relayed (connecting, the upstream's answer,
+    #: a body that trickles, a caller that reads slowly).
     default_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    #: The longest silence of the upstream (connecting, before the answer,
+    #: between two chunks) when a dataset sets none; never more than the
+    #: call's whole time.
+    default_idle_timeout_seconds: float = Field(10.0, gt=0, le=600)
     #: Connection pool size towards all upstreams.
     pool_size: int = Field(200, ge=1, le=10000)
 
@@ -231,6 +237,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_MAX_RESPONSE_BYTES": "proxy.max_response_bytes",
     "PDG_MAX_COUNTED_DEPTH": "proxy.max_counted_depth",
     "PDG_UPSTREAM_TIMEOUT_SECONDS": "proxy.default_timeout_seconds",
+    "PDG_UPSTREAM_IDLE_TIMEOUT_SECONDS": "proxy.default_idle_timeout_seconds",
     "PDG_UPSTREAM_POOL_SIZE": "proxy.pool_size",
     "PDG_LEDGER_HASH_ALGORITHM": "ledger.hash_algorithm",
     "PDG_LEDGER_CHECKPOINT_RECORDS": "ledger.checkpoint_records",

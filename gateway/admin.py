@@ -69,7 +69,7 @@ def _own(principal: AdminPrincipal, licensee_id: str, what: str) -> None:
 
 #: What a licensee-scoped token is not shown of a dataset (DESIGN §3): the
 #: upstream it would otherwise call around the gateway, and how it is reached.
-_INTERNAL_DATASET_FIELDS = ("upstream_url", "timeout_seconds")
+_INTERNAL_DATASET_FIELDS = ("upstream_url", "timeout_seconds", "idle_timeout_seconds")
 
 
 def _as_seen(principal: AdminPrincipal, dataset: dict[str, Any]) -> dict[str, Any]:

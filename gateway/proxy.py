@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ipaddress
 import re
 import time
@@ -324,9 +325,14 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             key = charging.idempotency_key(request)
             body: bytes | None = None
             fingerprint = ""
-            if key is not None:
+            if key is not None or (request.content_length is None and request.body_exists):
+                # A body of unannounced length (chunked) is read whole, within
+                # the limit, before anything is reserved or forwarded: one over
+                # it never reaches the upstream. So is an idempotent call's,
+                # whose key is bound to its digest.
                 body = await _read_body(request, app[SETTINGS].proxy.max_body_bytes)
-                fingerprint = charging.fingerprint(request.method, request.raw_path, body)
+            if key is not None:
+                fingerprint = charging.fingerprint(request.method, request.raw_path, body or b"")
             charge = await call.reserve(grant, key=key, fingerprint=fingerprint)
             if charge.replay is not None:
                 response, served = await _replay(request, charge.replay, charge, call)
@@ -396,6 +402,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
     return None
+
+
+#: A request body read whole is forwarded in one write up to this size.
+_ONE_WRITE = 1024 * 1024
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -469,27 +479,35 @@ async def _forward(
         headers["Accept-Encoding"] = "identity"
     timeout_s = route.timeout_s
     exceeded = [False]
-    body: bytes | AsyncIterator[bytes] | None = None
-    if request.body_exists:
-        body = buffered if buffered is not None else _limited(request.content, limit, exceeded)
+    body: bytes | io.BytesIO | AsyncIterator[bytes] | None = None
+    if buffered is not None:
+        # aiohttp writes bytes in one go; a large body goes as a stream.
+        body = buffered if len(buffered) <= _ONE_WRITE else io.BytesIO(buffered)
+    elif request.body_exists:
+        body = _limited(request.content, limit, exceeded)
     session = request.app[UPSTREAM]
+    # The call's whole time upstream, to the last byte relayed: one timer for
+    # the request and another for the relay (its record is written after).
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        async with session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            timeout=route.timeout,
-            compress=None,
-            auto_decompress=False,
-        ) as upstream:
-            return await _relay(request, upstream, grant, route, url, charge, call)
+        async with asyncio.timeout_at(deadline):
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=route.timeout,
+                compress=None,
+                auto_decompress=False,
+            )
+        async with upstream:
+            return await _relay(request, upstream, grant, route, url, charge, call, deadline)
     except (RequestTooLargeError, LedgerUnavailableError):
         raise
     except TimeoutError as exc:
         raise UpstreamUnavailableError(
-            f"upstream of {grant.dataset.id} timed out after {timeout_s:g} s", status=504
+            f"upstream of {grant.dataset.id} timed out (at most {timeout_s:g} s a call)", status=504
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailableError(f"upstream of {grant.dataset.id} is unreachable", status=503) from exc
@@ -535,7 +553,9 @@ class Upstream:
     dataset: DatasetView
     #: The upstream's base URL, without its last slash.
     base: str
+    #: The call's whole time upstream: from forwarding to the last byte relayed.
     timeout_s: float
+    #: The longest silence of the upstream (connect, answer, between chunks).
     timeout: aiohttp.ClientTimeout
     #: The largest response relayed.
     limit: int
@@ -551,11 +571,12 @@ def upstream_of(app: web.Application, dataset: DatasetView) -> Upstream:
         return kept
     proxy = app[SETTINGS].proxy
     timeout_s = dataset.timeout_seconds or proxy.default_timeout_seconds
+    idle_s = min(dataset.idle_timeout_seconds or proxy.default_idle_timeout_seconds, timeout_s)
     made = Upstream(
         dataset=dataset,
         base=str(dataset.upstream).rstrip("/"),
         timeout_s=timeout_s,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=idle_s, sock_read=idle_s),
         limit=dataset.max_response_bytes or proxy.max_response_bytes,
         metered=dataset.per_record_e4 > 0 or dataset.max_records_per_call is not None,
         priced=dataset.per_record_e4 > 0,
@@ -577,6 +598,7 @@ async def _relay(
     url: URL,
     charge: charging.Charge,
     call: Call,
+    deadline: float,
 ) -> tuple[web.StreamResponse, Served]:
     status = upstream.status
     if 300 <= status < 400 and status != 304:
@@ -661,43 +683,68 @@ async def _relay(
     # body's headers. Everything before streams as it comes.
     held = b""
     content = upstream.content
+    # Why the response is cut short, and the status sent; the record is
+    # written outside the deadline's scope, never cancelled by it.
+    cut: tuple[int, str] | None = None
     try:
-        while chunk := await content.readany():
-            over = None
-            if uncountable:
-                over = f"the response of {dataset.id} is {encoding[:32]}-encoded without X-Record-Count"
-            elif size + len(chunk) > limit:
-                over = f"the response of {dataset.id} exceeds {limit} bytes"
-            elif counter is not None:
-                counter.feed(chunk)
-                if max_records is not None and counter.count > max_records:
-                    over = f"the response of {dataset.id} holds more than {max_records} records"
-                elif priced and not counter.countable:
-                    over = (
-                        f"the response of {dataset.id} is no JSON array or object and has no "
-                        "X-Record-Count: its records, which are priced, cannot be counted"
-                    )
-            if over is not None:
-                if not response.prepared:
-                    raise UpstreamUnavailableError(over, upstream_status=status)
-                return response, await _cut(call, status, size, digest, "upstream-unavailable")
-            digest.update(chunk)
-            size += len(chunk)
-            if stored is not None:
-                if size <= keep_max:
-                    stored.append(chunk)
+        async with asyncio.timeout_at(deadline):
+            while chunk := await content.readany():
+                over = None
+                if uncountable:
+                    over = f"the response of {dataset.id} is {encoding[:32]}-encoded without X-Record-Count"
+                elif size + len(chunk) > limit:
+                    over = f"the response of {dataset.id} exceeds {limit} bytes"
+                elif counter is not None:
+                    counter.feed(chunk)
+                    if max_records is not None and counter.count > max_records:
+                        over = f"the response of {dataset.id} holds more than {max_records} records"
+                    elif priced and not counter.countable:
+                        over = (
+                            f"the response of {dataset.id} is no JSON array or object and has no "
+                            "X-Record-Count: its records, which are priced, cannot be counted"
+                        )
+                if over is not None:
+                    if not response.prepared:
+                        raise UpstreamUnavailableError(over, upstream_status=status)
+                    cut = status, "upstream-unavailable"
+                    break
+                if stored is not None:
+                    if size + len(chunk) <= keep_max:
+                        stored.append(chunk)
+                    else:
+                        stored = None
+                if expected is not None and size + len(chunk) >= expected:
+                    # The last chunk: it leaves once the record is durable.
+                    held = chunk
                 else:
-                    stored = None
-            if expected is not None and size >= expected:
-                chunk, held = b"", chunk
-            if chunk:
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
-        return response, await _cut(call, status, size, digest, "upstream-unavailable")
-    except ConnectionResetError:
-        return response, await _cut(call, status, size, digest, "client-disconnected")
+                    try:
+                        if not response.prepared:
+                            await response.prepare(request)
+                        await response.write(chunk)
+                    except ConnectionError:
+                        # The caller hung up: what it was sent is recorded.
+                        cut = status if response.prepared else 0, "client-disconnected"
+                        break
+                digest.update(chunk)
+                size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        if not response.prepared:
+            # Nothing was sent: the caller is told why.
+            timed_out = isinstance(exc, TimeoutError)
+            raise UpstreamUnavailableError(
+                f"upstream of {dataset.id} "
+                + (f"timed out (at most {route.timeout_s:g} s a call)" if timed_out else "failed mid-body"),
+                status=504 if timed_out else 502,
+                upstream_status=status,
+            ) from exc
+        cut = status, "upstream-unavailable"
+    except asyncio.CancelledError:
+        # A server run with handler cancellation cancels the handler of a
+        # caller that left: what it was sent is recorded all the same.
+        await _cut(call, status if response.prepared else 0, size, digest, "client-disconnected", status)
+        raise
+    if cut is not None:
+        return response, await _cut(call, cut[0], size, digest, cut[1], status)
     records = declared if declared is not None else counter.result() if counter is not None else 0
     if stored is not None:
         charge.keep(
@@ -720,7 +767,7 @@ async def _relay(
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof(held)
-    except ConnectionResetError:
+    except ConnectionError:
         pass  # the caller left at the last moment; the call was served and recorded
     return response, Served(complete=True, records=records)
 
@@ -732,16 +779,19 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
-async def _cut(call: Call, status: int, size: int, digest: Any, problem: str) -> Served:
-    """The response could not be sent whole: record it ``incomplete`` and
-    release it (the caller then cuts the connection). If the record cannot be
-    written the call is the ledger writer's to end."""
+async def _cut(
+    call: Call, status: int, size: int, digest: Any, problem: str, upstream_status: int | None = None
+) -> Served:
+    """The response could not be sent whole: record it ``incomplete`` with
+    the ``status`` and ``size`` sent (0: no header left), and release it (the
+    caller then cuts the connection). If the record cannot be written the
+    call is the ledger writer's to end."""
     with contextlib.suppress(LedgerUnavailableError):
         await call.finish(
             status=status,
             outcome=INCOMPLETE,
             problem=problem,
-            upstream_status=status,
+            upstream_status=status if upstream_status is None else upstream_status,
             size=size,
             digest=digest.hexdigest(),
         )

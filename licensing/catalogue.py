@@ -68,6 +68,8 @@ class DatasetView:
     paths: tuple[tuple[str, ...], ...] = ()
     #: The largest response relayed (``None``: the settings' default).
     max_response_bytes: int | None = None
+    #: The longest silence of the upstream (``None``: the settings' default).
+    idle_timeout_seconds: float | None = None
     #: The most records one call may return (``None``: unbounded; records not priced).
     max_records_per_call: int | None = None
     #: The version of the terms above (prices, tiers, split) in this view.
@@ -257,6 +259,7 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         burst_per_second=row.burst_per_second,
         burst_capacity=row.burst_capacity,
         timeout_seconds=row.timeout_seconds,
+        idle_timeout_seconds=row.idle_timeout_seconds,
         methods=frozenset(row.methods),
         paths=tuple(tuple(p.split("/")) for p in row.paths),
         max_response_bytes=row.max_response_bytes,

@@ -36,6 +36,7 @@ class DatasetRow(Base):
     burst_per_second: Mapped[float] = mapped_column(Float)
     burst_capacity: Mapped[int] = mapped_column(Integer)
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    idle_timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
     #: The methods served, e.g. ``["GET", "HEAD"]``.
     methods: Mapped[list[str]] = mapped_column(JSON)

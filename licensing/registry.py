@@ -83,6 +83,7 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         revenue_split=_revenue_split(row),
         burst=schemas.Burst(per_second=row.burst_per_second, capacity=row.burst_capacity),
         timeout_seconds=row.timeout_seconds,
+        idle_timeout_seconds=row.idle_timeout_seconds,
         description=row.description,
         methods=list(row.methods),
         paths=list(row.paths),
@@ -136,7 +137,7 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
     for name in ("name", "provider", "classification", "open_class", "free_monthly_calls", "description"):
         if name in fields and getattr(data, name) is not None:
             setattr(row, name, getattr(data, name))
-    for name in ("timeout_seconds", "max_response_bytes", "max_records_per_call"):
+    for name in ("timeout_seconds", "idle_timeout_seconds", "max_response_bytes", "max_records_per_call"):
         if name in fields:
             setattr(row, name, getattr(data, name))
     for name in ("methods", "paths"):

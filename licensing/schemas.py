@@ -222,7 +222,20 @@ class DatasetIn(_Model):
     revenue_split: RevenueSplit
     burst: Burst = Field(default_factory=Burst)
     timeout_seconds: float | None = Field(
-        None, gt=0, le=600, strict=True, description="upstream timeout; default from settings"
+        None,
+        gt=0,
+        le=600,
+        strict=True,
+        description="a call's whole time upstream, to the last byte relayed; default from settings "
+        "(proxy.default_timeout_seconds)",
+    )
+    idle_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        strict=True,
+        description="the longest silence of the upstream (before its answer, between chunks); default "
+        "from settings (proxy.default_idle_timeout_seconds); never more than the whole time",
     )
     description: str = Field("", max_length=4000)
     methods: Methods = Field(
@@ -277,6 +290,7 @@ class DatasetPatch(_Model):
     revenue_split: RevenueSplit | None = None
     burst: Burst | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
+    idle_timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     description: str | None = Field(None, max_length=4000)
     methods: Methods | None = None
     paths: PathPatterns | None = None

@@ -312,6 +312,20 @@ async def upstream() -> AsyncIterator[Upstream]:
         await response.write_eof()
         return response
 
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        """A byte every ``every`` seconds for ``seconds``: never silent for
+        long, never done soon."""
+        await record(request)
+        seconds, every = float(request.query.get("seconds", "3")), float(request.query.get("every", "0.1"))
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < end:
+            await response.write(b".")
+            await asyncio.sleep(every)
+        await response.write_eof()
+        return response
+
     async def hop(request: web.Request) -> web.StreamResponse:
         await record(request)
         response = web.json_response({"hop": True})
@@ -373,6 +387,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/svc/upload-probe", upload_probe)
     app.router.add_route("*", "/svc/drip", drip)
     app.router.add_route("*", "/svc/hop", hop)
+    app.router.add_route("*", "/svc/trickle", trickle)
     app.router.add_route("*", "/svc/leaky", leaky)
     app.router.add_route("*", "/svc/created", created)
     app.router.add_route("*", "/svc/etag", etag)

@@ -415,14 +415,15 @@ async def test_bodies_stream_both_ways_intact(world: World) -> None:
         for i in range(0, len(data), size):
             yield data[i : i + size]
 
-    # Chunked (no Content-Length): relayed chunked, byte for byte.
+    # Chunked (no Content-Length): read whole within the limit (so a body
+    # over it never reaches the upstream), then relayed byte for byte, with
+    # its length.
     async with world.client.post(f"/data/{ds['id']}/digest", data=chunks(payload), headers=auth) as resp:
         assert resp.status == 200, await resp.text()
         got = await resp.json()
     assert got["length"] == len(payload)
     assert got["sha256"] == hashlib.sha256(payload).hexdigest()
-    assert got["headers"].get("Transfer-Encoding") == "chunked"
-    assert "Content-Length" not in got["headers"]
+    assert got["headers"]["Content-Length"] == str(len(payload))
 
     # With Content-Length: relayed with it.
     async with world.client.put(f"/data/{ds['id']}/digest", data=payload[:1_000_000], headers=auth) as resp:
@@ -431,14 +432,16 @@ async def test_bodies_stream_both_ways_intact(world: World) -> None:
     assert got["sha256"] == hashlib.sha256(payload[:1_000_000]).hexdigest()
     assert got["headers"]["Content-Length"] == "1000000"
 
-    # Streamed, not buffered: the rest of the body is only sent once the
-    # upstream has received the first bytes (a buffering gateway deadlocks).
+    # With Content-Length, streamed, not buffered: the rest of the body is
+    # only sent once the upstream has received the first bytes (a buffering
+    # gateway deadlocks).
     async def gated() -> AsyncIterator[bytes]:
         yield payload[:65536]
         await asyncio.wait_for(world.upstream.upload_started.wait(), 5)
         yield payload[65536:]
 
-    async with world.client.post(f"/data/{ds['id']}/upload-probe", data=gated(), headers=auth) as resp:
+    announced = {**auth, "Content-Length": str(len(payload))}
+    async with world.client.post(f"/data/{ds['id']}/upload-probe", data=gated(), headers=announced) as resp:
         assert resp.status == 200, await resp.text()
         got = await resp.json()
     assert got == {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
