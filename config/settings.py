@@ -38,6 +38,10 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = ()
     #: Seconds between checks for catalogue / licence changes made elsewhere.
     catalogue_refresh_seconds: float = Field(1.0, gt=0, le=60)
+    #: With the SQL database out of reach, data calls go on from the licence
+    #: view in memory (kept current through Redis) this long, then are
+    #: refused (503 service-unavailable) until it is back.
+    degraded_max_seconds: float = Field(300.0, ge=0, le=86400)
     #: Run database migrations at start-up (safe with several replicas: they
     #: serialise on a lock).
     auto_migrate: bool = True
@@ -221,6 +225,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_PUBLIC_URL": "server.public_url",
     "PDG_TRUSTED_PROXIES": "server.trusted_proxies",
     "PDG_CATALOGUE_REFRESH_SECONDS": "server.catalogue_refresh_seconds",
+    "PDG_DEGRADED_MAX_SECONDS": "server.degraded_max_seconds",
     "PDG_AUTO_MIGRATE": "server.auto_migrate",
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",

@@ -193,7 +193,12 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         first_use=first_use,
     )
     mirror = RedisVersionMirror(redis, app[REPLICA_ID])
-    cache = CatalogueCache(sessions, settings.server.catalogue_refresh_seconds, mirror)
+    cache = CatalogueCache(
+        sessions,
+        settings.server.catalogue_refresh_seconds,
+        mirror,
+        degraded_max_seconds=settings.server.degraded_max_seconds,
+    )
     app[CATALOGUE] = cache
     app[REGISTRY] = Registry(sessions, on_change=cache.reload, on_terms_change=cache.barrier)
     app[ADMIN_TOKENS] = AdminTokens(sessions)

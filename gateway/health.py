@@ -1,7 +1,20 @@
 """Operations endpoints: ``/healthz`` (the process is alive), ``/readyz``
-(the AND of its components: database, Redis, the call-record log — heard
-from and its backlog within bounds —, the catalogue view, and not shutting
-down) and ``/metrics`` (Prometheus)."""
+and ``/metrics`` (Prometheus).
+
+``/readyz`` answers one of three states, from its components (the database,
+Redis, the call-record log — heard from, its backlog within bounds —, the
+licence view, not shutting down):
+
+- ``ready`` (200): every component is well;
+- ``degraded`` (200): the SQL database is out of reach, and data calls go on
+  from the licence view in memory (kept current through Redis) for at most
+  ``server.degraded_max_seconds``; the admin API answers 503 meanwhile. A
+  load balancer keeps the replica: an outage every replica rides is no
+  reason to take the fleet out;
+- ``not-ready`` (503): data calls would be refused (Redis or the log out of
+  reach, the view too old to trust, the degraded time used up, shutting
+  down).
+"""
 
 from __future__ import annotations
 
@@ -10,26 +23,42 @@ import contextlib
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.errors import ServiceUnavailableError
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS
 
 _CHECK_TIMEOUT = 2.0
+#: Checks given up on, still ending.
+_ABANDONED: set[asyncio.Future[bool]] = set()
 
 
-async def _database(app: web.Application) -> bool:
+async def _select_one(app: web.Application) -> bool:
     with contextlib.suppress(SQLAlchemyError, OSError, TimeoutError):
-        async with asyncio.timeout(_CHECK_TIMEOUT), app[ENGINE].connect() as conn:
+        async with app[ENGINE].connect() as conn:
             await conn.execute(text("SELECT 1"))
             return True
     return False
 
 
+async def _database(app: web.Application) -> bool:
+    # A frozen database answers nothing, and the clean-up of a connection
+    # given up on can take seconds more: the check is left to end alone.
+    check = asyncio.ensure_future(_select_one(app))
+    done, _ = await asyncio.wait({check}, timeout=_CHECK_TIMEOUT)
+    if not done:
+        check.cancel()
+        _ABANDONED.add(check)
+        check.add_done_callback(_ABANDONED.discard)
+        return False
+    return check.result()
+
+
 async def _redis(app: web.Application) -> bool:
-    with contextlib.suppress(RedisError, OSError, TimeoutError):
+    with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
         async with asyncio.timeout(_CHECK_TIMEOUT):
             return bool(await app[REDIS].ping())
     return False
@@ -42,18 +71,30 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     database, redis = await asyncio.gather(_database(app), _redis(app))
+    catalogue = app[CATALOGUE]
+    try:
+        catalogue.fresh()
+        view = True
+    except ServiceUnavailableError:
+        view = False
     components = {
         "database": database,
         "redis": redis,
         "ledger": app[PRESENCE].fresh and app[PRESENCE].backlog <= app[PRESENCE].max_backlog,
-        "catalogue": app[CATALOGUE].healthy,
+        "catalogue": view,
         "accepting": app[ACCEPTING][0],
     }
-    ready = all(components.values())
-    body = {"status": "ready" if ready else "not-ready", "components": components}
+    serving = all(value for name, value in components.items() if name != "database")
+    status = ("ready" if database else "degraded") if serving else "not-ready"
+    body: dict[str, object] = {"status": status, "components": components}
+    if serving and not database:
+        # How much longer data calls go on without the database (its loss may
+        # not have met the view's poll yet).
+        lost = catalogue.degraded_for() or 0.0
+        body["degraded_seconds_left"] = round(max(0.0, catalogue.degraded_max_seconds - lost), 1)
     return web.Response(
         body=orjson.dumps(body),
-        status=200 if ready else 503,
+        status=200 if serving else 503,
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )

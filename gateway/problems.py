@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from sqlalchemy import exc as sa_exc
 
-from core.errors import GatewayError
+from core.errors import GatewayError, ServiceUnavailableError
 from licensing.ids import new_call_id
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,18 @@ def render(error: GatewayError, request: web.Request) -> web.Response:
     )
 
 
+#: What a store out of reach raises: SQLAlchemy's connection and pool errors,
+#: a driver's refused or timed-out connection.
+_OUT_OF_REACH = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    OSError,
+    TimeoutError,
+)
+
+
 @web.middleware
 async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -99,6 +112,17 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         )
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
         return problem_response(exc.status, code, title, exc.reason, call_id_of(request), headers)
+    except _OUT_OF_REACH as exc:
+        # A store out of reach (the SQL database, above all): the admin API
+        # and the token endpoint answer 503 until it is back; data calls go
+        # on from memory (gateway.health). One line in the log, no trace.
+        log.warning(
+            "%s %s: a store is out of reach: %s", request.method, request.rel_url.path, type(exc).__name__
+        )
+        unavailable = ServiceUnavailableError(
+            "the database is out of reach; try again shortly", headers={"Retry-After": "5"}
+        )
+        return render(unavailable, request)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.rel_url.path)
         return problem_response(

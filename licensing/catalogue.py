@@ -353,6 +353,8 @@ class CatalogueCache:
         sessions: async_sessionmaker[AsyncSession],
         refresh_seconds: float = 1.0,
         mirror: VersionMirror | None = None,
+        *,
+        degraded_max_seconds: float = 300.0,
     ) -> None:
         self._sessions = sessions
         self._mirror = mirror
@@ -365,6 +367,13 @@ class CatalogueCache:
         self.confirmed_at = time.monotonic()
         #: Oldest confirmation a data call is still served on.
         self.max_age = max_view_age(refresh_seconds)
+        #: ``time.monotonic()`` of the first failed poll of the database since
+        #: it last answered (``None``: it answers).
+        self.database_lost_at: float | None = None
+        #: How long data calls go on from this view without the database.
+        self.degraded_max_seconds = degraded_max_seconds
+        #: Reads of the version given up on, still ending.
+        self._abandoned: set[asyncio.Future[int]] = set()
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -379,19 +388,37 @@ class CatalogueCache:
             with contextlib.suppress(Exception):
                 await self._mirror.publish(version)
 
+    async def _read_version(self) -> int:
+        async with self._sessions() as session:
+            return await current_version(session)
+
     async def _poll_once(self) -> None:
         started = time.monotonic()
         try:
-            async with self._sessions() as session:
-                version = await current_version(session)
+            # A frozen database answers nothing: a poll waits at most a
+            # quarter of the view's age limit (so a view confirmed through
+            # the mirror never reaches it), and does not wait for its
+            # connection's clean-up either (it can take seconds more): the
+            # read is left to end alone.
+            read = asyncio.ensure_future(self._read_version())
+            done, _ = await asyncio.wait({read}, timeout=self.max_age / 4)
+            if not done:
+                read.cancel()
+                self._abandoned.add(read)
+                read.add_done_callback(self._abandoned.discard)
+                raise TimeoutError("the database did not answer")
+            version = read.result()
         except Exception:
+            if self.database_lost_at is None:
+                self.database_lost_at = started
             # The database is out of reach: no change can be committed while
             # it is, so the view stays current as long as the mirror (Redis,
             # where every replica publishes the version it loads) holds no
             # newer version. A replica that still reaches the database and
             # loads a change publishes it, and this view is then stale.
+            asked = time.monotonic()
             if self._mirror is not None and await self._mirror.read() == self.current.version:
-                self.confirmed_at = max(self.confirmed_at, started)
+                self.confirmed_at = max(self.confirmed_at, asked)
                 self.healthy = True
                 return
             raise
@@ -399,7 +426,13 @@ class CatalogueCache:
             await self.reload()
         else:
             await self._publish(version)
+        self.database_lost_at = None
         self.confirmed_at = max(self.confirmed_at, started)
+
+    def degraded_for(self) -> float | None:
+        """Seconds the database has been out of reach (``None``: it answers)."""
+        lost = self.database_lost_at
+        return None if lost is None else time.monotonic() - lost
 
     async def barrier(self, version: int) -> None:
         """Return once every replica serves by catalogue ``version`` (at
@@ -426,12 +459,20 @@ class CatalogueCache:
     def fresh(self) -> Catalogue:
         """The current view, if it was confirmed recently enough to apply the
         licence rules on; ``service-unavailable`` (503) otherwise."""
-        age = time.monotonic() - self.confirmed_at
+        now = time.monotonic()
+        age = now - self.confirmed_at
         if age > self.max_age:
             raise ServiceUnavailableError(
                 f"the licence and catalogue view could not be refreshed for {age:.1f} s; "
                 "data calls are refused until it can",
                 headers={"Retry-After": "1"},
+            )
+        lost = self.database_lost_at
+        if lost is not None and now - lost > self.degraded_max_seconds:
+            raise ServiceUnavailableError(
+                f"the database has been out of reach for {now - lost:.0f} s, longer than data calls "
+                f"go on without it ({self.degraded_max_seconds:g} s); they are refused until it is back",
+                headers={"Retry-After": "5"},
             )
         return self.current
 

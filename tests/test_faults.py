@@ -16,14 +16,17 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import Upstream
-from tests.servers import PrivateValkey
+from tests.conftest import Upstream, credit_code
+from tests.servers import PrivatePostgres, PrivateValkey, _children
 from tests.test_ledger_faults import (
+    DATASET,
     Load,
     check_ledger,
     check_quota,
@@ -33,6 +36,7 @@ from tests.test_ledger_faults import (
     summary,
     verify_chain,
 )
+from tests.test_processes import _admin_headers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -90,3 +94,100 @@ async def test_quota_store_frozen_past_the_command_timeout_leaks_no_reservation(
             await client.aclose()
             await engine.dispose()
         clean_logs(deploy)
+
+
+# -- the SQL database out of reach ------------------------------------------------
+
+DEGRADED_SECONDS = 6
+
+
+async def _get(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> tuple[int, Any, Any]:
+    async with http.get(url, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None), resp.headers
+
+
+async def _until(probe: Any, accept: Any, seconds: float) -> Any:
+    """``probe()`` until ``accept(answer)``; the last answer."""
+    end = time.monotonic() + seconds
+    while True:
+        answer = await probe()
+        if accept(answer) or time.monotonic() > end:
+            return answer
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("fault", ["stopped", "frozen"])
+async def test_database_out_of_reach_degrades_then_fails_closed(
+    tmp_path: Path, valkey: PrivateValkey, private_pg: PrivatePostgres, upstream: Upstream, fault: str
+) -> None:
+    """Faults 3 and 4: with PostgreSQL down the admin API answered 500;
+    ``/readyz`` said 503 on every replica while calls were served (a load
+    balancer would take the whole fleet out); a frozen database refused
+    every data call after 1.4 s."""
+    assert private_pg.proc is not None
+    async with deployment(tmp_path, private_pg.url(), valkey.url(), upstream) as deploy:
+        gateway = deploy.gateway(
+            PDG_DEGRADED_MAX_SECONDS=str(DEGRADED_SECONDS), PDG_CATALOGUE_REFRESH_SECONDS="0.5"
+        )
+        await deploy.provision()
+        admin = _admin_headers(deploy.env())
+        data = f"{deploy.base}/data/{DATASET}/records?n=1"
+        auth = {"Authorization": f"Bearer {deploy.tokens['public-interest']}"}
+        group = [private_pg.proc.pid, *_children(private_pg.proc.pid)]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            assert (await _get(http, data, auth))[0] == 200
+            if fault == "stopped":
+                await asyncio.to_thread(private_pg.stop, "immediate")
+            else:
+                for pid in group:
+                    os.kill(pid, signal.SIGSTOP)
+            try:
+                lost_at = time.monotonic()
+                status, ready, _ = await _until(
+                    lambda: _get(http, f"{deploy.base}/readyz", {}), lambda a: a[1]["status"] != "ready", 10
+                )
+                assert (status, ready["status"]) == (200, "degraded"), ready
+                assert ready["components"]["database"] is False, ready
+                assert 0 < ready["degraded_seconds_left"] <= DEGRADED_SECONDS, ready
+                # Data calls go on from memory.
+                for _ in range(5):
+                    status, body, _ = await _get(http, data, auth)
+                    assert status == 200, body
+                    await asyncio.sleep(0.2)
+                if fault == "stopped":
+                    # The admin API says why, and when to come back.
+                    status, body, headers = await _get(http, f"{deploy.base}/admin/v1/licensees", admin)
+                    assert (status, body["code"]) == (503, "service-unavailable"), body
+                    assert headers["Retry-After"].isdigit()
+                    async with http.post(
+                        f"{deploy.base}/admin/v1/licensees",
+                        json={"name": "Late Co", "credit_code": credit_code(), "contact": "a@example.com"},
+                        headers=admin,
+                    ) as resp:
+                        body = await resp.json(content_type=None)
+                        assert (resp.status, body["code"]) == (503, "service-unavailable"), body
+                # Past the bound: fail closed, and say so.
+                status, body, _ = await _until(lambda: _get(http, data, auth), lambda a: a[0] != 200, 15)
+                assert time.monotonic() - lost_at >= DEGRADED_SECONDS
+                assert (status, body["code"]) == (503, "service-unavailable"), body
+                status, ready, _ = await _get(http, f"{deploy.base}/readyz", {})
+                assert (status, ready["status"]) == (503, "not-ready"), ready
+            finally:
+                if fault == "stopped":
+                    await asyncio.to_thread(private_pg.start)
+                else:
+                    for pid in group:
+                        os.kill(pid, signal.SIGCONT)
+            # Back: served, ready, and the admin API answers again.
+            status, _body, _ = await _until(lambda: _get(http, data, auth), lambda a: a[0] == 200, 20)
+            assert status == 200
+            status, ready, _ = await _until(
+                lambda: _get(http, f"{deploy.base}/readyz", {}), lambda a: a[0] == 200, 20
+            )
+            assert ready["status"] == "ready", ready
+            status, body, _ = await _until(
+                lambda: _get(http, f"{deploy.base}/admin/v1/licensees", admin), lambda a: a[0] == 200, 20
+            )
+            assert status == 200, body
+        assert gateway.stop() == 0
+        assert "Traceback" not in deploy.logs(), deploy.logs()
