@@ -117,6 +117,12 @@ class DatasetClosedError(LicenceError):
     code, title = "dataset-closed", "Dataset on the negative list"
 
 
+class UnsupportedMediaTypeError(GatewayError):
+    """A request body not sent as ``application/json`` (RFC 9110 §15.5.16)."""
+
+    status, code, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
 class NotFoundError(GatewayError):
     status, code, title = 404, "not-found", "Not found"
 

@@ -25,7 +25,13 @@ from billing.export import period_books, render
 from billing.invoices import close_billing, get_invoice, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
-from core.errors import BadRequestError, NotFoundError, QuotaUnavailableError, ValidationFailedError
+from core.errors import (
+    BadRequestError,
+    NotFoundError,
+    QuotaUnavailableError,
+    UnsupportedMediaTypeError,
+    ValidationFailedError,
+)
 from gateway.openapi import Handler, Route, build_openapi
 from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
 from ledger import audit
@@ -47,6 +53,11 @@ def _json(data: Any, status: int = 200, location: str | None = None) -> web.Resp
 
 
 async def _body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"the body must be sent as application/json, not {request.content_type[:100]!r}",
+            headers={"Accept-Post": "application/json", "Accept-Patch": "application/json"},
+        )
     raw = await request.read()
     if not raw:
         raise BadRequestError("body: a JSON object is required", field="body")
@@ -511,7 +522,6 @@ ROUTES: tuple[Route, ...] = (
         UsageRow,
         True,
         query=("licence", "dataset", "period", "licensee"),
-        unavailable=True,
     ),
     Route(
         "GET",
@@ -599,7 +609,6 @@ ROUTES: tuple[Route, ...] = (
         billing_schemas.ReconciliationReport,
         query=("limit",),
         conflict=True,
-        unavailable=True,
     ),
 )
 

@@ -40,8 +40,6 @@ class Route:
     produces: tuple[str, ...] = ()
     #: Other success statuses with the same body (a repeat that finds the work done).
     also_status: tuple[int, ...] = ()
-    #: May answer 503 (a store the answer needs, such as the quota counters, is unreachable).
-    unavailable: bool = False
 
 
 _PROBLEM = {
@@ -124,6 +122,7 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "content": {"application/json": {"schema": mapping[(route.request_model, "validation")]}},
             }
             operation["responses"]["413"] = _problem("the body is larger than the gateway accepts")
+            operation["responses"]["415"] = _problem("the body is not sent as application/json")
         if route.response_model is not None:
             ref = (
                 mapping[(route.response_model, "serialization")]
@@ -153,8 +152,11 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
             operation["responses"]["409"] = _problem(
                 "conflicts with an existing resource, or with the resource's state"
             )
-        if route.unavailable:
-            operation["responses"]["503"] = _problem("a store the answer needs cannot be reached; retry")
+        # Any operation: the database (or, where it is read, Redis) out of reach.
+        operation["responses"]["503"] = {
+            **_problem("a store the answer needs cannot be reached; retry after Retry-After seconds"),
+            "headers": {"Retry-After": {"schema": {"type": "string"}}},
+        }
         paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

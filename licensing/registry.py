@@ -47,6 +47,22 @@ def _require(value: str, what: str) -> None:
         raise NotFoundError(f"no {what} {value[:64]!r}")
 
 
+async def _check_grants(session: AsyncSession, grants: list[str]) -> None:
+    """Every dataset a licence names exists, and every ``provider/*`` names a
+    provider of at least one dataset: a grant of nothing is a mistake."""
+    ids = {g for g in grants if not g.endswith("/*")}
+    providers = {g[:-2] for g in grants if g.endswith("/*")}
+    if ids:
+        found = set((await session.execute(select(DatasetRow.id).where(DatasetRow.id.in_(ids)))).scalars())
+        if ids - found:
+            raise ValidationFailedError("datasets", f"no dataset {sorted(ids - found)[0]}")
+    if providers:
+        query = select(DatasetRow.provider).where(DatasetRow.provider.in_(providers)).distinct()
+        found = set((await session.execute(query)).scalars())
+        if providers - found:
+            raise ValidationFailedError("datasets", f"no dataset of provider {sorted(providers - found)[0]}")
+
+
 async def _bump(session: AsyncSession) -> None:
     await session.execute(update(CatalogueVersionRow).values(version=CatalogueVersionRow.version + 1))
 
@@ -338,6 +354,7 @@ class Registry:
         async with self._sessions() as session:
             if await session.get(LicenseeRow, data.licensee_id) is None:
                 raise ValidationFailedError("licensee_id", f"no licensee {data.licensee_id}")
+            await _check_grants(session, data.datasets)
             row = LicenceRow(
                 id=data.id or new_id("licence"),
                 licensee_id=data.licensee_id,
@@ -391,6 +408,8 @@ class Registry:
                 raise NotFoundError(f"no licence {licence_id}")
             if row.status == "revoked":
                 raise ConflictError(f"licence {licence_id} is revoked; it changes no more")
+            if patch.datasets is not None:
+                await _check_grants(session, patch.datasets)
             valid_until = patch.valid_until if "valid_until" in fields else None
             if valid_until is not None and valid_until <= row.valid_from:
                 raise ValidationFailedError("valid_until", "valid_until must be after valid_from")

@@ -8,14 +8,17 @@ most four decimal places that sum to exactly 1.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
+import jwt
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     HttpUrl,
@@ -84,6 +87,17 @@ def _upstream_base(value: HttpUrl) -> HttpUrl:
 UpstreamUrl = Annotated[HttpUrl, AfterValidator(_upstream_base)]
 
 
+#: RFC 3339 ``date-time``: a full date, a time, a zone offset.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339_text(value: object) -> object:
+    """Times are RFC 3339 strings: never numbers, nor digits taken as Unix time."""
+    if not isinstance(value, str) or _RFC3339.fullmatch(value.strip()) is None:
+        raise ValueError("must be an RFC 3339 date-time string, e.g. 2026-01-01T00:00:00Z")
+    return value
+
+
 def _time_in_range(value: datetime) -> datetime:
     try:
         utc = value.astimezone(UTC)
@@ -95,11 +109,45 @@ def _time_in_range(value: datetime) -> datetime:
 
 
 #: An RFC 3339 time with a zone offset, in a range every database can store.
-Time = Annotated[AwareDatetime, AfterValidator(_time_in_range)]
+Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_time_in_range)]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _patch_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """In the JSON schema of a PATCH body, a field that cannot be cleared
+    takes no ``null`` (and has no default: an absent field is unchanged)."""
+    clearable: frozenset[str] = getattr(model, "clearable", frozenset())
+    for name, prop in schema.get("properties", {}).items():
+        prop.pop("default", None)
+        if name in clearable:
+            continue
+        options = [o for o in prop.get("anyOf", []) if o != {"type": "null"}]
+        if len(options) == 1 and "anyOf" in prop:
+            del prop["anyOf"]
+            prop.update(options[0])
+        elif options:
+            prop["anyOf"] = options
+
+
+class _Patch(_Model):
+    """A PATCH body: a field given ``null`` is cleared when it is in
+    ``clearable``, and refused otherwise (never ignored)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra=_patch_schema)
+
+    clearable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if value is None and name in cls.model_fields and name not in cls.clearable:
+                    raise ValueError(f"{name} cannot be cleared: give a value or leave it out")
+        return data
 
 
 class Tier(_Model):
@@ -276,9 +324,15 @@ class DatasetIn(_Model):
 RECORDS_UNBOUNDED = "required when price.per_record_fen is above 0"
 
 
-class DatasetPatch(_Model):
+class DatasetPatch(_Patch):
     """The fields to change; each given field replaces the stored value whole
-    (``price``, ``revenue_split`` and ``burst`` are replaced as units)."""
+    (``price``, ``revenue_split`` and ``burst`` are replaced as units). Only
+    the optional limits may be ``null`` (cleared: the settings' defaults);
+    ``null`` for any other field is refused, never ignored."""
+
+    clearable: ClassVar[frozenset[str]] = frozenset(
+        {"timeout_seconds", "idle_timeout_seconds", "max_response_bytes", "max_records_per_call"}
+    )
 
     name: str | None = Field(None, min_length=1, max_length=200)
     provider: Identifier | None = None
@@ -296,13 +350,6 @@ class DatasetPatch(_Model):
     paths: PathPatterns | None = None
     max_response_bytes: int | None = Field(None, ge=1, le=MAX_RESPONSE_BYTES, strict=True)
     max_records_per_call: int | None = Field(None, ge=1, le=MAX_RECORDS_PER_CALL, strict=True)
-
-    @model_validator(mode="after")
-    def _required_stay(self) -> DatasetPatch:
-        for name in ("methods", "paths"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be cleared")
-        return self
 
 
 class Dataset(DatasetIn):
@@ -394,12 +441,14 @@ class LicenceIn(_Model):
         return valid_until
 
 
-class LicencePatch(_Model):
+class LicencePatch(_Patch):
     """Changes to a licence's grant and terms, applied at once on every replica.
     A top-up is a PATCH of ``paid`` with a higher limit: the quota counters are
     never touched, only the limit they are compared with. A field given as
     ``null`` is cleared (``paid``: no paid terms; ``free_monthly_calls``: the
-    datasets' own allowances)."""
+    datasets' own allowances); ``null`` for any other field is refused."""
+
+    clearable: ClassVar[frozenset[str]] = frozenset({"free_monthly_calls", "paid", "methods", "paths"})
 
     datasets: list[DatasetGrant] | None = Field(None, min_length=1, max_length=1000)
     max_classification: int | None = Field(None, ge=1, le=4, strict=True)
@@ -418,13 +467,6 @@ class LicencePatch(_Model):
         if purposes is not None and len(set(purposes)) != len(purposes):
             raise ValueError("purposes must not repeat")
         return purposes
-
-    @model_validator(mode="after")
-    def _required_stay(self) -> LicencePatch:
-        for name in ("datasets", "max_classification", "purposes", "valid_until", "security_officer"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be cleared")
-        return self
 
 
 class Licence(LicenceIn):
@@ -462,6 +504,11 @@ class AppIn(_Model):
                 strings = member if isinstance(member, list) else [member]
                 if not all(isinstance(s, str) and len(s) <= 16384 for s in strings) or len(strings) > 20:
                     raise ValueError("JWK members are strings or lists of strings (RFC 7517)")
+            try:
+                # The whole key, as a client assertion would be verified with.
+                jwt.PyJWK(key)
+            except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"a key is incomplete or unusable: {str(exc)[:200]}") from exc
         return value
 
 

@@ -43,6 +43,8 @@ async def request(
     body: bytes | None = raw
     if body is None and payload is not None:
         body = json.dumps(payload).encode()
+    if method in ("POST", "PATCH", "PUT"):
+        # The admin API takes application/json only (415 otherwise).
         headers["Content-Type"] = "application/json"
     async with world.client.request(method, f"/admin/v1{path}", data=body, headers=headers) as resp:
         text = await resp.read()
@@ -297,7 +299,7 @@ async def test_licence_create_and_status_transitions(world: World) -> None:
     holder = await world.licensee()
     payload = licence_payload(
         holder["id"],
-        [ds["id"], "market-regulation/*", ds["id"]],
+        [ds["id"], "test-provider/*", ds["id"]],
         id="lic-1",
         conditions="no resale",
         free_monthly_calls=42,
@@ -307,7 +309,7 @@ async def test_licence_create_and_status_transitions(world: World) -> None:
     assert headers["Location"] == "/admin/v1/licences/lic-1"
     assert lic["id"] == "lic-1"
     assert lic["licensee_id"] == holder["id"]
-    assert lic["datasets"] == [ds["id"], "market-regulation/*"]  # repeats dropped
+    assert lic["datasets"] == [ds["id"], "test-provider/*"]  # repeats dropped
     assert lic["max_classification"] == 2
     assert lic["purposes"] == ["public-interest", "industrial"]
     assert lic["valid_from"].startswith("2023-12-31T16:00:00")  # kept as the same instant, in UTC
