@@ -339,7 +339,10 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
     world = await world_factory(ledger__replica_timeout_seconds=3)
     clock = StoppedClock(datetime(2026, 11, 20, 4, 0, tzinfo=UTC))
     world.app[CLOCK].source = clock
-    ds, lic, _app, tok = await world.licensed(purpose="industrial")
+    # The upstream may be silent for the whole slow call below.
+    ds, lic, _app, tok = await world.licensed(
+        purpose="industrial", dataset_fields={"idle_timeout_seconds": 30.0}
+    )
     for _ in range(2):
         status, body, _ = await world.call(f"/data/{ds['id']}/records", tok)
         assert status == 200, body
