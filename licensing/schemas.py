@@ -92,7 +92,10 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|
 
 
 def _rfc3339_text(value: object) -> object:
-    """Times are RFC 3339 strings: never numbers, nor digits taken as Unix time."""
+    """Times are RFC 3339 strings (or, from Python, datetimes): never numbers,
+    nor digits taken as Unix time."""
+    if isinstance(value, datetime):
+        return value
     if not isinstance(value, str) or _RFC3339.fullmatch(value.strip()) is None:
         raise ValueError("must be an RFC 3339 date-time string, e.g. 2026-01-01T00:00:00Z")
     return value
