@@ -30,31 +30,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.errors import ServiceUnavailableError
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS
+from storage.tasks import within
 
 _CHECK_TIMEOUT = 2.0
-#: Checks given up on, still ending.
-_ABANDONED: set[asyncio.Future[bool]] = set()
 
 
-async def _select_one(app: web.Application) -> bool:
-    with contextlib.suppress(SQLAlchemyError, OSError, TimeoutError):
-        async with app[ENGINE].connect() as conn:
-            await conn.execute(text("SELECT 1"))
-            return True
-    return False
+async def _select_one(app: web.Application) -> None:
+    async with app[ENGINE].connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 async def _database(app: web.Application) -> bool:
-    # A frozen database answers nothing, and the clean-up of a connection
-    # given up on can take seconds more: the check is left to end alone.
-    check = asyncio.ensure_future(_select_one(app))
-    done, _ = await asyncio.wait({check}, timeout=_CHECK_TIMEOUT)
-    if not done:
-        check.cancel()
-        _ABANDONED.add(check)
-        check.add_done_callback(_ABANDONED.discard)
-        return False
-    return check.result()
+    with contextlib.suppress(SQLAlchemyError, OSError, TimeoutError):
+        await within(_select_one(app), _CHECK_TIMEOUT)
+        return True
+    return False
 
 
 async def _redis(app: web.Application) -> bool:

@@ -41,7 +41,7 @@ from core.errors import (
     UnknownOperationError,
 )
 from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, LicenceRow
-from storage.tasks import cancel_and_wait
+from storage.tasks import cancel_and_wait, within
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class CatalogueCache:
         self._refresh_seconds = refresh_seconds
         self._lock = asyncio.Lock()
         self.current = Catalogue()
-        #: False after a failed poll, so readiness can report it.
+        #: False after a failed poll (a run of failures is logged once).
         self.healthy = True
         #: ``time.monotonic()`` at which the view was last known to be current.
         self.confirmed_at = time.monotonic()
@@ -372,8 +372,6 @@ class CatalogueCache:
         self.database_lost_at: float | None = None
         #: How long data calls go on from this view without the database.
         self.degraded_max_seconds = degraded_max_seconds
-        #: Reads of the version given up on, still ending.
-        self._abandoned: set[asyncio.Future[int]] = set()
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -396,18 +394,9 @@ class CatalogueCache:
         started = time.monotonic()
         try:
             # A frozen database answers nothing: a poll waits at most a
-            # quarter of the view's age limit (so a view confirmed through
-            # the mirror never reaches it), and does not wait for its
-            # connection's clean-up either (it can take seconds more): the
-            # read is left to end alone.
-            read = asyncio.ensure_future(self._read_version())
-            done, _ = await asyncio.wait({read}, timeout=self.max_age / 4)
-            if not done:
-                read.cancel()
-                self._abandoned.add(read)
-                read.add_done_callback(self._abandoned.discard)
-                raise TimeoutError("the database did not answer")
-            version = read.result()
+            # quarter of the view's age limit, so a view confirmed through
+            # the mirror never reaches it.
+            version = await within(self._read_version(), self.max_age / 4)
         except Exception:
             if self.database_lost_at is None:
                 self.database_lost_at = started

@@ -1,10 +1,39 @@
 """Stopping the background tasks a process runs (catalogue refresh, ledger
-heartbeat, ledger writer)."""
+heartbeat, ledger writer), and giving up on work that does not answer."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Work given up on by :func:`within`, still ending.
+_ABANDONED: set[asyncio.Future[Any]] = set()
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_ABANDONED.discard)
+
+
+async def within(work: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``work``'s answer if it comes within ``seconds``; else ``TimeoutError``
+    at once. Work given up on is cancelled and left to end on its own: the
+    clean-up of a frozen database's connection, say, can take seconds more
+    than the wait (``asyncio.timeout`` would wait for it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
