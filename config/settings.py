@@ -72,6 +72,15 @@ class TokenSettings(_Section):
     client_assertion_max_age_seconds: int = Field(300, ge=10, le=3600)
 
 
+class ClientCertificate(_Section):
+    """A certificate (chain) and its private key, PEM files, that the gateway
+    shows to upstreams asking for mutual TLS. Named by datasets
+    (``upstream_tls.client_certificate``); the key never enters the database."""
+
+    cert_file: str
+    key_file: str
+
+
 class ProxySettings(_Section):
     #: Largest request body forwarded upstream, in bytes.
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
@@ -98,6 +107,9 @@ class ProxySettings(_Section):
     default_idle_timeout_seconds: float = Field(10.0, gt=0, le=600)
     #: Connection pool size towards all upstreams.
     pool_size: int = Field(200, ge=1, le=10000)
+    #: Client certificates for upstream mutual TLS, by name (TOML tables
+    #: ``[proxy.client_certificates.<name>]``; no environment variable).
+    client_certificates: dict[str, ClientCertificate] = Field(default_factory=dict)
 
 
 class BillingSettings(_Section):

@@ -80,7 +80,23 @@ def _own(principal: AdminPrincipal, licensee_id: str, what: str) -> None:
 
 #: What a licensee-scoped token is not shown of a dataset (DESIGN §3): the
 #: upstream it would otherwise call around the gateway, and how it is reached.
-_INTERNAL_DATASET_FIELDS = ("upstream_url", "timeout_seconds", "idle_timeout_seconds")
+_INTERNAL_DATASET_FIELDS = (
+    "upstream_url",
+    "upstream_pool",
+    "upstream_tls",
+    "timeout_seconds",
+    "idle_timeout_seconds",
+)
+
+
+def _known_certificate(request: web.Request, tls: schemas.UpstreamTls | None) -> None:
+    """A client certificate named for upstream TLS is one this gateway has."""
+    name = None if tls is None else tls.client_certificate
+    if name is not None and name not in request.app[SETTINGS].proxy.client_certificates:
+        raise ValidationFailedError(
+            "upstream_tls.client_certificate",
+            f"no client certificate {name!r} in the settings (proxy.client_certificates)",
+        )
 
 
 def _as_seen(principal: AdminPrincipal, dataset: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +112,7 @@ async def list_datasets(request: web.Request, principal: AdminPrincipal) -> web.
 
 async def create_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
     data = schemas.parse(schemas.DatasetIn, await _body(request))
+    _known_certificate(request, data.upstream_tls)
     created = await request.app[REGISTRY].create_dataset(data)
     return _json(dump(created), 201, f"/admin/v1/datasets/{created.id}")
 
@@ -106,6 +123,7 @@ async def get_dataset(request: web.Request, principal: AdminPrincipal) -> web.Re
 
 async def patch_dataset(request: web.Request, principal: AdminPrincipal) -> web.Response:
     patch = schemas.parse(schemas.DatasetPatch, await _body(request))
+    _known_certificate(request, patch.upstream_tls)
     return _json(dump(await request.app[REGISTRY].update_dataset(request.match_info["id"], patch)))
 
 

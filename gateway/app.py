@@ -29,6 +29,7 @@ from gateway.state import (
     CLOCK,
     ENGINE,
     METRICS,
+    POOLS,
     PRESENCE,
     QUOTA,
     REDIS,
@@ -41,6 +42,7 @@ from gateway.state import (
     UPSTREAMS,
     Clock,
 )
+from gateway.upstreams import Pools
 from ledger.log import Presence, live_replicas
 from ledger.writer import start_writer
 from licensing.admin_tokens import AdminTokens
@@ -223,7 +225,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
     ) as session:
         app[UPSTREAM] = session
-        yield
+        async with app[POOLS].checking(session, app[CATALOGUE]):
+            yield
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -239,6 +242,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[UPSTREAMS] = {}
+    app[POOLS] = Pools(settings)
     app[ACCEPTING] = [True]
     app[CLOCK] = Clock()
     app[REPLICA_ID] = new_call_id()

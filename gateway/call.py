@@ -182,6 +182,8 @@ class Call:
             "token_id": claims.token_id[:64],
             # Set when the call is reserved: the terms it is charged under.
             "terms_version": None,
+            # Set by the forwarder: the upstream target that answered (or was tried last).
+            "upstream_target": None,
         }
 
     @property

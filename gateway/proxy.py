@@ -93,7 +93,8 @@ from gateway import charging
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
-from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
+from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
+from gateway.upstreams import Pool
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import DatasetView, Grant, check_operation
 from licensing.tokens import AccessClaims
@@ -467,68 +468,111 @@ async def _forward(
     call: Call,
     buffered: bytes | None = None,
 ) -> tuple[web.StreamResponse, Served]:
+    """Forward the call to a target of the dataset's pool and relay its
+    answer; another target is tried (``upstream_pool.retries``) for an
+    idempotent call whose body is held whole, when one fails before its
+    answer began to be relayed (``gateway.upstreams``)."""
     settings = request.app[SETTINGS]
     limit = settings.proxy.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
     route = upstream_of(request.app, grant.dataset)
-    url = URL(f"{route.base}/{rest}", encoded=True)
+    pool = route.pool
     headers = _forward_headers(request, call.record["request_id"], settings.server.trusted_proxies)
     if route.metered:
         # Records priced or bounded are counted from the body: ask for it plain.
         headers["Accept-Encoding"] = "identity"
     timeout_s = route.timeout_s
     exceeded = [False]
-    body: bytes | io.BytesIO | AsyncIterator[bytes] | None = None
-    if buffered is not None:
-        # aiohttp writes bytes in one go; a large body goes as a stream.
-        body = buffered if len(buffered) <= _ONE_WRITE else io.BytesIO(buffered)
-    elif request.body_exists:
-        body = _limited(request.content, limit, exceeded)
+    streamed = buffered is None and request.body_exists
+    retries = pool.may_retry(request.method, not streamed)
     session = request.app[UPSTREAM]
-    # The call's whole time upstream, to the last byte relayed: one timer for
-    # the request and another for the relay (its record is written after).
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    try:
-        async with asyncio.timeout_at(deadline):
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=route.timeout,
-                compress=None,
-                auto_decompress=False,
-            )
+    tls = pool.ssl if pool.ssl is not None else True
+    loop = asyncio.get_running_loop()
+    # The call's whole time upstream, to the last byte relayed, across
+    # attempts: one timer for each request and another for the relay (its
+    # record is written after).
+    deadline = loop.time() + timeout_s
+    tried: set[str] = set()
+    while True:
+        target = pool.choose(tried)
+        tried.add(target.name)
+        call.record["upstream_target"] = target.name
+        last = len(tried) > retries or not pool.more_to_try(tried)
+        body: bytes | io.BytesIO | AsyncIterator[bytes] | None = None
+        if buffered is not None:
+            # aiohttp writes bytes in one go; a large body goes as a stream.
+            body = buffered if len(buffered) <= _ONE_WRITE else io.BytesIO(buffered)
+        elif streamed:
+            body = _limited(request.content, limit, exceeded)
+        url = URL(f"{target.base}/{rest}", encoded=True)
+        try:
+            async with asyncio.timeout_at(deadline):
+                upstream = await session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=route.timeout,
+                    compress=None,
+                    auto_decompress=False,
+                    ssl=tls,
+                )
+        except (RequestTooLargeError, LedgerUnavailableError):
+            raise
+        except TimeoutError as exc:
+            pool.failed(target)
+            if last or loop.time() >= deadline:
+                raise UpstreamUnavailableError(
+                    f"upstream of {grant.dataset.id} timed out (at most {timeout_s:g} s a call)", status=504
+                ) from exc
+            continue
+        except aiohttp.ClientSSLError as exc:
+            pool.failed(target)
+            if last:
+                raise UpstreamUnavailableError(
+                    f"upstream of {grant.dataset.id} failed TLS verification", status=502
+                ) from exc
+            continue
+        except aiohttp.ClientConnectorError as exc:
+            pool.failed(target)
+            if last:
+                raise UpstreamUnavailableError(
+                    f"upstream of {grant.dataset.id} is unreachable", status=503
+                ) from exc
+            continue
+        except (aiohttp.ClientError, OSError) as exc:
+            if exceeded[0]:
+                raise RequestTooLargeError(f"the request body exceeds {limit} bytes") from exc
+            pool.failed(target)
+            if last:
+                raise UpstreamUnavailableError(
+                    f"upstream of {grant.dataset.id} failed: {type(exc).__name__}"
+                ) from exc
+            continue
+        if upstream.status >= 500:
+            pool.failed(target)
+            if not last:
+                upstream.release()
+                continue
+        else:
+            pool.answered(target)
         async with upstream:
-            return await _relay(request, upstream, grant, route, url, charge, call, deadline)
-    except (RequestTooLargeError, LedgerUnavailableError):
-        raise
-    except TimeoutError as exc:
-        raise UpstreamUnavailableError(
-            f"upstream of {grant.dataset.id} timed out (at most {timeout_s:g} s a call)", status=504
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailableError(f"upstream of {grant.dataset.id} is unreachable", status=503) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        if exceeded[0]:
-            raise RequestTooLargeError(f"the request body exceeds {limit} bytes") from exc
-        raise UpstreamUnavailableError(
-            f"upstream of {grant.dataset.id} failed: {type(exc).__name__}"
-        ) from exc
+            return await _relay(request, upstream, grant, route, url, target.url, charge, call, deadline)
 
 
-def _gateway_location(value: str, requested: URL, grant: Grant) -> str | None:
+def _gateway_location(value: str, requested: URL, base_url: URL, grant: Grant) -> str | None:
     """A ``Location`` of the upstream as the caller must see it: the gateway's
-    own path when it points inside the dataset's upstream, else ``None``."""
+    own path when it points inside the answering target (``base_url``), else
+    ``None``."""
     try:
         target = requested.join(URL(value))
-        if target.origin() != grant.dataset.upstream.origin():
+        if target.origin() != base_url.origin():
             return None
     except ValueError:
         return None
-    base = grant.dataset.upstream.raw_path.rstrip("/")
+    base = base_url.raw_path.rstrip("/")
     path = target.raw_path
     if path != base and not path.startswith(base + "/"):
         return None
@@ -563,12 +607,15 @@ class Upstream:
     metered: bool
     #: Records are priced.
     priced: bool
+    #: The targets and their health (``gateway.upstreams``).
+    pool: Pool
 
 
 def upstream_of(app: web.Application, dataset: DatasetView) -> Upstream:
     kept: Upstream | None = app[UPSTREAMS].get(dataset.id)
     if kept is not None and kept.dataset is dataset:
         return kept
+    pool = app[POOLS].of(dataset)
     proxy = app[SETTINGS].proxy
     timeout_s = dataset.timeout_seconds or proxy.default_timeout_seconds
     idle_s = min(dataset.idle_timeout_seconds or proxy.default_idle_timeout_seconds, timeout_s)
@@ -580,6 +627,7 @@ def upstream_of(app: web.Application, dataset: DatasetView) -> Upstream:
         limit=dataset.max_response_bytes or proxy.max_response_bytes,
         metered=dataset.per_record_e4 > 0 or dataset.max_records_per_call is not None,
         priced=dataset.per_record_e4 > 0,
+        pool=pool,
     )
     app[UPSTREAMS][dataset.id] = made
     return made
@@ -596,6 +644,7 @@ async def _relay(
     grant: Grant,
     route: Upstream,
     url: URL,
+    base_url: URL,
     charge: charging.Charge,
     call: Call,
     deadline: float,
@@ -624,7 +673,7 @@ async def _relay(
         if lower in NEVER_DOWNSTREAM or lower in connection_named:
             continue
         if lower in ("location", "content-location"):
-            rewritten = _gateway_location(value, url, grant)
+            rewritten = _gateway_location(value, url, base_url, grant)
             if rewritten is not None:
                 response.headers.add(name, rewritten)
             continue

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from config.settings import Settings
 from gateway.call import CallContext
 from gateway.metrics import Metrics
+from gateway.upstreams import Pools
 from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
@@ -55,6 +56,8 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
 #: How calls to each dataset are forwarded (``gateway.proxy.upstream_of``), by dataset id.
 UPSTREAMS: web.AppKey[dict[str, Any]] = web.AppKey("upstreams")
+#: Every dataset's upstream targets and their health (``gateway.upstreams``).
+POOLS = web.AppKey("pools", Pools)
 #: What every data call works with (``gateway.call``), made once.
 CALLS = web.AppKey("calls", CallContext)
 #: False once shutdown begins, so readiness fails before connections drain.

@@ -55,7 +55,7 @@ GENESIS: Final = bytes(DIGEST_SIZE)
 REQUIRED_KEYS: Final = ("seq", "time", "call_id")
 #: Keys a record gained after ledgers had records: left out of the hashed
 #: bytes when null, so the records written before them hash as they did.
-LATER_KEYS: Final = ("terms_version",)
+LATER_KEYS: Final = ("terms_version", "upstream_target")
 
 _LEAF: Final = b"\x00"
 _NODE: Final = b"\x01"
@@ -97,8 +97,8 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     are encoded in orjson's shortest round-trip form; prefer integers (fen,
     microseconds) for anything that must compare exactly.
 
-    A key of :data:`LATER_KEYS` (``terms_version``) whose value is ``None``
-    is left out: records written before the record had it hash as they were
+    A key of :data:`LATER_KEYS` (``terms_version``, ``upstream_target``)
+    whose value is ``None`` is left out: records written before the record had it hash as they were
     written. Any other value of it is hashed like every key.
 
     Raises ValueError for a missing or ill-typed ``seq``/``time``/``call_id``, and
@@ -117,10 +117,15 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     require_utc(time, "call record time")
     if not isinstance(call_id, str):
         raise ValueError(f"call record call_id must be a string, got {call_id!r}")
-    if record.get("terms_version", 0) is None:
-        record = {k: v for k, v in record.items() if k not in LATER_KEYS}
+    if record.get("terms_version", 0) is None or record.get("upstream_target", 0) is None:
+        record = without_null_later_keys(record)
     # orjson encodes only real dicts; copy other mappings.
     return orjson.dumps(record if record.__class__ is dict else dict(record), option=_OPTIONS)
+
+
+def without_null_later_keys(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` without the keys of :data:`LATER_KEYS` whose value is ``None``."""
+    return {k: v for k, v in record.items() if v is not None or k not in LATER_KEYS}
 
 
 def _sm3_digest(data: bytes) -> bytes:
@@ -595,8 +600,8 @@ class Verifier:
                     if problem is not None:
                         break
                     continue
-                if record.get("terms_version", 0) is None:
-                    record = {k: v for k, v in record.items() if k not in LATER_KEYS}
+                if record.get("terms_version", 0) is None or record.get("upstream_target", 0) is None:
+                    record = without_null_later_keys(record)
                 try:
                     data = dumps(record if record.__class__ is dict else dict(record), option=options)
                 except (TypeError, ValueError) as exc:

@@ -64,6 +64,10 @@ class CallRow(Base):
     #: a call refused before its dataset was known, or a record written
     #: before terms had versions, which leaves it out of its hashed bytes).
     terms_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The name of the upstream target that gave the answer relayed (or the
+    #: last one tried); null when nothing was forwarded, and in records
+    #: written before pools, which leaves it out of their hashed bytes.
+    upstream_target: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: The chain entry of this record (hex); not part of the hashed bytes.
     hash: Mapped[str] = mapped_column(String(64))
 

@@ -10,10 +10,11 @@ Positional, not an object with names: every byte a gateway appends is written
 again to the Redis server's append-only file, and the names were two fifths of
 each entry. :func:`from_log` reads an object with the names too.
 
-``terms_version`` came last, after ledgers had records: a record without one
-(``None``) is hashed without the key (``ledger.chain.canonical``), so those
-records verify as they were written, and log and in-flight entries written
-before it are read with it ``None``.
+``terms_version`` and then ``upstream_target`` came last, after ledgers had
+records: a record without one (``None``) is hashed without the key
+(``ledger.chain.canonical``), so those records verify as they were written,
+and log and in-flight entries written before them are read with them
+``None``.
 
 While the call is in flight its opening fields (:data:`OPENING_FIELDS`, known
 when it is reserved) wait in the in-flight entry the same way
@@ -71,6 +72,7 @@ FIELDS: Final[tuple[str, ...]] = (
     "token_id",
     "response_digest",
     "terms_version",
+    "upstream_target",
 )
 #: What is known of a call only when it ends.
 CLOSING_FIELDS: Final = (
@@ -84,14 +86,17 @@ CLOSING_FIELDS: Final = (
     "latency_us",
     "charge_e4",
     "response_digest",
+    "upstream_target",
 )
 #: What is known of it when it is reserved: the others but ``seq``.
 OPENING_FIELDS: Final = tuple(name for name in FIELDS[1:] if name not in CLOSING_FIELDS)
 #: What the gateway writes to the log, in this order: every field but ``seq``.
 LOGGED_FIELDS: Final = (*OPENING_FIELDS, *CLOSING_FIELDS)
 _LOGGED: Final = frozenset(LOGGED_FIELDS)
-#: The fields of entries written before ``terms_version`` (read with it None).
-_LEGACY_LOGGED: Final = tuple(name for name in LOGGED_FIELDS if name != "terms_version")
+#: The fields of entries written before ``upstream_target``, and before
+#: ``terms_version`` too (read with them None).
+_BEFORE_TARGET: Final = LOGGED_FIELDS[:-1]
+_LEGACY_LOGGED: Final = tuple(name for name in _BEFORE_TARGET if name != "terms_version")
 _LEGACY_OPENING: Final = tuple(name for name in OPENING_FIELDS if name != "terms_version")
 _LOGGED_VALUES: Final = operator.itemgetter(*LOGGED_FIELDS)
 _OPENING_VALUES: Final = operator.itemgetter(*OPENING_FIELDS)
@@ -161,7 +166,13 @@ def from_log(data: bytes) -> dict[str, Any]:
         raise RecordError(f"not JSON: {exc}") from exc
     if isinstance(record, list):
         if len(record) == len(_LEGACY_LOGGED):
-            record = {**dict(zip(_LEGACY_LOGGED, record, strict=True)), "terms_version": None}
+            record = {
+                **dict(zip(_LEGACY_LOGGED, record, strict=True)),
+                "terms_version": None,
+                "upstream_target": None,
+            }
+        elif len(record) == len(_BEFORE_TARGET):
+            record = {**dict(zip(_BEFORE_TARGET, record, strict=True)), "upstream_target": None}
         elif len(record) != len(LOGGED_FIELDS):
             raise RecordError(f"{len(record)} values, not the {len(LOGGED_FIELDS)} of a call record")
         else:
@@ -170,6 +181,7 @@ def from_log(data: bytes) -> dict[str, Any]:
         raise RecordError("not a JSON array or object")
     elif record.keys() != _LOGGED:
         record.setdefault("terms_version", None)
+        record.setdefault("upstream_target", None)
         missing = [name for name in LOGGED_FIELDS if name not in record]
         if missing:
             raise RecordError(f"missing fields: {', '.join(missing)}")

@@ -209,6 +209,7 @@ def incomplete_record(opened: dict[str, Any], now: datetime) -> dict[str, Any]:
         latency_us=max(0, int((now - started).total_seconds() * 1_000_000)),
         charge_e4=0,
         response_digest=None,
+        upstream_target=None,
     )
     return record
 

@@ -74,6 +74,10 @@ class DatasetView:
     max_records_per_call: int | None = None
     #: The version of the terms above (prices, tiers, split) in this view.
     terms_version: int = 1
+    #: ``schemas.UpstreamPool`` as stored (``None``: ``upstream`` alone).
+    upstream_pool: Mapping[str, Any] | None = None
+    #: ``schemas.UpstreamTls`` as stored.
+    upstream_tls: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +269,8 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         max_response_bytes=row.max_response_bytes,
         max_records_per_call=row.max_records_per_call,
         terms_version=row.terms_version,
+        upstream_pool=row.upstream_pool,
+        upstream_tls=row.upstream_tls,
     )
 
 

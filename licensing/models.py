@@ -44,6 +44,10 @@ class DatasetRow(Base):
     paths: Mapped[list[str]] = mapped_column(JSON)
     max_response_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_records_per_call: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: ``schemas.UpstreamPool`` as JSON (``None``: ``upstream_url`` alone).
+    upstream_pool: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: ``schemas.UpstreamTls`` as JSON (``None``: the system's CAs, no client certificate).
+    upstream_tls: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: The version of the terms above (``DatasetTermsRow``): the one in force.
     terms_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -105,6 +105,12 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         paths=list(row.paths),
         max_response_bytes=row.max_response_bytes,
         max_records_per_call=row.max_records_per_call,
+        upstream_pool=None
+        if row.upstream_pool is None
+        else schemas.UpstreamPool.model_validate(row.upstream_pool),
+        upstream_tls=None
+        if row.upstream_tls is None
+        else schemas.UpstreamTls.model_validate(row.upstream_tls),
         terms_version=row.terms_version,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -159,8 +165,19 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
     for name in ("methods", "paths"):
         if name in fields and getattr(data, name) is not None:
             setattr(row, name, list(getattr(data, name)))
+    if "upstream_pool" in fields:
+        pool = data.upstream_pool
+        row.upstream_pool = None if pool is None else pool.model_dump(mode="json")
+        if pool is not None:
+            row.upstream_url = str(pool.targets[0].url).rstrip("/")
+    if "upstream_tls" in fields:
+        tls = data.upstream_tls
+        row.upstream_tls = None if tls is None else tls.model_dump(mode="json")
     if "upstream_url" in fields and data.upstream_url is not None:
-        row.upstream_url = str(data.upstream_url).rstrip("/")
+        url = str(data.upstream_url).rstrip("/")
+        if row.upstream_pool is not None and url != row.upstream_url:
+            raise ValidationFailedError("upstream_url", schemas.POOL_FIRST)
+        row.upstream_url = url
     if "price" in fields and data.price is not None:
         row.per_call_e4 = fen_to_e4(data.price.per_call_fen)
         row.per_record_e4 = fen_to_e4(data.price.per_record_fen)

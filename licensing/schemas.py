@@ -261,11 +261,120 @@ class Burst(_Model):
     capacity: int = Field(100, ge=1, le=10_000_000, strict=True)
 
 
+class PoolTarget(_Model):
+    name: Identifier = Field(
+        description="named in the call record of every call it answers (upstream_target)"
+    )
+    url: UpstreamUrl
+    weight: int = Field(
+        100, ge=1, le=1000, strict=True, description="share of calls, against the others' weights"
+    )
+
+
+class HealthCheck(_Model):
+    """Active checks: ``GET {target}/{path}`` every ``interval_seconds``; a
+    2xx or 3xx answer within ``timeout_seconds`` passes."""
+
+    path: str = Field(
+        "",
+        max_length=512,
+        pattern=r"^([A-Za-z0-9._~!$&'()+,;=:@%-]+(/[A-Za-z0-9._~!$&'()+,;=:@%-]+)*)?$",
+        description="below the target's base URL, e.g. 'healthz' (empty: the base itself)",
+    )
+    interval_seconds: float = Field(10.0, ge=1, le=3600, strict=True)
+    timeout_seconds: float = Field(2.0, gt=0, le=60, strict=True)
+    #: Consecutive failed checks that take a target out, passed ones that bring it back.
+    unhealthy_after: int = Field(2, ge=1, le=10, strict=True)
+    healthy_after: int = Field(2, ge=1, le=10, strict=True)
+
+    @field_validator("path")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        if any(s in (".", "..") for s in value.split("/")):
+            raise ValueError("no dot segments")
+        return value
+
+
+class Breaker(_Model):
+    """Passive health: ``failures`` failures in a row (no connection, a
+    timeout, a 5xx answer) open a target's breaker for ``open_seconds``; then
+    one call tries it again (a success closes the breaker, a failure opens it
+    anew)."""
+
+    failures: int = Field(5, ge=1, le=1000, strict=True)
+    open_seconds: float = Field(30.0, gt=0, le=3600, strict=True)
+
+
+class UpstreamPool(_Model):
+    """Several targets serving the same API: calls are spread by weight
+    (smooth weighted round robin) over the targets whose breaker is closed and
+    whose active checks pass; a call none can take is refused 503
+    ``upstream-unavailable`` without being forwarded or charged."""
+
+    targets: list[PoolTarget] = Field(min_length=1, max_length=16)
+    retries: int = Field(
+        1,
+        ge=0,
+        le=5,
+        strict=True,
+        description="further targets tried for an idempotent call (GET, HEAD, OPTIONS, PUT, DELETE) "
+        "whose body is held whole, when a target cannot be reached, resets, times out before answering "
+        "or answers 5xx, before any byte reached the caller and within the call's timeout; the call is "
+        "reserved and charged once",
+    )
+    breaker: Breaker = Field(default_factory=Breaker)
+    health_check: HealthCheck | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, targets: list[PoolTarget]) -> list[PoolTarget]:
+        if len({t.name for t in targets}) != len(targets):
+            raise ValueError("target names must not repeat")
+        if len({str(t.url).rstrip("/") for t in targets}) != len(targets):
+            raise ValueError("target URLs must not repeat")
+        return targets
+
+
+MAX_PEM_LENGTH = 200_000
+
+
+class UpstreamTls(_Model):
+    """How the gateway meets an ``https`` upstream: the certificate
+    authorities it trusts there (instead of the system's), and the client
+    certificate it shows (mutual TLS). Client keys never pass through this
+    API: ``client_certificate`` names a pair of files in the settings
+    (``proxy.client_certificates``)."""
+
+    ca_pem: str | None = Field(
+        None,
+        max_length=MAX_PEM_LENGTH,
+        description="PEM bundle of the CA certificates trusted for this upstream",
+    )
+    client_certificate: Identifier | None = Field(
+        None, description="name of a certificate and key pair in the settings (proxy.client_certificates)"
+    )
+
+    @field_validator("ca_pem")
+    @classmethod
+    def _certificates(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificates(value.encode())
+        except ValueError as exc:
+            raise ValueError("not a PEM bundle of X.509 certificates") from exc
+        return value
+
+
 class DatasetIn(_Model):
     id: Identifier
     name: str = Field(min_length=1, max_length=200)
     provider: Identifier
-    upstream_url: UpstreamUrl
+    upstream_url: UpstreamUrl | None = Field(
+        None, description="the upstream's base URL; required unless upstream_pool names the targets"
+    )
     classification: int = Field(ge=1, le=4, strict=True)
     open_class: OpenClass
     free_monthly_calls: int = Field(0, ge=0, le=10**12, strict=True)
@@ -305,6 +414,11 @@ class DatasetIn(_Model):
         strict=True,
         description="largest response relayed; default from settings (proxy.max_response_bytes)",
     )
+    upstream_pool: UpstreamPool | None = Field(
+        None,
+        description="several targets instead of upstream_url alone (which is then the first target's URL)",
+    )
+    upstream_tls: UpstreamTls | None = None
     max_records_per_call: int | None = Field(
         None,
         ge=1,
@@ -323,18 +437,43 @@ class DatasetIn(_Model):
             raise ValueError(RECORDS_UNBOUNDED)
         return value
 
+    @model_validator(mode="after")
+    def _one_upstream(self) -> DatasetIn:
+        if self.upstream_pool is None:
+            if self.upstream_url is None:
+                raise ValueError("give upstream_url, or upstream_pool with its targets")
+        else:
+            first = self.upstream_pool.targets[0].url
+            if self.upstream_url is not None and str(self.upstream_url).rstrip("/") != str(first).rstrip("/"):
+                raise ValueError(POOL_FIRST)
+            if self.upstream_url is None:
+                self.upstream_url = first
+        return self
+
 
 RECORDS_UNBOUNDED = "required when price.per_record_fen is above 0"
+POOL_FIRST = "with upstream_pool, upstream_url is the first target's URL (or left out)"
 
 
 class DatasetPatch(_Patch):
     """The fields to change; each given field replaces the stored value whole
-    (``price``, ``revenue_split`` and ``burst`` are replaced as units). Only
-    the optional limits may be ``null`` (cleared: the settings' defaults);
-    ``null`` for any other field is refused, never ignored."""
+    (``price``, ``revenue_split``, ``burst``, ``upstream_pool`` and
+    ``upstream_tls`` are replaced as units). Only the optional limits may be
+    ``null`` (cleared: the settings' defaults), and ``upstream_pool`` and
+    ``upstream_tls`` (cleared: ``upstream_url`` alone, the system's CAs);
+    ``null`` for any other field is refused, never ignored. A new
+    ``upstream_pool`` makes ``upstream_url`` its first target's URL; while a
+    pool is set, ``upstream_url`` changes only with it."""
 
     clearable: ClassVar[frozenset[str]] = frozenset(
-        {"timeout_seconds", "idle_timeout_seconds", "max_response_bytes", "max_records_per_call"}
+        {
+            "timeout_seconds",
+            "idle_timeout_seconds",
+            "max_response_bytes",
+            "max_records_per_call",
+            "upstream_pool",
+            "upstream_tls",
+        }
     )
 
     name: str | None = Field(None, min_length=1, max_length=200)
@@ -353,6 +492,8 @@ class DatasetPatch(_Patch):
     paths: PathPatterns | None = None
     max_response_bytes: int | None = Field(None, ge=1, le=MAX_RESPONSE_BYTES, strict=True)
     max_records_per_call: int | None = Field(None, ge=1, le=MAX_RECORDS_PER_CALL, strict=True)
+    upstream_pool: UpstreamPool | None = None
+    upstream_tls: UpstreamTls | None = None
 
 
 class Dataset(DatasetIn):

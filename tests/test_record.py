@@ -50,6 +50,7 @@ def record() -> dict[str, Any]:
         "charge_e4": 10000,
         "response_digest": "ab" * 32,
         "terms_version": 3,
+        "upstream_target": "primary",
     }
 
 
@@ -107,12 +108,13 @@ def test_the_opening_fields_wait_with_the_reservation() -> None:
 def test_entries_from_before_terms_versions_read_without_one() -> None:
     """Log and in-flight entries written before records named their terms
     version (one value fewer) read with it None; one value more is refused."""
-    old = {k: v for k, v in record().items() if k != "terms_version"}
-    values = [old[name] for name in LOGGED_FIELDS if name != "terms_version"]
+    later = ("terms_version", "upstream_target")
+    old = {k: v for k, v in record().items() if k not in later}
+    values = [old[name] for name in LOGGED_FIELDS if name not in later]
     back = from_log(orjson.dumps(values, option=orjson.OPT_UTC_Z))
-    assert back == {**old, "terms_version": None}
+    assert back == {**old, "terms_version": None, "upstream_target": None}
     named = from_log(orjson.dumps(old, option=orjson.OPT_UTC_Z))
-    assert named == {**old, "terms_version": None}
+    assert named == {**old, "terms_version": None, "upstream_target": None}
     values = orjson.loads(opening(record()))
     opened = [v for v, name in zip(values, OPENING_FIELDS, strict=True) if name != "terms_version"]
     assert from_opening(orjson.dumps(opened))["terms_version"] is None
@@ -129,3 +131,15 @@ def test_a_record_without_terms_version_hashes_as_before_it_existed() -> None:
     assert b'"terms_version":3' in canonical(with_seq)
     assert canonical({**with_seq, "terms_version": 4}) != canonical(with_seq)
     assert canonical({**with_seq, "terms_version": 0}) != canonical(old)
+
+
+def test_entries_from_before_upstream_targets_read_without_one() -> None:
+    """Log entries written before records named their upstream target (the
+    last value) read with it None, and hash as they did: the chain leaves a
+    null later key out."""
+    old = {k: v for k, v in record().items() if k != "upstream_target"}
+    values = [old[name] for name in LOGGED_FIELDS if name != "upstream_target"]
+    back = from_log(orjson.dumps(values, option=orjson.OPT_UTC_Z))
+    assert back == {**old, "upstream_target": None}
+    assert canonical({**back, "seq": 7}) == canonical({**old, "seq": 7})
+    assert canonical({**record(), "seq": 7}) != canonical({**old, "seq": 7})

@@ -48,6 +48,11 @@ class CallRecord(BaseModel):
     client_address: str
     token_id: str
     response_digest: str | None
+    #: The version of the dataset's terms the call was charged under.
+    terms_version: int | None = None
+    #: The upstream target that answered (or was tried last); null when
+    #: nothing was forwarded.
+    upstream_target: str | None = None
     hash: str
     charge_fen: str
 
