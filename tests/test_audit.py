@@ -83,6 +83,8 @@ def make_record(i: int) -> dict[str, Any]:
         # Some records from before terms had versions (no terms_version in
         # their hashed bytes), most naming theirs.
         "terms_version": None if i % 3 == 0 else 1 + i % 2,
+        # Records from before pools, or refused before forwarding, name no target.
+        "upstream_target": None if refused or i % 4 == 0 else ("default", "b")[i % 2],
     }
 
 
