@@ -199,6 +199,7 @@ def make_log(n: int, seed: int = 20260301) -> list[bytes]:
             "client_address": rng.choice(clients),
             "token_id": rng.choice(tokens),
             "terms_version": 1,
+            "upstream_target": rng.choice(("a", "b")),
             "time": t,
             "latency_us": latency,
         }
@@ -224,6 +225,7 @@ def make_log(n: int, seed: int = 20260301) -> list[bytes]:
                 upstream_status=None,
                 outcome="refused",
                 problem=problem,
+                upstream_target=None,
                 records=0,
                 bytes=rng.randint(200, 400),
                 charge_e4=0,

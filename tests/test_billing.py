@@ -182,6 +182,7 @@ class Books:
                     "token_id": f"tok-{i}",
                     "response_digest": "cd" * 32 if served else None,
                     "terms_version": self.terms_version,
+                    "upstream_target": "default" if served else None,
                 }
             )
         await self.store.append(records, f"{self.n}-0")
