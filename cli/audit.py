@@ -113,7 +113,7 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             async with _engine(settings) as engine:
                 if args.trust_stored_keys:
                     keys = {**await audit.stored_keys(engine), **keys}
-                report = await audit.verify(engine, keys, progress=progress)
+                report = await audit.verify(engine, keys, progress=progress, since=args.since)
     data = report.as_dict()
     problem = report.problem
     if problem is not None and problem.kind == "checkpoint" and "unknown key id" in problem.reason:
@@ -198,6 +198,25 @@ def _table(calls: list[dict[str, Any]]) -> None:
     for call in calls:
         table.add_row(*("" if call[c] is None else str(call[c]) for c in TRACE_COLUMNS))
     console.print(table)
+
+
+# -- archive -----------------------------------------------------------------------
+
+
+async def audit_archive(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import audit
+
+    async with _engine(settings) as engine:
+        done = await audit.archive(engine, args.period, Path(args.out), _file_keys(settings, args))
+    text = (
+        f"archived {done['period']}: seq {done['first_seq']}..{done['last_seq']} "
+        f"({done['records']:,} records, {done['checkpoints']} signed checkpoints) to {args.out}\n"
+        f"  manifest sha256 {done['manifest_sha256']}; it verifies with: "
+        f"pdg audit verify --export {done['manifest']}\n"
+        f"  table {done['detached_table']} is detached: drop it once the archive is stored where it is kept"
+    )
+    emit(args, done, text)
+    return 0
 
 
 # -- export ------------------------------------------------------------------------
@@ -327,6 +346,22 @@ def add_commands(sub: Any, common: Common) -> None:
         help="also trust the keys stored in the database (or carried in the export)",
     )
     p.add_argument("--export", metavar="MANIFEST", help="verify an export offline, from its manifest.json")
+    p.add_argument(
+        "--since",
+        type=_seq,
+        metavar="SEQ",
+        help="start after the signed checkpoint that ends at SEQ (trusted once its signature verifies)",
+    )
+
+    p = command(
+        "archive",
+        "export a closed partition of the call record (PostgreSQL) with its manifest, verify the "
+        "export, then detach the partition",
+        audit_archive,
+    )
+    key_options(p)
+    p.add_argument("period", metavar="PERIOD", help="YYYY-MM")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not hold an export)")
 
     p = command("trace", "find call records: by call id, request id, or licensee/dataset/time", audit_trace)
     p.add_argument("call_id", nargs="?", metavar="CALL_ID")

@@ -21,6 +21,8 @@ class CallRow(Base):
     __tablename__ = "calls"
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: Unique (on PostgreSQL per partition, ``ledger.partitions``; the
+    #: parent indexes it for look-ups across them: ``ix_calls_call_id``).
     call_id: Mapped[str] = mapped_column(String(36), unique=True)
     request_id: Mapped[str] = mapped_column(String(128), index=True)
     #: When the record was made (the call's end); inside the hashed bytes.
@@ -75,6 +77,7 @@ class CallRow(Base):
         Index("ix_calls_licensee_seq", "licensee_id", "seq"),
         Index("ix_calls_dataset_seq", "dataset_id", "seq"),
         Index("ix_calls_period_licensee", "period", "licensee_id"),
+        Index("ix_calls_call_id", "call_id"),
     )
 
 
@@ -110,6 +113,25 @@ class LedgerStateRow(Base):
     #: The last seq covered by a checkpoint (0: none yet).
     checkpointed_seq: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LedgerPartitionRow(Base):
+    """A partition of ``calls`` on PostgreSQL: the records from ``first_seq``
+    to ``last_seq`` (``None``: the open one), and its archive once made
+    (``ledger.partitions``, ``ledger.audit.archive``)."""
+
+    __tablename__ = "ledger_partitions"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    first_seq: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The ``time`` of its first record.
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: SHA-256 of the archive's manifest, and where it was written.
+    archive_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    archive_location: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
 class LedgerKeyRow(Base):

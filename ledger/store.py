@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 from asyncpg.exceptions import UniqueViolationError
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical, require_utc
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
+from ledger.partitions import OpenPartition, close_open, cuts, load_open, period_of_time, record_open
 from ledger.record import FIELDS, hashed
 from licensing.keys import SigningKey
 from storage.db import UTCDateTime
@@ -103,6 +105,7 @@ class LedgerStore:
         algorithm: str = "sha256",
         checkpoint_records: int = 1000,
         checkpoint_seconds: float = 10.0,
+        time_zone: str = "Asia/Shanghai",
     ) -> None:
         if not isinstance(signing_key.private_key, ec.EllipticCurvePrivateKey):
             raise LedgerError("the ledger signing key must be an EC P-256 key (ES256)")
@@ -117,12 +120,17 @@ class LedgerStore:
         self._last_checkpoint = datetime.now(UTC)
         self._postgres = engine.dialect.name == "postgresql"
         self._binders = _binders(engine.dialect)
+        #: Partitions are periods in the billing time zone (``ledger.partitions``).
+        self._zone = ZoneInfo(time_zone)
+        #: The open partition (PostgreSQL), read on first use.
+        self._open: OpenPartition | None = None
 
     # -- state --------------------------------------------------------------
 
     async def load(self) -> None:
         """Read the chain state (creating it on first use) and the leaves of
         the interval not yet covered by a checkpoint."""
+        self._open = None
         async with self.engine.begin() as conn:
             state = (await conn.execute(select(_STATE))).first()
             if state is None:
@@ -208,6 +216,7 @@ class LedgerStore:
                 return await self._append(records, position, force_checkpoint, check=True)
         except BaseException:
             self.writer = None
+            self._open = None
             raise
 
     async def _append(
@@ -218,11 +227,24 @@ class LedgerStore:
             raise LedgerError("the ledger state is not loaded")
         start_seq, start_head = writer.next_seq, writer.head
         async with self.engine.begin() as conn:
+            part = None
+            if self._postgres:
+                if self._open is None:
+                    self._open = await load_open(conn)
+                part = self._open
+                # A repeat of a call written in a closed partition is not
+                # caught by the open one's unique index: look those up.
+                check = check or any(part.may_repeat(r["started_at"]) for r in records)
             fresh = await self._unseen(conn, records) if check else records
+            cut_at = cuts(part, fresh, self._zone) if part is not None else []
+            cut_here = {index for index, _ in cut_at}
             rows: list[dict[str, Any]] = []
             now = datetime.now(UTC)
             checkpoints: list[Checkpoint] = []
-            for record in fresh:
+            for index, record in enumerate(fresh):
+                if index in cut_here and writer.pending:
+                    # A partition ends at a checkpoint, so it verifies alone.
+                    checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
                 # A copy: a batch written again (see append) starts from the
                 # records as they were read.
                 row = {**record, "seq": writer.next_seq}
@@ -255,7 +277,9 @@ class LedgerStore:
             )
             if moved.rowcount != 1:
                 raise FencedError("another ledger writer moved the ledger on; this batch was not written")
-            if rows:
+            if rows and part is not None and (cut_at or part.period is None):
+                await self._insert_partitioned(conn, part, rows, cut_at, now)
+            elif rows:
                 await self._insert(conn, rows)
             if checkpoints:
                 await conn.execute(
@@ -305,6 +329,27 @@ class LedgerStore:
             stored.add(record["call_id"])
             fresh.append(record)
         return fresh
+
+    async def _insert_partitioned(
+        self,
+        conn: AsyncConnection,
+        part: OpenPartition,
+        rows: list[dict[str, Any]],
+        cut_at: list[tuple[int, str]],
+        now: datetime,
+    ) -> None:
+        """Insert ``rows``, closing the open partition before each row that
+        opens a new one (``ledger.partitions``)."""
+        if part.period is None:
+            await record_open(conn, part, period_of_time(rows[0]["time"], self._zone), rows[0]["time"])
+        start = 0
+        for index, period in cut_at:
+            if index > start:
+                await self._insert(conn, rows[start:index])
+            await close_open(conn, part, rows[index]["seq"], period, rows[index]["time"], now)
+            log.info("ledger partition %s opened at seq %d", period, rows[index]["seq"])
+            start = index
+        await self._insert(conn, rows[start:])
 
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         if self._postgres:

@@ -639,6 +639,7 @@ def build_writer(settings: Settings, engine: AsyncEngine, client: RedisClient, *
         algorithm=ledger.hash_algorithm,
         checkpoint_records=ledger.checkpoint_records,
         checkpoint_seconds=ledger.checkpoint_seconds,
+        time_zone=settings.billing.time_zone,
     )
     return LedgerWriter(
         client,

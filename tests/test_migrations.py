@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 import licensing.models  # noqa: F401  (registers the tables)
+from ledger.partitions import in_models
 from licensing.models import CatalogueVersionRow
 from storage import migrate
 from storage.db import Base, create_engine
@@ -36,7 +38,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 def _diff(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    context = MigrationContext.configure(connection, opts={"compare_type": True, "include_object": in_models})
     return list(compare_metadata(context, Base.metadata))
 
 
@@ -85,3 +87,52 @@ async def test_replicas_migrating_at_once(database_url: str) -> None:
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_a_ledger_with_records_becomes_partitioned_and_back(database_url: str) -> None:
+    """The records written before partitions stay where they were (on
+    PostgreSQL: the open partition), append-only, and come back whole on the
+    way down."""
+    engine = create_engine(database_url)
+    postgres = engine.dialect.name == "postgresql"
+    columns = (
+        "seq, call_id, request_id, time, started_at, app_id, licensee_id, licence_id, dataset_id, purpose, "
+        "method, path, status, outcome, records, bytes, latency_us, period, charge_e4, client_address, "
+        "token_id, hash"
+    )
+    values = (
+        "{n}, 'call-{n}', 'r', '2026-11-01 00:00:00', '2026-11-01 00:00:00', 'a', 'l', 'c', 'd', "
+        "'industrial', 'GET', 'p', 200, 'served', 1, 1, 1, '2026-11', 0, '127.0.0.1', 't', 'h'"
+    )
+    try:
+        await migrate.upgrade(engine, "0008")
+        async with engine.begin() as conn:
+            for n in (1, 2, 3):
+                await conn.execute(text(f"INSERT INTO calls ({columns}) VALUES ({values.format(n=n)})"))
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            seqs = (await conn.execute(text("SELECT seq FROM calls ORDER BY seq"))).scalars().all()
+            assert seqs == [1, 2, 3]
+            if postgres:
+                kinds = (
+                    await conn.execute(text("SELECT DISTINCT tableoid::regclass::text FROM calls"))
+                ).all()
+                assert kinds == [("calls_open",)]
+        with pytest.raises(DBAPIError):
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE calls SET status = 500 WHERE seq = 2"))
+        with pytest.raises(DBAPIError):  # a call id once
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        f"INSERT INTO calls ({columns}) VALUES ({values.format(n=4)})".replace(
+                            "'call-4'", "'call-1'"
+                        )
+                    )
+                )
+        await migrate.downgrade(engine, "0008")
+        async with engine.connect() as conn:
+            seqs = (await conn.execute(text("SELECT seq FROM calls ORDER BY seq"))).scalars().all()
+            assert seqs == [1, 2, 3]
+    finally:
+        await engine.dispose()

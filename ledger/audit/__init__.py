@@ -36,6 +36,7 @@ third party runs.
 
 from __future__ import annotations
 
+from ledger.audit.archive import archive
 from ledger.audit.common import (
     AuditError,
     Progress,
@@ -79,6 +80,7 @@ __all__ = [
     "ProofCheck",
     "PublicKeys",
     "VerifyReport",
+    "archive",
     "atomic_write",
     "check_proof",
     "checkpoint_from_json",

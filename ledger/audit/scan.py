@@ -38,9 +38,13 @@ def _records(rows: Sequence[Sequence[Any]]) -> Any:
         yield dict(zip(fields, row, strict=False)), stored
 
 
-async def _scan_sqlite(conn: AsyncConnection, verifier: Verifier, tick: Callable[[int], bool]) -> Scanned:
+async def _scan_sqlite(
+    conn: AsyncConnection, verifier: Verifier, tick: Callable[[int], bool], first: int = 1
+) -> Scanned:
     problem = None
-    result = await conn.stream(select(*(_CALLS.c[c] for c in _SCANNED)).order_by(_CALLS.c.seq))
+    result = await conn.stream(
+        select(*(_CALLS.c[c] for c in _SCANNED)).where(_CALLS.c.seq >= first).order_by(_CALLS.c.seq)
+    )
     with no_gc():
         async for rows in result.partitions(CHUNK):
             problem = verifier.feed_many(_records(rows))

@@ -27,7 +27,8 @@ from ledger.audit.common import (
 )
 from ledger.audit.parallel import MAX_SEGMENTS, PARALLEL_MIN_RECORDS, _split_points, _verify_parallel
 from ledger.audit.scan import NO_END, Scanned, _scan_postgres, _scan_sqlite
-from ledger.chain import Chain, Problem, Verifier, canonical
+from ledger.chain import GENESIS, Chain, Problem, Verifier, canonical
+from ledger.partitions import PARTITIONS
 from ledger.record import FIELDS
 
 #: How far around a misfit record to look for the place it was moved from.
@@ -42,8 +43,14 @@ async def verify(
     progress: Progress | None = None,
     parallel_min: int = PARALLEL_MIN_RECORDS,
     segments: int | None = None,
+    since: int | None = None,
 ) -> VerifyReport:
     """Re-derive the whole ledger and report the first problem, if any.
+
+    ``since``: start after the checkpoint that ends at this seq, trusting its
+    chain head once its signature verifies with ``public_keys``. Without it,
+    from seq 1, or after the last archived partition (its records are gone
+    from the database; their export verifies on its own).
 
     ``progress(done, total)`` is called after each chunk of rows. A PostgreSQL
     ledger of ``parallel_min`` records or more is verified in pieces by
@@ -57,8 +64,40 @@ async def verify(
         algorithm = state.algorithm if state is not None else "sha256"
         last = state.next_seq - 1 if state is not None else 0
         cps, early = _checkpoints(cp_rows, algorithm)
+        kept = PARTITIONS.c
+        archived = int(
+            await conn.scalar(select(func.max(kept.last_seq)).where(kept.archived_at.is_not(None))) or 0
+        )
+        after = archived if since is None else since
+        if after < archived:
+            raise AuditError(
+                f"the records up to seq {archived} are archived: verify them from their exports "
+                f"('pdg audit verify --export'), and here --since {archived} or later"
+            )
+        prev_hash, anchor_problem = GENESIS, None
+        if after:
+            anchor = next((cp for cp in cps if cp.last_seq == after), None)
+            if anchor is None:
+                raise AuditError(
+                    f"no checkpoint ends at seq {after}: --since takes the last seq of a checkpoint"
+                )
+            key = public_keys.get(anchor.key_id)
+            if key is None:
+                anchor_problem = Problem(
+                    after + 1,
+                    "checkpoint",
+                    f"the checkpoint ending at seq {after}: unknown key id {anchor.key_id!r}",
+                )
+            elif not anchor.verify(key):
+                anchor_problem = Problem(
+                    after + 1, "checkpoint", f"the checkpoint ending at seq {after}: bad signature"
+                )
+            prev_hash = anchor.chain_head
+            cps = [cp for cp in cps if cp.first_seq > after]
         try:
-            verifier = Verifier(algorithm, checkpoints=cps, public_keys=public_keys)
+            verifier = Verifier(
+                algorithm, checkpoints=cps, public_keys=public_keys, first_seq=after + 1, prev_hash=prev_hash
+            )
         except ValueError as exc:
             raise AuditError(f"cannot verify this ledger: {exc}") from exc
 
@@ -76,27 +115,31 @@ async def verify(
 
         postgres = engine.dialect.name == "postgresql"
         parts = segments or min(MAX_SEGMENTS, os.cpu_count() or 1)
-        cuts = _split_points(cps, last, parts) if postgres and last >= parallel_min and parts > 1 else []
+        cuts = (
+            _split_points(cps, last, parts)
+            if postgres and not after and last >= parallel_min and parts > 1
+            else []
+        )
         if cuts:
             scanned = await _verify_parallel(conn, algorithm, cps, public_keys, cuts, report, parts)
         elif postgres:
             raw = await conn.get_raw_connection()
-            scanned = await _scan_postgres(raw.driver_connection, verifier, 1, NO_END, tick)
+            scanned = await _scan_postgres(raw.driver_connection, verifier, after + 1, NO_END, tick)
         else:
-            scanned = await _scan_sqlite(conn, verifier, tick)
+            scanned = await _scan_sqlite(conn, verifier, tick, after + 1)
         problem = await _tail(conn, scanned, state, last)
         if problem is not None and problem.kind == "altered":
             problem = await _diagnose(conn, problem, scanned.head, last, state)
-    problem = _first(early, problem)
-    signed = max((cp.last_seq for cp in cps if cp.last_seq <= last), default=0)
-    records = problem.seq - 1 if problem is not None else scanned.last_seq
+    problem = _first(early, anchor_problem, problem)
+    signed = max((cp.last_seq for cp in cps if cp.last_seq <= last), default=after)
+    records = (problem.seq - 1 if problem is not None else scanned.last_seq) - after
     return VerifyReport(
         ok=problem is None,
         source="database",
         algorithm=algorithm,
         records=max(0, records),
         checkpoints=_count_checked(cps, records, problem),
-        first_seq=1,
+        first_seq=after + 1,
         last_seq=last,
         unsigned_tail=max(0, last - signed),
         problem=problem,

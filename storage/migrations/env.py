@@ -12,6 +12,7 @@ from alembic import context
 import billing.models  # noqa: F401  (registers the tables)
 import ledger.models  # noqa: F401
 import licensing.models  # noqa: F401
+from ledger.partitions import in_models
 from storage.db import Base
 
 connection = context.config.attributes["connection"]
@@ -20,6 +21,7 @@ context.configure(
     target_metadata=Base.metadata,
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    include_object=in_models,
 )
 with context.begin_transaction():
     context.run_migrations()
