@@ -7,6 +7,11 @@ until ``--duration`` seconds have passed or ``--max-requests`` were sent. It
 prints one JSON object on stdout: requests, errors, requests/s and latency
 percentiles in milliseconds.
 
+With ``--rate R`` it paces instead (the soak's load): request ``n`` is due at
+``n / R`` seconds after the start, the workers take the requests in turn, and
+a request's latency counts from when it was due, so a gateway that falls
+behind shows it in the percentiles (no coordinated omission).
+
     python bench/loadgen.py --url http://127.0.0.1:9002/records -c 64 -d 10 -H 'Authorization: Bearer x'
 
 A Python client costs far more CPU per request than ``wrk``; give it a core of
@@ -49,6 +54,7 @@ async def run(
     headers: dict[str, str],
     max_requests: int,
     request_timeout: float,
+    rate: float = 0.0,
 ) -> dict[str, object]:
     latencies: array[float] = array("d")
     counters = {"sent": 0, "ok": 0, "non_2xx": 0, "errors": 0}
@@ -61,9 +67,20 @@ async def run(
         clock = time.perf_counter
         while counters["sent"] < max_requests:
             t0 = clock()
-            if t0 >= deadline:
-                return
-            counters["sent"] += 1
+            if rate > 0:
+                due = started + counters["sent"] / rate
+                if due >= deadline:
+                    return
+                if due > t0:
+                    counters["sent"] += 1
+                    await asyncio.sleep(due - t0)
+                else:
+                    counters["sent"] += 1
+                t0 = due
+            else:
+                if t0 >= deadline:
+                    return
+                counters["sent"] += 1
             try:
                 async with session.get(url, headers=headers) as response:
                     await response.read()
@@ -87,6 +104,7 @@ async def run(
     done = len(ordered)
     return {
         "tool": "python",
+        "rate": rate,
         "url": url,
         "connections": connections,
         "duration_s": duration,
@@ -116,6 +134,7 @@ def main() -> None:
     parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value', repeatable")
     parser.add_argument("--max-requests", type=int, default=5_000_000, help="hard cap on requests sent")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    parser.add_argument("--rate", type=float, default=0.0, help="requests per second, paced (0: closed loop)")
     args = parser.parse_args()
     headers: dict[str, str] = {}
     for raw in args.header:
@@ -125,7 +144,7 @@ def main() -> None:
         headers[name.strip()] = value.strip()
     install_uvloop()
     result = asyncio.run(
-        run(args.url, args.connections, args.duration, headers, args.max_requests, args.timeout)
+        run(args.url, args.connections, args.duration, headers, args.max_requests, args.timeout, args.rate)
     )
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

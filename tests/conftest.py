@@ -45,7 +45,22 @@ if TYPE_CHECKING:
     from tests.servers import PrivatePostgres, PrivateValkey
 
 PG_URL = os.environ.get("PDG_TEST_DATABASE_URL", "")
-REDIS_URL = os.environ.get("PDG_TEST_REDIS_URL", "")
+
+
+def _redis_for_this_worker(url: str) -> str:
+    """The shared Redis's database for this test process: the URL's own
+    database, or under pytest-xdist the next ones (``gw1`` takes one more),
+    since tests flush the database they use."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not url or not worker.startswith("gw"):
+        return url
+    base, _, db = url.rpartition("/")
+    if not db.isdigit() or "://" not in base:
+        base, db = url.rstrip("/"), "0"
+    return f"{base}/{(int(db) + int(worker[2:])) % 16}"
+
+
+REDIS_URL = _redis_for_this_worker(os.environ.get("PDG_TEST_REDIS_URL", ""))
 
 
 def free_port() -> int:

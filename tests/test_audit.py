@@ -284,9 +284,13 @@ async def test_the_postgres_scan_streams_from_the_primary_key(ledger: Ledger) ->
             plain = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + segment._SCAN, 1, segment.NO_END))
             await driver.execute(segment._SETTINGS)
             plan = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + segment._SCAN, 1, segment.NO_END))
-    assert "Index Scan using pk_calls" not in plain  # the push works: without the settings, no index
-    assert "Index Scan using pk_calls" in plan, plan
-    assert "Sort" not in plan, plan
+    # On PostgreSQL ``calls`` is partitioned: the scan reads each partition's
+    # primary key, merged in seq order (a Merge Append), and sorts nothing.
+    assert "Index Scan" not in plain  # the push works: without the settings, no index
+    scans = [line for line in plan.splitlines() if "Scan" in line]
+    assert scans, plan
+    assert all("Index Scan using" in line and "pkey" in line for line in scans), plan
+    assert not [line for line in plan.splitlines() if line.strip().lstrip("-> ").startswith("Sort ")], plan
 
     # The settings end with the scan: what runs after it in the same transaction
     # (the tail checks, the diagnosis of an altered record) is planned freely.
