@@ -312,6 +312,17 @@ class Call:
                 charge_at=charge_at,
                 response=charge.kept if served else b"",
             )
+        except QuotaStoreError:
+            # The answer was lost, not necessarily the run (a server stopped
+            # after running it, before replying): ask, once its deadline has
+            # passed. If it ran, the record is durable and the call finished
+            # as this replica decided: the caller gets what the record says.
+            if await self.ctx.quota.finished(reservation) and self.ctx.presence.never_presumed_dead(
+                self.epoch
+            ):
+                return
+            self.ctx.presence.orphan(reservation.licence_id, reservation.call_id)
+            raise
         except BaseException:
             self.ctx.presence.orphan(reservation.licence_id, reservation.call_id)
             raise

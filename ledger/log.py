@@ -58,6 +58,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
 """
 
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+#: The share of the replica timeout past which a silent replica may have
+#: been taken for dead (the writer's clock is the server's, not ours).
+_PRESUMED_DEAD = 0.8
 
 
 class Presence:
@@ -83,6 +86,10 @@ class Presence:
         #: Moves on after every silence long enough to fail closed.
         self.epoch = 0
         self._heard = float("-inf")
+        #: The epoch that began after a silence long enough (with a margin)
+        #: for the ledger writer to take this replica for dead and end its
+        #: calls.
+        self._revived_epoch = -1
         self._task: asyncio.Task[None] | None = None
         #: (licence, call id) of calls this replica could not finish itself.
         self._orphans: list[tuple[str, str]] = []
@@ -98,8 +105,11 @@ class Presence:
                 _BEAT, 2, REPLICAS, LOG, self.replica_id, int(self.timeout * 1000)
             )
         self.clock.sample(int(seconds), int(microseconds))
+        silence = time.monotonic() - self._heard
         if not self.fresh:
             self.epoch += 1
+        if silence >= self.timeout * _PRESUMED_DEAD:
+            self._revived_epoch = self.epoch
         self.backlog = int(backlog)
         self._heard = time.monotonic()
 
@@ -162,6 +172,13 @@ class Presence:
                 headers={"Retry-After": "5"},
             )
         return self.epoch
+
+    def never_presumed_dead(self, epoch: int) -> bool:
+        """No silence since ``epoch`` began, nor now, was long enough for the
+        ledger writer to take this replica for dead: whatever this replica
+        reserved in ``epoch`` is still its own to finish (a missing in-flight
+        entry was finished by this replica)."""
+        return self._revived_epoch <= epoch and time.monotonic() - self._heard < self.timeout * _PRESUMED_DEAD
 
     def still_valid(self, epoch: int) -> bool:
         """A call that began in ``epoch`` may still be completed."""

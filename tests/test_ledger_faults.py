@@ -61,6 +61,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 REPLICA_TIMEOUT = 5
 #: Seconds a slow call spends upstream: long enough to be in flight at a kill.
 SLOW_SECONDS = 2.5
+#: A ``Load`` route prefix: the caller hangs up after the first chunk.
+HANG_UP = "hangup:"
 DATASET = "faults-ds"
 
 
@@ -121,10 +123,10 @@ class Deployment:
                 text += f"=== {process.logfile.name}\n{process.tail(4000)}\n"
         return text
 
-    async def provision(self) -> None:
-        """A dataset on the upstream, a licensee with a licence for both
-        purposes (free allowance and prepaid calls), an app, and a token per
-        purpose."""
+    async def provision(self, **dataset_fields: Any) -> None:
+        """A dataset on the upstream (with ``dataset_fields``), a licensee
+        with a licence for both purposes (free allowance and prepaid calls),
+        an app, and a token per purpose."""
         admin = _admin_headers(self.env())
         status, body = _request(
             "POST",
@@ -140,6 +142,7 @@ class Deployment:
                 "price": {"per_call_fen": "2.5", "per_record_fen": "0"},
                 "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
                 "burst": {"per_second": 100_000, "capacity": 100_000},
+                **dataset_fields,
             },
             admin,
         )
@@ -212,6 +215,8 @@ class Received:
     at: float
     #: The problem code of a refusal (``None`` when served).
     problem: str | None = None
+    #: The upstream route called (``Load.routes``).
+    route: str = ""
 
 
 @dataclass
@@ -222,8 +227,13 @@ class Load:
     concurrency: int = 16
     #: Every this-many-th caller calls the slow route.
     slow_every: int = 4
+    #: Routes of the upstream the callers take in turn (caller ``i`` calls
+    #: ``routes[i % len]``); empty: the slow route and ``records?n=3``.
+    routes: tuple[str, ...] = ()
     received: list[Received] = field(default_factory=list)
     failed: int = 0
+    #: Calls the callers hung up on mid-response (``hangup:`` routes).
+    hung_up: int = 0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
@@ -236,14 +246,20 @@ class Load:
         for i in range(self.concurrency):
             slow = i % self.slow_every == 0
             purpose = purposes[i % len(purposes)]
-            self._tasks.append(asyncio.create_task(self._caller(purpose, slow)))
+            route = self.routes[i % len(self.routes)] if self.routes else None
+            self._tasks.append(asyncio.create_task(self._caller(purpose, slow, route)))
 
-    async def _caller(self, purpose: str, slow: bool) -> None:
+    async def _caller(self, purpose: str, slow: bool, chosen: str | None = None) -> None:
         assert self._session is not None
-        route = f"slow?seconds={SLOW_SECONDS}" if slow else "records?n=3"
-        url = f"{self.deploy.base}/data/{DATASET}/{route}"
+        route = chosen or (f"slow?seconds={SLOW_SECONDS}" if slow else "records?n=3")
+        # "hangup:ROUTE": read the first chunk of the answer, then hang up.
+        hang_up = route.startswith(HANG_UP)
+        url = f"{self.deploy.base}/data/{DATASET}/{route.removeprefix(HANG_UP)}"
         headers = {"Authorization": f"Bearer {self.deploy.tokens[purpose]}"}
         while not self._stopping.is_set():
+            if hang_up:
+                await self._hang_up(url, headers)
+                continue
             try:
                 async with self._session.get(
                     url, headers=headers, timeout=aiohttp.ClientTimeout(total=SLOW_SECONDS + 20)
@@ -261,11 +277,27 @@ class Load:
                             slow,
                             time.monotonic(),
                             problem,
+                            route,
                         )
                     )
             except (aiohttp.ClientError, TimeoutError):
                 self.failed += 1
                 await asyncio.sleep(0.05)
+
+    async def _hang_up(self, url: str, headers: dict[str, str]) -> None:
+        """A caller that leaves mid-response (its socket closed with data
+        unread: a reset), on a connection of its own."""
+        try:
+            async with (
+                aiohttp.ClientSession() as own,
+                own.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=20)) as resp,
+            ):
+                await resp.content.readany()
+                self.hung_up += 1
+                resp.close()
+        except (aiohttp.ClientError, TimeoutError):
+            self.failed += 1
+        await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         self._stopping.set()
