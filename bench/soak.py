@@ -58,16 +58,29 @@ from bench.proxy import (
 RESULTS = HERE / "results" / "soak.json"
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Resident memory of every process of the group (``/proc/PID/statm``)."""
+def group_rss(pgid: int) -> dict[str, int]:
+    """Resident memory of each process of the group (``/proc/PID/statm``),
+    by process name (the gateway, its Valkey, its ledger writer)."""
     page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
+    found: dict[str, int] = {}
     for pid in group_members(pgid):
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-    return total
+        words = [w.decode(errors="replace") for w in cmdline if w]
+        name = (
+            "valkey"
+            if any("valkey" in w for w in words[:1])
+            else " ".join(w.rsplit("/", 1)[-1] for w in words[:3])
+        )
+        found[f"{name} ({pid})"] = rss
+    return found
+
+
+def group_rss_bytes(pgid: int) -> int:
+    return sum(group_rss(pgid).values())
 
 
 def loadgen(url: str, token: str, connections: int, seconds: float, rate: float = 0.0) -> dict[str, Any]:
@@ -151,12 +164,15 @@ def soak(args: argparse.Namespace, procs: Processes, data_dir: Path) -> dict[str
     rate = capacity * args.share
     console.print(f"capacity {capacity:,.0f} calls/s; soaking at {rate:,.0f} calls/s for {args.minutes} min")
     samples: list[tuple[float, int]] = []
+    by_process: list[tuple[float, dict[str, int]]] = []
     stop = threading.Event()
     started = time.monotonic()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append((time.monotonic() - started, group_rss_bytes(gateway.pid)))
+            parts = group_rss(gateway.pid)
+            samples.append((time.monotonic() - started, sum(parts.values())))
+            by_process.append((time.monotonic() - started, parts))
             stop.wait(args.sample_seconds)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -217,7 +233,19 @@ def soak(args: argparse.Namespace, procs: Processes, data_dir: Path) -> dict[str
         and bool(verdict.get("ok"))
         and recorded == sent,
     }
-    return {"summary": summary, "minutes": minutes, "memory_samples": samples, "capacity_run": capacity_run}
+    first_parts = next((parts for t, parts in by_process if t >= 60.0), {})
+    last_parts = by_process[-1][1] if by_process else {}
+    summary["memory_by_process_mib"] = {
+        name: [round(first_parts.get(name, 0) / 2**20, 1), round(rss / 2**20, 1)]
+        for name, rss in last_parts.items()
+    }
+    return {
+        "summary": summary,
+        "minutes": minutes,
+        "memory_samples": samples,
+        "memory_by_process": by_process,
+        "capacity_run": capacity_run,
+    }
 
 
 if __name__ == "__main__":

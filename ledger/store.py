@@ -361,11 +361,13 @@ class LedgerStore:
         # Many rows per statement: the driver lets go of the GIL once per
         # statement step, and a gateway's event loop shares this process. The
         # statement's parameters are the rows' values one after the other.
-        for start in range(0, len(rows), _SQLITE_ROWS):
+        start = 0
+        for size in _statement_sizes(len(rows)):
             flat: list[Any] = []
-            for row in rows[start : start + _SQLITE_ROWS]:
+            for row in rows[start : start + size]:
                 flat += self._bound(row)
-            await conn.exec_driver_sql(_sqlite_insert(len(flat) // len(_COLUMNS)), tuple(flat))
+            start += size
+            await conn.exec_driver_sql(_sqlite_insert(size), tuple(flat))
 
     def _bound(self, row: dict[str, Any]) -> list[Any]:
         """The row's column values, bound here by the columns' own types (times
@@ -378,8 +380,25 @@ class LedgerStore:
 
 
 _COLUMN_VALUES = operator.itemgetter(*_COLUMNS)
-#: Rows per INSERT on SQLite (within its 32,766 parameters per statement).
-_SQLITE_ROWS = 1000
+#: Most rows per INSERT on SQLite (within its 32,766 parameters per
+#: statement): a power of two.
+_SQLITE_ROWS = 512
+
+
+def _statement_sizes(rows: int) -> list[int]:
+    """``rows`` cut into statements of :data:`_SQLITE_ROWS` rows, then of
+    smaller powers of two: the few shapes of INSERT there are stay in the
+    driver's statement cache, where one shape per batch size grew the
+    writer's memory by hundreds of megabytes under a steady load."""
+    sizes = [_SQLITE_ROWS] * (rows // _SQLITE_ROWS)
+    rest = rows % _SQLITE_ROWS
+    size = _SQLITE_ROWS // 2
+    while rest:
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+        size //= 2
+    return sizes
 
 
 @functools.cache
