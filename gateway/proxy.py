@@ -521,35 +521,12 @@ async def _forward(
                 )
         except (RequestTooLargeError, LedgerUnavailableError):
             raise
-        except TimeoutError as exc:
-            pool.failed(target)
-            if last or loop.time() >= deadline:
-                raise UpstreamUnavailableError(
-                    f"upstream of {grant.dataset.id} timed out (at most {timeout_s:g} s a call)", status=504
-                ) from exc
-            continue
-        except aiohttp.ClientSSLError as exc:
-            pool.failed(target)
-            if last:
-                raise UpstreamUnavailableError(
-                    f"upstream of {grant.dataset.id} failed TLS verification", status=502
-                ) from exc
-            continue
-        except aiohttp.ClientConnectorError as exc:
-            pool.failed(target)
-            if last:
-                raise UpstreamUnavailableError(
-                    f"upstream of {grant.dataset.id} is unreachable", status=503
-                ) from exc
-            continue
-        except (aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if exceeded[0]:
                 raise RequestTooLargeError(f"the request body exceeds {limit} bytes") from exc
             pool.failed(target)
-            if last:
-                raise UpstreamUnavailableError(
-                    f"upstream of {grant.dataset.id} failed: {type(exc).__name__}"
-                ) from exc
+            if last or loop.time() >= deadline:
+                raise _unanswered(grant.dataset.id, exc, timeout_s) from exc
             continue
         if upstream.status >= 500:
             pool.failed(target)
@@ -560,6 +537,19 @@ async def _forward(
             pool.answered(target)
         async with upstream:
             return await _relay(request, upstream, grant, route, url, target.url, charge, call, deadline)
+
+
+def _unanswered(dataset_id: str, exc: BaseException, timeout_s: float) -> UpstreamUnavailableError:
+    """The problem of a call no target answered, by the last failure."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamUnavailableError(
+            f"upstream of {dataset_id} timed out (at most {timeout_s:g} s a call)", status=504
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamUnavailableError(f"upstream of {dataset_id} failed TLS verification", status=502)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailableError(f"upstream of {dataset_id} is unreachable", status=503)
+    return UpstreamUnavailableError(f"upstream of {dataset_id} failed: {type(exc).__name__}")
 
 
 def _gateway_location(value: str, requested: URL, base_url: URL, grant: Grant) -> str | None:

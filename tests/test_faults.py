@@ -28,13 +28,9 @@ from tests.servers import PrivatePostgres, PrivateValkey, _children, valkey_bina
 from tests.test_ledger_faults import (
     DATASET,
     Load,
-    check_ledger,
-    check_quota,
     clean_logs,
     deployment,
-    settled,
-    summary,
-    verify_chain,
+    invariant_holds,
 )
 from tests.test_processes import _admin_headers
 
@@ -106,11 +102,7 @@ async def _quota_store_fault(
             # be written either (the log lives there too) is answered all
             # the same: 503 quota-unavailable, in the metrics only.
             unrecorded = ("ledger-unavailable", "quota-unavailable")
-            rows = await settled(engine, client, deploy.licence_id, load, 30, unrecorded)
-            summary(f"quota store {fault}", load, rows)
-            check_ledger(rows, load, unrecorded)
-            await check_quota(client, deploy.licence_id, rows)
-            await verify_chain(engine, deploy.env())
+            await invariant_holds(engine, client, deploy, load, f"quota store {fault}", unrecorded)
             assert gateway.stop() == 0
         finally:
             await client.aclose()
@@ -149,11 +141,7 @@ async def test_upstreams_resetting_redirecting_and_trickling_under_load(
             await asyncio.sleep(4)
             await load.stop()
             assert gateway.alive(), gateway.tail()
-            rows = await settled(engine, client, deploy.licence_id, load, 30)
-            summary("upstreams misbehaving", load, rows)
-            check_ledger(rows, load)
-            await check_quota(client, deploy.licence_id, rows)
-            await verify_chain(engine, deploy.env())
+            rows = await invariant_holds(engine, client, deploy, load, "upstreams misbehaving")
             seen: dict[str, set[str]] = collections.defaultdict(set)
             for row in rows:
                 route = next(

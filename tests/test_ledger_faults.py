@@ -376,6 +376,25 @@ async def settled(
     )
 
 
+async def invariant_holds(
+    engine: AsyncEngine,
+    client: aioredis.Redis,
+    deploy: Deployment,
+    load: Load,
+    label: str,
+    unrecorded: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """The one check after every fault: the ledger settles, every response
+    has its record, no reservation is left, the counters equal the records,
+    and the chain verifies. The ledger's rows."""
+    rows = await settled(engine, client, deploy.licence_id, load, 30, unrecorded)
+    summary(label, load, rows)
+    check_ledger(rows, load, unrecorded)
+    await check_quota(client, deploy.licence_id, rows)
+    await verify_chain(engine, deploy.env())
+    return rows
+
+
 def check_ledger(
     rows: list[dict[str, Any]], load: Load, unrecorded: tuple[str, ...] = ("ledger-unavailable",)
 ) -> dict[str, dict[str, Any]]:
