@@ -317,9 +317,8 @@ class Call:
             # after running it, before replying): ask, once its deadline has
             # passed. If it ran, the record is durable and the call finished
             # as this replica decided: the caller gets what the record says.
-            if await self.ctx.quota.finished(reservation) and self.ctx.presence.never_presumed_dead(
-                self.epoch
-            ):
+            landed, server_us = await self.ctx.quota.finished(reservation)
+            if landed and self.ctx.presence.never_presumed_dead(self.epoch, server_us):
                 return
             self.ctx.presence.orphan(reservation.licence_id, reservation.call_id)
             raise

@@ -58,9 +58,6 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
 """
 
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-#: The share of the replica timeout past which a silent replica may have
-#: been taken for dead (the writer's clock is the server's, not ours).
-_PRESUMED_DEAD = 0.8
 
 
 class Presence:
@@ -86,10 +83,11 @@ class Presence:
         #: Moves on after every silence long enough to fail closed.
         self.epoch = 0
         self._heard = float("-inf")
-        #: The epoch that began after a silence long enough (with a margin)
-        #: for the ledger writer to take this replica for dead and end its
-        #: calls.
+        #: The epoch that began after this replica's entry among the live
+        #: ones had expired (the ledger writer may then have ended its calls),
+        #: and when the entry expires now: the server's time, microseconds.
         self._revived_epoch = -1
+        self._expires_us = 0
         self._task: asyncio.Task[None] | None = None
         #: (licence, call id) of calls this replica could not finish itself.
         self._orphans: list[tuple[str, str]] = []
@@ -105,11 +103,12 @@ class Presence:
                 _BEAT, 2, REPLICAS, LOG, self.replica_id, int(self.timeout * 1000)
             )
         self.clock.sample(int(seconds), int(microseconds))
-        silence = time.monotonic() - self._heard
+        server_us = int(seconds) * 1_000_000 + int(microseconds)
         if not self.fresh:
             self.epoch += 1
-        if silence >= self.timeout * _PRESUMED_DEAD:
+        if server_us >= self._expires_us:
             self._revived_epoch = self.epoch
+        self._expires_us = server_us + int(self.timeout * 1000) * 1000
         self.backlog = int(backlog)
         self._heard = time.monotonic()
 
@@ -173,12 +172,14 @@ class Presence:
             )
         return self.epoch
 
-    def never_presumed_dead(self, epoch: int) -> bool:
-        """No silence since ``epoch`` began, nor now, was long enough for the
-        ledger writer to take this replica for dead: whatever this replica
-        reserved in ``epoch`` is still its own to finish (a missing in-flight
-        entry was finished by this replica)."""
-        return self._revived_epoch <= epoch and time.monotonic() - self._heard < self.timeout * _PRESUMED_DEAD
+    def never_presumed_dead(self, epoch: int, server_us: int) -> bool:
+        """This replica's entry among the live ones has not expired since
+        ``epoch`` began, nor by ``server_us`` (the server's time, read with
+        what is being judged): the ledger writer cannot have taken it for
+        dead and ended its calls, so a call it reserved in ``epoch`` whose
+        in-flight entry is gone was finished by this replica. Times are the
+        server's, as the entry's expiry is."""
+        return self._revived_epoch <= epoch and server_us < self._expires_us
 
     def still_valid(self, epoch: int) -> bool:
         """A call that began in ``epoch`` may still be completed."""

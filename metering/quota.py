@@ -85,7 +85,12 @@ LATE, PAST_DEADLINE = 7, -2
 DEADLINE_MARGIN = 0.5
 #: How long a call whose finish went unanswered waits, past the run's
 #: deadline, for the store to say whether the run happened.
-RESOLVE_SECONDS = 3.0
+RESOLVE_SECONDS = 5.0
+#: Whether a call is in flight, and the server's time.
+_IN_FLIGHT = """
+local t = redis.call('TIME')
+return {redis.call('HEXISTS', KEYS[1], ARGV[1]), t[1], t[2]}
+"""
 #: Pipelines in flight at once. Calls that arrive meanwhile wait for one to
 #: come back and then go together: an idle gateway sends each call at once,
 #: a busy one sends larger batches (group commit), so the cost per call falls
@@ -612,11 +617,14 @@ class QuotaBatcher:
         result = await self._finish_run(reservation, action, extra, entry, charge_at, prices, response, log)
         return bool(int(result) > 0)
 
-    async def finished(self, reservation: Reservation, within: float = RESOLVE_SECONDS) -> bool | None:
+    async def finished(
+        self, reservation: Reservation, within: float = RESOLVE_SECONDS
+    ) -> tuple[bool | None, int]:
         """After a finish whose answer was lost (the connection dropped, the
         wait ran out), whether its run happened: ``True`` if the call's
         in-flight entry is gone, ``False`` if it is there, ``None`` if the
-        store cannot say within ``within`` seconds. Asked once the run's
+        store cannot say within ``within`` seconds; and the server's time
+        of the answer (microseconds; 0 without one). Asked once the run's
         deadline has passed (``COMMAND_TIMEOUT`` from now is past it: the
         failure came at most that long after the batch was sent), so the
         answer holds: a run the server gets to later does nothing.
@@ -630,10 +638,13 @@ class QuotaBatcher:
         while True:
             try:
                 async with asyncio.timeout(min(COMMAND_TIMEOUT, within)):
-                    return not bool(await self.client.hexists(inflight_key, reservation.call_id))
+                    there, seconds, micro = await self.client.eval(
+                        _IN_FLIGHT, 1, inflight_key, reservation.call_id
+                    )
+                return not bool(int(there)), int(seconds) * 1_000_000 + int(micro)
             except (RedisError, RedisClusterException, OSError, TimeoutError):
                 if asyncio.get_running_loop().time() >= end:
-                    return None
+                    return None, 0
                 await asyncio.sleep(0.1)
 
     def _finish_run(
