@@ -487,7 +487,6 @@ async def _forward(
     streamed = buffered is None and request.body_exists
     retries = pool.may_retry(request.method, not streamed)
     session = request.app[UPSTREAM]
-    tls = pool.ssl if pool.ssl is not None else True
     loop = asyncio.get_running_loop()
     # The call's whole time upstream, to the last byte relayed, across
     # attempts: one timer for each request and another for the relay (its
@@ -517,7 +516,7 @@ async def _forward(
                     timeout=route.timeout,
                     compress=None,
                     auto_decompress=False,
-                    ssl=tls,
+                    ssl=pool.tls,
                 )
         except (RequestTooLargeError, LedgerUnavailableError):
             raise

@@ -41,7 +41,7 @@ import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -52,6 +52,7 @@ from core.errors import UpstreamUnavailableError
 from licensing.catalogue import CatalogueCache, DatasetView
 
 log = logging.getLogger(__name__)
+SSLContext = ssl.SSLContext
 
 #: The target of a dataset named by ``upstream_url`` alone.
 DEFAULT_TARGET = "default"
@@ -110,10 +111,11 @@ class Pool:
     ssl: ssl.SSLContext | None = None
     #: Why no call can be forwarded (a client certificate the settings lack).
     broken: str | None = None
-    _weights: int = field(default=0, init=False)
 
-    def __post_init__(self) -> None:
-        self._weights = sum(t.weight for t in self.targets)
+    @property
+    def tls(self) -> SSLContext | bool:
+        """What aiohttp's ``ssl`` takes for these targets (``True``: its default)."""
+        return self.ssl if self.ssl is not None else True
 
     def choose(self, tried: set[str]) -> Target:
         """The target for the next attempt of a call (not one of ``tried``),
@@ -299,9 +301,7 @@ class Pools:
         try:
             async with (
                 asyncio.timeout(check.timeout),
-                session.get(
-                    url, ssl=pool.ssl if pool.ssl is not None else True, allow_redirects=False
-                ) as answer,
+                session.get(url, ssl=pool.tls, allow_redirects=False) as answer,
             ):
                 passed = answer.status < 400
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):

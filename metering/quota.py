@@ -630,8 +630,8 @@ class QuotaBatcher:
         answer holds: a run the server gets to later does nothing.
 
         Only the call's own replica finishes it while it is heard from, so a
-        missing entry means its finish ran (the caller checks it is still
-        heard from: ``ledger.log.Presence.still_valid``)."""
+        missing entry means its finish ran (the caller checks the replica was
+        never taken for dead meanwhile: ``Presence.never_presumed_dead``)."""
         await asyncio.sleep(COMMAND_TIMEOUT)
         inflight_key = reservation.keys[4]
         end = asyncio.get_running_loop().time() + within
