@@ -34,7 +34,7 @@ from tests.test_ledger_faults import (
 )
 from tests.test_processes import _admin_headers
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180), pytest.mark.xdist_group("heavy")]
 
 #: Longer than the quota store's command timeout (2 s), shorter than the
 #: replica timeout (5 s): the replica stays alive and keeps serving after.

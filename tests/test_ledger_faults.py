@@ -53,7 +53,7 @@ from tests.servers import (
 )
 from tests.test_processes import _admin_headers, _request, _wait_http
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180), pytest.mark.xdist_group("heavy")]
 
 #: Seconds of silence after which a replica is dead. Not the least allowed
 #: (3): there a healthy replica goes stale at every heartbeat (see

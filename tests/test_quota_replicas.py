@@ -42,7 +42,7 @@ from redis.crc import key_slot
 
 from tests.conftest import PG_URL, REDIS_URL, credit_code, free_port, fresh_postgres_database
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
 
 PDG = str(Path(sys.executable).with_name("pdg"))
 GATEWAYS = 3
