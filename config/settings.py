@@ -70,6 +70,13 @@ class TokenSettings(_Section):
     audience: str = ""
     #: Lifetime of a ``private_key_jwt`` client assertion that is accepted.
     client_assertion_max_age_seconds: int = Field(300, ge=10, le=3600)
+    #: How old a DPoP proof (RFC 9449) may be, by its ``iat``; its ``jti`` is
+    #: remembered (in Redis, for every replica) this long and refused again.
+    dpop_proof_max_age_seconds: int = Field(60, ge=5, le=600)
+    #: Require DPoP proofs to carry a server nonce (``DPoP-Nonce``), renewed
+    #: every ``dpop_nonce_seconds``: a proof cannot be made ahead of time.
+    dpop_nonce: bool = False
+    dpop_nonce_seconds: int = Field(300, ge=10, le=86400)
 
 
 class ClientCertificate(_Section):
@@ -249,6 +256,9 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_TOKEN_ALGORITHM": "tokens.algorithm",
     "PDG_SIGNING_KEY_FILE": "tokens.signing_key_file",
     "PDG_TOKEN_AUDIENCE": "tokens.audience",
+    "PDG_DPOP_PROOF_MAX_AGE_SECONDS": "tokens.dpop_proof_max_age_seconds",
+    "PDG_DPOP_NONCE": "tokens.dpop_nonce",
+    "PDG_DPOP_NONCE_SECONDS": "tokens.dpop_nonce_seconds",
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
     "PDG_IDEMPOTENT_RESPONSE_MAX_BYTES": "proxy.idempotent_response_max_bytes",
     "PDG_MAX_RESPONSE_BYTES": "proxy.max_response_bytes",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +27,7 @@ from gateway.state import (
     CATALOGUE,
     CLIENTS,
     CLOCK,
+    DPOP,
     ENGINE,
     METRICS,
     POOLS,
@@ -48,6 +49,7 @@ from ledger.writer import start_writer
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
+from licensing.dpop import Nonces, ProofChecker
 from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
 from licensing.registry import Registry
@@ -176,23 +178,35 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
     app[TOKENS] = tokens
     redis = app[REDIS]
 
-    async def first_use(key: str, ttl: int) -> bool:
-        # The client id is the hash tag: replay records spread over a Cluster.
-        client_id = key.split(":", 1)[0]
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                return bool(await redis.set(f"pdg:{{{client_id}}}:assertion:{key}", b"1", nx=True, ex=ttl))
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-            # Without the replay store an assertion can not be checked for
-            # reuse: refuse it rather than accept a possible replay.
-            raise ServiceUnavailableError(
-                "client assertions cannot be checked for replay right now", headers={"Retry-After": "1"}
-            ) from exc
+    def replay_store(kind: str, what: str) -> Callable[[str, str, int], Awaitable[bool]]:
+        async def first_use(key: str, hash_tag: str, ttl: int) -> bool:
+            # The client id or key thumbprint is the hash tag: replay records
+            # spread over a Cluster.
+            try:
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    return bool(await redis.set(f"pdg:{{{hash_tag}}}:{kind}:{key}", b"1", nx=True, ex=ttl))
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+                # Without the replay store a one-time value can not be checked
+                # for reuse: refuse it rather than accept a possible replay.
+                raise ServiceUnavailableError(
+                    f"{what} cannot be checked for replay right now", headers={"Retry-After": "1"}
+                ) from exc
+
+        return first_use
 
     app[CLIENTS] = ClientAuthenticator(
         audiences=[f"{settings.public_url}/oauth/token", settings.issuer],
         max_assertion_age=settings.tokens.client_assertion_max_age_seconds,
-        first_use=first_use,
+        first_use=replay_store("assertion", "client assertions"),
+    )
+    app[DPOP] = ProofChecker(
+        public_url=settings.public_url,
+        first_use=replay_store("dpop", "DPoP proofs"),
+        nonces=Nonces(redis, settings.tokens.dpop_nonce_seconds, COMMAND_TIMEOUT)
+        if settings.tokens.dpop_nonce
+        else None,
+        max_age_seconds=settings.tokens.dpop_proof_max_age_seconds,
+        leeway_seconds=min(settings.tokens.leeway_seconds, 5),
     )
     mirror = RedisVersionMirror(redis, app[REPLICA_ID])
     cache = CatalogueCache(

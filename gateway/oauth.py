@@ -7,6 +7,10 @@ grants) and, optionally, ``licence:<id>`` to choose among several licences of
 the licensee (otherwise: the active licence that grants all of it, the most
 recently valid first). A token is only issued for a purpose and datasets the
 licence grants. Refusals are problem JSON that also carry RFC 6749's ``error``.
+
+A request with a ``DPoP`` proof (RFC 9449) gets a token bound to the proof's
+key (``cnf.jkt``, ``token_type`` ``DPoP``); a refused proof is 400 with
+``error`` ``invalid_dpop_proof`` (or ``use_dpop_nonce`` and a ``DPoP-Nonce``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from core.errors import (
     LicenceInactiveError,
     PurposeNotAllowedError,
 )
-from gateway.state import CATALOGUE, CLIENTS, CLOCK, METRICS, SETTINGS, TOKENS
+from gateway.state import CATALOGUE, CLIENTS, CLOCK, DPOP, METRICS, SETTINGS, TOKENS
 from licensing.catalogue import AppView, Catalogue, LicenceView
 from licensing.clients import SIGNING_ALGORITHMS
+from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
+from licensing.dpop import ProofError
 from licensing.schemas import PURPOSES
 
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR
@@ -145,6 +151,20 @@ def _would_grant(catalogue: Catalogue, licence: LicenceView, request: ScopeReque
     return True
 
 
+async def _proof_key(request: web.Request) -> str | None:
+    """With a ``DPoP`` header: the thumbprint of the proven key the token is
+    bound to (RFC 9449 §5); without one: ``None`` (a Bearer token)."""
+    values = request.headers.getall("DPoP", [])
+    if not values:
+        return None
+    try:
+        proof = await request.app[DPOP].check(values, method=request.method, path=request.path)
+    except ProofError as refused:
+        headers = {"DPoP-Nonce": refused.nonce} if refused.nonce else {}
+        raise BadRequestError(refused.detail, error=refused.error, headers=headers) from refused
+    return proof.jkt
+
+
 async def token_endpoint(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
@@ -173,6 +193,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
                 error="invalid_client",
             )
         scope = parse_scope(form.get("scope", ""))
+        jkt = await _proof_key(request)
         licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
         datasets = list(scope.datasets) or sorted(
             [*licence.dataset_ids, *(f"{p}/*" for p in licence.providers)]
@@ -183,6 +204,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
             licence_id=licence.id,
             purpose=scope.purpose,
             datasets=datasets,
+            jkt=jkt,
         )
     except GatewayError as error:
         if isinstance(error, LicenceError):
@@ -192,7 +214,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
     metrics.tokens_issued.labels(method).inc()
     body = {
         "access_token": token,
-        "token_type": "Bearer",
+        "token_type": "DPoP" if jkt is not None else "Bearer",
         "expires_in": ttl,
         "scope": " ".join([f"purpose:{scope.purpose}", *(f"dataset:{d}" for d in datasets)]),
     }
@@ -228,6 +250,7 @@ async def metadata(request: web.Request) -> web.Response:
         ],
         "token_endpoint_auth_signing_alg_values_supported": list(SIGNING_ALGORITHMS),
         "scopes_supported": [f"purpose:{p}" for p in PURPOSES],
+        "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
         "service_documentation": f"{base}/admin/v1/openapi.json",
     }
     return web.Response(

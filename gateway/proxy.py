@@ -50,9 +50,10 @@ Forwarding rules:
   identity``), and an encoded body without ``X-Record-Count`` is 502; where
   records are priced, a body without it that is no JSON array or object (a
   CSV, say) is 502 too, or cut (``incomplete``) if that shows only later;
-- datasets at classification 3 or above need sender-constrained (DPoP) tokens
-  (DESIGN §3); proof checking is not built yet, so such calls are refused
-  (``sender-constraint-failed``), failing closed;
+- datasets at classification 3 or above need sender-constrained tokens
+  (DESIGN §3): a DPoP-bound token with a valid, unused proof of its key
+  (``licensing.dpop``); any other token is refused there
+  (``sender-constraint-failed``);
 - upstream 5xx, timeouts and connection errors become ``upstream-unavailable``
   problems (502 / 504 / 503).
 """
@@ -93,10 +94,12 @@ from gateway import charging
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
-from gateway.state import CALLS, CATALOGUE, CLOCK, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
+from gateway.state import CALLS, CATALOGUE, CLOCK, DPOP, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
 from gateway.upstreams import Pool
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import DatasetView, Grant, check_operation
+from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
+from licensing.dpop import ProofError
 from licensing.tokens import AccessClaims
 
 HOP_BY_HOP = frozenset(
@@ -141,7 +144,8 @@ _WWW_AUTH = 'Bearer realm="pdg"'
 _STATUS_CLASS = tuple(f"{n}xx" for n in range(10))
 
 
-def _bearer(request: web.Request) -> str:
+def _credentials(request: web.Request) -> tuple[str, str]:
+    """The scheme (``bearer`` or ``dpop``) and the access token."""
     headers = request.headers.getall("Authorization", [])
     if len(headers) > 1:
         raise InvalidTokenError(
@@ -151,17 +155,61 @@ def _bearer(request: web.Request) -> str:
     header = headers[0] if headers else ""
     if not header:
         raise TokenRequiredError(
-            "send an access token: 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": _WWW_AUTH}
+            "send an access token: 'Authorization: Bearer <token>' (or 'DPoP <token>' with a DPoP proof)",
+            headers={"WWW-Authenticate": _WWW_AUTH},
         )
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    # DPoP-bound tokens (scheme "DPoP") are not issued yet: only Bearer.
-    if scheme.lower() != "bearer" or not token or " " in token:
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "dpop") or not token or " " in token:
         raise InvalidTokenError(
-            "the Authorization header must be 'Bearer <token>'",
+            "the Authorization header must be 'Bearer <token>' or 'DPoP <token>'",
             headers={"WWW-Authenticate": f'{_WWW_AUTH}, error="invalid_request"'},
         )
-    return token
+    return scheme, token
+
+
+def _sender_constraint(
+    detail: str, error: str = "invalid_token", nonce: str | None = None
+) -> SenderConstraintError:
+    headers = {"WWW-Authenticate": f'DPoP realm="pdg", error="{error}", algs="{" ".join(DPOP_ALGORITHMS)}"'}
+    if nonce is not None:
+        headers["DPoP-Nonce"] = nonce
+    return SenderConstraintError(detail, headers=headers)
+
+
+async def authenticate(request: web.Request) -> AccessClaims:
+    """The verified claims of the call's access token. A DPoP-bound token
+    (``cnf.jkt``) is accepted only under the ``DPoP`` scheme with a valid,
+    unused proof of its key for this request (RFC 9449 §7); every other
+    token only under ``Bearer`` (a ``DPoP`` header beside it is ignored, and
+    never forwarded)."""
+    app = request.app
+    scheme, token = _credentials(request)
+    claims = await app[TOKENS].verify(token)
+    if scheme == "bearer":
+        if claims.jkt is not None:
+            raise _sender_constraint(
+                "this token is DPoP-bound: send it as 'Authorization: DPoP <token>' with a proof"
+            )
+        return claims
+    if claims.jkt is None:
+        raise InvalidTokenError(
+            "this token is not DPoP-bound: send it as 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": f'{_WWW_AUTH}, error="invalid_token"'},
+        )
+    try:
+        proof = await app[DPOP].check(
+            request.headers.getall("DPoP", []),
+            method=request.method,
+            path=request.raw_path,
+            access_token=token,
+        )
+    except ProofError as refused:
+        raise _sender_constraint(refused.detail, refused.error, refused.nonce) from refused
+    if proof.jkt != claims.jkt:
+        raise _sender_constraint("the DPoP proof is signed with another key than the token is bound to")
+    return claims
 
 
 #: A segment of unreserved characters that does not begin with a dot: never
@@ -278,13 +326,11 @@ def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
         now=request.app[CLOCK].now(),
     )
     check_operation(grant, request.method, rest.partition("?")[0])
-    if grant.dataset.classification >= SENDER_CONSTRAINED_FROM:
-        # DESIGN §3: a DPoP-bound token (cnf.jkt) and a fresh proof are required.
-        # Neither issuing nor proof checking exists yet, so fail closed.
-        raise SenderConstraintError(
+    if grant.dataset.classification >= SENDER_CONSTRAINED_FROM and claims.jkt is None:
+        # DESIGN §3: a DPoP-bound token (cnf.jkt), whose proof authenticate() checked.
+        raise _sender_constraint(
             f"dataset {grant.dataset.id} is classification {grant.dataset.classification}; "
-            "it needs a sender-constrained (DPoP) token",
-            headers={"WWW-Authenticate": 'DPoP realm="pdg", error="invalid_token"'},
+            "it needs a sender-constrained (DPoP) token"
         )
     return grant, rest
 
@@ -303,7 +349,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     metrics = app[METRICS]
     dataset_label = "unknown"
     try:
-        claims = await app[TOKENS].verify(_bearer(request))
+        claims = await authenticate(request)
         # From here on the call is recorded, whatever its outcome.
         call = Call(
             app[CALLS],
@@ -389,7 +435,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             call_id_of(request),
         )
     try:
-        claims = await request.app[TOKENS].verify(_bearer(request))
+        claims = await authenticate(request)
         _authorize(request, claims)
         limit = request.app[SETTINGS].proxy.max_body_bytes
         if request.content_length is not None and request.content_length > limit:

@@ -19,6 +19,7 @@ from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
+from licensing.dpop import ProofChecker
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
@@ -52,6 +53,8 @@ REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)
 TOKENS = web.AppKey("tokens", TokenService)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)
+#: Checks DPoP proofs (RFC 9449) at the token endpoint and on the data plane.
+DPOP = web.AppKey("dpop", ProofChecker)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
 #: How calls to each dataset are forwarded (``gateway.proxy.upstream_of``), by dataset id.

@@ -43,9 +43,21 @@ _ALGORITHMS: dict[tuple[str, str | None], tuple[str, ...]] = {
 
 #: All of them, for the RFC 8414 metadata.
 SIGNING_ALGORITHMS: tuple[str, ...] = tuple(dict.fromkeys(a for algs in _ALGORITHMS.values() for a in algs))
-_MIN_RSA_BITS = 2048
+MIN_RSA_BITS = 2048
 
-FirstUse = Callable[[str, int], Awaitable[bool]]
+
+def algorithms_for(jwk: Mapping[str, Any]) -> tuple[str, ...]:
+    """The signature algorithms a public JWK may be used with (none for a
+    symmetric or unknown key)."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if not isinstance(kty, str) or not (crv is None or isinstance(crv, str)):
+        return ()
+    return _ALGORITHMS.get((kty, crv if kty != "RSA" else None), ())
+
+
+#: ``first_use(key, hash_tag, ttl)``: True the first time ``key`` is offered
+#: within ``ttl`` seconds, on any replica.
+FirstUse = Callable[[str, str, int], Awaitable[bool]]
 
 
 def _numeric(value: Any) -> bool:
@@ -154,7 +166,7 @@ class ClientAuthenticator:
         lifetime = int(claims["exp"] - time.time())
         if lifetime > self._max_age:
             raise _invalid(f"client_assertion lives too long (at most {self._max_age} s)")
-        if not await self._first_use(f"{client_id}:{claims['jti']}", max(lifetime, 1) + 10):
+        if not await self._first_use(f"{client_id}:{claims['jti']}", client_id, max(lifetime, 1) + 10):
             raise _invalid("client_assertion has been used before")
         return app
 
@@ -164,13 +176,12 @@ def _pick_key(jwks: Mapping[str, Any], header: Mapping[str, Any]) -> tuple[Any, 
     kid = header.get("kid")
     candidates = [k for k in jwks.get("keys", []) if kid is None or k.get("kid") == kid]
     for jwk in candidates:
-        allowed = _ALGORITHMS.get((jwk.get("kty"), jwk.get("crv") if jwk.get("kty") != "RSA" else None), ())
-        if alg in allowed and jwk.get("alg", alg) == alg:
+        if alg in algorithms_for(jwk) and jwk.get("alg", alg) == alg:
             try:
                 key = jwt.PyJWK(dict(jwk), algorithm=alg).key
             except (jwt.PyJWTError, ValueError, TypeError) as exc:
                 raise _invalid("the registered key cannot be used") from exc
-            if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
-                raise _invalid(f"the registered RSA key is shorter than {_MIN_RSA_BITS} bits")
+            if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+                raise _invalid(f"the registered RSA key is shorter than {MIN_RSA_BITS} bits")
             return key, alg
     raise _invalid("no registered key matches the assertion's kid and alg")

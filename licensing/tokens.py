@@ -66,6 +66,8 @@ class AccessClaims:
     datasets: frozenset[str]
     expires_at: float
     raw: dict[str, Any]
+    #: The thumbprint of the key a DPoP-bound token is bound to (``cnf.jkt``).
+    jkt: str | None = None
 
 
 class TokenService:
@@ -151,9 +153,11 @@ class TokenService:
         licence_id: str,
         purpose: str,
         datasets: list[str],
+        jkt: str | None = None,
         now: float | None = None,
     ) -> tuple[str, int]:
-        """A signed access token and its lifetime in seconds."""
+        """A signed access token and its lifetime in seconds; with ``jkt``,
+        bound to that key (RFC 9449 ``cnf.jkt``)."""
         iat = int(now if now is not None else time.time())
         claims = {
             "iss": self.issuer,
@@ -170,6 +174,8 @@ class TokenService:
             "purpose": purpose,
             "datasets": datasets,
         }
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}
         key = self.signing_key
         token = jwt.encode(
             claims, key.private_key, algorithm=key.alg, headers={"typ": "at+jwt", "kid": key.kid}
@@ -271,6 +277,17 @@ def _claims(payload: dict[str, Any]) -> AccessClaims:
         or payload.get("client_id") != payload.get("sub")
     ):
         raise _invalid("the token lacks the pdg claims (client_id, licensee, licence, purpose, datasets)")
+    jkt: str | None = None
+    if "cnf" in payload:
+        cnf = payload["cnf"]
+        if (
+            not isinstance(cnf, dict)
+            or set(cnf) != {"jkt"}
+            or not isinstance(cnf["jkt"], str)
+            or not cnf["jkt"]
+        ):
+            raise _invalid("the token's cnf claim must hold exactly a jkt (a DPoP key thumbprint)")
+        jkt = cnf["jkt"]
     return AccessClaims(
         token_id=str(payload["jti"]),
         app_id=str(payload["client_id"]),
@@ -280,4 +297,5 @@ def _claims(payload: dict[str, Any]) -> AccessClaims:
         datasets=frozenset(datasets),
         expires_at=float(payload["exp"]),
         raw=payload,
+        jkt=jkt,
     )

@@ -4,7 +4,7 @@ hypothesis generates request targets, queries and headers from the pieces
 attackers use (dot segments in every encoding, encoded slashes and
 backslashes, overlong UTF-8, Unicode compatibility forms, NUL and control
 characters, malformed escapes, duplicate and odd headers) and checks the
-parsers one by one (``upstream_path``, ``_bearer``, ``idempotency_key``,
+parsers one by one (``upstream_path``, ``_credentials``, ``idempotency_key``,
 ``parse_scope``) and then the live gateway in front of a real upstream: never
 a 5xx of its own, every refusal a problem document with a DESIGN §3 code, and
 the upstream never sees a path outside the dataset's prefix.
@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from core.errors import BadRequestError, GatewayError, InvalidTokenError, TokenRequiredError
 from gateway.charging import idempotency_key
 from gateway.oauth import parse_scope
-from gateway.proxy import _bearer, upstream_path
+from gateway.proxy import _credentials, upstream_path
 from licensing.schemas import PURPOSES
 from tests.conftest import World
 from tests.test_path_escape import raw_request
@@ -178,17 +178,18 @@ TOKENISH = st.one_of(
 
 @bounded(300)
 @given(values=st.lists(TOKENISH, max_size=3))
-def test_bearer_parser_answers_a_token_or_a_401_with_a_challenge(values: list[str]) -> None:
-    token, error = attempt(lambda: _bearer(request_with("Authorization", values)))
-    if token is None:
+def test_credentials_parser_answers_a_token_or_a_401_with_a_challenge(values: list[str]) -> None:
+    found, error = attempt(lambda: _credentials(request_with("Authorization", values)))
+    if found is None:
         assert isinstance(error, TokenRequiredError | InvalidTokenError)
         assert error.http_status == 401
         assert error.headers["WWW-Authenticate"].startswith('Bearer realm="pdg"')
         assert isinstance(error, TokenRequiredError) == (values in ([], [""]))
         return
     assert len(values) == 1
-    scheme, _, _ = values[0].partition(" ")
-    assert scheme.lower() == "bearer"
+    scheme, token = found
+    assert scheme == values[0].partition(" ")[0].lower()
+    assert scheme in ("bearer", "dpop")
     assert token
     assert token == token.strip()
     assert " " not in token

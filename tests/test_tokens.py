@@ -372,7 +372,7 @@ async def check_authorization_header_shapes(
         "two tokens": f"Bearer {token} {token}",
         "token without scheme": token,
         "unknown scheme": f"Token {token}",
-        "DPoP scheme (no DPoP-bound tokens are issued)": f"DPoP {token}",
+        "DPoP scheme with a token not bound to a key": f"DPoP {token}",
     }
     failures = []
     for name, value in cases.items():
