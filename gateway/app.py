@@ -55,7 +55,7 @@ from licensing.keys import load_or_create_signing_key, load_public_keys, registe
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.periods import zone
-from metering.quota import QuotaBatcher
+from metering.quota import QuotaBatcher, QuotaStoreError
 from storage import migrate
 from storage.db import create_engine, session_factory
 from storage.redis import COMMAND_TIMEOUT, RedisClient, deployment_redis
@@ -199,9 +199,20 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         max_assertion_age=settings.tokens.client_assertion_max_age_seconds,
         first_use=replay_store("assertion", "client assertions"),
     )
+    quota = app[QUOTA]
+
+    async def first_proof_use(key: str, hash_tag: str, ttl: int) -> bool:
+        # With the batch of reservations in flight: one round trip for all.
+        try:
+            return await quota.first_use(f"pdg:{{{hash_tag}}}:dpop:{key}", ttl)
+        except QuotaStoreError as exc:
+            raise ServiceUnavailableError(
+                "DPoP proofs cannot be checked for replay right now", headers={"Retry-After": "1"}
+            ) from exc
+
     app[DPOP] = ProofChecker(
         public_url=settings.public_url,
-        first_use=replay_store("dpop", "DPoP proofs"),
+        first_use=first_proof_use,
         nonces=Nonces(redis, settings.tokens.dpop_nonce_seconds, COMMAND_TIMEOUT)
         if settings.tokens.dpop_nonce
         else None,

@@ -31,7 +31,9 @@ RFC 9449 §4.3, in this order, and refuses the proof at the first that fails:
 The caller checks that the thumbprint (:attr:`Proof.jkt`) is the token's
 ``cnf.jkt``. Keys are imported with joserfc (the JOSE half of authlib), which
 also computes the thumbprint; the signature is verified with pyjwt, like the
-access tokens on the hot path.
+access tokens on the hot path (pyjwt's algorithm objects, on the exact
+signed bytes). The checked header of each client key is kept, so a call
+pays for the signature, not for importing the key again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
@@ -59,6 +63,11 @@ ALGORITHMS: tuple[str, ...] = SIGNING_ALGORITHMS
 PROOF_TYPE = "dpop+jwt"
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _MAX_JTI = 256
+#: Three base64url segments (RFC 7515 compact serialisation); the signature
+#: may be empty here (``alg: none``) to be refused by its algorithm.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+#: Distinct proof headers (one per client key) kept checked and imported.
+_KEY_CACHE_LIMIT = 10_000
 
 
 class ProofError(Exception):
@@ -71,6 +80,17 @@ class ProofError(Exception):
         self.detail = detail
         self.error = error
         self.nonce = nonce
+
+
+@dataclass(frozen=True, slots=True)
+class _ProofKey:
+    algorithm: Any
+    key: Any
+    jkt: str
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,23 +174,25 @@ class ProofChecker:
         self.nonces = nonces
         self.max_age = max_age_seconds
         self.leeway = leeway_seconds
+        self._keys: dict[str, _ProofKey] = {}
 
     @property
     def challenge_algorithms(self) -> str:
         return " ".join(ALGORITHMS)
 
-    async def check(
-        self, values: list[str], *, method: str, path: str, access_token: str | None = None
-    ) -> Proof:
-        """Check the ``DPoP`` header values of a request for ``method`` on
-        ``path`` (the raw target; its query is ignored)."""
-        if len(values) != 1:
-            raise ProofError("send exactly one DPoP proof header" if values else "a DPoP proof is required")
-        proof = values[0].strip()
+    def _key_of(self, encoded_header: str) -> _ProofKey:
+        """The checked header of a proof: its algorithm, the verifying key and
+        the key's thumbprint. Clients send the same header with every proof,
+        so each distinct one is checked and imported once."""
+        known = self._keys.get(encoded_header)
+        if known is not None:
+            return known
         try:
-            header = jwt.get_unverified_header(proof)
-        except jwt.InvalidTokenError as exc:
+            header = orjson.loads(_b64decode(encoded_header))
+        except (ValueError, TypeError) as exc:
             raise ProofError("the DPoP proof is not a well-formed JWT") from exc
+        if not isinstance(header, dict):
+            raise ProofError("the DPoP proof is not a well-formed JWT")
         if header.get("typ") != PROOF_TYPE:
             raise ProofError(f"the DPoP proof's typ must be {PROOF_TYPE}")
         if "crit" in header:
@@ -191,21 +213,38 @@ class ProofChecker:
             raise ProofError("the DPoP proof's jwk is not a usable public key") from exc
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
             raise ProofError(f"the DPoP proof's RSA key is shorter than {MIN_RSA_BITS} bits")
+        checked = _ProofKey(jwt.get_algorithm_by_name(alg), key, imported.thumbprint())
+        if len(self._keys) >= _KEY_CACHE_LIMIT:
+            self._keys.clear()
+        self._keys[encoded_header] = checked
+        return checked
+
+    async def check(
+        self, values: list[str], *, method: str, path: str, access_token: str | None = None
+    ) -> Proof:
+        """Check the ``DPoP`` header values of a request for ``method`` on
+        ``path`` (the raw target; its query is ignored)."""
+        if len(values) != 1:
+            raise ProofError("send exactly one DPoP proof header" if values else "a DPoP proof is required")
+        proof = values[0].strip()
+        if not _COMPACT_JWS.fullmatch(proof):
+            raise ProofError("the DPoP proof is not a well-formed JWT")
+        encoded_header, encoded_claims, signature = proof.split(".")
+        checked = self._key_of(encoded_header)
         try:
-            claims = jwt.decode(
-                proof,
-                key,
-                algorithms=[alg],
-                options={
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": False,
-                    "verify_iss": False,
-                },
+            verified = checked.algorithm.verify(
+                f"{encoded_header}.{encoded_claims}".encode("ascii"), checked.key, _b64decode(signature)
             )
-        except jwt.InvalidTokenError as exc:
-            raise ProofError("the DPoP proof's signature does not verify") from exc
+        except (ValueError, TypeError, jwt.PyJWTError):
+            verified = False
+        if not verified:
+            raise ProofError("the DPoP proof's signature does not verify")
+        try:
+            claims = orjson.loads(_b64decode(encoded_claims))
+        except (ValueError, TypeError) as exc:
+            raise ProofError("the DPoP proof's claims are not a JSON object") from exc
+        if not isinstance(claims, dict):
+            raise ProofError("the DPoP proof's claims are not a JSON object")
         jti, htm, htu, iat = (claims.get(n) for n in ("jti", "htm", "htu", "iat"))
         if not isinstance(jti, str) or not jti or len(jti) > _MAX_JTI:
             raise ProofError("the DPoP proof needs a jti (a string of at most 256 characters)")
@@ -232,7 +271,7 @@ class ProofChecker:
                     error="use_dpop_nonce",
                     nonce=await self.nonces.current(),
                 )
-        jkt = imported.thumbprint()
+        jkt = checked.jkt
         # Outlives the window in which the proof could pass the iat check.
         ttl = self.max_age + 2 * self.leeway + 1
         if not await self._first_use(f"{jkt}:{hashlib.sha256(jti.encode()).hexdigest()}", jkt, ttl):

@@ -400,6 +400,8 @@ class _Command:
     #: Indexes of the batch's calls this run answers, in the order of its
     #: reply (a list, one answer per call).
     answers: list[int]
+    #: A plain command answering one call: its reply is that call's answer.
+    single: bool = False
 
 
 class QuotaBatcher:
@@ -484,6 +486,10 @@ class QuotaBatcher:
                 keys += batch[i].keys
                 args += batch[i].args
             commands.append(_Command(("EVALSHA", sha["finish"], len(keys), *keys, *args), finishes + alone))
+        for i, item in enumerate(batch):
+            if item.script == "once":
+                command = ("SET", item.keys[0], b"1", "NX", "EX", item.args[0])
+                commands.append(_Command(command, [i], single=True))
         return commands
 
     async def _execute(self, batch: Sequence[_Pending], deadline: int) -> list[Any]:
@@ -500,7 +506,7 @@ class QuotaBatcher:
             replies = await execute_raw(self.client, [command.args for command in commands])
         answers: list[Any] = [None] * len(batch)
         for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, Exception):
+            if isinstance(reply, Exception) or command.single:
                 for i in command.answers:
                     answers[i] = reply
             else:
@@ -682,6 +688,12 @@ class QuotaBatcher:
 
     async def release(self, reservation: Reservation) -> bool:
         return await self.finish(reservation, "release")
+
+    async def first_use(self, key: str, ttl: int) -> bool:
+        """True the first time ``key`` is offered within ``ttl`` seconds, on
+        any replica: a set-if-absent sent with the batch (a proof's ``jti``).
+        Fails closed (:class:`QuotaStoreError`) when the store cannot answer."""
+        return await self._submit("once", (key,), (ttl,)) is not None
 
     async def append(self, stream: str, data: bytes) -> None:
         """Append ``data`` to the stream (the call-record log); returns once

@@ -6,6 +6,7 @@ as a served call."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -18,14 +19,14 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.state import CATALOGUE
-from licensing.dpop import thumbprint, token_hash
+from licensing.dpop import ProofChecker, ProofError, thumbprint, token_hash
 from tests.conftest import World
 from tests.test_data_plane import check_problem
-
-pytestmark = pytest.mark.usefixtures("backend")
 
 
 def b64(data: bytes) -> str:
@@ -359,3 +360,49 @@ async def test_server_nonces_when_asked_for(world_factory: Any) -> None:
     good = holder.proof("GET", level.url, token=token, claims={"nonce": nonce})
     status, body, _ = await level.call(token, [good])
     assert status == 200, body
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def segment(value: Any) -> str:
+    return b64(json.dumps(value).encode())
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(
+    header=st.fixed_dictionaries(
+        {},
+        optional={
+            "typ": st.sampled_from(["dpop+jwt", "JWT"]) | JSONISH,
+            "alg": st.sampled_from(["ES256", "EdDSA", "RS256", "none", "HS256"]) | JSONISH,
+            "jwk": st.sampled_from([Holder().jwk, {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}])
+            | st.dictionaries(st.sampled_from(["kty", "crv", "x", "y", "n", "e", "d", "alg"]), JSONISH),
+            "crit": JSONISH,
+        },
+    ),
+    claims=JSONISH,
+    signature=st.binary(max_size=80),
+    raw=st.text(max_size=60),
+)
+def test_any_proof_is_checked_without_a_crash(
+    header: dict[str, Any], claims: Any, signature: bytes, raw: str
+) -> None:
+    """Hostile headers and claims: the checker answers ``ProofError`` (a 401)
+    and nothing else."""
+    checker = ProofChecker(public_url="http://gw.test", first_use=always_first)
+
+    async def attempt(value: str) -> None:
+        with pytest.raises(ProofError):
+            await checker.check([value], method="GET", path="/data/x/y", access_token="t")
+
+    for value in (f"{segment(header)}.{segment(claims)}.{b64(signature)}", raw):
+        asyncio.run(attempt(value))
+
+
+async def always_first(key: str, hash_tag: str, ttl: int) -> bool:
+    return True
