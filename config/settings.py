@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -213,6 +214,11 @@ class Settings(_Section):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.server.port}"
+
+    @property
+    def public_host(self) -> str:
+        """The host (and port) of :attr:`public_url`."""
+        return urlsplit(self.public_url).netloc
 
     @property
     def issuer(self) -> str:

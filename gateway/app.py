@@ -19,7 +19,7 @@ from core.errors import ServiceUnavailableError
 from gateway import admin, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
 from gateway.metrics import Metrics
-from gateway.problems import problems_middleware
+from gateway.problems import install_http_layer_problems, name_the_server, problems_middleware
 from gateway.state import (
     ACCEPTING,
     ADMIN_TOKENS,
@@ -273,6 +273,8 @@ def create_app(settings: Settings) -> web.Application:
     app[REPLICA_ID] = new_call_id()
     app.cleanup_ctx.extend([_storage, _redis, _ledger, _licensing, _upstream])
     app.on_shutdown.append(_stop_accepting)
+    app.on_response_prepare.append(name_the_server)
+    install_http_layer_problems()
     proxy.setup(app)
     oauth.setup(app)
     admin.setup(app)

@@ -14,6 +14,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from sqlalchemy import exc as sa_exc
 
 from core.errors import GatewayError, ServiceUnavailableError
@@ -132,3 +135,63 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
             "the gateway failed unexpectedly; the call id identifies it in the logs",
             call_id_of(request),
         )
+
+
+#: The ``Server`` field of every response the gateway itself makes: no
+#: software or version named (an upstream's own is relayed as it sent it).
+SERVER_NAME = "pdg"
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: replace aiohttp's ``Server: Python/… aiohttp/…``."""
+    if response.headers.get("Server") == SERVER_SOFTWARE:
+        response.headers["Server"] = SERVER_NAME
+
+
+_HTTP_LAYER_DETAIL = {
+    400: "the request is not well-formed HTTP/1.1 (request line, header fields or framing)",
+    413: "the request is larger than this gateway accepts",
+    414: "the request target is longer than this gateway accepts",
+    431: "the request header fields are larger than this gateway accepts",
+    500: "the gateway failed unexpectedly",
+    504: "the gateway did not answer in time",
+}
+
+
+def http_layer_problem(status: int) -> web.Response:
+    """The problem answering an error of the HTTP server itself (a request
+    that cannot be parsed, a handler that timed out): never echoing what the
+    client sent, and closing the connection."""
+    code, title = _HTTP_CODES.get(status, ("bad-request" if status < 500 else "internal-error", "Error"))
+    if status == 500:
+        title = "Internal error"
+    detail = _HTTP_LAYER_DETAIL.get(status, title)
+    response = problem_response(status, code, title, detail, new_call_id())
+    response.headers["Server"] = SERVER_NAME
+    response.force_close()
+    return response
+
+
+_aiohttp_handle_error = RequestHandler.handle_error
+
+
+def _handle_error(
+    self: RequestHandler,
+    request: BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    # aiohttp's own handling logs the error and refuses to answer on a
+    # connection that has sent bytes already; its text/plain body (which
+    # may quote the request) is replaced by a problem.
+    _aiohttp_handle_error(self, request, status, exc, message)
+    return http_layer_problem(status)
+
+
+def install_http_layer_problems() -> None:
+    """Make the errors aiohttp's HTTP server answers by itself (outside any
+    application handler or middleware) problem documents too. aiohttp has no
+    hook for these, so its ``RequestHandler.handle_error`` is wrapped, once
+    per process; every aiohttp server of the process answers so."""
+    RequestHandler.handle_error = _handle_error  # type: ignore[method-assign]

@@ -16,8 +16,11 @@ Forwarding rules:
 - hop-by-hop headers (RFC 9110 §7.6.1, and any named in ``Connection``) are
   stripped both ways; the caller's ``Authorization``, ``DPoP``, ``Cookie`` and
   ``Proxy-*`` headers never go upstream;
-- ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` are set (extended only when the
-  peer is a trusted proxy), ``X-Request-Id`` is passed on or made;
+- ``X-Forwarded-For`` / ``-Proto`` are set (extended only when the peer is a
+  trusted proxy); ``X-Forwarded-Host`` is the gateway's public host
+  (``server.public_url``), never the caller's ``Host``, so an upstream that
+  builds links from it cannot be steered elsewhere; ``X-Request-Id`` is
+  passed on or made;
 - upstream redirects are never followed or relayed (502), so an upstream can
   not bounce a caller elsewhere; ``304 Not Modified`` is relayed; a
   ``Location`` / ``Content-Location`` on a relayed answer is rewritten to the
@@ -273,7 +276,7 @@ def _trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
 
 
 def _forward_headers(
-    request: web.Request, request_id: str, trusted_proxies: tuple[str, ...]
+    request: web.Request, request_id: str, trusted_proxies: tuple[str, ...], public_host: str
 ) -> CIMultiDict[str]:
     connection_named = {
         name.strip().lower()
@@ -294,7 +297,7 @@ def _forward_headers(
     else:
         headers["X-Forwarded-For"] = peer
         headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
+    headers["X-Forwarded-Host"] = public_host
     headers["X-Request-Id"] = request_id
     if request.body_exists and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
@@ -524,7 +527,9 @@ async def _forward(
         raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
     route = upstream_of(request.app, grant.dataset)
     pool = route.pool
-    headers = _forward_headers(request, call.record["request_id"], settings.server.trusted_proxies)
+    headers = _forward_headers(
+        request, call.record["request_id"], settings.server.trusted_proxies, settings.public_host
+    )
     if route.metered:
         # Records priced or bounded are counted from the body: ask for it plain.
         headers["Accept-Encoding"] = "identity"

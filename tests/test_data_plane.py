@@ -541,6 +541,16 @@ async def test_forwarded_request_line_and_headers(world_factory: WorldFactory) -
     await ok(world, path, token, headers=spoof)
     assert world.upstream.last["headers"]["X-Forwarded-For"] == "127.0.0.1"
     assert world.upstream.last["headers"]["X-Forwarded-Proto"] == "http"
+    # X-Forwarded-Host is the gateway's public host, whatever Host the caller sent.
+    public_host = world.settings.public_url.split("://", 1)[1]
+    raw = await raw_request(
+        world.client.server.port,
+        path.encode(),
+        headers=[("Authorization", f"Bearer {token}"), ("X-Forwarded-Host", "evil.example")],
+        host="evil.example",
+    )
+    assert raw.status == 200, raw.body
+    assert world.upstream.last["headers"]["X-Forwarded-Host"] == public_host
 
     # X-Request-Id: passed on when sane, else the call id.
     _s, _b, resp = await world.call(path, token, headers={"X-Request-Id": "req-42:abc/def=="})

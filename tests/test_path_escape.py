@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from multidict import CIMultiDict
 
 from tests.conftest import World
@@ -50,10 +49,15 @@ async def raw_request(
     headers: list[tuple[str, str]] | None = None,
     connection: str = "close",
     body: bytes = b"",
+    host: str = "127.0.0.1",
 ) -> RawResponse:
     """Send one request exactly as given (``Connection`` is always sent, with
     ``connection`` as its value) and read the answer until the server closes."""
-    lines = [method + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: " + connection.encode()]
+    lines = [
+        method + b" " + target + b" HTTP/1.1",
+        b"Host: " + host.encode(),
+        b"Connection: " + connection.encode(),
+    ]
     lines += [f"{name}: {value}".encode() for name, value in headers or []]
     if body:
         lines.append(f"Content-Length: {len(body)}".encode())
@@ -226,12 +230,35 @@ async def test_ordinary_encoded_paths_are_forwarded_unchanged(world: World) -> N
     assert len(world.upstream.seen) == len(ORDINARY)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's own request-line parser answers raw control or non-ASCII bytes with a "
-    "text/plain 400, not problem JSON (server layer, gateway/app.py: not the data plane)",
-)
 async def test_raw_control_bytes_get_a_problem(world: World) -> None:
+    """aiohttp's own parser refuses the request line; the answer is still a
+    problem, names no software version and does not quote the request."""
     ds = await world.dataset()
-    resp = await raw_request(world.client.server.port, f"/data/{ds['id']}/x".encode() + b"\x01")
+    marker = b"ECHO-ME-NOT"
+    resp = await raw_request(world.client.server.port, f"/data/{ds['id']}/x".encode() + marker + b"\x01")
     check_problem(resp, 400, "bad-request")
+    assert marker not in resp.body
+    assert resp.headers["Server"] == "pdg"
+
+
+async def test_every_answer_of_the_http_layer_is_a_problem_naming_no_version(world: World) -> None:
+    """Requests aiohttp's server refuses before any handler runs (a header
+    name with a space, a header too long, a bad Content-Length, a non-HTTP
+    method), and answers of the handlers: every one names the server ``pdg``
+    only, and the refusals are problems that do not quote the request."""
+    port = world.client.server.port
+    marker = "ECHO-ME-NOT"
+    refused = {
+        "header name with a space": await raw_request(port, b"/healthz", headers=[(marker + " x", "1")]),
+        "header too long": await raw_request(port, b"/healthz", headers=[("X-Long", marker * 3000)]),
+        "bad content-length": await raw_request(port, b"/healthz", headers=[("Content-Length", marker)]),
+        "bad method": await raw_request(port, b"/healthz", method=marker.encode() + b"\x01"),
+    }
+    for name, resp in refused.items():
+        assert 400 <= resp.status < 500, (name, resp.status, resp.body[:200])
+        check_problem(resp, resp.status, "bad-request")
+        assert marker.encode() not in resp.body, name
+        assert resp.headers["Server"] == "pdg", (name, resp.headers)
+    for target in (b"/healthz", b"/data/nope/x", b"/admin/v1/datasets", b"/.well-known/jwks.json"):
+        resp = await raw_request(port, target)
+        assert resp.headers["Server"] == "pdg", (target, resp.headers)
