@@ -157,7 +157,11 @@ def serve(settings: Settings) -> int:
     asyncio.run(prepare(settings))
     load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
     load_or_create_signing_key(settings.ledger_key_path, "ES256")
-    embedded = EmbeddedValkey(settings.data_dir) if settings.embedded_redis else None
+    embedded = (
+        EmbeddedValkey(settings.data_dir, settings.storage.embedded_fsync)
+        if settings.embedded_redis
+        else None
+    )
     context = multiprocessing.get_context("spawn")
     writer: WriterChild | None = None
     try:

@@ -55,6 +55,11 @@ class StorageSettings(_Section):
     redis_url: str = ""
     #: The URL names one node of a Redis Cluster (the client discovers the rest).
     redis_cluster: bool = False
+    #: When the embedded Valkey writes its append-only file to disk:
+    #: ``always``, before it replies (a call's record is on disk before its
+    #: response leaves); ``everysec``, once a second (faster; a crash of the
+    #: machine can lose the last second of records and counters).
+    embedded_fsync: Literal["always", "everysec"] = "always"
 
 
 class TokenSettings(_Section):
@@ -78,6 +83,12 @@ class TokenSettings(_Section):
     #: every ``dpop_nonce_seconds``: a proof cannot be made ahead of time.
     dpop_nonce: bool = False
     dpop_nonce_seconds: int = Field(300, ge=10, le=86400)
+    #: Failed credential checks (token endpoint, admin API) allowed per
+    #: minute for one client id (or admin token id) and for one address, on
+    #: all replicas together; past either, 429 ``rate-limited`` until the
+    #: minute ends, even for the right credentials.
+    failures_per_client_per_minute: int = Field(10, ge=1, le=100_000)
+    failures_per_address_per_minute: int = Field(300, ge=1, le=1_000_000)
 
 
 class ClientCertificate(_Section):
@@ -255,6 +266,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",
     "PDG_REDIS_CLUSTER": "storage.redis_cluster",
+    "PDG_EMBEDDED_FSYNC": "storage.embedded_fsync",
     "PDG_BILLING_TIME_ZONE": "billing.time_zone",
     "PDG_BILLING_VAT_RATE": "billing.vat_rate",
     "PDG_ACCESS_TOKEN_TTL_SECONDS": "tokens.access_token_ttl_seconds",
@@ -265,6 +277,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_DPOP_PROOF_MAX_AGE_SECONDS": "tokens.dpop_proof_max_age_seconds",
     "PDG_DPOP_NONCE": "tokens.dpop_nonce",
     "PDG_DPOP_NONCE_SECONDS": "tokens.dpop_nonce_seconds",
+    "PDG_FAILURES_PER_CLIENT_PER_MINUTE": "tokens.failures_per_client_per_minute",
+    "PDG_FAILURES_PER_ADDRESS_PER_MINUTE": "tokens.failures_per_address_per_minute",
     "PDG_MAX_BODY_BYTES": "proxy.max_body_bytes",
     "PDG_IDEMPOTENT_RESPONSE_MAX_BYTES": "proxy.idempotent_response_max_bytes",
     "PDG_MAX_RESPONSE_BYTES": "proxy.max_response_bytes",

@@ -26,6 +26,7 @@ from billing.invoices import close_billing, get_invoice, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.reconcile import reconcile
 from core.errors import (
+    AdminAuthError,
     BadRequestError,
     NotFoundError,
     QuotaUnavailableError,
@@ -33,7 +34,8 @@ from core.errors import (
     ValidationFailedError,
 )
 from gateway.openapi import Handler, Route, build_openapi
-from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS
+from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS, THROTTLE
+from gateway.throttle import client_address
 from ledger import audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
@@ -653,7 +655,17 @@ def _unmatchable(route: Route, request: web.Request) -> web.Response | None:
 
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        principal = await request.app[ADMIN_TOKENS].authenticate(request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        tokens, throttle = request.app[ADMIN_TOKENS], request.app[THROTTLE]
+        claimed = tokens.claimed_id(authorization)
+        address = client_address(request, request.app[SETTINGS].server.trusted_proxies)
+        await throttle.check("admin", claimed, address)
+        try:
+            principal = await tokens.authenticate(authorization)
+        except AdminAuthError:
+            if authorization:  # a credential was tried (not merely left out)
+                await throttle.failed("admin", claimed, address)
+            raise
         principal.require(route.permission)
         return _unmatchable(route, request) or await route.handler(request, principal)
 

@@ -38,11 +38,13 @@ from gateway.state import (
     REPLICA_ID,
     SESSIONS,
     SETTINGS,
+    THROTTLE,
     TOKENS,
     UPSTREAM,
     UPSTREAMS,
     Clock,
 )
+from gateway.throttle import FailureThrottle
 from gateway.upstreams import Pools
 from ledger.log import Presence, live_replicas
 from ledger.writer import start_writer
@@ -210,6 +212,12 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
                 "DPoP proofs cannot be checked for replay right now", headers={"Retry-After": "1"}
             ) from exc
 
+    app[THROTTLE] = FailureThrottle(
+        redis,
+        per_client=settings.tokens.failures_per_client_per_minute,
+        per_address=settings.tokens.failures_per_address_per_minute,
+        metrics=app[METRICS],
+    )
     app[DPOP] = ProofChecker(
         public_url=settings.public_url,
         first_use=first_proof_use,

@@ -39,6 +39,23 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.credential_failures = Counter(
+            "pdg_credential_failures",
+            "Failed credential checks (unknown id, wrong secret) by endpoint (token, admin).",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.credential_throttled = Counter(
+            "pdg_credential_throttled",
+            "Requests refused (429) for too many failed credential checks, by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.credential_throttle_unavailable = Counter(
+            "pdg_credential_throttle_unavailable",
+            "Credential checks made unthrottled because Redis was out of reach.",
+            registry=self.registry,
+        )
 
         # A label set's child, found once (``labels()`` takes a lock and
         # checks the labels on every call).

@@ -32,9 +32,10 @@ from core.errors import (
     LicenceInactiveError,
     PurposeNotAllowedError,
 )
-from gateway.state import CATALOGUE, CLIENTS, CLOCK, DPOP, METRICS, SETTINGS, TOKENS
+from gateway.state import CATALOGUE, CLIENTS, CLOCK, DPOP, METRICS, SETTINGS, THROTTLE, TOKENS
+from gateway.throttle import client_address
 from licensing.catalogue import AppView, Catalogue, LicenceView
-from licensing.clients import SIGNING_ALGORITHMS
+from licensing.clients import SIGNING_ALGORITHMS, claimed_client_id
 from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from licensing.dpop import ProofError
 from licensing.schemas import PURPOSES
@@ -179,9 +180,16 @@ async def token_endpoint(request: web.Request) -> web.Response:
             raise BadRequestError("a token request parameter is repeated", error="invalid_request")
         form = {k: v for k, v in posted.items() if isinstance(v, str)}
         catalogue = app[CATALOGUE].fresh()
-        client, method = await app[CLIENTS].authenticate(
-            catalogue, request.headers.get("Authorization"), form
-        )
+        authorization = request.headers.get("Authorization")
+        claimed = claimed_client_id(authorization, form)
+        address = client_address(request, app[SETTINGS].server.trusted_proxies)
+        await app[THROTTLE].check("token", claimed, address)
+        try:
+            client, method = await app[CLIENTS].authenticate(catalogue, authorization, form)
+        except InvalidClientError:
+            if authorization or "client_secret" in form or "client_assertion" in form:
+                await app[THROTTLE].failed("token", claimed, address)
+            raise
         if "grant_type" not in form:
             raise BadRequestError("grant_type is missing", error="invalid_request")
         if form.get("grant_type") != "client_credentials":

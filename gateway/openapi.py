@@ -110,6 +110,13 @@ def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
                     },
                 },
                 "403": _problem("the token's role may not do this"),
+                "429": {
+                    **_problem(
+                        "too many failed admin token checks for this token id or from this address "
+                        "this minute; retry after Retry-After seconds"
+                    ),
+                    "headers": {"Retry-After": {"schema": {"type": "string"}}},
+                },
             },
         }
         parameters = [_parameter(name, "path") for name in re.findall(r"{(\w+)}", route.path)]

@@ -66,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import ipaddress
 import re
 import time
 import unicodedata
@@ -98,6 +97,7 @@ from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
 from gateway.state import CALLS, CATALOGUE, CLOCK, DPOP, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
+from gateway.throttle import trusted_peer
 from gateway.upstreams import Pool
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import DatasetView, Grant, check_operation
@@ -265,16 +265,6 @@ def request_id(request: web.Request, call_id: str) -> str:
     return incoming if REQUEST_ID.match(incoming) else call_id
 
 
-def _trusted(peer: str | None, trusted: tuple[str, ...]) -> bool:
-    if not peer or not trusted:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in trusted)
-
-
 def _forward_headers(
     request: web.Request, request_id: str, trusted_proxies: tuple[str, ...], public_host: str
 ) -> CIMultiDict[str]:
@@ -290,7 +280,7 @@ def _forward_headers(
             continue
         headers.add(name, value)
     peer = request.remote or ""
-    if _trusted(peer, trusted_proxies):
+    if trusted_peer(peer, trusted_proxies):
         prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from config.settings import Settings
 from gateway.call import CallContext
 from gateway.metrics import Metrics
+from gateway.throttle import FailureThrottle
 from gateway.upstreams import Pools
 from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
@@ -55,6 +56,8 @@ TOKENS = web.AppKey("tokens", TokenService)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)
 #: Checks DPoP proofs (RFC 9449) at the token endpoint and on the data plane.
 DPOP = web.AppKey("dpop", ProofChecker)
+#: Failed credential checks, throttled per id and per address (``gateway.throttle``).
+THROTTLE = web.AppKey("throttle", FailureThrottle)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
 #: How calls to each dataset are forwarded (``gateway.proxy.upstream_of``), by dataset id.

@@ -38,15 +38,13 @@ async def run(settings: Settings, *, owner: str, stop: asyncio.Event, parent: in
     """The writer until ``stop`` is set (or, with ``parent``, that process is gone)."""
     from ledger.writer import start_writer
     from storage.db import create_engine
-    from storage.redis import redis_for
+    from storage.redis import deployment_redis
     from storage.runtime import freeze_heap
 
     engine = create_engine(settings.database_url)
     try:
         async with (
-            redis_for(
-                settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
-            ) as client,
+            deployment_redis(settings) as client,
             start_writer(settings, engine, client, owner=owner),
         ):
             freeze_heap()

@@ -112,6 +112,13 @@ class AdminTokens:
                 (await session.execute(select(AdminTokenRow).order_by(AdminTokenRow.created_at))).scalars()
             )
 
+    @staticmethod
+    def claimed_id(authorization: str | None) -> str | None:
+        """The token id an ``Authorization`` header names, unchecked (for
+        throttling failures)."""
+        parts = (authorization or "").partition(" ")[2].strip().split("_", 2)
+        return parts[1] if len(parts) == 3 and parts[0] == PREFIX else None
+
     async def authenticate(self, authorization: str | None) -> AdminPrincipal:
         if not authorization:
             raise AdminAuthError(
@@ -133,6 +140,8 @@ class AdminTokens:
             headers={"WWW-Authenticate": 'Bearer realm="pdg-admin", error="invalid_token"'},
         )
         if row is None or row.revoked_at is not None:
+            # As long as a known token with the wrong secret takes.
+            await verify_secret_async(None, secret)
             raise invalid
         digest = hashlib.sha256(token.strip().encode()).digest()
         cached = self._verified.get(token_id)

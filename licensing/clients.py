@@ -86,6 +86,27 @@ def _basic_credentials(authorization: str) -> tuple[str, str]:
     return unquote_plus(client_id), unquote_plus(secret)
 
 
+def claimed_client_id(authorization: str | None, form: Mapping[str, str]) -> str | None:
+    """The client id a token request names, before anything is checked (for
+    throttling failures): the Basic user, the form's ``client_id``, or the
+    assertion's ``iss``. None when it names none or cannot be read."""
+    if authorization:
+        try:
+            return _basic_credentials(authorization)[0]
+        except (BadRequestError, InvalidClientError):
+            return None
+    if form.get("client_id"):
+        return form["client_id"]
+    assertion = form.get("client_assertion")
+    if assertion:
+        try:
+            issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+        except jwt.InvalidTokenError:
+            return None
+        return issuer if isinstance(issuer, str) else None
+    return None
+
+
 class ClientAuthenticator:
     def __init__(self, *, audiences: list[str], max_assertion_age: int, first_use: FirstUse) -> None:
         self._audiences = audiences
@@ -123,7 +144,8 @@ class ClientAuthenticator:
             client_id, secret = form.get("client_id", ""), form["client_secret"]
         app = catalogue.apps.get(client_id)
         stored = app.secret_hash if app is not None else None
-        if app is None or stored is None or not await verify_secret_async(stored, secret):
+        # An unknown id is checked against a stand-in hash: it takes as long.
+        if not await verify_secret_async(stored, secret) or app is None:
             raise _invalid("unknown client or wrong secret")
         return app, method
 

@@ -8,6 +8,7 @@ async callers run them in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 
 from argon2 import PasswordHasher
@@ -24,16 +25,27 @@ def hash_secret(secret: str) -> str:
     return _HASHER.hash(secret)
 
 
-def verify_secret(stored_hash: str, secret: str) -> bool:
+@functools.cache
+def _stand_in_hash() -> str:
+    """A hash of a secret nobody knows, with the same parameters as every
+    stored one: checked when there is no stored hash, so an unknown id takes
+    as long to refuse as a known one with the wrong secret."""
+    return _HASHER.hash(new_secret())
+
+
+def verify_secret(stored_hash: str | None, secret: str) -> bool:
+    """Whether ``secret`` matches ``stored_hash``; with no stored hash (an
+    unknown id), False after the same work."""
     try:
-        return _HASHER.verify(stored_hash, secret)
+        matched = _HASHER.verify(stored_hash or _stand_in_hash(), secret)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
+    return matched and stored_hash is not None
 
 
 async def hash_secret_async(secret: str) -> str:
     return await asyncio.to_thread(hash_secret, secret)
 
 
-async def verify_secret_async(stored_hash: str, secret: str) -> bool:
+async def verify_secret_async(stored_hash: str | None, secret: str) -> bool:
     return await asyncio.to_thread(verify_secret, stored_hash, secret)

