@@ -165,6 +165,11 @@ class LedgerSettings(_Section):
     #: PEM file of the EC P-256 key that signs checkpoints. Empty:
     #: ``{data_dir}/keys/ledger-key.pem``, generated on first start.
     signing_key_file: str = ""
+    #: The key (32 bytes) of the digests the call record keeps of personal
+    #: path segments (``{personal}`` in a dataset's paths). Empty:
+    #: ``{data_dir}/keys/personal-digest.key``, made on first start. Every
+    #: replica must read the same one; keep it apart from the ledger.
+    personal_digest_key_file: str = ""
     #: Move the log into the SQL ledger beside this gateway: ``pdg serve``
     #: runs the writer in a process of its own (one per ``pdg serve``, however
     #: many ``--workers``), ``pdg demo`` as a task. One writer works at a time,
@@ -246,6 +251,12 @@ class Settings(_Section):
         return self.data_dir / "keys" / "signing-key.pem"
 
     @property
+    def personal_key_path(self) -> Path:
+        if self.ledger.personal_digest_key_file:
+            return Path(self.ledger.personal_digest_key_file).expanduser().absolute()
+        return self.data_dir / "keys" / "personal-digest.key"
+
+    @property
     def ledger_key_path(self) -> Path:
         if self.ledger.signing_key_file:
             return Path(self.ledger.signing_key_file).expanduser().absolute()
@@ -290,6 +301,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LEDGER_CHECKPOINT_RECORDS": "ledger.checkpoint_records",
     "PDG_LEDGER_CHECKPOINT_SECONDS": "ledger.checkpoint_seconds",
     "PDG_LEDGER_SIGNING_KEY_FILE": "ledger.signing_key_file",
+    "PDG_PERSONAL_DIGEST_KEY_FILE": "ledger.personal_digest_key_file",
     "PDG_LEDGER_RUN_WRITER": "ledger.run_writer",
     "PDG_LEDGER_MAX_BACKLOG": "ledger.max_backlog",
     "PDG_LEDGER_WRITER_BATCH": "ledger.writer_batch",

@@ -54,6 +54,7 @@ from licensing.clients import ClientAuthenticator
 from licensing.dpop import Nonces, ProofChecker
 from licensing.ids import new_call_id
 from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
+from licensing.personal import PersonalDigest, load_or_create_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.periods import zone
@@ -107,6 +108,7 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         zone=zone(settings.billing.time_zone),
         new_digest=digest_factory(settings.ledger.hash_algorithm),
         replica_id=app[REPLICA_ID],
+        personal=PersonalDigest(load_or_create_key(settings.personal_key_path)),
     )
     await presence.start()
     if not settings.ledger.run_writer:

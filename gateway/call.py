@@ -44,7 +44,8 @@ from gateway import charging
 from gateway.charging import Charge
 from ledger.log import LOG, Presence
 from ledger.record import REPLAY_POOL, SERVED, clip, opening, to_log, to_log_uncharged
-from licensing.catalogue import Grant
+from licensing.catalogue import DatasetView, Grant
+from licensing.personal import PersonalDigest
 from licensing.tokens import AccessClaims
 from metering.periods import Period, period_of
 from metering.quota import QuotaBatcher, QuotaStoreError, Reservation, ReservationPlan, plan
@@ -105,6 +106,8 @@ class CallContext:
     new_digest: Callable[[], Any]
     #: This process among the replicas (the in-flight marker names it).
     replica_id: str
+    #: Keyed digests of personal path segments (``None``: no key loaded).
+    personal: PersonalDigest | None = None
     #: The call-record log.
     log: str = LOG
     memo: _Memo = field(default_factory=_Memo, compare=False)
@@ -185,6 +188,16 @@ class Call:
             # Set by the forwarder: the upstream target that answered (or was tried last).
             "upstream_target": None,
         }
+
+    def mask_path(self, target: str, dataset: DatasetView, rest: str) -> None:
+        """Record the path (``target``, as sent, without its query) with the
+        dataset's personal segments as keyed digests (``licensing.personal``);
+        ``rest`` is its part below the dataset."""
+        personal = self.ctx.personal
+        if personal is None:
+            return
+        head = target[: len(target) - len(rest)]
+        self.record["path"] = clip(head + personal.masked(dataset.paths, rest), "path")
 
     @property
     def call_id(self) -> str:

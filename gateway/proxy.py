@@ -304,11 +304,16 @@ async def _limited(content: aiohttp.StreamReader, limit: int, exceeded: list[boo
         yield chunk
 
 
-def _authorize(request: web.Request, claims: AccessClaims) -> tuple[Grant, str]:
+def _authorize(request: web.Request, claims: AccessClaims, call: Call | None = None) -> tuple[Grant, str]:
     """The licence and operation rules for this call: the grant and the
-    checked upstream rest."""
+    checked upstream rest. With ``call``, a path of a dataset with personal
+    segments is recorded masked first, whatever the rules decide."""
     dataset_id, rest = upstream_path(request.raw_path)
     catalogue = request.app[CATALOGUE].fresh()
+    if call is not None:
+        dataset = catalogue.datasets.get(dataset_id)
+        if dataset is not None and dataset.personal:
+            call.mask_path(request.raw_path.partition("?")[0], dataset, rest.partition("?")[0])
     grant = catalogue.authorize(
         app_id=claims.app_id,
         licensee_id=claims.licensee_id,
@@ -359,7 +364,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         raise
     try:
         try:
-            grant, rest = _authorize(request, claims)
+            grant, rest = _authorize(request, claims, call)
             dataset_label = grant.dataset.id
             call.authorised(grant)
             key = charging.idempotency_key(request)

@@ -66,6 +66,8 @@ class DatasetView:
     methods: frozenset[str] = frozenset({"GET", "HEAD"})
     #: Path patterns served, as segment tuples (empty: every path).
     paths: tuple[tuple[str, ...], ...] = ()
+    #: Some pattern marks a segment as personal (``{personal}``).
+    personal: bool = False
     #: The largest response relayed (``None``: the settings' default).
     max_response_bytes: int | None = None
     #: The longest silence of the upstream (``None``: the settings' default).
@@ -229,6 +231,11 @@ def check_operation(grant: Grant, method: str, path: str) -> None:
         )
 
 
+#: A pattern segment matching one non-empty segment, like ``*``, that holds
+#: personal data: the record keeps a keyed digest of it (``licensing.personal``).
+PERSONAL = "{personal}"
+
+
 def path_matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
     """``segments`` (decoded) fall under ``pattern`` (as declared)."""
     if pattern and pattern[-1] == "**":
@@ -239,7 +246,7 @@ def path_matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
     elif len(segments) != len(pattern):
         return False
     return all(
-        bool(segment) if wanted == "*" else unquote(wanted) == segment
+        bool(segment) if wanted in ("*", PERSONAL) else unquote(wanted) == segment
         for wanted, segment in zip(pattern, segments, strict=True)
     )
 
@@ -266,6 +273,7 @@ def _dataset_view(row: DatasetRow) -> DatasetView:
         idle_timeout_seconds=row.idle_timeout_seconds,
         methods=frozenset(row.methods),
         paths=tuple(tuple(p.split("/")) for p in row.paths),
+        personal=any(PERSONAL in p.split("/") for p in row.paths),
         max_response_bytes=row.max_response_bytes,
         max_records_per_call=row.max_records_per_call,
         terms_version=row.terms_version,

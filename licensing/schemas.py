@@ -201,8 +201,9 @@ Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 DEFAULT_METHODS: tuple[str, ...] = ("GET", "HEAD")
 #: One segment of a path pattern: literal characters (RFC 3986 unreserved and
 #: sub-delimiters, ``:`` ``@``, percent-escapes), or ``*`` (any one segment),
-#: or, last, ``**`` (any rest, also none).
-_PATTERN_SEGMENT = r"(\*\*?|[A-Za-z0-9._~!$&'()+,;=:@%-]+)"
+#: or ``{personal}`` (any one segment, personal data: the call record keeps a
+#: keyed digest of it), or, last, ``**`` (any rest, also none).
+_PATTERN_SEGMENT = r"(\*\*?|\{personal\}|[A-Za-z0-9._~!$&'()+,;=:@%-]+)"
 #: A path pattern relative to the dataset's upstream base, e.g. ``stations/*``,
 #: ``observations``, ``archive/**``.
 PathPattern = Annotated[
@@ -404,8 +405,9 @@ class DatasetIn(_Model):
     )
     paths: PathPatterns = Field(
         default_factory=list,
-        description="path patterns the dataset serves ('*' one segment, a last '**' any rest); "
-        "empty: every path; any other path is refused (404 unknown-operation)",
+        description="path patterns the dataset serves ('*' one segment, a last '**' any rest, "
+        "'{personal}' one segment holding personal data, which the call record keeps only as a keyed "
+        "digest); empty: every path; any other path is refused (404 unknown-operation)",
     )
     max_response_bytes: int | None = Field(
         None,
