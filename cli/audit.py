@@ -1,4 +1,4 @@
-"""``pdg audit verify|trace|export|prove|check-proof``: the auditor's commands,
+"""``pdg audit verify|trace|export|prove|check-proof|personal-digest``: the auditor's commands,
 over the same service layer as the admin API (``ledger.audit``).
 
 ``verify`` exits 0 when the ledger (or an export, ``--export``) re-derives,
@@ -308,6 +308,18 @@ async def audit_check_proof(args: argparse.Namespace, settings: Settings) -> int
     return 0 if result.ok else 1
 
 
+async def audit_personal_digest(args: argparse.Namespace, settings: Settings) -> int:
+    from licensing.personal import PersonalDigest, read_key
+
+    digest = PersonalDigest(read_key(settings.personal_key_path)).of(args.value)
+    emit(
+        args,
+        {"digest": digest, "record_segment": f"{{personal:{digest}}}"},
+        f"{{personal:{digest}}}",
+    )
+    return 0
+
+
 # -- the command group -----------------------------------------------------------------
 
 
@@ -393,6 +405,14 @@ def add_commands(sub: Any, common: Common) -> None:
     key_options(p)
     p.add_argument("call_id", metavar="CALL_ID")
     p.add_argument("--out", metavar="FILE", help="write the proof here (default: stdout)")
+
+    p = command(
+        "personal-digest",
+        "the digest the call record keeps of a personal path segment (needs the personal-data key), "
+        "to find the calls about one value",
+        audit_personal_digest,
+    )
+    p.add_argument("value", metavar="VALUE", help="the segment's value, decoded (e.g. an ID number)")
 
     p = command("check-proof", "check an inclusion proof (exit 1 if it does not hold)", audit_check_proof)
     key_options(p)

@@ -151,7 +151,11 @@ def _fail(message: str, code: int = 1) -> int:
 #: Errors of modules that are imported only when needed (so that ``--help``
 #: and bad input answer quickly): ``(module, class)``. A module that was never
 #: imported cannot have raised its error.
-_ONE_LINE_ERRORS = (("licensing.keys", "KeyFileError"), ("storage.redis", "EmbeddedValkeyError"))
+_ONE_LINE_ERRORS = (
+    ("licensing.keys", "KeyFileError"),
+    ("licensing.personal", "PersonalKeyError"),
+    ("storage.redis", "EmbeddedValkeyError"),
+)
 
 
 def _loaded(module: str, name: str) -> type[BaseException] | None:

@@ -8,7 +8,7 @@ the operation's template with, in place of each personal segment,
 segment (percent-decoded) under the deployment's personal-data key. The value
 itself is never stored. Whoever holds the key (an auditor asked to find the
 calls about one person) computes the digest of the value
-(:meth:`PersonalDigest.of`, ``pdg audit personal-digest``) and searches
+(``pdg audit personal-digest VALUE``) and searches
 the records for it; without the key, a digest of a short identifier cannot be
 turned back into it by trying every value.
 
@@ -36,6 +36,14 @@ _DIGITS = 32
 
 class PersonalKeyError(Exception):
     """The personal-data key file cannot be read or made (one line, for humans)."""
+
+
+def read_key(path: Path) -> bytes:
+    """The key in ``path``, which must exist (a digest under a new key would
+    match nothing)."""
+    if not path.exists():
+        raise PersonalKeyError(f"no personal-data key at {path} (ledger.personal_digest_key_file)")
+    return load_or_create_key(path)
 
 
 def load_or_create_key(path: Path) -> bytes:

@@ -183,9 +183,17 @@ def pdg(capsys: pytest.CaptureFixture[str]) -> PdgRunner:
 async def drop_guards(ledger: Ledger) -> None:
     """What an attacker with schema rights does first."""
     if ledger.postgres:
-        await ledger.sql("DROP TRIGGER calls_append_only ON calls")
+        await ledger.sql(
+            "DROP TRIGGER calls_append_only ON calls",
+            "DROP TRIGGER ledger_checkpoints_append_only ON ledger_checkpoints",
+        )
     else:
-        await ledger.sql("DROP TRIGGER calls_no_update", "DROP TRIGGER calls_no_delete")
+        await ledger.sql(
+            "DROP TRIGGER calls_no_update",
+            "DROP TRIGGER calls_no_delete",
+            "DROP TRIGGER ledger_checkpoints_no_update",
+            "DROP TRIGGER ledger_checkpoints_no_delete",
+        )
 
 
 def changed(value: Any, column: str) -> Any:

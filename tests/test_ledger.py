@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from gateway.state import ENGINE, PRESENCE, QUOTA, REDIS, SETTINGS
 from ledger.chain import Verifier
@@ -165,6 +166,17 @@ async def test_records_are_chained_and_checkpointed(world_factory: Callable[...,
     problem, checkpoints = await verify_rows(world)
     assert problem is None
     assert checkpoints >= 3
+    # Records and signed checkpoints are append-only in the database itself.
+    for statement in (
+        "UPDATE calls SET status = 200 WHERE seq = 1",
+        "DELETE FROM calls WHERE seq = 11",
+        "UPDATE ledger_checkpoints SET chain_head = merkle_root",
+        "DELETE FROM ledger_checkpoints",
+    ):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with world.app[ENGINE].begin() as conn:
+                await conn.execute(text(statement))
+    assert (await verify_rows(world)) == (None, checkpoints)
 
 
 async def test_sm3_chain_and_digests(world_factory: Callable[..., Awaitable[World]]) -> None:

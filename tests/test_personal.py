@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import stat
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -15,6 +17,7 @@ from sqlalchemy import select
 from gateway.state import ENGINE, SETTINGS
 from ledger.models import CallRow
 from tests.conftest import World
+from tests.test_cli import apdg, environment
 from tests.test_ledger import records_of, verify_rows
 
 ID_NUMBER = "11010119900307123X"
@@ -86,3 +89,23 @@ async def test_patterns_with_personal_segments_are_validated(world: World) -> No
         assert body["status"] == 400, (bad, body)
     ds = await world.dataset(paths=["{personal}"])
     assert ds["paths"] == ["{personal}"]
+
+
+async def test_an_auditor_finds_the_calls_about_one_value(world: World, tmp_path: Path) -> None:
+    """``pdg audit personal-digest VALUE`` on the deployment's key gives the
+    segment the records hold; without the key it says so in one line."""
+    ds, _lic, _app, token = await world.licensed(dataset_fields={"paths": ["persons/{personal}"]})
+    got, body, _ = await world.call(f"/data/{ds['id']}/persons/{ID_NUMBER}", token)
+    assert got == 200, body
+    (recorded,) = await records_of(world, 1)
+    env = environment(world.app[SETTINGS].data_dir)
+    run = await apdg("audit", "personal-digest", ID_NUMBER, "--json", env=env, cwd=tmp_path)
+    assert run.code == 0, run.err
+    segment = json.loads(run.out)["record_segment"]
+    assert recorded["path"].endswith("/" + segment)
+    run = await apdg(
+        "audit", "personal-digest", ID_NUMBER, env=environment(tmp_path / "elsewhere"), cwd=tmp_path
+    )
+    assert run.code != 0
+    assert run.err.count("\n") == 1
+    assert "personal-data key" in run.err
