@@ -46,6 +46,29 @@ class ServerSettings(_Section):
     #: Run database migrations at start-up (safe with several replicas: they
     #: serialise on a lock).
     auto_migrate: bool = True
+    #: ``HOST:PORT`` for the operations endpoints (``/metrics``, ``/healthz``,
+    #: ``/readyz``) apart from the public port, e.g. ``127.0.0.1:9464``; the
+    #: public port then serves no ``/metrics``. Empty: the public port.
+    metrics_listen: str = ""
+    #: A bearer token ``/metrics`` requires (``Authorization: Bearer …``).
+    #: Empty: none (keep ``/metrics`` on a private ``metrics_listen`` then).
+    metrics_token: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if not self.metrics_listen:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 class StorageSettings(_Section):
@@ -274,6 +297,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_CATALOGUE_REFRESH_SECONDS": "server.catalogue_refresh_seconds",
     "PDG_DEGRADED_MAX_SECONDS": "server.degraded_max_seconds",
     "PDG_AUTO_MIGRATE": "server.auto_migrate",
+    "PDG_METRICS_LISTEN": "server.metrics_listen",
+    "PDG_METRICS_TOKEN": "server.metrics_token",
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",
     "PDG_REDIS_CLUSTER": "storage.redis_cluster",

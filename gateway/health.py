@@ -1,6 +1,11 @@
 """Operations endpoints: ``/healthz`` (the process is alive), ``/readyz``
 and ``/metrics`` (Prometheus).
 
+They are served on the public port, or, with ``server.metrics_listen``, on an
+address of their own (the public port then serves ``/healthz`` and
+``/readyz`` only). ``server.metrics_token`` makes ``/metrics`` require a
+bearer token (401 ``admin-token-required`` without it).
+
 ``/readyz`` answers one of three states, from its components (the database,
 Redis, the call-record log — heard from, its backlog within bounds —, the
 licence view, not shutting down):
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -27,9 +34,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from core.errors import ServiceUnavailableError
+from core.errors import AdminAuthError, ServiceUnavailableError
 from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS
+from gateway.problems import name_the_server, problems_middleware
+from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS, SETTINGS
 from storage.tasks import within
 
 _CHECK_TIMEOUT = 2.0
@@ -59,7 +67,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    app = request.app
+    return await _readiness(request.app.get(GATEWAY) or request.app)
+
+
+async def _readiness(app: web.Application) -> web.Response:
     database, redis = await asyncio.gather(_database(app), _redis(app))
     catalogue = app[CATALOGUE]
     try:
@@ -91,10 +102,49 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    app = request.app.get(GATEWAY) or request.app
+    token = app[SETTINGS].server.metrics_token
+    if token:
+        scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), token.encode()):
+            raise AdminAuthError(
+                "/metrics needs its bearer token (server.metrics_token)",
+                headers={"WWW-Authenticate": 'Bearer realm="pdg-metrics"'},
+            )
+    return web.Response(body=app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+#: On the operations listener's own application: the gateway it reports on.
+GATEWAY = web.AppKey("gateway", web.Application)
+
+
+async def _operations_listener(app: web.Application) -> AsyncIterator[None]:
+    """``server.metrics_listen``: the operations endpoints on an address of
+    their own, served by a small application that reads this one's state.
+    With several workers each binds it with ``SO_REUSEPORT``."""
+    settings = app[SETTINGS]
+    address = settings.server.metrics_address
+    assert address is not None  # noqa: S101 - only registered with one
+    operations = web.Application(middlewares=[problems_middleware])
+    operations[GATEWAY] = app
+    operations.on_response_prepare.append(name_the_server)
+    operations.router.add_get("/healthz", healthz)
+    operations.router.add_get("/readyz", readyz)
+    operations.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(operations, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, address[0], address[1], reuse_port=settings.server.workers > 1 or None)
+        await site.start()
+        yield
+    finally:
+        await runner.cleanup()
 
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if app[SETTINGS].server.metrics_address is None:
+        app.router.add_get("/metrics", metrics)
+    else:
+        app.cleanup_ctx.append(_operations_listener)
