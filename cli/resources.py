@@ -525,6 +525,20 @@ async def app_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def app_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
+    data = schemas.parse(schemas.SecretRotationIn, _fields(args, {"overlap": "overlap_seconds"}))
+    async with services(settings) as s:
+        app = await s.registry.rotate_app_secret(args.app_id, data.overlap_seconds)
+    until = app.previous_secret_until
+    text = f"app {app.id}: new client_secret: {app.client_secret}\n(shown once; stored only as a hash) " + (
+        f"the secret before is accepted until {until.isoformat()}"
+        if until
+        else "the secret before is refused"
+    )
+    emit(args, dump(app), text)
+    return 0
+
+
 def _app_switch(enabled: bool) -> Callable[[argparse.Namespace, Settings], Any]:
     async def run(args: argparse.Namespace, settings: Settings) -> int:
         async with services(settings) as s:
@@ -541,7 +555,12 @@ def _app_switch(enabled: bool) -> Callable[[argparse.Namespace, Settings], Any]:
 async def admin_token_create(args: argparse.Namespace, settings: Settings) -> int:
     data = schemas.parse(
         schemas.AdminTokenIn,
-        {"role": args.role, "licensee_id": args.licensee, "description": args.description or ""},
+        {
+            "role": args.role,
+            "licensee_id": args.licensee,
+            "description": args.description or "",
+            "expires_in_seconds": args.expires_in,
+        },
     )
     async with services(settings) as s:
         created = await s.admin_tokens.create(data)
@@ -564,10 +583,12 @@ async def admin_token_list(args: argparse.Namespace, settings: Settings) -> int:
             "description": r.description,
             "created_at": r.created_at.isoformat(),
             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+            "expires_at": r.expires_at.isoformat() if r.expires_at else None,
         }
         for r in rows
     ]
-    emit(args, data, columns=("id", "role", "licensee_id", "description", "created_at", "revoked_at"))
+    columns = ("id", "role", "licensee_id", "description", "created_at", "revoked_at", "expires_at")
+    emit(args, data, columns=columns)
     return 0
 
 
@@ -701,6 +722,16 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--licensee")
     command(apps, "disable", "disable an app", _app_switch(False), "app_id")
     command(apps, "enable", "enable an app", _app_switch(True), "app_id")
+    p = command(
+        apps,
+        "rotate-secret",
+        "a new client secret (printed once); the one before stays valid for --overlap seconds",
+        app_rotate_secret,
+        "app_id",
+    )
+    p.add_argument(
+        "--overlap", type=int, help="seconds the secret before stays valid (default 3600; 0: none)"
+    )
 
     p = command(sub, "usage", "free and paid calls used and remaining", usage)
     p.add_argument("--licence")
@@ -713,5 +744,6 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--role", required=True, choices=schemas.ROLES)
     p.add_argument("--licensee", help="for role licensee: the licensee it may see")
     p.add_argument("--description")
+    p.add_argument("--expires-in", type=int, metavar="SECONDS", help="refused after this many seconds")
     command(tokens, "list", "list admin tokens", admin_token_list)
     command(tokens, "revoke", "revoke an admin token", admin_token_revoke, "token_id")

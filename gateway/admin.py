@@ -364,6 +364,12 @@ async def get_app(request: web.Request, principal: AdminPrincipal) -> web.Respon
     return _json(dump(app))
 
 
+async def rotate_app_secret(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.SecretRotationIn, await _body(request))
+    rotated = await request.app[REGISTRY].rotate_app_secret(request.match_info["id"], data.overlap_seconds)
+    return _json(dump(rotated))
+
+
 def _app_switch(enabled: bool) -> Handler:
     async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
         return _json(dump(await request.app[REGISTRY].set_app_enabled(request.match_info["id"], enabled)))
@@ -531,6 +537,16 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST", "/apps/{id}/enable", _app_switch(True), "licensing:write", "Enable an app", None, schemas.App
+    ),
+    Route(
+        "POST",
+        "/apps/{id}/rotate-secret",
+        rotate_app_secret,
+        "licensing:write",
+        "A new client secret (returned once); the one before stays valid for overlap_seconds",
+        schemas.SecretRotationIn,
+        schemas.App,
+        conflict=True,
     ),
     Route(
         "GET",

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -93,6 +94,9 @@ class AdminTokens:
                     licensee_id=data.licensee_id,
                     token_hash=token_hash,
                     description=data.description,
+                    expires_at=None
+                    if data.expires_in_seconds is None
+                    else utcnow() + timedelta(seconds=data.expires_in_seconds),
                 )
             )
         return CreatedAdminToken(token_id, data.role, data.licensee_id, f"{PREFIX}_{token_id}_{secret}")
@@ -136,10 +140,11 @@ class AdminTokens:
         async with self._sessions() as session:
             row = await session.get(AdminTokenRow, token_id)
         invalid = AdminAuthError(
-            "unknown or revoked admin token",
+            "unknown, revoked or expired admin token",
             headers={"WWW-Authenticate": 'Bearer realm="pdg-admin", error="invalid_token"'},
         )
-        if row is None or row.revoked_at is not None:
+        expired = row is not None and row.expires_at is not None and row.expires_at <= utcnow()
+        if row is None or row.revoked_at is not None or expired:
             # As long as a known token with the wrong secret takes.
             await verify_secret_async(None, secret)
             raise invalid

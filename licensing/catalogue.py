@@ -129,6 +129,9 @@ class AppView:
     auth_method: str
     secret_hash: str | None
     jwks: Mapping[str, Any] | None
+    #: The secret before the last rotation, and until when it is accepted.
+    previous_secret_hash: str | None = None
+    previous_secret_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,8 @@ def _app_view(row: AppRow) -> AppView:
         auth_method=row.auth_method,
         secret_hash=row.secret_hash,
         jwks=row.jwks,
+        previous_secret_hash=row.previous_secret_hash,
+        previous_secret_until=row.previous_secret_until,
     )
 
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from core.errors import BadRequestError, InvalidClientError
 from licensing.catalogue import AppView, Catalogue
 from licensing.secrets import verify_secret_async
+from storage.db import utcnow
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: Algorithms a client's key may sign assertions with, by key type / curve.
@@ -144,8 +145,15 @@ class ClientAuthenticator:
             client_id, secret = form.get("client_id", ""), form["client_secret"]
         app = catalogue.apps.get(client_id)
         stored = app.secret_hash if app is not None else None
-        # An unknown id is checked against a stand-in hash: it takes as long.
-        if not await verify_secret_async(stored, secret) or app is None:
+        # An unknown id is checked against a stand-in hash, and a failure
+        # always against a second (the secret before a rotation, while it is
+        # accepted, or a stand-in): every refusal takes as long.
+        if await verify_secret_async(stored, secret) and app is not None:
+            return app, method
+        previous = None
+        if app is not None and app.previous_secret_until is not None and app.previous_secret_until > utcnow():
+            previous = app.previous_secret_hash
+        if not await verify_secret_async(previous, secret) or app is None:
             raise _invalid("unknown client or wrong secret")
         return app, method
 

@@ -118,6 +118,9 @@ class AppRow(Base):
     auth_method: Mapped[str] = mapped_column(String(32))
     #: Argon2id hash of the client secret; never the secret itself.
     secret_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: The secret before the last rotation, valid until ``previous_secret_until``.
+    previous_secret_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -134,6 +137,8 @@ class AdminTokenRow(Base):
     description: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: Refused from this instant on (``None``: until revoked).
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class SigningKeyRow(Base):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -235,6 +235,7 @@ def app_out(row: AppRow, client_secret: str | None = None) -> schemas.App:
         enabled=row.enabled,
         created_at=row.created_at,
         client_secret=client_secret,
+        previous_secret_until=row.previous_secret_until,
     )
 
 
@@ -514,6 +515,28 @@ class Registry:
         async with self._sessions() as session:
             rows = (await session.execute(query)).scalars().all()
         return [app_out(r) for r in rows]
+
+    async def rotate_app_secret(self, app_id: str, overlap_seconds: int) -> schemas.App:
+        """A new client secret (returned once); the one before stays valid
+        for ``overlap_seconds`` more, so clients can switch without a gap. A
+        secret rotated out earlier is forgotten at once."""
+        _require(app_id, "app")
+        secret = new_secret()
+        secret_hash = await hash_secret_async(secret)
+        async with self._sessions() as session:
+            row = await session.get(AppRow, app_id)
+            if row is None:
+                raise NotFoundError(f"no app {app_id}")
+            if row.secret_hash is None:
+                raise ConflictError(f"app {app_id} authenticates with private_key_jwt; it has no secret")
+            row.previous_secret_hash = row.secret_hash if overlap_seconds > 0 else None
+            row.previous_secret_until = (
+                utcnow() + timedelta(seconds=overlap_seconds) if overlap_seconds else None
+            )
+            row.secret_hash = secret_hash
+            await self._commit(session, f"app {app_id}")
+        await self._changed()
+        return app_out(row, client_secret=secret)
 
     async def set_app_enabled(self, app_id: str, enabled: bool) -> schemas.App:
         _require(app_id, "app")

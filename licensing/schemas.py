@@ -666,13 +666,25 @@ class App(_Model):
     auth_method: Literal["client_secret", "private_key_jwt"]
     enabled: bool
     created_at: datetime
-    client_secret: str | None = Field(None, description="returned once, at creation; never again")
+    client_secret: str | None = Field(None, description="returned once, at creation or rotation; never again")
+    previous_secret_until: datetime | None = Field(
+        None, description="after a rotation: the secret before it is accepted until then"
+    )
+
+
+class SecretRotationIn(_Model):
+    overlap_seconds: int = Field(
+        3600, ge=0, le=30 * 86400, description="how long the secret before stays valid (0: not at all)"
+    )
 
 
 class AdminTokenIn(_Model):
     role: Role
     licensee_id: str | None = Field(None, min_length=1, max_length=64, validate_default=True)
     description: str = Field("", max_length=200)
+    expires_in_seconds: int | None = Field(
+        None, ge=60, le=10 * 366 * 86400, description="refused from this many seconds on; none: until revoked"
+    )
 
     @field_validator("licensee_id")
     @classmethod

@@ -254,7 +254,8 @@ def test_scenario_with_flags_on_the_embedded_database(tmp_path: Path) -> None:
 
     after = database_rows(data / "pdg.sqlite3")
     assert after["licences"] == before["licences"]  # the refused resume changed nothing
-    assert after["admin_tokens"][0][-1] is not None  # revoked_at
+    assert after["admin_tokens"][0][-2] is not None  # revoked_at
+    assert after["admin_tokens"][0][-1] is None  # expires_at: none asked for
     # The secrets are stored only as hashes.
     raw = json.dumps(after, default=str)
     assert secret not in raw

@@ -10,9 +10,13 @@ import base64
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.state import ADMIN_TOKENS
+from sqlalchemy import update
+
+from gateway.state import ADMIN_TOKENS, ENGINE
+from licensing.models import AdminTokenRow
 from licensing.schemas import AdminTokenIn
 from tests.conftest import World
 
@@ -134,3 +138,51 @@ async def test_admin_token_failures_are_throttled_on_every_replica(world_factory
     # Other admin tokens are not held up.
     status, _ = await admin_request(two, two.admin_token)
     assert status == 200
+
+
+async def test_an_app_secret_rotates_with_an_overlap(world_factory: WorldFactory) -> None:
+    world = await world_factory()
+    licensee = await world.licensee()
+    await world.licence(licensee["id"], [(await world.dataset())["id"]])
+    app = await world.app_client(licensee["id"])
+    first = app["client_secret"]
+
+    rotated = await world.admin_post(f"/apps/{app['id']}/rotate-secret", {"overlap_seconds": 600}, expect=200)
+    second = rotated["client_secret"]
+    assert second not in (None, first)
+    assert rotated["previous_secret_until"] is not None
+    for secret in (first, second):  # both, during the overlap
+        status, body = await token_request(world, basic(app["client_id"], secret))
+        assert status == 200, body
+    # Another rotation without overlap: only the newest secret is accepted.
+    rotated = await world.admin_post(f"/apps/{app['id']}/rotate-secret", {"overlap_seconds": 0}, expect=200)
+    third = rotated["client_secret"]
+    assert rotated["previous_secret_until"] is None
+    for secret, expected in ((first, 401), (second, 401), (third, 200)):
+        status, body = await token_request(world, basic(app["client_id"], secret))
+        assert status == expected, body
+    # A fetch never shows a secret again; a key-only app has none to rotate.
+    async with world.client.get(f"/admin/v1/apps/{app['id']}", headers=world.admin) as resp:
+        assert (await resp.json())["client_secret"] is None
+    keyed = await world.app_client(
+        licensee["id"],
+        jwks={"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]},
+    )
+    body = await world.admin_post(f"/apps/{keyed['id']}/rotate-secret", {})
+    assert body["status"] == 409, body
+
+
+async def test_an_admin_token_expires(world_factory: WorldFactory) -> None:
+    world = await world_factory()
+    created = await world.app[ADMIN_TOKENS].create(AdminTokenIn(role="viewer", expires_in_seconds=3600))
+    status, _ = await admin_request(world, created.token)
+    assert status == 200
+    async with world.app[ENGINE].begin() as conn:
+        await conn.execute(
+            update(AdminTokenRow)
+            .where(AdminTokenRow.id == created.id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    status, body = await admin_request(world, created.token)
+    assert (status, body["code"]) == (401, "admin-token-required"), body
+    assert "expired" in body["detail"]

@@ -203,9 +203,16 @@ class RedisTarget:
 
 
 async def _single_valkey(processes: Processes, folder: Path) -> RedisTarget:
-    port = free_port()
-    proc = processes.start("valkey", _valkey_argv(folder, port))
-    await _wait_redis(port, proc, processes, "valkey")
+    for attempt in range(5):  # a probed port taken in between: again, on a fresh one
+        port = free_port()
+        proc = processes.start("valkey", _valkey_argv(folder, port))
+        try:
+            await _wait_redis(port, proc, processes, "valkey")
+        except AssertionError:
+            if attempt == 4 or "Address already in use" not in processes.log("valkey"):
+                raise
+            continue
+        break
     return RedisTarget("valkey", f"redis://127.0.0.1:{port}/0", False, [(port, 0, 16383)], ["valkey"])
 
 
@@ -233,26 +240,41 @@ async def _cluster_ok(ports: list[int]) -> None:
 async def _valkey_cluster(processes: Processes, folder: Path) -> RedisTarget:
     """Three primaries on loopback, the 16384 slots split between them,
     formed with CLUSTER ADDSLOTSRANGE and CLUSTER MEET (no redis-cli)."""
-    ports = [free_port() for _ in range(CLUSTER_NODES)]
+    ports: list[int] = []
     # The bus ports are chosen too: the default, port + 10000, may be taken
     # or above 65535.
-    bus_ports = [free_port() for _ in range(CLUSTER_NODES)]
-    names = [f"valkey-{port}" for port in ports]
-    for name, port, bus_port in zip(names, ports, bus_ports, strict=True):
-        argv = _valkey_argv(
-            folder,
-            port,
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            str(folder / f"nodes-{port}.conf"),
-            "--cluster-port",
-            str(bus_port),
-            "--cluster-node-timeout",
-            "5000",
-        )
-        proc = processes.start(name, argv)
-        await _wait_redis(port, proc, processes, name)
+    bus_ports: list[int] = []
+    names: list[str] = []
+    for _ in range(CLUSTER_NODES):
+        # A port probed free may be taken by another test process before the
+        # node binds it: such a node exits at once, and is started again on
+        # fresh ports.
+        for attempt in range(5):
+            port, bus_port = free_port(), free_port()
+            name = f"valkey-{port}"
+            argv = _valkey_argv(
+                folder,
+                port,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(folder / f"nodes-{port}.conf"),
+                "--cluster-port",
+                str(bus_port),
+                "--cluster-node-timeout",
+                "5000",
+            )
+            proc = processes.start(name, argv)
+            try:
+                await _wait_redis(port, proc, processes, name)
+            except AssertionError:
+                if attempt == 4 or "Address already in use" not in processes.log(name):
+                    raise
+                continue
+            break
+        ports.append(port)
+        bus_ports.append(bus_port)
+        names.append(name)
     bounds = [i * 16384 // CLUSTER_NODES for i in range(CLUSTER_NODES)] + [16384]
     nodes = [(port, bounds[i], bounds[i + 1] - 1) for i, port in enumerate(ports)]
     clients = [aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2) for port in ports]
