@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from cli import audit as cli_audit
 from cli import billing as cli_billing
+from cli import keys as cli_keys
 from cli import resources as cli_resources
 from config.settings import ConfigurationError, Settings, load_settings
 from core.errors import GatewayError
@@ -78,6 +79,7 @@ def build_parser() -> OneLineParser:
     cli_resources.add_commands(sub, _common)
     cli_audit.add_commands(sub, _common)
     cli_billing.add_commands(sub, _common)
+    cli_keys.add_commands(sub, _common)
     return parser
 
 
@@ -153,6 +155,7 @@ def _fail(message: str, code: int = 1) -> int:
 #: imported cannot have raised its error.
 _ONE_LINE_ERRORS = (
     ("licensing.keys", "KeyFileError"),
+    ("licensing.keys", "KeyStoreError"),
     ("licensing.personal", "PersonalKeyError"),
     ("storage.redis", "EmbeddedValkeyError"),
 )

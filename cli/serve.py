@@ -28,9 +28,9 @@ from config.settings import Settings
 from gateway.app import create_app
 from ledger import process
 from licensing.ids import new_call_id
-from licensing.keys import load_or_create_signing_key
+from licensing.keys import key_store, legacy_key, load_or_create_signing_key
 from storage import migrate
-from storage.db import create_engine
+from storage.db import create_engine, session_factory
 from storage.redis import EmbeddedValkey
 from storage.runtime import freeze_heap
 
@@ -75,14 +75,19 @@ def _worker(settings: Settings) -> None:
 
 
 async def prepare(settings: Settings) -> None:
-    """The data folder, and the migrations unless ``server.auto_migrate`` is off."""
+    """The data folder, the migrations unless ``server.auto_migrate`` is off,
+    and an active shared signing key (made once here, before the workers
+    start, which would otherwise each make one)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.server.auto_migrate:
-        engine = create_engine(settings.database_url)
-        try:
+    engine = create_engine(settings.database_url)
+    try:
+        if settings.server.auto_migrate:
             await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
+        store = key_store(settings, session_factory(engine))
+        if store is not None:
+            await store.active(first=legacy_key(settings))
+    finally:
+        await engine.dispose()
 
 
 #: Seconds between a child's death and its restart.
@@ -155,7 +160,8 @@ def serve(settings: Settings) -> int:
         settings.data_dir,
     )
     asyncio.run(prepare(settings))
-    load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
+    if not settings.shared_signing_keys:
+        load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
     load_or_create_signing_key(settings.ledger_key_path, "ES256")
     embedded = (
         EmbeddedValkey(settings.data_dir, settings.storage.embedded_fsync)

@@ -92,9 +92,14 @@ class TokenSettings(_Section):
     leeway_seconds: int = Field(10, ge=0, le=120)
     #: Signing algorithm of the gateway's own key.
     algorithm: Literal["ES256", "EdDSA"] = "ES256"
-    #: PEM file of the signing key. Empty: ``{data_dir}/keys/signing-key.pem``,
-    #: generated on first start.
+    #: PEM file of this replica's own signing key. Empty (the default): the
+    #: keys are shared by every replica through the database and rotate with
+    #: ``pdg keys rotate`` (``licensing.keys``).
     signing_key_file: str = ""
+    #: Encrypts the shared signing keys' private halves at rest (PKCS#8).
+    key_passphrase: str = ""
+    #: ... or read it from this file (a mounted secret); it wins over the above.
+    key_passphrase_file: str = ""
     #: Audience of issued tokens. Empty: ``{public_url}/data``.
     audience: str = ""
     #: Lifetime of a ``private_key_jwt`` client assertion that is accepted.
@@ -274,6 +279,27 @@ class Settings(_Section):
         return self.data_dir / "keys" / "signing-key.pem"
 
     @property
+    def shared_signing_keys(self) -> bool:
+        """Signing keys shared through the database (no key file set)."""
+        return not self.tokens.signing_key_file
+
+    @property
+    def key_passphrase(self) -> bytes | None:
+        """The signing keys' passphrase, from its file or the setting."""
+        if self.tokens.key_passphrase_file:
+            path = Path(self.tokens.key_passphrase_file).expanduser()
+            try:
+                value = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read tokens.key_passphrase_file {path}: {exc.strerror}"
+                ) from exc
+            if not value:
+                raise ConfigurationError(f"tokens.key_passphrase_file {path} is empty")
+            return value.encode()
+        return self.tokens.key_passphrase.encode() or None
+
+    @property
     def personal_key_path(self) -> Path:
         if self.ledger.personal_digest_key_file:
             return Path(self.ledger.personal_digest_key_file).expanduser().absolute()
@@ -310,6 +336,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_TOKEN_ALGORITHM": "tokens.algorithm",
     "PDG_SIGNING_KEY_FILE": "tokens.signing_key_file",
     "PDG_TOKEN_AUDIENCE": "tokens.audience",
+    "PDG_KEY_PASSPHRASE": "tokens.key_passphrase",
+    "PDG_KEY_PASSPHRASE_FILE": "tokens.key_passphrase_file",
     "PDG_DPOP_PROOF_MAX_AGE_SECONDS": "tokens.dpop_proof_max_age_seconds",
     "PDG_DPOP_NONCE": "tokens.dpop_nonce",
     "PDG_DPOP_NONCE_SECONDS": "tokens.dpop_nonce_seconds",

@@ -28,17 +28,30 @@ from billing.reconcile import reconcile
 from core.errors import (
     AdminAuthError,
     BadRequestError,
+    ConflictError,
     NotFoundError,
     QuotaUnavailableError,
     UnsupportedMediaTypeError,
     ValidationFailedError,
 )
 from gateway.openapi import Handler, Route, build_openapi
-from gateway.state import ADMIN_TOKENS, CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SETTINGS, THROTTLE
+from gateway.state import (
+    ADMIN_TOKENS,
+    CATALOGUE,
+    CLOCK,
+    ENGINE,
+    KEYS,
+    REDIS,
+    REGISTRY,
+    SETTINGS,
+    THROTTLE,
+    TOKENS,
+)
 from gateway.throttle import client_address
 from ledger import audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
+from licensing.keys import FILE_KEYS, KeyInfo, KeyStore
 from licensing.registry import dump
 from metering.periods import Period, PeriodError, parse_period, period_of, zone
 from metering.quota import QuotaStoreError
@@ -378,6 +391,34 @@ def _app_switch(enabled: bool) -> Handler:
     return handler
 
 
+# -- signing keys ---------------------------------------------------------------
+
+
+def _key_store(request: web.Request) -> KeyStore:
+    store = request.app.get(KEYS)
+    if store is None:
+        raise ConflictError(FILE_KEYS)
+    return store
+
+
+def _key_out(info: KeyInfo) -> dict[str, Any]:
+    return schemas.SigningKeyInfo.model_validate(info.as_dict()).model_dump(mode="json")
+
+
+async def list_keys(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return _json([_key_out(info) for info in await _key_store(request).listing()])
+
+
+async def rotate_keys(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.KeyRotationIn, await _body(request))
+    store = _key_store(request)
+    key = await store.rotate(data.algorithm or request.app[SETTINGS].tokens.algorithm)
+    # This replica signs with it at once; the others within a refresh.
+    await request.app[TOKENS].refresh_keys(force=True)
+    info = next(info for info in await store.listing() if info.kid == key.kid)
+    return _json(_key_out(info))
+
+
 # -- call records ---------------------------------------------------------------
 
 
@@ -546,6 +587,27 @@ ROUTES: tuple[Route, ...] = (
         "A new client secret (returned once); the one before stays valid for overlap_seconds",
         schemas.SecretRotationIn,
         schemas.App,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/keys",
+        list_keys,
+        "read",
+        "The token-signing keys",
+        None,
+        schemas.SigningKeyInfo,
+        True,
+        conflict=True,
+    ),
+    Route(
+        "POST",
+        "/keys/rotate",
+        rotate_keys,
+        "keys:write",
+        "A new signing key, active on every replica at once; the one before verifies until leaves_jwks_at",
+        schemas.KeyRotationIn,
+        schemas.SigningKeyInfo,
         conflict=True,
     ),
     Route(

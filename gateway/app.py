@@ -29,6 +29,7 @@ from gateway.state import (
     CLOCK,
     DPOP,
     ENGINE,
+    KEYS,
     METRICS,
     POOLS,
     PRESENCE,
@@ -53,7 +54,13 @@ from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
 from licensing.dpop import Nonces, ProofChecker
 from licensing.ids import new_call_id
-from licensing.keys import load_or_create_signing_key, load_public_keys, register_public_key
+from licensing.keys import (
+    key_store,
+    legacy_key,
+    load_or_create_signing_key,
+    load_public_keys,
+    register_public_key,
+)
 from licensing.personal import PersonalDigest, load_or_create_key
 from licensing.registry import Registry
 from licensing.tokens import TokenService
@@ -62,6 +69,7 @@ from metering.quota import QuotaBatcher, QuotaStoreError
 from storage import migrate
 from storage.db import create_engine, session_factory
 from storage.redis import COMMAND_TIMEOUT, RedisClient, deployment_redis
+from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +176,25 @@ class RedisVersionMirror:
 async def _licensing(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sessions = app[SESSIONS]
-    key = load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
-    await register_public_key(sessions, key)
+    store = key_store(settings, sessions)
+    if store is None:
+        key = load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
+        await register_public_key(sessions, key)
+    else:
+        key = await store.active(first=legacy_key(settings))
     tokens = TokenService(
         signing_key=key,
         issuer=settings.issuer,
         audience=settings.audience,
         ttl_seconds=settings.tokens.access_token_ttl_seconds,
         leeway_seconds=settings.tokens.leeway_seconds,
-        load_public_keys=lambda: load_public_keys(sessions),
+        load_public_keys=(lambda: load_public_keys(sessions)) if store is None else store.public_keys,
+        load_active_key=None if store is None else store.active,
     )
     await tokens.refresh_keys(force=True)
     app[TOKENS] = tokens
+    if store is not None:
+        app[KEYS] = store
     redis = app[REDIS]
 
     def replay_store(kind: str, what: str) -> Callable[[str, str, int], Awaitable[bool]]:
@@ -239,10 +254,17 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
     app[CATALOGUE] = cache
     app[REGISTRY] = Registry(sessions, on_change=cache.reload, on_terms_change=cache.barrier)
     app[ADMIN_TOKENS] = AdminTokens(sessions)
+    watching = (
+        asyncio.create_task(tokens.watch(settings.server.catalogue_refresh_seconds))
+        if store is not None
+        else None
+    )
     async with cache.running():
         try:
             yield
         finally:
+            if watching is not None:
+                await cancel_and_wait(watching)
             with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
                 await mirror.forget()
 

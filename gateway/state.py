@@ -21,6 +21,7 @@ from licensing.admin_tokens import AdminTokens
 from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
 from licensing.dpop import ProofChecker
+from licensing.keys import KeyStore
 from licensing.registry import Registry
 from licensing.tokens import TokenService
 from metering.quota import QuotaBatcher
@@ -53,6 +54,8 @@ CATALOGUE = web.AppKey("catalogue", CatalogueCache)
 REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)
 TOKENS = web.AppKey("tokens", TokenService)
+#: The signing keys shared through the database (absent with a key file).
+KEYS = web.AppKey("keys", KeyStore)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)
 #: Checks DPoP proofs (RFC 9449) at the token endpoint and on the data plane.
 DPOP = web.AppKey("dpop", ProofChecker)

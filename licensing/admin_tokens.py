@@ -39,7 +39,7 @@ _CACHE_SECONDS = 60.0
 
 #: Permissions each role holds.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "licence-admin": frozenset({"read", "catalogue:write", "licensing:write"}),
+    "licence-admin": frozenset({"read", "catalogue:write", "licensing:write", "keys:write"}),
     "finance": frozenset({"read", "billing:write", "billing:reconcile"}),
     "auditor": frozenset({"read", "audit:read", "billing:reconcile"}),
     "viewer": frozenset({"read"}),

@@ -1,11 +1,25 @@
 """The gateway's token-signing keys.
 
-Each replica signs with the private key in ``tokens.signing_key_file``
-(generated with ``cryptography`` on first start, file mode 0600). The public
-halves live in the database, so any replica verifies any replica's tokens,
-and ``/.well-known/jwks.json`` lists every key that is not retired. The key
-id is the RFC 7638 thumbprint of the public key; token headers are only ever
-used to pick one of *these* keys, never to fetch or build one.
+By default the keys are shared by every replica through the database
+(:class:`KeyStore`): one is active and signs every replica's tokens; ``pdg
+keys rotate`` (or ``POST /admin/v1/keys/rotate``) makes a new one active at
+once on the replica that rotates and within ``server.catalogue_refresh_seconds``
+on every other (each polls the active key), and retires the one before. A
+retired key stays in ``/.well-known/jwks.json`` and keeps verifying for
+:meth:`KeyStore.grace_seconds` (the tokens' lifetime, the leeway and a minute
+for replicas still switching), then leaves. Private keys are stored as PKCS#8
+PEM, encrypted (``BestAvailableEncryption``) under ``tokens.key_passphrase``
+(or the file ``tokens.key_passphrase_file``) when one is set. On first start
+a key file left by an earlier version (``{data_dir}/keys/signing-key.pem``)
+becomes the first active key.
+
+With ``tokens.signing_key_file`` set, each replica signs with the private key
+in that file instead (generated with ``cryptography`` on first start, mode
+0600) and only the public halves are shared; such keys rotate by replacing
+the file, not with ``pdg keys rotate``.
+
+The key id is the RFC 7638 thumbprint of the public key; token headers are
+only ever used to pick one of *these* keys, never to fetch or build one.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +39,9 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from config.settings import Settings
 from licensing.models import SigningKeyRow
+from storage.db import utcnow
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -113,3 +130,192 @@ async def load_public_keys(sessions: async_sessionmaker[AsyncSession]) -> list[d
             .all()
         )
     return [dict(r.public_jwk) for r in rows]
+
+
+#: Why a deployment with key files has no key store to list or rotate.
+FILE_KEYS = (
+    "this deployment signs with key files (tokens.signing_key_file); they rotate by replacing the files"
+)
+
+
+def key_store(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> KeyStore | None:
+    """The deployment's shared key store (``None`` with a key file)."""
+    if not settings.shared_signing_keys:
+        return None
+    return KeyStore(
+        sessions,
+        passphrase=settings.key_passphrase,
+        ttl_seconds=settings.tokens.access_token_ttl_seconds,
+        leeway_seconds=settings.tokens.leeway_seconds,
+    )
+
+
+def legacy_key(settings: Settings) -> SigningKey | None:
+    """A key file an earlier version made in the data folder: the first
+    shared key, so tokens it signed stay valid."""
+    path = settings.signing_key_path
+    return load_or_create_signing_key(path, settings.tokens.algorithm) if path.exists() else None
+
+
+class KeyStoreError(Exception):
+    """The shared signing keys cannot be used (one line, for humans)."""
+
+
+def generate_key(alg: str) -> SigningKey:
+    private: PrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if alg == "ES256" else ed25519.Ed25519PrivateKey.generate()
+    )
+    jwk = _public_jwk(private, alg)
+    return SigningKey(kid=jwk["kid"], alg=alg, private_key=private, public_jwk=jwk)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kid: str
+    alg: str
+    created_at: datetime
+    activated_at: datetime | None
+    retired_at: datetime | None
+    #: When a retired key leaves the JWKS (``None``: it has not retired).
+    leaves_jwks_at: datetime | None
+    active: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        def text(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "kid": self.kid,
+            "alg": self.alg,
+            "active": self.active,
+            "created_at": text(self.created_at),
+            "activated_at": text(self.activated_at),
+            "retired_at": text(self.retired_at),
+            "leaves_jwks_at": text(self.leaves_jwks_at),
+        }
+
+
+class KeyStore:
+    """The signing keys every replica shares through the database."""
+
+    #: Beyond the tokens' lifetime and leeway: replicas still switching.
+    SWITCH_MARGIN_SECONDS = 60
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        passphrase: bytes | None,
+        ttl_seconds: int,
+        leeway_seconds: int,
+    ) -> None:
+        self._sessions = sessions
+        self._passphrase = passphrase
+        self.grace_seconds = ttl_seconds + leeway_seconds + self.SWITCH_MARGIN_SECONDS
+
+    def _seal(self, key: SigningKey) -> str:
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(self._passphrase)
+            if self._passphrase
+            else serialization.NoEncryption()
+        )
+        pem = key.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+        return pem.decode("ascii")
+
+    def _open(self, row: SigningKeyRow) -> SigningKey:
+        pem = (row.private_pem or "").encode("ascii")
+        encrypted = b"ENCRYPTED" in pem.split(b"\n", 1)[0]
+        if encrypted and not self._passphrase:
+            raise KeyStoreError(
+                f"signing key {row.kid} is encrypted: set tokens.key_passphrase (or key_passphrase_file)"
+            )
+        try:
+            private = serialization.load_pem_private_key(
+                pem, password=self._passphrase if encrypted else None
+            )
+        except (ValueError, TypeError) as exc:
+            raise KeyStoreError(f"signing key {row.kid} cannot be opened (wrong passphrase?)") from exc
+        if not isinstance(private, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+            raise KeyStoreError(f"signing key {row.kid} is not an EC P-256 or Ed25519 key")
+        return SigningKey(kid=row.kid, alg=row.alg, private_key=private, public_jwk=dict(row.public_jwk))
+
+    @staticmethod
+    def _active_rows(rows: list[SigningKeyRow]) -> list[SigningKeyRow]:
+        live = [r for r in rows if r.private_pem and r.retired_at is None and r.activated_at is not None]
+        return sorted(live, key=lambda r: (r.activated_at, r.kid), reverse=True)
+
+    async def active(self, *, first: SigningKey | None = None) -> SigningKey:
+        """The active key; with none yet, ``first`` (or a new ES256 key)
+        becomes it. Every other key still marked active is retired."""
+        async with self._sessions() as session, session.begin():
+            rows = list((await session.execute(select(SigningKeyRow))).scalars())
+            active = self._active_rows(rows)
+            if not active:
+                key = first or generate_key("ES256")
+                row = await session.get(SigningKeyRow, key.kid)
+                if row is None:
+                    row = SigningKeyRow(kid=key.kid, alg=key.alg, public_jwk=key.public_jwk)
+                    session.add(row)
+                row.private_pem = self._seal(key)
+                row.activated_at = utcnow()
+                row.retired_at = None
+                return key
+            now = utcnow()
+            for extra in active[1:]:  # two replicas that started at once
+                extra.retired_at = now
+            return self._open(active[0])
+
+    async def rotate(self, alg: str) -> SigningKey:
+        """A new active key; the one before retires now."""
+        key = generate_key(alg)
+        async with self._sessions() as session, session.begin():
+            now = utcnow()
+            for row in self._active_rows(list((await session.execute(select(SigningKeyRow))).scalars())):
+                row.retired_at = now
+            session.add(
+                SigningKeyRow(
+                    kid=key.kid,
+                    alg=key.alg,
+                    public_jwk=key.public_jwk,
+                    private_pem=self._seal(key),
+                    activated_at=now,
+                )
+            )
+        return key
+
+    async def public_keys(self) -> list[dict[str, Any]]:
+        """The keys that verify: every one not retired, and the retired ones
+        within their grace."""
+        horizon = utcnow() - timedelta(seconds=self.grace_seconds)
+        async with self._sessions() as session:
+            rows = (
+                await session.execute(
+                    select(SigningKeyRow)
+                    .where((SigningKeyRow.retired_at.is_(None)) | (SigningKeyRow.retired_at > horizon))
+                    .order_by(SigningKeyRow.created_at)
+                )
+            ).scalars()
+            return [dict(r.public_jwk) for r in rows]
+
+    async def listing(self) -> list[KeyInfo]:
+        async with self._sessions() as session:
+            rows = list(
+                (await session.execute(select(SigningKeyRow).order_by(SigningKeyRow.created_at))).scalars()
+            )
+        active = self._active_rows(rows)
+        current = active[0].kid if active else None
+        grace = timedelta(seconds=self.grace_seconds)
+        return [
+            KeyInfo(
+                kid=r.kid,
+                alg=r.alg,
+                created_at=r.created_at,
+                activated_at=r.activated_at,
+                retired_at=r.retired_at,
+                leaves_jwks_at=r.retired_at + grace if r.retired_at is not None else None,
+                active=r.kid == current,
+            )
+            for r in rows
+        ]

@@ -142,7 +142,7 @@ class AdminTokenRow(Base):
 
 
 class SigningKeyRow(Base):
-    """Public halves of the keys that sign access tokens, shared by all replicas."""
+    """The keys that sign access tokens, shared by all replicas (``licensing.keys``)."""
 
     __tablename__ = "signing_keys"
 
@@ -151,6 +151,11 @@ class SigningKeyRow(Base):
     public_jwk: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: A shared key's private half, PKCS#8 PEM (encrypted under the key
+    #: passphrase when one is set); ``None`` for a replica's own key file.
+    private_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: When it began to sign (the latest activated, not retired, signs).
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class CatalogueVersionRow(Base):

@@ -678,6 +678,24 @@ class SecretRotationIn(_Model):
     )
 
 
+class KeyRotationIn(_Model):
+    algorithm: Literal["ES256", "EdDSA"] | None = Field(
+        None, description="of the new key; default: the settings' tokens.algorithm"
+    )
+
+
+class SigningKeyInfo(_Model):
+    kid: str
+    alg: str
+    active: bool = Field(description="signs every replica's new tokens")
+    created_at: datetime
+    activated_at: datetime | None
+    retired_at: datetime | None
+    leaves_jwks_at: datetime | None = Field(
+        description="a retired key verifies, and is in the JWKS, until then"
+    )
+
+
 class AdminTokenIn(_Model):
     role: Role
     licensee_id: str | None = Field(None, min_length=1, max_length=64, validate_default=True)

@@ -82,6 +82,7 @@ class TokenService:
         ttl_seconds: int = 300,
         leeway_seconds: int = 10,
         load_public_keys: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
+        load_active_key: Callable[[], Awaitable[SigningKey]] | None = None,
     ) -> None:
         self.signing_key = signing_key
         self.issuer = issuer
@@ -89,6 +90,7 @@ class TokenService:
         self.ttl_seconds = ttl_seconds
         self.leeway_seconds = leeway_seconds
         self._load_public_keys = load_public_keys
+        self._load_active_key = load_active_key
         self._keys: dict[str, tuple[str, Any]] = {}
         self._jwks: list[dict[str, Any]] = []
         self._last_refresh = -_REFRESH_MIN_SECONDS
@@ -122,13 +124,23 @@ class TokenService:
             return
         self._last_refresh = now
         try:
+            if self._load_active_key is not None:
+                active = await self._load_active_key()
+                if active.kid != self.signing_key.kid:
+                    log.warning("signing with key %s from now on (it was rotated)", active.kid)
+                    self.signing_key = active
             jwks = await self._load_public_keys()
         except Exception:  # the keys already known stay in use
-            log.warning(
-                "cannot load the public signing keys; keeping the %d known", len(self._keys), exc_info=True
-            )
+            log.warning("cannot load the signing keys; keeping the %d known", len(self._keys), exc_info=True)
             return
         self.set_public_keys(jwks)
+
+    async def watch(self, interval: float) -> None:
+        """Poll the shared keys until cancelled: a rotation made elsewhere is
+        taken up within ``interval``, a retired key leaves after its grace."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh_keys(force=True)
 
     async def _await_next_refresh(self) -> None:
         """Wait for the next key refresh (one shared by every caller that waits)."""

@@ -250,7 +250,10 @@ def test_restart_on_the_same_data_folder_keeps_everything(tmp_path: Path) -> Non
         finally:
             assert _stop(proc) == 0
     assert kids[0] == kids[1], "the signing key survives a restart"
-    assert (data_dir / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    # Token-signing keys are shared through the database, not kept in a file;
+    # the ledger's checkpoint key is a file, the owner's alone.
+    assert not (data_dir / "keys" / "signing-key.pem").exists()
+    assert (data_dir / "keys" / "ledger-key.pem").stat().st_mode & 0o777 == 0o600
 
 
 def _children(pid: int) -> list[tuple[int, str]]:

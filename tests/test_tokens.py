@@ -113,7 +113,8 @@ def public_jwk_of(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
 
 
 def load_signing_key(world: World) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(world.settings.signing_key_path.read_bytes(), password=None)
+    """The gateway's own active signing key (what a thief of it would hold)."""
+    key = world.app[TOKENS].signing_key.private_key
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     return key
 
