@@ -25,6 +25,7 @@ from types import FrameType
 from aiohttp import web
 
 from config.settings import Settings
+from gateway.access_log import AccessLogger
 from gateway.app import create_app
 from ledger import process
 from licensing.ids import new_call_id
@@ -64,6 +65,7 @@ def _run_one(settings: Settings, reuse_port: bool) -> None:
         port=settings.server.port,
         reuse_port=reuse_port or None,
         access_log=logging.getLogger("pdg.access") if settings.logging.access_log else None,
+        access_log_class=AccessLogger,
         print=None,
         shutdown_timeout=15.0,
         handle_signals=True,

@@ -731,19 +731,25 @@ def _unmatchable(route: Route, request: web.Request) -> web.Response | None:
     return None
 
 
+async def admin_principal(request: web.Request) -> AdminPrincipal:
+    """The admin token's principal; failed checks are throttled per token id
+    and per address (``gateway.throttle``)."""
+    authorization = request.headers.get("Authorization")
+    tokens, throttle = request.app[ADMIN_TOKENS], request.app[THROTTLE]
+    claimed = tokens.claimed_id(authorization)
+    address = client_address(request, request.app[SETTINGS].server.trusted_proxies)
+    await throttle.check("admin", claimed, address)
+    try:
+        return await tokens.authenticate(authorization)
+    except AdminAuthError:
+        if authorization:  # a credential was tried (not merely left out)
+            await throttle.failed("admin", claimed, address)
+        raise
+
+
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        authorization = request.headers.get("Authorization")
-        tokens, throttle = request.app[ADMIN_TOKENS], request.app[THROTTLE]
-        claimed = tokens.claimed_id(authorization)
-        address = client_address(request, request.app[SETTINGS].server.trusted_proxies)
-        await throttle.check("admin", claimed, address)
-        try:
-            principal = await tokens.authenticate(authorization)
-        except AdminAuthError:
-            if authorization:  # a credential was tried (not merely left out)
-                await throttle.failed("admin", claimed, address)
-            raise
+        principal = await admin_principal(request)
         principal.require(route.permission)
         return _unmatchable(route, request) or await route.handler(request, principal)
 

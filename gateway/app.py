@@ -16,7 +16,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from config.settings import Settings
 from core.errors import ServiceUnavailableError
-from gateway import admin, health, oauth, proxy
+from gateway import admin, evidence, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
 from gateway.metrics import Metrics
 from gateway.problems import install_http_layer_problems, name_the_server, problems_middleware
@@ -310,5 +310,6 @@ def create_app(settings: Settings) -> web.Application:
     proxy.setup(app)
     oauth.setup(app)
     admin.setup(app)
+    evidence.setup(app)
     health.setup(app)
     return app

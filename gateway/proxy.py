@@ -93,6 +93,7 @@ from core.errors import (
     UpstreamUnavailableError,
 )
 from gateway import charging
+from gateway.access_log import RECORD
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render
@@ -358,6 +359,8 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             raw_path=request.raw_path,
             client_address=request.remote or "",
         )
+        # The access log writes the path as the record keeps it (masked).
+        request[RECORD] = call.record
     except GatewayError as error:
         metrics.data_call(dataset_label, error.code)
         _with_challenge(error)

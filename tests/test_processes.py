@@ -4,7 +4,9 @@ defaults, and a restart on the same data folder."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -13,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,3 +326,94 @@ def test_serve_runs_the_ledger_writer_beside_it_and_takes_it_along(tmp_path: Pat
         for pid in _valkeys_under(data_dir):  # a killed gateway leaves its Valkey, to be adopted
             os.kill(pid, signal.SIGKILL)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path) -> None:
+    """``logging.access_log`` on: a call with an ID number in a ``{personal}``
+    segment and in its query is logged with the segment's digest and no query;
+    one refused before its token, with its dataset only."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = {**_embedded_env(data_dir), "PDG_ACCESS_LOG": "true", "PDG_LOG_LEVEL": "INFO"}
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PDG, "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    id_number = "11010119900307123X"
+    try:
+        _wait_http(base + "/healthz", proc)
+        admin = _admin_headers(env)
+        dataset = {
+            "id": "persons",
+            "name": "Persons",
+            "provider": "civil-affairs",
+            "upstream_url": f"http://127.0.0.1:{upstream.server_address[1]}/api",
+            "classification": 1,
+            "open_class": "open",
+            "paths": ["persons/{personal}"],
+            "free_monthly_calls": 100,
+            "price": {"per_call_fen": "1", "per_record_fen": "0"},
+            "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
+        }
+        assert _request("POST", base + "/admin/v1/datasets", dataset, admin)[0] == 201
+        status, licensee = _request(
+            "POST", base + "/admin/v1/licensees", {"name": "Log Co", "credit_code": credit_code()}, admin
+        )
+        assert status == 201, licensee
+        licence = {
+            "licensee_id": licensee["id"],
+            "datasets": ["persons"],
+            "max_classification": 1,
+            "purposes": ["public-interest"],
+            "valid_from": "2020-01-01T00:00:00Z",
+            "valid_until": "2099-01-01T00:00:00Z",
+            "security_officer": "Officer Li",
+        }
+        assert _request("POST", base + "/admin/v1/licences", licence, admin)[0] == 201
+        status, app = _request(
+            "POST", base + "/admin/v1/apps", {"licensee_id": licensee["id"], "name": "l"}, admin
+        )
+        assert status == 201, app
+        form = urllib.parse.urlencode(
+            {"grant_type": "client_credentials", "scope": "purpose:public-interest dataset:persons"}
+        ).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            base + "/oauth/token",
+            data=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        basic = base64.b64encode(f"{app['client_id']}:{app['client_secret']}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            token = json.loads(resp.read())["access_token"]
+        path = f"/data/persons/persons/{id_number}?idcard={id_number}"
+        assert _request("GET", base + path, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert _request("GET", base + path)[0] == 401
+    finally:
+        assert _stop(proc) == 0
+        upstream.shutdown()
+        upstream.server_close()
+    text = (tmp_path / "serve.log").read_text()
+    assert id_number not in text
+    assert "/data/persons/persons/{personal:" in text
+    assert "/data/persons/… 401" in text

@@ -1,0 +1,44 @@
+"""The access log (``logging.access_log``): one line per request, with no
+query string and no personal data.
+
+aiohttp's default line holds the request line as sent, query included, and
+a query or a path segment may carry personal data (an ID number). This one
+logs the path the call record keeps: personal segments as their keyed
+digests (``licensing.personal``); a data-plane request that was never
+recorded (refused before its token was accepted) as its dataset only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+#: The call record of a data call (``gateway.proxy``): its ``path``, masked.
+RECORD = web.RequestKey("pdg_record", dict)
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    record: dict[str, Any] | None = request.get(RECORD)
+    if record is not None:
+        return str(record.get("path", ""))
+    path = request.rel_url.raw_path
+    if path.startswith("/data/"):
+        dataset = path.split("/", 3)[2]
+        return f"/data/{dataset}/…"
+    return path
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %d %.1fms %s",
+            request.remote,
+            request.method,
+            logged_path(request),
+            response.status,
+            response.body_length,
+            time * 1000,
+            response.headers.get("X-Call-Id", "-"),
+        )
