@@ -20,6 +20,7 @@ from gateway import admin, evidence, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
 from gateway.metrics import Metrics
 from gateway.problems import install_http_layer_problems, name_the_server, problems_middleware
+from gateway.revocation import RevocationFeed
 from gateway.state import (
     ACCEPTING,
     ADMIN_TOKENS,
@@ -37,6 +38,7 @@ from gateway.state import (
     REDIS,
     REGISTRY,
     REPLICA_ID,
+    REVOCATIONS,
     SESSIONS,
     SETTINGS,
     THROTTLE,
@@ -254,17 +256,22 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
     app[CATALOGUE] = cache
     app[REGISTRY] = Registry(sessions, on_change=cache.reload, on_terms_change=cache.barrier)
     app[ADMIN_TOKENS] = AdminTokens(sessions)
-    watching = (
-        asyncio.create_task(tokens.watch(settings.server.catalogue_refresh_seconds))
-        if store is not None
-        else None
+    interval = settings.server.catalogue_refresh_seconds
+    revocations = RevocationFeed(
+        redis, tokens, keep_seconds=settings.tokens.access_token_ttl_seconds * 2 + 60
     )
+    app[REVOCATIONS] = revocations
+    with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
+        await revocations.poll()  # those still in force, before the first call
+    watching = [asyncio.create_task(revocations.watch(interval))]
+    if store is not None:
+        watching.append(asyncio.create_task(tokens.watch(interval)))
     async with cache.running():
         try:
             yield
         finally:
-            if watching is not None:
-                await cancel_and_wait(watching)
+            for task in watching:
+                await cancel_and_wait(task)
             with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
                 await mirror.forget()
 

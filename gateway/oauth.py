@@ -11,6 +11,13 @@ licence grants. Refusals are problem JSON that also carry RFC 6749's ``error``.
 A request with a ``DPoP`` proof (RFC 9449) gets a token bound to the proof's
 key (``cnf.jkt``, ``token_type`` ``DPoP``); a refused proof is 400 with
 ``error`` ``invalid_dpop_proof`` (or ``use_dpop_nonce`` and a ``DPoP-Nonce``).
+
+``POST /oauth/revoke`` (RFC 7009) and ``POST /oauth/introspect`` (RFC 7662)
+authenticate the client the same way; both act only on tokens of the
+client's own licensee. They are written here, not on authlib's server
+classes: those call the client store and the secret check synchronously,
+and an Argon2 check (tens of milliseconds) would stall every call on the
+event loop; the token formats and the client rules are this module's anyway.
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from core.errors import (
     LicenceInactiveError,
     PurposeNotAllowedError,
 )
-from gateway.state import CATALOGUE, CLIENTS, CLOCK, DPOP, METRICS, SETTINGS, THROTTLE, TOKENS
+from gateway.state import CATALOGUE, CLIENTS, CLOCK, DPOP, METRICS, REVOCATIONS, SETTINGS, THROTTLE, TOKENS
 from gateway.throttle import client_address
 from licensing.catalogue import AppView, Catalogue, LicenceView
 from licensing.clients import SIGNING_ALGORITHMS, claimed_client_id
 from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from licensing.dpop import ProofError
 from licensing.schemas import PURPOSES
+from licensing.tokens import AccessClaims
 
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR
 _DATASET = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")
@@ -166,40 +174,103 @@ async def _proof_key(request: web.Request) -> str | None:
     return proof.jkt
 
 
+async def _form(request: web.Request) -> dict[str, str]:
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise BadRequestError(
+            "the request must be application/x-www-form-urlencoded", error="invalid_request"
+        )
+    posted = await request.post()
+    if len(set(posted)) != len(posted):
+        # RFC 6749 §3.2: parameters must not be included more than once.
+        raise BadRequestError("a request parameter is repeated", error="invalid_request")
+    return {k: v for k, v in posted.items() if isinstance(v, str)}
+
+
+async def _client(request: web.Request, form: dict[str, str], catalogue: Catalogue) -> tuple[AppView, str]:
+    """The authenticated client (RFC 6749 §2.3) and its method; failures are
+    throttled per client id and per address."""
+    app = request.app
+    authorization = request.headers.get("Authorization")
+    claimed = claimed_client_id(authorization, form)
+    address = client_address(request, app[SETTINGS].server.trusted_proxies)
+    await app[THROTTLE].check("token", claimed, address)
+    try:
+        client, method = await app[CLIENTS].authenticate(catalogue, authorization, form)
+    except InvalidClientError:
+        if authorization or "client_secret" in form or "client_assertion" in form:
+            await app[THROTTLE].failed("token", claimed, address)
+        raise
+    if not client.enabled:
+        raise InvalidClientError(
+            "this app is disabled", headers={"WWW-Authenticate": 'Basic realm="pdg"'}, error="invalid_client"
+        )
+    return client, method
+
+
+async def _own_token(request: web.Request, form: dict[str, str], client: AppView) -> AccessClaims | None:
+    """The claims of the form's ``token`` if it is a valid access token of
+    ``client``'s licensee (else ``None``: RFC 7009 and 7662 answer as if
+    there were no such token)."""
+    token = form.get("token")
+    if not token:
+        raise BadRequestError("token is missing", error="invalid_request")
+    try:
+        claims = await request.app[TOKENS].verify(token)
+    except GatewayError:
+        return None
+    return claims if claims.licensee_id == client.licensee_id else None
+
+
+async def revocation_endpoint(request: web.Request) -> web.Response:
+    """RFC 7009: a client revokes an access token of its own licensee; it is
+    refused on every replica from the next refresh on (at once here). The
+    answer is 200 whether or not there was such a token."""
+    form = await _form(request)
+    client, _ = await _client(request, form, request.app[CATALOGUE].fresh())
+    claims = await _own_token(request, form, client)
+    if claims is not None:
+        await request.app[REVOCATIONS].revoke(claims.token_id, claims.expires_at)
+    return web.Response(status=200, headers={"Cache-Control": "no-store"})
+
+
+async def introspection_endpoint(request: web.Request) -> web.Response:
+    """RFC 7662: for resource servers that cannot verify our JWTs. A client
+    may introspect the tokens of its own licensee; any other token, an
+    expired, revoked or forged one, is ``{"active": false}``."""
+    form = await _form(request)
+    client, _ = await _client(request, form, request.app[CATALOGUE].fresh())
+    claims = await _own_token(request, form, client)
+    body: dict[str, object] = {"active": False}
+    if claims is not None:
+        raw = claims.raw
+        body = {
+            "active": True,
+            "token_type": "DPoP" if claims.jkt else "Bearer",
+            **{
+                k: raw[k]
+                for k in ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti")
+                if k in raw
+            },
+            **{k: raw[k] for k in ("licensee", "licence", "purpose", "datasets", "cnf") if k in raw},
+        }
+    return web.Response(
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )
+
+
 async def token_endpoint(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
     try:
-        if request.content_type != "application/x-www-form-urlencoded":
-            raise BadRequestError(
-                "the token request must be application/x-www-form-urlencoded", error="invalid_request"
-            )
-        posted = await request.post()
-        if len(set(posted)) != len(posted):
-            # RFC 6749 §3.2: parameters must not be included more than once.
-            raise BadRequestError("a token request parameter is repeated", error="invalid_request")
-        form = {k: v for k, v in posted.items() if isinstance(v, str)}
+        form = await _form(request)
         catalogue = app[CATALOGUE].fresh()
-        authorization = request.headers.get("Authorization")
-        claimed = claimed_client_id(authorization, form)
-        address = client_address(request, app[SETTINGS].server.trusted_proxies)
-        await app[THROTTLE].check("token", claimed, address)
-        try:
-            client, method = await app[CLIENTS].authenticate(catalogue, authorization, form)
-        except InvalidClientError:
-            if authorization or "client_secret" in form or "client_assertion" in form:
-                await app[THROTTLE].failed("token", claimed, address)
-            raise
+        client, method = await _client(request, form, catalogue)
         if "grant_type" not in form:
             raise BadRequestError("grant_type is missing", error="invalid_request")
         if form.get("grant_type") != "client_credentials":
             raise BadRequestError("grant_type must be client_credentials", error="unsupported_grant_type")
-        if not client.enabled:
-            raise InvalidClientError(
-                "this app is disabled",
-                headers={"WWW-Authenticate": 'Basic realm="pdg"'},
-                error="invalid_client",
-            )
         scope = parse_scope(form.get("scope", ""))
         jkt = await _proof_key(request)
         licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
@@ -248,6 +319,8 @@ async def metadata(request: web.Request) -> web.Response:
     body = {
         "issuer": settings.issuer,
         "token_endpoint": f"{base}/oauth/token",
+        "revocation_endpoint": f"{base}/oauth/revoke",
+        "introspection_endpoint": f"{base}/oauth/introspect",
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "grant_types_supported": ["client_credentials"],
         "response_types_supported": [],
@@ -270,5 +343,7 @@ async def metadata(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_post("/oauth/token", token_endpoint)
+    app.router.add_post("/oauth/revoke", revocation_endpoint)
+    app.router.add_post("/oauth/introspect", introspection_endpoint)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-authorization-server", metadata)

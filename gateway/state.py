@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from config.settings import Settings
 from gateway.call import CallContext
 from gateway.metrics import Metrics
+from gateway.revocation import RevocationFeed
 from gateway.throttle import FailureThrottle
 from gateway.upstreams import Pools
 from ledger.log import Presence
@@ -54,6 +55,8 @@ CATALOGUE = web.AppKey("catalogue", CatalogueCache)
 REGISTRY = web.AppKey("registry", Registry)
 ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)
 TOKENS = web.AppKey("tokens", TokenService)
+#: Revoked access tokens, shared through Redis (``gateway.revocation``).
+REVOCATIONS = web.AppKey("revocations", RevocationFeed)
 #: The signing keys shared through the database (absent with a key file).
 KEYS = web.AppKey("keys", KeyStore)
 CLIENTS = web.AppKey("clients", ClientAuthenticator)

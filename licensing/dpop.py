@@ -93,6 +93,17 @@ def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
+def _json_object(segment: str, refusal: str) -> dict[str, Any]:
+    """The JSON object a base64url segment holds; ``ProofError(refusal)`` if none."""
+    try:
+        value = orjson.loads(_b64decode(segment))
+    except (ValueError, TypeError) as exc:
+        raise ProofError(refusal) from exc
+    if not isinstance(value, dict):
+        raise ProofError(refusal)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Proof:
     jkt: str
@@ -187,12 +198,7 @@ class ProofChecker:
         known = self._keys.get(encoded_header)
         if known is not None:
             return known
-        try:
-            header = orjson.loads(_b64decode(encoded_header))
-        except (ValueError, TypeError) as exc:
-            raise ProofError("the DPoP proof is not a well-formed JWT") from exc
-        if not isinstance(header, dict):
-            raise ProofError("the DPoP proof is not a well-formed JWT")
+        header = _json_object(encoded_header, "the DPoP proof is not a well-formed JWT")
         if header.get("typ") != PROOF_TYPE:
             raise ProofError(f"the DPoP proof's typ must be {PROOF_TYPE}")
         if "crit" in header:
@@ -239,12 +245,7 @@ class ProofChecker:
             verified = False
         if not verified:
             raise ProofError("the DPoP proof's signature does not verify")
-        try:
-            claims = orjson.loads(_b64decode(encoded_claims))
-        except (ValueError, TypeError) as exc:
-            raise ProofError("the DPoP proof's claims are not a JSON object") from exc
-        if not isinstance(claims, dict):
-            raise ProofError("the DPoP proof's claims are not a JSON object")
+        claims = _json_object(encoded_claims, "the DPoP proof's claims are not a JSON object")
         jti, htm, htu, iat = (claims.get(n) for n in ("jti", "htm", "htu", "iat"))
         if not isinstance(jti, str) or not jti or len(jti) > _MAX_JTI:
             raise ProofError("the DPoP proof needs a jti (a string of at most 256 characters)")

@@ -91,11 +91,14 @@ class TokenService:
         self.leeway_seconds = leeway_seconds
         self._load_public_keys = load_public_keys
         self._load_active_key = load_active_key
+        self._unreachable = False
         self._keys: dict[str, tuple[str, Any]] = {}
         self._jwks: list[dict[str, Any]] = []
         self._last_refresh = -_REFRESH_MIN_SECONDS
         self._pending_refresh: asyncio.Future[None] | None = None
         self._cache: dict[bytes, AccessClaims] = {}
+        #: Revoked token ids (RFC 7009) and when each expires.
+        self._revoked: dict[str, float] = {}
         self.set_public_keys([signing_key.public_jwk])
 
     # -- keys ---------------------------------------------------------------
@@ -131,8 +134,15 @@ class TokenService:
                     self.signing_key = active
             jwks = await self._load_public_keys()
         except Exception:  # the keys already known stay in use
-            log.warning("cannot load the signing keys; keeping the %d known", len(self._keys), exc_info=True)
+            if not self._unreachable:  # once per outage, not once per poll
+                log.warning(
+                    "cannot load the signing keys; keeping the %d known", len(self._keys), exc_info=True
+                )
+            self._unreachable = True
             return
+        if self._unreachable:
+            log.warning("the signing keys load again")
+        self._unreachable = False
         self.set_public_keys(jwks)
 
     async def watch(self, interval: float) -> None:
@@ -195,12 +205,24 @@ class TokenService:
         return token, self.ttl_seconds
 
     # -- verify -------------------------------------------------------------
+    def revoked(self, token_id: str, expires_at: float) -> None:
+        """Refuse the token ``token_id`` from now on (until it expires anyway)."""
+        self._revoked[token_id] = expires_at
+        if len(self._revoked) > _CACHE_LIMIT:
+            now = time.time()
+            self._revoked = {t: e for t, e in self._revoked.items() if e + self.leeway_seconds > now}
+
+    def is_revoked(self, token_id: str) -> bool:
+        return token_id in self._revoked
+
     async def verify(self, token: str) -> AccessClaims:
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest)
         now = time.time()
         if cached is not None:
             if now < cached.expires_at + self.leeway_seconds:
+                if cached.token_id in self._revoked:
+                    raise _invalid("the token has been revoked")
                 return cached
             del self._cache[digest]
         header = _header(token)
@@ -210,6 +232,8 @@ class TokenService:
         if kid not in self._keys:
             await self._await_next_refresh()
         claims = self._verify(token, header, kid)
+        if claims.token_id in self._revoked:
+            raise _invalid("the token has been revoked")
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache = {k: v for k, v in self._cache.items() if v.expires_at + self.leeway_seconds > now}
             if len(self._cache) >= _CACHE_LIMIT:
