@@ -53,8 +53,12 @@ class ServerSettings(_Section):
     #: A bearer token ``/metrics`` requires (``Authorization: Bearer …``).
     #: Empty: none (keep ``/metrics`` on a private ``metrics_listen`` then).
     metrics_token: str = ""
+    #: ``HOST:PORT`` for the admin API (``/admin/v1``) apart from the public
+    #: port, e.g. ``10.0.0.5:8081`` on an internal network; the public port
+    #: then serves no ``/admin/v1``. Empty: the public port.
+    admin_listen: str = ""
 
-    @field_validator("metrics_listen")
+    @field_validator("metrics_listen", "admin_listen")
     @classmethod
     def _listen_address(cls, value: str) -> str:
         if value:
@@ -65,10 +69,18 @@ class ServerSettings(_Section):
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
-        if not self.metrics_listen:
-            return None
-        host, _, port = self.metrics_listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return _address(self.metrics_listen)
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return _address(self.admin_listen)
+
+
+def _address(listen: str) -> tuple[str, int] | None:
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class StorageSettings(_Section):
@@ -325,6 +337,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_AUTO_MIGRATE": "server.auto_migrate",
     "PDG_METRICS_LISTEN": "server.metrics_listen",
     "PDG_METRICS_TOKEN": "server.metrics_token",
+    "PDG_ADMIN_LISTEN": "server.admin_listen",
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",
     "PDG_REDIS_CLUSTER": "storage.redis_cluster",

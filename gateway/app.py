@@ -293,6 +293,31 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             yield
 
 
+async def _admin_listener(app: web.Application) -> AsyncIterator[None]:
+    """``server.admin_listen``: the admin API on an address of its own, served
+    by an application that shares this one's state (set up by the contexts
+    before this one). With several workers each binds it with
+    ``SO_REUSEPORT``."""
+    settings = app[SETTINGS]
+    address = settings.server.admin_address
+    assert address is not None  # noqa: S101 - only registered with one
+    listener = web.Application(
+        middlewares=[problems_middleware], client_max_size=settings.proxy.max_body_bytes + 1
+    )
+    for key in app:
+        listener[key] = app[key]
+    listener.on_response_prepare.append(name_the_server)
+    admin.setup(listener)
+    runner = web.AppRunner(listener, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, address[0], address[1], reuse_port=settings.server.workers > 1 or None)
+        await site.start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def _stop_accepting(app: web.Application) -> None:
     app[ACCEPTING][0] = False
 
@@ -316,7 +341,10 @@ def create_app(settings: Settings) -> web.Application:
     install_http_layer_problems()
     proxy.setup(app)
     oauth.setup(app)
-    admin.setup(app)
+    if settings.server.admin_address is None:
+        admin.setup(app)
+    else:
+        app.cleanup_ctx.append(_admin_listener)
     evidence.setup(app)
     health.setup(app)
     return app

@@ -1,6 +1,7 @@
 """The operations endpoints apart from the public port: ``/metrics`` on
 ``server.metrics_listen`` only, behind ``server.metrics_token`` when set; the
-public port keeps ``/healthz`` and ``/readyz`` and serves no ``/metrics``."""
+public port keeps ``/healthz`` and ``/readyz`` and serves no ``/metrics``. The
+admin API on ``server.admin_listen``, likewise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import aiohttp
 import pytest
 
 from config.settings import ConfigurationError, load_settings
-from tests.conftest import World, free_port
+from tests.conftest import World, credit_code, free_port
 
 WorldFactory = Callable[..., Awaitable[World]]
 
@@ -60,3 +61,54 @@ async def test_a_metrics_token_on_the_public_port(world_factory: WorldFactory) -
 def test_a_bad_listen_address_is_refused(value: str) -> None:
     with pytest.raises(ConfigurationError, match="metrics_listen"):
         load_settings(env={"PDG_METRICS_LISTEN": value})
+
+
+async def test_the_admin_api_on_its_own_address(world_factory: WorldFactory) -> None:
+    """``server.admin_listen``: ``/admin/v1`` answers there only; what it
+    changes applies to the data plane on the public port at once."""
+    port = free_port()
+    world = await world_factory(server__admin_listen=f"127.0.0.1:{port}")
+    async with world.client.get("/admin/v1/datasets", headers=world.admin) as resp:
+        assert resp.status == 404
+    admin = f"http://127.0.0.1:{port}/admin/v1"
+    async with aiohttp.ClientSession(headers=world.admin) as http:
+        async with http.get(f"{admin}/datasets") as resp:
+            assert resp.status == 200
+            assert resp.headers["Server"] == "pdg"
+        async with http.get(f"{admin}/openapi.json") as resp:
+            assert resp.status == 200
+        dataset = {
+            "id": "apart",
+            "name": "Apart",
+            "provider": "p",
+            "upstream_url": world.upstream.url,
+            "classification": 1,
+            "open_class": "open",
+            "free_monthly_calls": 10,
+            "price": {"per_call_fen": "1", "per_record_fen": "0"},
+            "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
+        }
+        async with http.post(f"{admin}/datasets", json=dataset) as resp:
+            assert resp.status == 201, await resp.text()
+        async with http.post(
+            f"{admin}/licensees", json={"name": "Apart Co", "credit_code": credit_code()}
+        ) as resp:
+            licensee = await resp.json()
+        licence = {
+            "licensee_id": licensee["id"],
+            "datasets": ["apart"],
+            "max_classification": 1,
+            "purposes": ["public-interest"],
+            "valid_from": "2020-01-01T00:00:00Z",
+            "valid_until": "2099-01-01T00:00:00Z",
+            "security_officer": "Officer Li",
+        }
+        async with http.post(f"{admin}/licences", json=licence) as resp:
+            assert resp.status == 201, await resp.text()
+        async with http.post(f"{admin}/apps", json={"licensee_id": licensee["id"], "name": "a"}) as resp:
+            app = await resp.json()
+        async with http.get(f"http://127.0.0.1:{port}/data/apart/records") as resp:
+            assert resp.status == 404  # the data plane is not served there
+    token = await world.token(app, "purpose:public-interest dataset:apart")
+    status, body, _ = await world.call("/data/apart/records", token)
+    assert status == 200, body
