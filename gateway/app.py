@@ -18,6 +18,7 @@ from config.settings import Settings
 from core.errors import ServiceUnavailableError
 from gateway import admin, evidence, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
+from gateway.listeners import listening
 from gateway.metrics import Metrics
 from gateway.problems import install_http_layer_problems, name_the_server, problems_middleware
 from gateway.revocation import RevocationFeed
@@ -296,8 +297,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _admin_listener(app: web.Application) -> AsyncIterator[None]:
     """``server.admin_listen``: the admin API on an address of its own, served
     by an application that shares this one's state (set up by the contexts
-    before this one). With several workers each binds it with
-    ``SO_REUSEPORT``."""
+    before this one)."""
     settings = app[SETTINGS]
     address = settings.server.admin_address
     assert address is not None  # noqa: S101 - only registered with one
@@ -306,16 +306,9 @@ async def _admin_listener(app: web.Application) -> AsyncIterator[None]:
     )
     for key in app:
         listener[key] = app[key]
-    listener.on_response_prepare.append(name_the_server)
     admin.setup(listener)
-    runner = web.AppRunner(listener, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, address[0], address[1], reuse_port=settings.server.workers > 1 or None)
-        await site.start()
+    async with listening(listener, address, settings.server.workers):
         yield
-    finally:
-        await runner.cleanup()
 
 
 async def _stop_accepting(app: web.Application) -> None:

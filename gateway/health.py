@@ -35,8 +35,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import AdminAuthError, ServiceUnavailableError
+from gateway.listeners import listening
 from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.problems import name_the_server, problems_middleware
+from gateway.problems import problems_middleware
 from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS, SETTINGS
 from storage.tasks import within
 
@@ -120,25 +121,17 @@ GATEWAY = web.AppKey("gateway", web.Application)
 
 async def _operations_listener(app: web.Application) -> AsyncIterator[None]:
     """``server.metrics_listen``: the operations endpoints on an address of
-    their own, served by a small application that reads this one's state.
-    With several workers each binds it with ``SO_REUSEPORT``."""
+    their own, served by a small application that reads this one's state."""
     settings = app[SETTINGS]
     address = settings.server.metrics_address
     assert address is not None  # noqa: S101 - only registered with one
     operations = web.Application(middlewares=[problems_middleware])
     operations[GATEWAY] = app
-    operations.on_response_prepare.append(name_the_server)
     operations.router.add_get("/healthz", healthz)
     operations.router.add_get("/readyz", readyz)
     operations.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(operations, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, address[0], address[1], reuse_port=settings.server.workers > 1 or None)
-        await site.start()
+    async with listening(operations, address, settings.server.workers):
         yield
-    finally:
-        await runner.cleanup()
 
 
 def setup(app: web.Application) -> None:
