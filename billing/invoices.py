@@ -74,14 +74,13 @@ from config.settings import Settings
 from core.errors import ConflictError, LedgerUnavailableError
 from core.money import E4, e4_text, fen_of_e4, fen_to_e4, parse_vat_rate, split, vat_of
 from ledger.chain import rfc3339
-from ledger.log import REDIS_ERRORS
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
 from licensing.models import DatasetTermsRow
 from metering.periods import Period, parse_period
-from storage.redis import EmbeddedValkeyError, RedisClient
+from storage.redis import REDIS_ERRORS, EmbeddedValkeyError, RedisClient
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)

@@ -71,7 +71,7 @@ from metering.periods import zone
 from metering.quota import QuotaBatcher, QuotaStoreError
 from storage import migrate
 from storage.db import create_engine, session_factory
-from storage.redis import COMMAND_TIMEOUT, RedisClient, deployment_redis
+from storage.redis import COMMAND_TIMEOUT, REDIS_ERRORS, RedisClient, deployment_redis
 from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
             try:
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     return bool(await redis.set(f"pdg:{{{hash_tag}}}:{kind}:{key}", b"1", nx=True, ex=ttl))
-            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 # Without the replay store a one-time value can not be checked
                 # for reuse: refuse it rather than accept a possible replay.
                 raise ServiceUnavailableError(
@@ -262,7 +262,7 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         redis, tokens, keep_seconds=settings.tokens.access_token_ttl_seconds * 2 + 60
     )
     app[REVOCATIONS] = revocations
-    with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
+    with contextlib.suppress(*REDIS_ERRORS):
         await revocations.poll()  # those still in force, before the first call
     watching = [asyncio.create_task(revocations.watch(interval))]
     if store is not None:

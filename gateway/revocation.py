@@ -16,15 +16,11 @@ import logging
 import time
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
-
 from core.errors import ServiceUnavailableError
 from licensing.tokens import TokenService
-from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.redis import COMMAND_TIMEOUT, REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
-
-_OUT_OF_REACH = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RevocationFeed:
@@ -40,7 +36,7 @@ class RevocationFeed:
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 await self._redis.xadd(self.KEY, {"jti": token_id, "exp": str(int(expires_at))})
-        except _OUT_OF_REACH as exc:
+        except REDIS_ERRORS as exc:
             raise ServiceUnavailableError(
                 "the revocation cannot be recorded right now", headers={"Retry-After": "1"}
             ) from exc
@@ -70,7 +66,7 @@ class RevocationFeed:
         """Poll until cancelled; Redis out of reach: try again next time."""
         polls = 0
         while True:
-            with contextlib.suppress(*_OUT_OF_REACH):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self.poll()
                 polls += 1
                 if polls % 600 == 0:

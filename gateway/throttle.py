@@ -29,16 +29,14 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
-from redis.exceptions import RedisClusterException, RedisError
 
 from core.errors import RateLimitedError
 from gateway.metrics import Metrics
-from storage.redis import COMMAND_TIMEOUT, RedisClient
+from storage.redis import COMMAND_TIMEOUT, REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
-_OUT_OF_REACH = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def trusted_peer(peer: str | None, trusted: tuple[str, ...]) -> bool:
@@ -105,7 +103,7 @@ class FailureThrottle:
                 for name in names:
                     pipe.get(name)
                 counts = await pipe.execute()
-        except _OUT_OF_REACH:
+        except REDIS_ERRORS:
             self._lapse()
             return
         limits = [self.per_address, self.per_client]
@@ -131,7 +129,7 @@ class FailureThrottle:
                         pipe.incr(key)
                         pipe.expire(key, 2 * WINDOW_SECONDS)
                 await pipe.execute()
-        except _OUT_OF_REACH:
+        except REDIS_ERRORS:
             self._lapse()
 
     def _lapse(self) -> None:

@@ -29,11 +29,9 @@ import logging
 import time
 from typing import Final
 
-from redis.exceptions import RedisClusterException, RedisError
-
 from core.errors import LedgerUnavailableError
 from metering import inflight
-from storage.redis import COMMAND_TIMEOUT, RedisClient, ServerClock
+from storage.redis import COMMAND_TIMEOUT, REDIS_ERRORS, RedisClient, ServerClock
 from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -56,8 +54,6 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
 """
-
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class Presence:

@@ -51,14 +51,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
 from ledger.chain import rfc3339
-from ledger.log import LOG, REDIS_ERRORS, REPLICAS, WRITER_LOCK, live_replicas
+from ledger.log import LOG, REPLICAS, WRITER_LOCK, live_replicas
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, from_opening, to_log
 from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
 from metering import inflight
 from metering.quota import Scripts
-from storage.redis import COMMAND_TIMEOUT, RedisClient, execute_raw
+from storage.redis import COMMAND_TIMEOUT, REDIS_ERRORS, RedisClient, execute_raw
 from storage.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)

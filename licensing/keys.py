@@ -85,12 +85,7 @@ def load_or_create_signing_key(path: Path, alg: str) -> SigningKey:
     """Read the PEM at ``path``; create it (0600) if it does not exist."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        key: PrivateKey = (
-            ec.generate_private_key(ec.SECP256R1())
-            if alg == "ES256"
-            else ed25519.Ed25519PrivateKey.generate()
-        )
-        pem = key.private_bytes(
+        pem = generate_key(alg).private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -211,6 +206,9 @@ class KeyStore:
     ) -> None:
         self._sessions = sessions
         self._passphrase = passphrase
+        #: Keys opened (decrypted) already, by kid: the poll of every replica
+        #: reads the active row each refresh, and opens it once.
+        self._opened: dict[str, SigningKey] = {}
         self.grace_seconds = ttl_seconds + leeway_seconds + self.SWITCH_MARGIN_SECONDS
 
     def _seal(self, key: SigningKey) -> str:
@@ -225,6 +223,9 @@ class KeyStore:
         return pem.decode("ascii")
 
     def _open(self, row: SigningKeyRow) -> SigningKey:
+        known = self._opened.get(row.kid)
+        if known is not None:
+            return known
         pem = (row.private_pem or "").encode("ascii")
         encrypted = b"ENCRYPTED" in pem.split(b"\n", 1)[0]
         if encrypted and not self._passphrase:
@@ -239,7 +240,9 @@ class KeyStore:
             raise KeyStoreError(f"signing key {row.kid} cannot be opened (wrong passphrase?)") from exc
         if not isinstance(private, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
             raise KeyStoreError(f"signing key {row.kid} is not an EC P-256 or Ed25519 key")
-        return SigningKey(kid=row.kid, alg=row.alg, private_key=private, public_jwk=dict(row.public_jwk))
+        key = SigningKey(kid=row.kid, alg=row.alg, private_key=private, public_jwk=dict(row.public_jwk))
+        self._opened[row.kid] = key
+        return key
 
     @staticmethod
     def _active_rows(rows: list[SigningKeyRow]) -> list[SigningKeyRow]:

@@ -234,6 +234,9 @@ def _cluster_url_problem(url: str) -> str | None:
 #: cancelled -- a background loop being stopped, or a caller's own
 #: ``asyncio.timeout`` firing -- would carry on as if nothing had happened.
 COMMAND_TIMEOUT = 2.0
+#: What a Redis or Valkey out of reach raises (RedisClusterException is no
+#: RedisError).
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class ServerClock:
