@@ -169,8 +169,9 @@ async def close_period(
             if done is not None:
                 return done
             return await _close(conn, period, vat_rate, now, progress or _quiet)
-    except IntegrityError:
-        # Another close of this period committed first: answer with its invoices.
+    except (IntegrityError, ConflictError):
+        # Another close of this period committed first (the insert collided,
+        # or the order check already saw its close): answer with its invoices.
         async with engine.connect() as conn:
             done = await _existing(conn, period.name)
         if done is None:
@@ -215,7 +216,14 @@ async def close_billing(
         done = await _existing(conn, period.name)
         if done is not None:
             return done
-        await _in_order(conn, period)
+        try:
+            await _in_order(conn, period)
+        except ConflictError:
+            # A close of this period may have committed between the two reads.
+            done = await _existing(conn, period.name)
+            if done is None:
+                raise
+            return done
     step = progress or _quiet
     waiting = await _catch_up(engine, period, settings, redis)
     if waiting and not allow_pending:
