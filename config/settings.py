@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigurationError(Exception):
@@ -97,6 +97,59 @@ class StorageSettings(_Section):
     embedded_fsync: Literal["always", "everysec"] = "always"
 
 
+class TrustedIssuer(_Section):
+    """An external issuer whose access tokens the data plane accepts
+    (``[[tokens.issuers]]``), verified through its published keys
+    (``licensing.issuers``). Its claims name a pdg app and purpose; the
+    licence rules apply as to the gateway's own tokens."""
+
+    #: The exact ``iss`` of its tokens (an ``https`` URL, ``http`` on loopback).
+    issuer: str = Field(min_length=1)
+    #: Its JWKS. Empty: read ``jwks_uri`` from its RFC 8414 metadata
+    #: (``metadata_url``, else ``/.well-known/oauth-authorization-server``
+    #: inserted into the issuer URL).
+    jwks_url: str = ""
+    metadata_url: str = ""
+    #: The ``aud`` its tokens must carry. Empty: the gateway's audience.
+    audience: str = ""
+    #: Signature algorithms accepted from it (never ``none`` or HS*).
+    algorithms: tuple[
+        Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"], ...
+    ] = ("ES256", "RS256", "PS256", "EdDSA")
+    #: Accepted ``typ`` headers (RFC 9068 says ``at+jwt``; add ``JWT`` for an
+    #: issuer that does not follow it).
+    token_types: tuple[str, ...] = ("at+jwt",)
+    #: How long fetched keys are used; past it, with the issuer out of reach,
+    #: its tokens are refused (fail closed). Refreshed at half of it.
+    cache_seconds: float = Field(300.0, ge=1, le=86400)
+    #: A token naming a key not in the cache refetches the keys at most this
+    #: often.
+    refetch_min_seconds: float = Field(30.0, ge=1, le=3600)
+    #: The claim holding the pdg app id (the OAuth ``client_id`` registered here).
+    app_claim: str = "client_id"
+    #: The claim holding the purpose; ``scope`` reads its ``purpose:<p>`` item.
+    purpose_claim: str = "purpose"
+    #: Optional: a claim that must equal the app's licensee.
+    licensee_claim: str = ""
+    #: Optional: a claim naming the licence (else chosen as the token endpoint does).
+    licence_claim: str = ""
+    #: Optional: a claim listing datasets (``scope``: its ``dataset:<id>``
+    #: items). Empty: every dataset the licence grants.
+    datasets_claim: str = ""
+
+    @field_validator("issuer", "jwks_url", "metadata_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+            if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+                raise ValueError(f"{value!r} must be an https URL (http only on loopback)")
+            if not parts.hostname or parts.fragment:
+                raise ValueError(f"{value!r} is not a URL without a fragment")
+        return value
+
+
 class TokenSettings(_Section):
     #: Lifetime of issued access tokens.
     access_token_ttl_seconds: int = Field(300, ge=30, le=3600)
@@ -129,6 +182,16 @@ class TokenSettings(_Section):
     #: minute ends, even for the right credentials.
     failures_per_client_per_minute: int = Field(10, ge=1, le=100_000)
     failures_per_address_per_minute: int = Field(300, ge=1, le=1_000_000)
+    #: External issuers whose tokens are accepted (``[[tokens.issuers]]``).
+    issuers: tuple[TrustedIssuer, ...] = ()
+
+    @field_validator("issuers")
+    @classmethod
+    def _distinct(cls, value: tuple[TrustedIssuer, ...]) -> tuple[TrustedIssuer, ...]:
+        names = [i.issuer for i in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each issuer may be listed once")
+        return value
 
 
 class ClientCertificate(_Section):
@@ -252,6 +315,12 @@ class Settings(_Section):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _not_our_issuer(self) -> Settings:
+        if any(i.issuer.rstrip("/") == self.issuer for i in self.tokens.issuers):
+            raise ValueError("tokens.issuers may not list the gateway's own issuer")
+        return self
 
     # Derived values, so every caller agrees on them.
     @property

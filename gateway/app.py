@@ -57,6 +57,7 @@ from licensing.catalogue import CatalogueCache
 from licensing.clients import ClientAuthenticator
 from licensing.dpop import Nonces, ProofChecker
 from licensing.ids import new_call_id
+from licensing.issuers import TrustedIssuers
 from licensing.keys import (
     key_store,
     legacy_key,
@@ -185,6 +186,7 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         await register_public_key(sessions, key)
     else:
         key = await store.active(first=legacy_key(settings))
+    issuers = TrustedIssuers(settings.tokens.issuers)
     tokens = TokenService(
         signing_key=key,
         issuer=settings.issuer,
@@ -193,6 +195,10 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
         leeway_seconds=settings.tokens.leeway_seconds,
         load_public_keys=(lambda: load_public_keys(sessions)) if store is None else store.public_keys,
         load_active_key=None if store is None else store.active,
+        external=issuers,
+        resolve_external=lambda identity: oauth.external_claims(
+            app[CATALOGUE].fresh(), identity, app[CLOCK].now()
+        ),
     )
     await tokens.refresh_keys(force=True)
     app[TOKENS] = tokens
@@ -264,7 +270,7 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
     app[REVOCATIONS] = revocations
     with contextlib.suppress(*REDIS_ERRORS):
         await revocations.poll()  # those still in force, before the first call
-    watching = [asyncio.create_task(revocations.watch(interval))]
+    watching = [asyncio.create_task(revocations.watch(interval)), asyncio.create_task(issuers.watch())]
     if store is not None:
         watching.append(asyncio.create_task(tokens.watch(interval)))
     async with cache.running():

@@ -35,6 +35,7 @@ from core.errors import (
     DatasetNotLicensedError,
     GatewayError,
     InvalidClientError,
+    InvalidTokenError,
     LicenceError,
     LicenceInactiveError,
     PurposeNotAllowedError,
@@ -46,7 +47,7 @@ from licensing.clients import SIGNING_ALGORITHMS, claimed_client_id
 from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from licensing.dpop import ProofError
 from licensing.schemas import PURPOSES
-from licensing.tokens import AccessClaims
+from licensing.tokens import AccessClaims, ExternalIdentity
 
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR
 _DATASET = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(/\*)?$")
@@ -150,6 +151,41 @@ def choose_licence(catalogue: Catalogue, app: AppView, request: ScopeRequest, no
             raise reason
     refusals.sort(key=lambda pair: isinstance(pair[1], LicenceInactiveError))
     raise refusals[0][1]
+
+
+def external_claims(catalogue: Catalogue, identity: ExternalIdentity, now: datetime) -> AccessClaims:
+    """The claims a token of a trusted external issuer stands for: its app
+    (which must be registered here and enabled), the app's licensee (which a
+    configured licensee claim must name) and the licence the token endpoint
+    would choose for its purpose and datasets (the licence claim's, if
+    configured). Chosen once per token; the licence rules still run on every
+    call."""
+    app = catalogue.apps.get(identity.app_id)
+    if app is None or not app.enabled:
+        raise InvalidTokenError(f"the app {identity.app_id!r} of this token is unknown or disabled")
+    if identity.licensee_id is not None and identity.licensee_id != app.licensee_id:
+        raise InvalidTokenError("the licensee of this token is not its app's")
+    if identity.purpose not in PURPOSES:
+        raise InvalidTokenError(
+            f"the token's purpose {identity.purpose!r} is not one of {', '.join(PURPOSES)}"
+        )
+    request = ScopeRequest(identity.purpose, identity.datasets or (), identity.licence_id)
+    try:
+        licence = choose_licence(catalogue, app, request, now)
+    except BadRequestError as exc:  # a scope defect here is the token's
+        raise InvalidTokenError(exc.detail) from exc
+    datasets = frozenset(identity.datasets or (*licence.dataset_ids, *(f"{p}/*" for p in licence.providers)))
+    return AccessClaims(
+        token_id=identity.token_id,
+        app_id=app.id,
+        licensee_id=app.licensee_id,
+        licence_id=licence.id,
+        purpose=identity.purpose,
+        datasets=datasets,
+        expires_at=identity.expires_at,
+        raw=identity.raw,
+        jkt=identity.jkt,
+    )
 
 
 def _would_grant(catalogue: Catalogue, licence: LicenceView, request: ScopeRequest, now: datetime) -> bool:

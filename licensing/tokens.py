@@ -26,6 +26,16 @@ database. If the key store cannot be read, the keys already known stay in use.
 A verified token is cached (by SHA-256 digest) until it expires, so the
 signature is checked once per token, not once per call; the licence rules are
 still applied to every call.
+
+Tokens of a trusted external issuer (``[[tokens.issuers]]``, keys kept by
+``licensing.issuers``) pass the same header rules (``typ`` among the issuer's
+``token_types``), a ``kid`` the issuer publishes, an ``alg`` among its
+``algorithms`` that fits that key, its exact ``iss``, its ``aud`` (else
+ours), ``exp`` and ``iat``. Its configured claims name the app and purpose
+(and, optionally, the licensee, licence and datasets): an
+:class:`ExternalIdentity` that the gateway maps to the app's licensee and
+licence, chosen as the token endpoint chooses it, when the token is first
+seen. A ``cnf.jkt`` binds it to a DPoP key as for our own tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import jwt
 
 from core.errors import InvalidTokenError
 from licensing.ids import new_id
+from licensing.issuers import IssuerKeys, KeysUnavailableError, TrustedIssuers
 from licensing.keys import ALGORITHM_FOR_KEY, SigningKey
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,29 @@ class AccessClaims:
     jkt: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ExternalIdentity:
+    """What a verified token of an external issuer says, by its configured claims."""
+
+    issuer: str
+    token_id: str
+    app_id: str
+    purpose: str
+    licensee_id: str | None
+    licence_id: str | None
+    #: ``None``: every dataset the licence grants.
+    datasets: tuple[str, ...] | None
+    expires_at: float
+    jkt: str | None
+    raw: dict[str, Any]
+
+
+#: Maps an external identity to the claims the licence rules read (the
+#: gateway's catalogue decides the licensee and licence); raises the problem
+#: that refuses it.
+ResolveExternal = Callable[[ExternalIdentity], AccessClaims]
+
+
 class TokenService:
     """Issues tokens with this replica's key; verifies tokens of any replica."""
 
@@ -83,6 +117,8 @@ class TokenService:
         leeway_seconds: int = 10,
         load_public_keys: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         load_active_key: Callable[[], Awaitable[SigningKey]] | None = None,
+        external: TrustedIssuers | None = None,
+        resolve_external: ResolveExternal | None = None,
     ) -> None:
         self.signing_key = signing_key
         self.issuer = issuer
@@ -99,6 +135,8 @@ class TokenService:
         self._cache: dict[bytes, AccessClaims] = {}
         #: Revoked token ids (RFC 7009) and when each expires.
         self._revoked: dict[str, float] = {}
+        self.external = external
+        self._resolve_external = resolve_external
         self.set_public_keys([signing_key.public_jwk])
 
     # -- keys ---------------------------------------------------------------
@@ -226,12 +264,17 @@ class TokenService:
                 return cached
             del self._cache[digest]
         header = _header(token)
+        issuer = self._external_issuer(token)
+        _check_type(header, _OWN_TYPES if issuer is None else issuer.config.token_types)
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise _invalid("the token header names no key (kid)")
-        if kid not in self._keys:
-            await self._await_next_refresh()
-        claims = self._verify(token, header, kid)
+        if issuer is not None:
+            claims = await self._verify_external(token, header, kid, issuer)
+        else:
+            if kid not in self._keys:
+                await self._await_next_refresh()
+            claims = self._verify(token, header, kid)
         if claims.token_id in self._revoked:
             raise _invalid("the token has been revoked")
         if len(self._cache) >= _CACHE_LIMIT:
@@ -262,15 +305,128 @@ class TokenService:
             raise _invalid(_reason(exc)) from exc
         return _claims(payload)
 
+    # -- external issuers ---------------------------------------------------
+    def _external_issuer(self, token: str) -> IssuerKeys | None:
+        """The trusted external issuer the token claims to be from, if any
+        (only chooses the keys to check it with)."""
+        if self.external is None or not self.external.by_name:
+            return None
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError as exc:
+            raise _invalid("the token is not a well-formed JWT") from exc
+        iss = unverified.get("iss")
+        return self.external.get(iss) if isinstance(iss, str) and iss != self.issuer else None
+
+    async def _verify_external(
+        self, token: str, header: dict[str, Any], kid: str, issuer: IssuerKeys
+    ) -> AccessClaims:
+        config = issuer.config
+        try:
+            key = await issuer.key(kid)
+        except KeysUnavailableError as exc:
+            raise _invalid(str(exc)) from exc
+        if key is None:
+            raise _invalid("the token is signed with a key its issuer does not publish")
+        alg = header.get("alg")
+        if alg not in key.algorithms:
+            raise _invalid(
+                f"the token's algorithm is not allowed; this key verifies {', '.join(sorted(key.algorithms))}"
+            )
+        try:
+            payload = jwt.decode(
+                token,
+                key.key,
+                algorithms=[str(alg)],
+                audience=config.audience or self.audience,
+                issuer=config.issuer,
+                leeway=self.leeway_seconds,
+                options={"require": ["exp", "iat", "iss", "aud"], "strict_aud": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise _invalid(_reason(exc)) from exc
+        for name in ("exp", "iat", "nbf"):
+            if name in payload and not _numeric_date(payload[name]):
+                raise _invalid(f"the token's {name!r} claim is not a number")
+        if self._resolve_external is None:
+            raise _invalid("tokens of external issuers are not accepted here")
+        return self._resolve_external(_identity(config, token, payload))
+
+
+#: The ``typ`` of the gateway's own tokens (RFC 9068).
+_OWN_TYPES = ("at+jwt",)
+
+
+def _check_type(header: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    typ = header.get("typ")
+    wanted = {t.lower() for t in accepted}
+    wanted |= {f"application/{t}" for t in wanted}
+    if not isinstance(typ, str) or typ.lower() not in wanted:
+        raise _invalid(f"the token is not an access token (typ must be {' or '.join(accepted)})")
+
+
+def _text_claim(payload: dict[str, Any], name: str, what: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise _invalid(f"the token's {name!r} claim must name the {what}")
+    return value
+
+
+def _scope_items(payload: dict[str, Any], kind: str) -> list[str]:
+    scope = payload.get("scope")
+    if not isinstance(scope, str):
+        raise _invalid("the token has no scope to read")
+    prefix = f"{kind}:"
+    return [
+        item[len(prefix) :]
+        for item in scope.split(" ")
+        if item.startswith(prefix) and len(item) > len(prefix)
+    ]
+
+
+def _identity(config: Any, token: str, payload: dict[str, Any]) -> ExternalIdentity:
+    """What an external token says, read through its issuer's claim mapping."""
+    app_id = _text_claim(payload, config.app_claim, "app")
+    if config.purpose_claim == "scope":
+        purposes = set(_scope_items(payload, "purpose"))
+        if len(purposes) != 1:
+            raise _invalid("the token's scope must hold exactly one purpose:<purpose>")
+        purpose = purposes.pop()
+    else:
+        purpose = _text_claim(payload, config.purpose_claim, "purpose")
+    datasets: tuple[str, ...] | None = None
+    if config.datasets_claim == "scope":
+        datasets = tuple(_scope_items(payload, "dataset"))
+    elif config.datasets_claim:
+        listed = payload.get(config.datasets_claim)
+        if not isinstance(listed, list) or not all(isinstance(d, str) and d for d in listed):
+            raise _invalid(f"the token's {config.datasets_claim!r} claim must list dataset ids")
+        datasets = tuple(listed)
+    jti = payload.get("jti")
+    token_id = (
+        jti if isinstance(jti, str) and jti else "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    )
+    return ExternalIdentity(
+        issuer=config.issuer,
+        token_id=token_id,
+        app_id=app_id,
+        purpose=purpose,
+        licensee_id=_text_claim(payload, config.licensee_claim, "licensee")
+        if config.licensee_claim
+        else None,
+        licence_id=_text_claim(payload, config.licence_claim, "licence") if config.licence_claim else None,
+        datasets=datasets,
+        expires_at=float(payload["exp"]),
+        jkt=_bound_key(payload),
+        raw=payload,
+    )
+
 
 def _header(token: str) -> dict[str, Any]:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError as exc:
         raise _invalid("the token is not a well-formed JWT") from exc
-    typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in ("at+jwt", "application/at+jwt"):
-        raise _invalid("the token is not an access token (typ must be at+jwt)")
     if "crit" in header:
         raise _invalid("the token header has critical extensions this gateway does not understand")
     for name in _FORBIDDEN_HEADERS:
@@ -313,17 +469,6 @@ def _claims(payload: dict[str, Any]) -> AccessClaims:
         or payload.get("client_id") != payload.get("sub")
     ):
         raise _invalid("the token lacks the pdg claims (client_id, licensee, licence, purpose, datasets)")
-    jkt: str | None = None
-    if "cnf" in payload:
-        cnf = payload["cnf"]
-        if (
-            not isinstance(cnf, dict)
-            or set(cnf) != {"jkt"}
-            or not isinstance(cnf["jkt"], str)
-            or not cnf["jkt"]
-        ):
-            raise _invalid("the token's cnf claim must hold exactly a jkt (a DPoP key thumbprint)")
-        jkt = cnf["jkt"]
     return AccessClaims(
         token_id=str(payload["jti"]),
         app_id=str(payload["client_id"]),
@@ -333,5 +478,15 @@ def _claims(payload: dict[str, Any]) -> AccessClaims:
         datasets=frozenset(datasets),
         expires_at=float(payload["exp"]),
         raw=payload,
-        jkt=jkt,
+        jkt=_bound_key(payload),
     )
+
+
+def _bound_key(payload: dict[str, Any]) -> str | None:
+    """The DPoP key thumbprint a token is bound to (``cnf.jkt``), if any."""
+    if "cnf" not in payload:
+        return None
+    cnf = payload["cnf"]
+    if not isinstance(cnf, dict) or set(cnf) != {"jkt"} or not isinstance(cnf["jkt"], str) or not cnf["jkt"]:
+        raise _invalid("the token's cnf claim must hold exactly a jkt (a DPoP key thumbprint)")
+    return str(cnf["jkt"])
