@@ -58,5 +58,5 @@ def add_commands(sub: Any, common: Common) -> None:
         "rotate", "make a new signing key active on every replica; the one before retires", keys_rotate
     )
     p.add_argument(
-        "--algorithm", choices=("ES256", "EdDSA"), help="of the new key (default: tokens.algorithm)"
+        "--algorithm", choices=("ES256", "EdDSA", "SM2"), help="of the new key (default: tokens.algorithm)"
     )

@@ -154,6 +154,7 @@ def _fail(message: str, code: int = 1) -> int:
 #: and bad input answer quickly): ``(module, class)``. A module that was never
 #: imported cannot have raised its error.
 _ONE_LINE_ERRORS = (
+    ("core.sm2", "SMUnavailableError"),
     ("licensing.keys", "KeyFileError"),
     ("licensing.keys", "KeyStoreError"),
     ("licensing.personal", "PersonalKeyError"),

@@ -25,6 +25,7 @@ from types import FrameType
 from aiohttp import web
 
 from config.settings import Settings
+from core import sm2
 from gateway.access_log import AccessLogger
 from gateway.app import create_app
 from ledger import process
@@ -80,6 +81,7 @@ async def prepare(settings: Settings) -> None:
     """The data folder, the migrations unless ``server.auto_migrate`` is off,
     and an active shared signing key (made once here, before the workers
     start, which would otherwise each make one)."""
+    sm2.start(required=settings.sm2_required)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url)
     try:
@@ -164,7 +166,7 @@ def serve(settings: Settings) -> int:
     asyncio.run(prepare(settings))
     if not settings.shared_signing_keys:
         load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
-    load_or_create_signing_key(settings.ledger_key_path, "ES256")
+    load_or_create_signing_key(settings.ledger_key_path, settings.ledger.signing_algorithm)
     embedded = (
         EmbeddedValkey(settings.data_dir, settings.storage.embedded_fsync)
         if settings.embedded_redis

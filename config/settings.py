@@ -155,8 +155,9 @@ class TokenSettings(_Section):
     access_token_ttl_seconds: int = Field(300, ge=30, le=3600)
     #: Clock skew accepted on ``exp`` / ``nbf`` / ``iat``.
     leeway_seconds: int = Field(10, ge=0, le=120)
-    #: Signing algorithm of the gateway's own key.
-    algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    #: Signing algorithm of the gateway's own key (``SM2``: SM2/SM3, the
+    #: ``[sm]`` extra; ``core.sm2`` gives the JOSE profile).
+    algorithm: Literal["ES256", "EdDSA", "SM2"] = "ES256"
     #: PEM file of this replica's own signing key. Empty (the default): the
     #: keys are shared by every replica through the database and rotate with
     #: ``pdg keys rotate`` (``licensing.keys``).
@@ -265,9 +266,13 @@ class LedgerSettings(_Section):
     checkpoint_records: int = Field(1000, ge=1, le=1_000_000)
     #: ... or every this many seconds, whichever comes first.
     checkpoint_seconds: float = Field(10.0, gt=0, le=3600)
-    #: PEM file of the EC P-256 key that signs checkpoints. Empty:
+    #: PEM file of the key that signs checkpoints. Empty:
     #: ``{data_dir}/keys/ledger-key.pem``, generated on first start.
     signing_key_file: str = ""
+    #: The algorithm of a ledger key generated on first start: ECDSA P-256
+    #: (``ES256``) or ``SM2`` (SM2/SM3, the ``[sm]`` extra). A key file that
+    #: exists signs with its own algorithm.
+    signing_algorithm: Literal["ES256", "SM2"] = "ES256"
     #: The key (32 bytes) of the digests the call record keeps of personal
     #: path segments (``{personal}`` in a dataset's paths). Empty:
     #: ``{data_dir}/keys/personal-digest.key``, made on first start. Every
@@ -381,6 +386,11 @@ class Settings(_Section):
         return self.tokens.key_passphrase.encode() or None
 
     @property
+    def sm2_required(self) -> bool:
+        """A setting asks for SM2 keys (start-up needs the ``[sm]`` extra)."""
+        return "SM2" in (self.tokens.algorithm, self.ledger.signing_algorithm)
+
+    @property
     def personal_key_path(self) -> Path:
         if self.ledger.personal_digest_key_file:
             return Path(self.ledger.personal_digest_key_file).expanduser().absolute()
@@ -436,6 +446,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LEDGER_CHECKPOINT_RECORDS": "ledger.checkpoint_records",
     "PDG_LEDGER_CHECKPOINT_SECONDS": "ledger.checkpoint_seconds",
     "PDG_LEDGER_SIGNING_KEY_FILE": "ledger.signing_key_file",
+    "PDG_LEDGER_SIGNING_ALGORITHM": "ledger.signing_algorithm",
     "PDG_PERSONAL_DIGEST_KEY_FILE": "ledger.personal_digest_key_file",
     "PDG_LEDGER_RUN_WRITER": "ledger.run_writer",
     "PDG_LEDGER_MAX_BACKLOG": "ledger.max_backlog",

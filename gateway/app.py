@@ -15,6 +15,7 @@ from aiohttp import web
 from redis.exceptions import RedisClusterException, RedisError
 
 from config.settings import Settings
+from core import sm2
 from core.errors import ServiceUnavailableError
 from gateway import admin, evidence, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
@@ -322,6 +323,8 @@ async def _stop_accepting(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    # The SM2/SM3 self-test, with the [sm] extra (start-up fails if it does).
+    sm2.start(required=settings.sm2_required)
     app = web.Application(
         middlewares=[problems_middleware],
         client_max_size=settings.proxy.max_body_bytes + 1,

@@ -21,7 +21,9 @@ Constructions (``H`` is SHA-256 or SM3, both 32-byte digests):
   third party can check one call against a signed root with any CT library.
 * **Checkpoint** -- ECDSA P-256 with SHA-256 over :meth:`Checkpoint.payload`
   (sorted-key JSON with a type tag), signature DER-encoded (what ``cryptography``
-  and ``openssl dgst -sha256 -verify`` produce and accept).
+  and ``openssl dgst -sha256 -verify`` produce and accept); or, with an SM2
+  ledger key (``ledger.signing_algorithm = "SM2"``), SM2/SM3 with the 64-byte
+  ``r || s`` of :mod:`core.sm2`.
 
 Hashing: SHA-256 goes through :mod:`hashlib` -- OpenSSL's implementation, the same
 one ``cryptography`` binds -- because a ``hashlib`` call costs much less than a
@@ -46,6 +48,8 @@ import orjson
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from core import sm2
 
 ALGORITHMS: Final[tuple[str, ...]] = ("sha256", "sm3")
 DIGEST_SIZE: Final = 32
@@ -404,22 +408,29 @@ class Checkpoint:
         except (KeyError, TypeError) as exc:
             raise ValueError(str(exc)) from exc
 
-    def sign(self, private_key: ec.EllipticCurvePrivateKey, key_id: str) -> Checkpoint:
-        """A copy carrying ``key_id`` and a DER ECDSA P-256/SHA-256 signature.
+    def sign(self, private_key: ec.EllipticCurvePrivateKey | Any, key_id: str) -> Checkpoint:
+        """A copy carrying ``key_id`` and a DER ECDSA P-256/SHA-256 signature
+        (with an SM2 key: the 64-byte ``r || s`` SM2/SM3 signature of
+        :mod:`core.sm2`).
 
         ``key_id`` is inside the payload, so a signature cannot be re-attributed to
         another key.
         """
-        _require_p256(private_key)
         unsigned = replace(self, key_id=key_id, signature=b"")
+        if sm2.is_private_key(private_key):
+            return replace(unsigned, signature=sm2.sign(private_key, unsigned.payload()))
+        _require_p256(private_key)
         sig = private_key.sign(unsigned.payload(), ec.ECDSA(hashes.SHA256()))
         return replace(unsigned, signature=sig)
 
-    def verify(self, public_key: ec.EllipticCurvePublicKey) -> bool:
-        """Whether the signature is valid for this payload under ``public_key``."""
-        _require_p256(public_key)
+    def verify(self, public_key: ec.EllipticCurvePublicKey | Any) -> bool:
+        """Whether the signature is valid for this payload under ``public_key``
+        (ECDSA P-256 or SM2, by the key's type)."""
         if not self.signature:
             return False
+        if sm2.is_public_key(public_key):
+            return sm2.verify(public_key, self.signature, self.payload())
+        _require_p256(public_key)
         try:
             public_key.verify(self.signature, self.payload(), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:

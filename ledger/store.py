@@ -33,6 +33,7 @@ from sqlalchemy import Dialect, Table, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from core import sm2
 from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical, require_utc
 from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
 from ledger.partitions import OpenPartition, close_open, cuts, load_open, period_of_time, record_open
@@ -88,10 +89,13 @@ def checkpoint_of(row: Any) -> Checkpoint:
     )
 
 
-def public_pem(key: ec.EllipticCurvePublicKey) -> str:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+def public_pem(key: ec.EllipticCurvePublicKey | Any) -> str:
+    """SubjectPublicKeyInfo PEM of a ledger key (P-256 or SM2)."""
+    if sm2.is_public_key(key):
+        return sm2.public_pem(key).decode()
+    return str(
+        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    )
 
 
 class LedgerStore:
@@ -107,11 +111,11 @@ class LedgerStore:
         checkpoint_seconds: float = 10.0,
         time_zone: str = "Asia/Shanghai",
     ) -> None:
-        if not isinstance(signing_key.private_key, ec.EllipticCurvePrivateKey):
-            raise LedgerError("the ledger signing key must be an EC P-256 key (ES256)")
+        if signing_key.alg not in ("ES256", sm2.ALG):
+            raise LedgerError("the ledger signing key must be an EC P-256 (ES256) or SM2 key")
         self.engine = engine
         self.key = signing_key
-        self.private_key: ec.EllipticCurvePrivateKey = signing_key.private_key
+        self.private_key: ec.EllipticCurvePrivateKey | Any = signing_key.private_key
         self.algorithm = algorithm
         self.checkpoint_records = checkpoint_records
         self.checkpoint_seconds = checkpoint_seconds

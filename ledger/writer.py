@@ -50,6 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
+from core import sm2
 from ledger.chain import rfc3339
 from ledger.log import LOG, REPLICAS, WRITER_LOCK, live_replicas
 from ledger.models import CallRow, LedgerStateRow
@@ -631,7 +632,8 @@ def _licence_lister(engine: AsyncEngine) -> Callable[[], Awaitable[Sequence[str]
 
 def build_writer(settings: Settings, engine: AsyncEngine, client: RedisClient, *, owner: str) -> LedgerWriter:
     """The writer of a deployment, as its settings say."""
-    key = load_or_create_signing_key(settings.ledger_key_path, "ES256")
+    sm2.start(required=settings.ledger.signing_algorithm == sm2.ALG)
+    key = load_or_create_signing_key(settings.ledger_key_path, settings.ledger.signing_algorithm)
     ledger = settings.ledger
     store = LedgerStore(
         engine,

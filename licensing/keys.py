@@ -31,8 +31,10 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
+import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
@@ -40,13 +42,34 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from config.settings import Settings
+from core import sm2
 from licensing.models import SigningKeyRow
 from storage.db import utcnow
 
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+#: ECDSA P-256, Ed25519, or (with the ``[sm]`` extra) an SM2 key of Tongsuo's.
+PrivateKey: TypeAlias = Any
 
-#: The only algorithms our own tokens may carry, per key type.
-ALGORITHM_FOR_KEY = {"EC": "ES256", "OKP": "EdDSA"}
+#: The only algorithms our own tokens may carry, per key type and curve.
+ALGORITHM_FOR_KEY: dict[tuple[str, str], str] = {
+    ("EC", "P-256"): "ES256",
+    ("OKP", "Ed25519"): "EdDSA",
+    ("EC", sm2.CURVE): sm2.ALG,
+}
+
+
+def algorithm_for(jwk: dict[str, Any]) -> str | None:
+    """The algorithm one of our public JWKs signs with (``None``: not ours)."""
+    return ALGORITHM_FOR_KEY.get((str(jwk.get("kty")), str(jwk.get("crv"))))
+
+
+def verifying_key(jwk: dict[str, Any], alg: str) -> Any:
+    """The public key object of one of our JWKs (ValueError if unusable)."""
+    if alg == sm2.ALG:
+        return sm2.key_from_jwk(jwk)
+    try:
+        return jwt.PyJWK(jwk, algorithm=alg).key
+    except jwt.PyJWTError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 class KeyFileError(Exception):
@@ -63,8 +86,10 @@ class SigningKey:
 
 def _public_jwk(private_key: PrivateKey, alg: str) -> dict[str, Any]:
     public = private_key.public_key()
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        jwk: dict[str, Any] = json.loads(ECAlgorithm.to_jwk(public))
+    if alg == sm2.ALG:
+        jwk: dict[str, Any] = sm2.public_jwk(public)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        jwk = json.loads(ECAlgorithm.to_jwk(public))
     else:
         jwk = json.loads(OKPAlgorithm.to_jwk(public))
     jwk.update({"alg": alg, "use": "sig"})
@@ -85,22 +110,16 @@ def load_or_create_signing_key(path: Path, alg: str) -> SigningKey:
     """Read the PEM at ``path``; create it (0600) if it does not exist."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        pem = generate_key(alg).private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        pem = private_pem(generate_key(alg).private_key, None)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
     try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise KeyFileError(f"cannot read signing key {path}: {exc}") from exc
-    if isinstance(loaded, ec.EllipticCurvePrivateKey) and isinstance(loaded.curve, ec.SECP256R1):
-        alg = "ES256"
-    elif isinstance(loaded, ed25519.Ed25519PrivateKey):
-        alg = "EdDSA"
-    else:
-        raise KeyFileError(f"signing key {path} must be an EC P-256 or Ed25519 private key")
+        loaded, alg = open_private_pem(path.read_bytes(), None)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signing key {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise KeyFileError(f"signing key {path}: {exc}") from exc
     jwk = _public_jwk(loaded, alg)
     return SigningKey(kid=jwk["kid"], alg=alg, private_key=loaded, public_jwk=jwk)
 
@@ -140,6 +159,7 @@ def key_store(settings: Settings, sessions: async_sessionmaker[AsyncSession]) ->
     return KeyStore(
         sessions,
         passphrase=settings.key_passphrase,
+        algorithm=settings.tokens.algorithm,
         ttl_seconds=settings.tokens.access_token_ttl_seconds,
         leeway_seconds=settings.tokens.leeway_seconds,
     )
@@ -152,14 +172,54 @@ def legacy_key(settings: Settings) -> SigningKey | None:
     return load_or_create_signing_key(path, settings.tokens.algorithm) if path.exists() else None
 
 
+def private_pem(key: PrivateKey, passphrase: bytes | None) -> bytes:
+    """PKCS#8 PEM, encrypted under ``passphrase`` when there is one."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        return sm2.private_pem(key, passphrase)
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def open_private_pem(pem: bytes, passphrase: bytes | None) -> tuple[PrivateKey, str]:
+    """A signing key from PKCS#8 PEM and the algorithm it signs with:
+    ECDSA P-256, Ed25519, or SM2 (with the ``[sm]`` extra); ValueError for
+    any other key, or one that cannot be decrypted."""
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=passphrase)
+    except UnsupportedAlgorithm as exc:  # an SM2 key (or its SM4 encryption) is Tongsuo's
+        if not sm2.available():
+            raise ValueError("not an EC P-256 or Ed25519 key (an SM2 key needs the [sm] extra)") from exc
+        return sm2.load_private_pem(pem, passphrase), sm2.ALG
+    except ValueError as exc:  # also an SM2 key encrypted with SM4, which only Tongsuo reads
+        if not sm2.available():
+            raise
+        try:
+            return sm2.load_private_pem(pem, passphrase), sm2.ALG
+        except ValueError:
+            raise exc from None
+    if isinstance(loaded, ec.EllipticCurvePrivateKey) and isinstance(loaded.curve, ec.SECP256R1):
+        return loaded, "ES256"
+    if isinstance(loaded, ed25519.Ed25519PrivateKey):
+        return loaded, "EdDSA"
+    raise ValueError("not an EC P-256, Ed25519 or SM2 private key")
+
+
 class KeyStoreError(Exception):
     """The shared signing keys cannot be used (one line, for humans)."""
 
 
 def generate_key(alg: str) -> SigningKey:
-    private: PrivateKey = (
-        ec.generate_private_key(ec.SECP256R1()) if alg == "ES256" else ed25519.Ed25519PrivateKey.generate()
-    )
+    private: PrivateKey
+    if alg == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    elif alg == "EdDSA":
+        private = ed25519.Ed25519PrivateKey.generate()
+    elif alg == sm2.ALG:
+        private = sm2.generate_private_key()
+    else:
+        raise ValueError(f"no signing keys of algorithm {alg!r}")
     jwk = _public_jwk(private, alg)
     return SigningKey(kid=jwk["kid"], alg=alg, private_key=private, public_jwk=jwk)
 
@@ -201,26 +261,20 @@ class KeyStore:
         sessions: async_sessionmaker[AsyncSession],
         *,
         passphrase: bytes | None,
+        algorithm: str = "ES256",
         ttl_seconds: int,
         leeway_seconds: int,
     ) -> None:
         self._sessions = sessions
         self._passphrase = passphrase
+        self.algorithm = algorithm
         #: Keys opened (decrypted) already, by kid: the poll of every replica
         #: reads the active row each refresh, and opens it once.
         self._opened: dict[str, SigningKey] = {}
         self.grace_seconds = ttl_seconds + leeway_seconds + self.SWITCH_MARGIN_SECONDS
 
     def _seal(self, key: SigningKey) -> str:
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(self._passphrase)
-            if self._passphrase
-            else serialization.NoEncryption()
-        )
-        pem = key.private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
-        return pem.decode("ascii")
+        return private_pem(key.private_key, self._passphrase).decode("ascii")
 
     def _open(self, row: SigningKeyRow) -> SigningKey:
         known = self._opened.get(row.kid)
@@ -233,13 +287,11 @@ class KeyStore:
                 f"signing key {row.kid} is encrypted: set tokens.key_passphrase (or key_passphrase_file)"
             )
         try:
-            private = serialization.load_pem_private_key(
-                pem, password=self._passphrase if encrypted else None
-            )
+            private, _alg = open_private_pem(pem, self._passphrase if encrypted else None)
         except (ValueError, TypeError) as exc:
             raise KeyStoreError(f"signing key {row.kid} cannot be opened (wrong passphrase?)") from exc
-        if not isinstance(private, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-            raise KeyStoreError(f"signing key {row.kid} is not an EC P-256 or Ed25519 key")
+        except sm2.SMUnavailableError as exc:
+            raise KeyStoreError(f"signing key {row.kid}: {exc}") from exc
         key = SigningKey(kid=row.kid, alg=row.alg, private_key=private, public_jwk=dict(row.public_jwk))
         self._opened[row.kid] = key
         return key
@@ -250,13 +302,13 @@ class KeyStore:
         return sorted(live, key=lambda r: (r.activated_at, r.kid), reverse=True)
 
     async def active(self, *, first: SigningKey | None = None) -> SigningKey:
-        """The active key; with none yet, ``first`` (or a new ES256 key)
+        """The active key; with none yet, ``first`` (or a new key of ``algorithm``)
         becomes it. Every other key still marked active is retired."""
         async with self._sessions() as session, session.begin():
             rows = list((await session.execute(select(SigningKeyRow))).scalars())
             active = self._active_rows(rows)
             if not active:
-                key = first or generate_key("ES256")
+                key = first or generate_key(self.algorithm)
                 row = await session.get(SigningKeyRow, key.kid)
                 if row is None:
                     row = SigningKeyRow(kid=key.kid, alg=key.alg, public_jwk=key.public_jwk)

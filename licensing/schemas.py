@@ -679,7 +679,7 @@ class SecretRotationIn(_Model):
 
 
 class KeyRotationIn(_Model):
-    algorithm: Literal["ES256", "EdDSA"] | None = Field(
+    algorithm: Literal["ES256", "EdDSA", "SM2"] | None = Field(
         None, description="of the new key; default: the settings' tokens.algorithm"
     )
 

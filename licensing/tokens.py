@@ -50,10 +50,11 @@ from typing import Any
 
 import jwt
 
+from core import sm2
 from core.errors import InvalidTokenError
 from licensing.ids import new_id
 from licensing.issuers import IssuerKeys, KeysUnavailableError, TrustedIssuers
-from licensing.keys import ALGORITHM_FOR_KEY, SigningKey
+from licensing.keys import SigningKey, algorithm_for, verifying_key
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,12 @@ class TokenService:
     def set_public_keys(self, jwks: list[dict[str, Any]]) -> None:
         keys: dict[str, tuple[str, Any]] = {}
         for jwk in jwks:
-            alg = ALGORITHM_FOR_KEY.get(jwk.get("kty", ""))
+            alg = algorithm_for(jwk)
             if alg is None or jwk.get("alg", alg) != alg or "kid" not in jwk:
                 continue
             try:
-                keys[jwk["kid"]] = (alg, jwt.PyJWK(jwk, algorithm=alg).key)
-            except (jwt.PyJWTError, ValueError, TypeError):
+                keys[jwk["kid"]] = (alg, verifying_key(jwk, alg))
+            except (ValueError, TypeError, sm2.SMUnavailableError):
                 log.warning("skipping unusable public signing key %r", jwk.get("kid"))
         own = self.signing_key
         keys.setdefault(own.kid, (own.alg, own.private_key.public_key()))

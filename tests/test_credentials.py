@@ -55,10 +55,24 @@ async def fresh_minute() -> None:
 
 
 async def test_an_unknown_id_takes_as_long_as_a_wrong_secret(world_factory: WorldFactory) -> None:
+    """Medians within 20 %. A side channel shows in every round (an unknown id
+    used to be refused 40 times faster); a machine busy with other work can
+    skew one round, so up to three are measured and one must hold."""
     world = await world_factory()  # the tests' default: no throttling
     licensee = await world.licensee()
     app = await world.app_client(licensee["id"])
     admin_id = world.admin_token.split("_")[1]
+    rounds = [await _credential_medians(world, app["client_id"], admin_id, r) for r in range(3)]
+    for medians in rounds:
+        if all(
+            0.8 <= medians[unknown] / medians[known] <= 1.25
+            for unknown, known in (("unknown client", "known client"), ("unknown admin", "known admin"))
+        ):
+            return
+    raise AssertionError(f"unknown and known ids differ by over 20 % in every round: {rounds}")
+
+
+async def _credential_medians(world: World, client_id: str, admin_id: str, round_: int) -> dict[str, float]:
     attempts: dict[str, list[float]] = {
         "unknown client": [],
         "known client": [],
@@ -66,21 +80,19 @@ async def test_an_unknown_id_takes_as_long_as_a_wrong_secret(world_factory: Worl
         "known admin": [],
     }
     for i in range(12):  # interleaved, so a drifting machine drifts both ways
+        n = f"{round_}x{i}"
         cases = {
-            "unknown client": token_request(world, basic(f"app-nobody-{i}", "wrong")),
-            "known client": token_request(world, basic(app["client_id"], f"wrong-{i}")),
-            "unknown admin": admin_request(world, f"pdga_nobody{i}_wrong"),
-            "known admin": admin_request(world, f"pdga_{admin_id}_wrong{i}"),
+            "unknown client": token_request(world, basic(f"app-nobody-{n}", "wrong")),
+            "known client": token_request(world, basic(client_id, f"wrong-{n}")),
+            "unknown admin": admin_request(world, f"pdga_nobody{n}_wrong"),
+            "known admin": admin_request(world, f"pdga_{admin_id}_wrong{n}"),
         }
         for name, request in cases.items():
             seconds, status = await timed(request)
             assert status == 401, name
             if i >= 2:  # the first ones warm the hasher and the connections
                 attempts[name].append(seconds)
-    medians = {name: statistics.median(times) for name, times in attempts.items()}
-    for unknown, known in (("unknown client", "known client"), ("unknown admin", "known admin")):
-        ratio = medians[unknown] / medians[known]
-        assert 0.8 <= ratio <= 1.25, (unknown, known, medians)
+    return {name: statistics.median(times) for name, times in attempts.items()}
 
 
 async def test_failures_are_throttled_per_client_and_per_address(world_factory: WorldFactory) -> None:

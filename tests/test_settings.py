@@ -23,9 +23,25 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
             out.update(_leaves(annotation, f"{prefix}{name}."))
         elif field.default_factory is dict:
             out[f"{prefix}{name}"] = {}  # a table of named entries, none by default
+        elif _entries(annotation) is not None:
+            out[f"{prefix}{name}"] = []  # an array of tables, none by default
         else:
             out[f"{prefix}{name}"] = field.default
     return out
+
+
+def _entries(annotation: Any) -> type[BaseModel] | None:
+    """The model of ``tuple[Model, ...]`` (an array of TOML tables)."""
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is tuple and args and isinstance(args[0], type):
+        return args[0] if issubclass(args[0], BaseModel) else None
+    return None
+
+
+def _field(model: type[BaseModel], dotted: str) -> Any:
+    head, _, rest = dotted.partition(".")
+    field = model.model_fields[head]
+    return _field(field.annotation, rest) if rest else field  # type: ignore[arg-type]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,12 +58,20 @@ def test_example_file_documents_every_setting_with_its_default() -> None:
     documented = _flatten(tomllib.loads(EXAMPLE.read_text()))
     leaves = _leaves(Settings)
     tables = {name for name, default in leaves.items() if default == {}}
-    assert set(documented) == set(leaves) - tables
+    arrays = {name for name, default in leaves.items() if default == []}
+    assert set(documented) == set(leaves) - tables - arrays
     for name in tables:
         # Shown as a commented example table: [section.name.<entry>].
         assert f"# [{name}." in EXAMPLE.read_text(), f"{name} is not documented"
+    for name in arrays:
+        # Shown as a commented example entry, every field of it.
+        assert f"# [[{name}]]" in EXAMPLE.read_text(), f"{name} is not documented"
+        model = _entries(_field(Settings, name).annotation)
+        assert model is not None
+        for member in model.model_fields:
+            assert f"# {member} = " in EXAMPLE.read_text(), f"{name}.{member} is not documented"
     for name, default in leaves.items():
-        if name in tables:
+        if name in tables or name in arrays:
             continue
         value = documented[name]
         if isinstance(default, tuple):

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,7 +27,8 @@ _CHECKPOINTS = cast(Table, CheckpointRow.__table__)
 _KEYS = cast(Table, LedgerKeyRow.__table__)
 
 Progress = Callable[[int, int], None]
-PublicKeys = Mapping[str, ec.EllipticCurvePublicKey]
+#: Ledger keys by id: ECDSA P-256 or SM2 public keys.
+PublicKeys = Mapping[str, Any]
 
 
 class AuditError(BadRequestError):

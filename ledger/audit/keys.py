@@ -8,40 +8,51 @@ import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import sm2
 from ledger.audit.common import _KEYS, AuditError
 from licensing.keys import thumbprint
 
+#: A ledger key: ECDSA P-256, or SM2 (Tongsuo's, with the ``[sm]`` extra).
+PublicKey: TypeAlias = Any
 
-def key_id(key: ec.EllipticCurvePublicKey) -> str:
+
+def key_id(key: PublicKey) -> str:
     """The id checkpoints name a key by: its RFC 7638 thumbprint (as the writer's)."""
+    if sm2.is_public_key(key):
+        return thumbprint(sm2.public_jwk(key))
     return thumbprint(json.loads(ECAlgorithm.to_jwk(key)))
 
 
-def load_public_key(pem: bytes, where: str) -> ec.EllipticCurvePublicKey:
-    """An EC P-256 public key from a public or private PEM (a ledger key file)."""
+def load_public_key(pem: bytes, where: str) -> PublicKey:
+    """An EC P-256 or SM2 public key from a public or private PEM (a ledger key file)."""
     key: object
     try:
         if b"PRIVATE KEY" in pem:
             key = serialization.load_pem_private_key(pem, password=None).public_key()
         else:
             key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as exc:
-        raise AuditError(f"{where}: not a PEM key ({exc})") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        if sm2.available():
+            with contextlib.suppress(ValueError):
+                return sm2.load_public_pem(pem)
+        raise AuditError(f"{where}: not a PEM key of P-256 or SM2 ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise AuditError(f"{where}: ledger keys are EC P-256")
+        raise AuditError(f"{where}: ledger keys are EC P-256 or SM2")
     return key
 
 
-def read_public_keys(paths: Sequence[Path]) -> dict[str, ec.EllipticCurvePublicKey]:
+def read_public_keys(paths: Sequence[Path]) -> dict[str, PublicKey]:
     """Trusted keys from PEM files, by key id."""
-    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    keys: dict[str, PublicKey] = {}
     for path in paths:
         try:
             pem = path.read_bytes()
@@ -52,7 +63,7 @@ def read_public_keys(paths: Sequence[Path]) -> dict[str, ec.EllipticCurvePublicK
     return keys
 
 
-async def stored_keys(engine: AsyncEngine) -> dict[str, ec.EllipticCurvePublicKey]:
+async def stored_keys(engine: AsyncEngine) -> dict[str, PublicKey]:
     """The keys in ``ledger_keys`` (not trusted by default; see the :mod:`ledger.audit` docstring)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(select(_KEYS.c.key_id, _KEYS.c.public_pem))).all()

@@ -152,7 +152,7 @@ def check_proof(proof: Mapping[str, Any], public_key: ec.EllipticCurvePublicKey)
     )
 
 
-def proof_key(proof: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+def proof_key(proof: Mapping[str, Any]) -> Any:
     """The key carried in a proof (trust it only if you got it some other way)."""
     pem = (proof.get("public_key") or {}).get("pem")
     if not pem:
