@@ -1,5 +1,5 @@
-"""``pdg audit verify|trace|export|prove|check-proof|personal-digest``: the auditor's commands,
-over the same service layer as the admin API (``ledger.audit``).
+"""``pdg audit verify|trace|export|prove|check-proof|personal-digest|witness|log-key``: the
+auditor's commands, over the same service layer as the admin API (``ledger.audit``).
 
 ``verify`` exits 0 when the ledger (or an export, ``--export``) re-derives,
 and 1 with the first bad seq and its kind on stdout when it does not. Keys
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from cli.resources import command_group, emit, progress_bar
+from cli.witness import add_arguments as add_witness_arguments
+from cli.witness import audit_log_key, audit_witness
 from config.settings import Settings
 from core.errors import BadRequestError, NotFoundError
 
@@ -102,6 +104,7 @@ def _file_keys(settings: Settings, args: argparse.Namespace) -> dict[str, ec.Ell
 async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from ledger import audit
 
+    witnessed: str | None = None
     keys = _file_keys(settings, args)
     with progress_bar("verifying") as progress:
         if args.export:
@@ -114,12 +117,28 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
                 if args.trust_stored_keys:
                     keys = {**await audit.stored_keys(engine), **keys}
                 report = await audit.verify(engine, keys, progress=progress, since=args.since)
+                witnessed = await _witnessed(engine, args.witness) if args.witness else None
     data = report.as_dict()
     problem = report.problem
     if problem is not None and problem.kind == "checkpoint" and "unknown key id" in problem.reason:
         data["problem"]["reason"] += " (give its public key with --public-key, or --trust-stored-keys)"
-    emit(args, data, _verify_text(data))
-    return 0 if report.ok else 1
+    text = _verify_text(data)
+    if args.witness and not args.export:
+        data["witness"] = {"ok": witnessed is None, "problem": witnessed}
+        text += f"\nwitness check {'FAILED: ' + witnessed if witnessed else 'OK'}"
+    emit(args, data, text)
+    return 0 if report.ok and witnessed is None else 1
+
+
+async def _witnessed(engine: AsyncEngine, path: str) -> str | None:
+    """The ledger against the checkpoint a witness keeps (``--witness``)."""
+    from cli.witness import _read_state
+    from ledger import audit
+
+    state = _read_state(Path(path))
+    if state is None:
+        raise BadRequestError(f"no witness state at {path}")
+    return await audit.check_witnessed(engine, state)
 
 
 def _verify_text(data: dict[str, Any]) -> str:
@@ -364,6 +383,20 @@ def add_commands(sub: Any, common: Common) -> None:
         metavar="SEQ",
         help="start after the signed checkpoint that ends at SEQ (trusted once its signature verifies)",
     )
+    p.add_argument(
+        "--witness",
+        metavar="STATE",
+        help="also fail if the ledger is behind or beside the checkpoint a witness keeps in STATE",
+    )
+
+    p = command(
+        "witness",
+        "poll a gateway's signed checkpoint, check it extends the last one seen, cosign and keep it; "
+        "exit 3 on a rollback or fork",
+        audit_witness,
+    )
+    add_witness_arguments(p)
+    command("log-key", "print the vkey witnesses trust the log's checkpoints with", audit_log_key)
 
     p = command(
         "archive",

@@ -167,6 +167,7 @@ def serve(settings: Settings) -> int:
     if not settings.shared_signing_keys:
         load_or_create_signing_key(settings.signing_key_path, settings.tokens.algorithm)
     load_or_create_signing_key(settings.ledger_key_path, settings.ledger.signing_algorithm)
+    load_or_create_signing_key(settings.log_key_path, "EdDSA")
     embedded = (
         EmbeddedValkey(settings.data_dir, settings.storage.embedded_fsync)
         if settings.embedded_redis

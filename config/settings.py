@@ -269,6 +269,21 @@ class LedgerSettings(_Section):
     #: PEM file of the key that signs checkpoints. Empty:
     #: ``{data_dir}/keys/ledger-key.pem``, generated on first start.
     signing_key_file: str = ""
+    #: The Ed25519 key that signs the whole-log tree's C2SP checkpoints
+    #: (``/audit/v1/checkpoint``, what witnesses poll). Empty:
+    #: ``{data_dir}/keys/log-key.pem``, generated on first start.
+    log_key_file: str = ""
+    #: The checkpoints' origin line (and key name): a schema-less URL naming
+    #: this log. Empty: ``{public host}/pdg-ledger``.
+    log_origin: str = ""
+
+    @field_validator("log_origin")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        if any(c.isspace() or c == "+" for c in value):
+            raise ValueError("an origin holds no spaces and no '+'")
+        return value
+
     #: The algorithm of a ledger key generated on first start: ECDSA P-256
     #: (``ES256``) or ``SM2`` (SM2/SM3, the ``[sm]`` extra). A key file that
     #: exists signs with its own algorithm.
@@ -397,6 +412,16 @@ class Settings(_Section):
         return self.data_dir / "keys" / "personal-digest.key"
 
     @property
+    def log_key_path(self) -> Path:
+        if self.ledger.log_key_file:
+            return Path(self.ledger.log_key_file).expanduser().absolute()
+        return self.data_dir / "keys" / "log-key.pem"
+
+    @property
+    def log_origin(self) -> str:
+        return self.ledger.log_origin or f"{self.public_host}/pdg-ledger"
+
+    @property
     def ledger_key_path(self) -> Path:
         if self.ledger.signing_key_file:
             return Path(self.ledger.signing_key_file).expanduser().absolute()
@@ -447,6 +472,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LEDGER_CHECKPOINT_SECONDS": "ledger.checkpoint_seconds",
     "PDG_LEDGER_SIGNING_KEY_FILE": "ledger.signing_key_file",
     "PDG_LEDGER_SIGNING_ALGORITHM": "ledger.signing_algorithm",
+    "PDG_LEDGER_LOG_KEY_FILE": "ledger.log_key_file",
+    "PDG_LEDGER_LOG_ORIGIN": "ledger.log_origin",
     "PDG_PERSONAL_DIGEST_KEY_FILE": "ledger.personal_digest_key_file",
     "PDG_LEDGER_RUN_WRITER": "ledger.run_writer",
     "PDG_LEDGER_MAX_BACKLOG": "ledger.max_backlog",

@@ -7,7 +7,17 @@ licensee (a licensee-scoped token); another licensee's call answers 404, as
 an unknown one does. A call not yet under a checkpoint (they are cut every
 ``ledger.checkpoint_seconds``) answers 409 with ``Retry-After``. The proof
 carries the checkpoint's public key for convenience; check it against a key
-you trust, not that one.
+you trust, not that one. Once a signed checkpoint of the whole-log tree
+covers the call, the proof also carries ``tree``: its leaf index, the tree
+size, the RFC 9162 audit path and that checkpoint (a C2SP signed note).
+
+The whole-log tree, for witnesses (public, no token: it holds hashes only):
+
+- ``GET /audit/v1/checkpoint``: the newest C2SP checkpoint, a signed note
+  (``text/plain; charset=utf-8``); 404 before the first is signed.
+- ``GET /audit/v1/consistency?from=M&to=N``: the RFC 9162 consistency proof
+  between the trees of ``M`` and ``N`` records (``1 <= M <= N <=`` the newest
+  checkpoint's size), base64 hashes: ``{"from", "to", "proof"}``.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from core.errors import ConflictError, ForbiddenError, NotFoundError
+from core.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from gateway.admin import admin_principal
 from gateway.state import ENGINE, SETTINGS
 from ledger import audit
@@ -36,10 +46,37 @@ async def call_proof(request: web.Request) -> web.Response:
     except audit.AuditError as exc:
         retry = max(1, int(request.app[SETTINGS].ledger.checkpoint_seconds))
         raise ConflictError(exc.detail, headers={"Retry-After": str(retry)}) from exc
+    proof["tree"] = await audit.inclusion(engine, int(record["seq"]))
     return web.Response(
         body=orjson.dumps(proof), content_type="application/json", headers={"Cache-Control": "no-store"}
     )
 
 
+async def log_checkpoint(request: web.Request) -> web.Response:
+    latest = await audit.latest_checkpoint(request.app[ENGINE])
+    if latest is None:
+        raise NotFoundError("no checkpoint of the whole-log tree has been signed yet")
+    return web.Response(
+        text=latest["note"], content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def log_consistency(request: web.Request) -> web.Response:
+    old = audit.parse_int(request.query.get("from", ""), "from", 1, 2**62)
+    new = audit.parse_int(request.query.get("to", ""), "to", 1, 2**62)
+    try:
+        proof = await audit.consistency(request.app[ENGINE], old, new)
+    except audit.AuditError as exc:
+        raise BadRequestError(exc.detail) from exc
+    body = {"from": old, "to": new, "proof": [audit.b64(p) for p in proof]}
+    return web.Response(
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "public, max-age=3600"},
+    )
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/audit/v1/proof/{call_id}", call_proof)
+    app.router.add_get("/audit/v1/checkpoint", log_checkpoint)
+    app.router.add_get("/audit/v1/consistency", log_consistency)

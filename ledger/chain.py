@@ -468,6 +468,11 @@ class ChainWriter:
     def pending(self) -> int:
         return len(self._leaves)
 
+    @property
+    def last_leaf(self) -> bytes:
+        """The leaf hash of the record appended last (of the open interval)."""
+        return self._leaves[-1]
+
     def append(self, record: Mapping[str, Any]) -> bytes:
         """Chain the next record and return its entry hash (to store with the row)."""
         if record.get("seq") != self.next_seq:

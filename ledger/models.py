@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Index, Integer, SmallInteger, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, UTCDateTime, utcnow
@@ -144,3 +144,26 @@ class LedgerKeyRow(Base):
     key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     public_pem: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TreeNodeRow(Base):
+    """A complete subtree of the whole-log Merkle tree (``ledger.tree``) of
+    ``2**level`` leaves, ``level >= ledger.tree.TILE_LEVEL``; never updated."""
+
+    __tablename__ = "ledger_tree"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LogCheckpointRow(Base):
+    """A signed C2SP checkpoint of the whole-log tree at ``size`` records
+    (``ledger.note``), as published at ``/audit/v1/checkpoint``; never updated."""
+
+    __tablename__ = "log_checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -29,15 +29,21 @@ from zoneinfo import ZoneInfo
 from asyncpg.exceptions import UniqueViolationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Dialect, Table, insert, select, text, update
+from sqlalchemy import Dialect, Table, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core import sm2
 from ledger.chain import GENESIS, Chain, ChainWriter, Checkpoint, canonical, require_utc
-from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow
+from ledger.models import CallRow, CheckpointRow, LedgerKeyRow, LedgerStateRow, LogCheckpointRow, TreeNodeRow
+from ledger.note import Checkpoint as LogCheckpoint
+from ledger.note import Signer
+from ledger.note import sign as sign_note
 from ledger.partitions import OpenPartition, close_open, cuts, load_open, period_of_time, record_open
 from ledger.record import FIELDS, hashed
+from ledger.tree import TILE, TILE_LEVEL, LogTree, frontier_nodes
 from licensing.keys import SigningKey
 from storage.db import UTCDateTime
 
@@ -47,6 +53,11 @@ _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)
 _CHECKPOINTS = cast(Table, CheckpointRow.__table__)
 _KEYS = cast(Table, LedgerKeyRow.__table__)
+_TREE = cast(Table, TreeNodeRow.__table__)
+_LOG_CHECKPOINTS = cast(Table, LogCheckpointRow.__table__)
+#: Records read per transaction while a ledger from before the whole-log tree
+#: gets its tree (``LedgerStore.load``).
+_TREE_CATCH_UP_BATCH = 64 * TILE
 _COLUMNS = (*FIELDS, "hash")
 _STATE_ID = 1
 #: A call id already stored: SQLAlchemy's error, or asyncpg's own from COPY
@@ -110,6 +121,7 @@ class LedgerStore:
         checkpoint_records: int = 1000,
         checkpoint_seconds: float = 10.0,
         time_zone: str = "Asia/Shanghai",
+        log_signer: Signer | None = None,
     ) -> None:
         if signing_key.alg not in ("ES256", sm2.ALG):
             raise LedgerError("the ledger signing key must be an EC P-256 (ES256) or SM2 key")
@@ -120,6 +132,10 @@ class LedgerStore:
         self.checkpoint_records = checkpoint_records
         self.checkpoint_seconds = checkpoint_seconds
         self.writer: ChainWriter | None = None
+        #: The whole-log tree (``ledger.tree``) and the key that signs its
+        #: checkpoints (none: the tree grows, no checkpoint is signed).
+        self.tree: LogTree | None = None
+        self.log_signer = log_signer
         self.position = "0-0"
         self._last_checkpoint = datetime.now(UTC)
         self._postgres = engine.dialect.name == "postgresql"
@@ -174,7 +190,66 @@ class LedgerStore:
         self.writer = ChainWriter.resume(
             self.algorithm, next_seq=state.next_seq, head=bytes.fromhex(state.head), open_leaves=leaves
         )
+        self.tree = await self._load_tree(state.next_seq - 1)
         self.position = state.log_position
+
+    async def _load_tree(self, size: int) -> LogTree:
+        """The whole-log tree at ``size`` records: its waiting nodes and the
+        leaves of its last tile; first, the tree of records that have none
+        yet (a ledger written before it existed)."""
+        chain = Chain(self.algorithm)
+        whole = size - size % TILE
+        async with self.engine.connect() as conn:
+            tiles = await conn.scalar(
+                select(func.count()).select_from(_TREE).where(_TREE.c.level == TILE_LEVEL)
+            )
+        covered = int(tiles or 0) * TILE
+        if covered < whole:
+            log.warning("building the whole-log tree of records %d..%d", covered + 1, whole)
+            tree = await self._tree_at(chain, covered)
+            while tree.size < whole:
+                end = min(whole, tree.size + _TREE_CATCH_UP_BATCH)
+                async with self.engine.begin() as conn:
+                    done = []
+                    for leaf in await self._leaves(conn, chain, tree.size + 1, end):
+                        done.extend(tree.add(leaf))
+                    await self._insert_nodes(conn, done)
+        return await self._tree_at(chain, size)
+
+    async def _tree_at(self, chain: Chain, size: int) -> LogTree:
+        whole = size - size % TILE
+        async with self.engine.connect() as conn:
+            frontier: dict[int, bytes] = {}
+            for level, idx in frontier_nodes(whole):
+                stored = await conn.scalar(
+                    select(_TREE.c.hash).where(_TREE.c.level == level, _TREE.c.idx == idx)
+                )
+                if stored is None:
+                    raise LedgerError(f"the whole-log tree lacks node {level}/{idx}: run 'pdg audit verify'")
+                frontier[level] = bytes.fromhex(stored)
+            tile = await self._leaves(conn, chain, whole + 1, size)
+        return LogTree(chain, size, tile, frontier)
+
+    @staticmethod
+    async def _leaves(conn: AsyncConnection, chain: Chain, first: int, last: int) -> list[bytes]:
+        """The leaf hashes of records ``first..last``, recomputed from their columns."""
+        if last < first:
+            return []
+        rows = await conn.execute(
+            select(_CALLS).where(_CALLS.c.seq.between(first, last)).order_by(_CALLS.c.seq)
+        )
+        leaves = [chain.leaf_hash(canonical(hashed(dict(row._mapping)))) for row in rows]
+        if len(leaves) != last - first + 1:
+            raise LedgerError(f"records {first}..{last} are not all in the ledger: run 'pdg audit verify'")
+        return leaves
+
+    async def _insert_nodes(self, conn: AsyncConnection, nodes: Sequence[tuple[int, int, bytes]]) -> None:
+        """Store completed tree nodes; one already stored (the same hash: the
+        tree is a function of the records) is left as it is."""
+        if not nodes:
+            return
+        statement = _insert_ignoring_duplicates(self.engine.dialect.name, _TREE)
+        await conn.execute(statement, [{"level": lv, "idx": idx, "hash": h.hex()} for lv, idx, h in nodes])
 
     async def _register_key(self, conn: AsyncConnection) -> None:
         known = await conn.scalar(select(LedgerKeyRow.key_id).where(LedgerKeyRow.key_id == self.key.kid))
@@ -245,6 +320,10 @@ class LedgerStore:
             rows: list[dict[str, Any]] = []
             now = datetime.now(UTC)
             checkpoints: list[Checkpoint] = []
+            tree = self.tree
+            if tree is None:
+                raise LedgerError("the ledger state is not loaded")
+            nodes: list[tuple[int, int, bytes]] = []
             for index, record in enumerate(fresh):
                 if index in cut_here and writer.pending:
                     # A partition ends at a checkpoint, so it verifies alone.
@@ -253,6 +332,7 @@ class LedgerStore:
                 # records as they were read.
                 row = {**record, "seq": writer.next_seq}
                 row["hash"] = writer.append(row).hex()
+                nodes.extend(tree.add(writer.last_leaf))
                 rows.append(row)
                 # Every N records exactly, however large the batch.
                 if writer.pending >= self.checkpoint_records:
@@ -260,6 +340,17 @@ class LedgerStore:
             if writer.pending and (force or self.checkpoint_due(now)):
                 checkpoints.append(writer.checkpoint(now).sign(self.private_key, self.key.kid))
             checkpoint = checkpoints[-1] if checkpoints else None
+            # The head of the whole-log tree is signed with the last checkpoint
+            # of the batch (witnesses need no more than the newest).
+            log_checkpoint = None
+            if checkpoint is not None and self.log_signer is not None:
+                head = LogCheckpoint(self.log_signer.name, tree.size, tree.root())
+                log_checkpoint = {
+                    "size": head.size,
+                    "root": head.root.hex(),
+                    "note": sign_note(head.text, self.log_signer),
+                    "created_at": now,
+                }
             values: dict[str, Any] = {
                 "next_seq": writer.next_seq,
                 "head": writer.head.hex(),
@@ -302,6 +393,9 @@ class LedgerStore:
                         for cp in checkpoints
                     ],
                 )
+            await self._insert_nodes(conn, nodes)
+            if log_checkpoint is not None:
+                await conn.execute(insert(_LOG_CHECKPOINTS), [log_checkpoint])
         if checkpoint is not None:
             self._last_checkpoint = now
         self.position = position
@@ -434,3 +528,10 @@ def sqlite_utc(value: datetime) -> str:
     driver's adapter."""
     require_utc(value, "a call record time")
     return value.isoformat(" ")[:-6]
+
+
+def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
+    """``INSERT`` that skips rows whose primary key is already there."""
+    if dialect == "postgresql":
+        return postgresql_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()

@@ -61,6 +61,7 @@ from ledger.audit.query import (
     parse_time,
 )
 from ledger.audit.verification import verify
+from ledger.audit.witness import b64, check_witnessed, consistency, inclusion, latest_checkpoint, tree_root
 from ledger.chain import rfc3339
 from ledger.segment import CHUNK, child_main
 
@@ -82,13 +83,18 @@ __all__ = [
     "VerifyReport",
     "archive",
     "atomic_write",
+    "b64",
     "check_proof",
+    "check_witnessed",
     "checkpoint_from_json",
     "child_main",
+    "consistency",
     "export",
     "find_calls",
     "get_call",
+    "inclusion",
     "key_id",
+    "latest_checkpoint",
     "load_public_key",
     "manifest_keys",
     "parse_int",
@@ -100,6 +106,7 @@ __all__ = [
     "read_public_keys",
     "rfc3339",
     "stored_keys",
+    "tree_root",
     "verify",
     "verify_export",
 ]
