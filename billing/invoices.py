@@ -73,6 +73,7 @@ from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, Invo
 from config.settings import Settings
 from core.errors import ConflictError, LedgerUnavailableError
 from core.money import E4, e4_text, fen_of_e4, fen_to_e4, parse_vat_rate, split, vat_of
+from ledger import admin_log
 from ledger.chain import rfc3339
 from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
@@ -550,6 +551,18 @@ async def _close(
     if invoices:
         await _copy_billed(conn, name, (usage_where, late_where))
     progress(4, STEPS)
+    await admin_log.record(
+        conn,
+        "billing.close",
+        name,
+        after={
+            "period": name,
+            "after_seq": after,
+            "through_seq": through,
+            "invoices": [invoice["id"] for invoice in invoices],
+            "subtotal_fen": sum(int(invoice["subtotal_fen"]) for invoice in invoices),
+        },
+    )
     return Closed(name, False, after, through, closed_at, invoices)
 
 

@@ -46,6 +46,7 @@ from billing.invoices import canonical
 from billing.models import BillingNoteRow, InvoiceRow
 from core.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
 from core.money import E4, allocate, vat_of
+from ledger import admin_log
 from ledger.chain import rfc3339
 from metering.periods import period_of
 
@@ -222,6 +223,7 @@ async def _issue(
             content=content.decode(),
         )
     )
+    await admin_log.record(conn, f"note.{kind}", note["id"], after=note)
     return note
 
 

@@ -1,5 +1,5 @@
-"""``pdg audit verify|trace|export|prove|check-proof|personal-digest|witness|log-key``: the
-auditor's commands, over the same service layer as the admin API (``ledger.audit``).
+"""``pdg audit verify|trace|export|prove|check-proof|personal-digest|witness|log-key|admin-log``:
+the auditor's commands, over the same service layer as the admin API (``ledger.audit``).
 
 ``verify`` exits 0 when the ledger (or an export, ``--export``) re-derives,
 and 1 with the first bad seq and its kind on stdout when it does not. Keys
@@ -102,9 +102,10 @@ def _file_keys(settings: Settings, args: argparse.Namespace) -> dict[str, ec.Ell
 
 
 async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger import audit
+    from ledger import admin_log, audit
 
     witnessed: str | None = None
+    admin: admin_log.AdminLogReport | None = None
     keys = _file_keys(settings, args)
     with progress_bar("verifying") as progress:
         if args.export:
@@ -118,16 +119,24 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
                     keys = {**await audit.stored_keys(engine), **keys}
                 report = await audit.verify(engine, keys, progress=progress, since=args.since)
                 witnessed = await _witnessed(engine, args.witness) if args.witness else None
+                admin = await admin_log.verify(engine)
     data = report.as_dict()
     problem = report.problem
     if problem is not None and problem.kind == "checkpoint" and "unknown key id" in problem.reason:
         data["problem"]["reason"] += " (give its public key with --public-key, or --trust-stored-keys)"
     text = _verify_text(data)
+    if admin is not None:
+        data["admin_log"] = admin.as_dict()
+        text += (
+            f"\nadmin log OK: {admin.entries:,} entries chained"
+            if admin.ok
+            else f"\nadmin log verification FAILED at entry {admin.problem_seq}: {admin.reason}"
+        )
     if args.witness and not args.export:
         data["witness"] = {"ok": witnessed is None, "problem": witnessed}
         text += f"\nwitness check {'FAILED: ' + witnessed if witnessed else 'OK'}"
     emit(args, data, text)
-    return 0 if report.ok and witnessed is None else 1
+    return 0 if report.ok and witnessed is None and (admin is None or admin.ok) else 1
 
 
 async def _witnessed(engine: AsyncEngine, path: str) -> str | None:
@@ -327,6 +336,18 @@ async def audit_check_proof(args: argparse.Namespace, settings: Settings) -> int
     return 0 if result.ok else 1
 
 
+async def audit_admin_log(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import admin_log
+
+    async with _engine(settings) as engine:
+        entries = await admin_log.read(engine, after=args.after, limit=args.limit)
+    lines = [f"{e['seq']:>6}  {e['at']}  {e['actor']}  {e['action']}  {e['target']}" for e in entries] or [
+        "no entries"
+    ]
+    emit(args, entries, "\n".join(lines))
+    return 0
+
+
 async def audit_personal_digest(args: argparse.Namespace, settings: Settings) -> int:
     from licensing.personal import PersonalDigest, read_key
 
@@ -397,6 +418,14 @@ def add_commands(sub: Any, common: Common) -> None:
     )
     add_witness_arguments(p)
     command("log-key", "print the vkey witnesses trust the log's checkpoints with", audit_log_key)
+
+    p = command(
+        "admin-log",
+        "the admin audit log: who changed what, when, before and after (pdg audit verify checks its chain)",
+        audit_admin_log,
+    )
+    p.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after this one")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
 
     p = command(
         "archive",

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
@@ -20,6 +23,7 @@ from cli import billing as cli_billing
 from cli import keys as cli_keys
 from cli import resources as cli_resources
 from config.settings import ConfigurationError, Settings, load_settings
+from core.actor import acting_as
 from core.errors import GatewayError
 from gateway import __version__
 
@@ -189,6 +193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with acting_as(f"cli:{_operator()}"):
+        return _run(args)
+
+
+def _operator() -> str:
+    """``user@host`` of whoever runs the command (for the admin audit log)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         if args.command == "serve":

@@ -48,7 +48,7 @@ from gateway.state import (
     TOKENS,
 )
 from gateway.throttle import client_address
-from ledger import audit
+from ledger import admin_log, audit
 from licensing import schemas
 from licensing.admin_tokens import AdminPrincipal
 from licensing.keys import FILE_KEYS, KeyInfo, KeyStore
@@ -446,6 +446,14 @@ async def list_calls(request: web.Request, principal: AdminPrincipal) -> web.Res
     return response
 
 
+async def list_admin_log(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """The admin audit log, oldest first; the next page is ``after=<seq of
+    the last entry>``."""
+    after = audit.parse_int(request.query.get("after", "0"), "after", 0, 2**62)
+    limit = audit.parse_int(request.query.get("limit", "100"), "limit", 1, audit.MAX_PAGE)
+    return _json(await admin_log.read(request.app[ENGINE], after=after, limit=limit))
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/datasets", list_datasets, "read", "List datasets", None, schemas.Dataset, True),
     Route(
@@ -635,6 +643,18 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("GET", "/calls/{id}", get_call, "read", "One call record, by call id", None, audit.CallRecord),
     Route(
+        "GET",
+        "/admin-log",
+        list_admin_log,
+        "audit:read",
+        "The admin audit log (who changed what, before and after), oldest first; "
+        "next page: after=<seq of the last one>",
+        None,
+        admin_log.AdminLogEntry,
+        True,
+        query=("after", "limit"),
+    ),
+    Route(
         "POST",
         "/billing/{period}/close",
         close_billing_period,
@@ -751,7 +771,8 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         principal = await admin_principal(request)
         principal.require(route.permission)
-        return _unmatchable(route, request) or await route.handler(request, principal)
+        with admin_log.acting_as(f"admin-token:{principal.token_id} ({principal.role})"):
+            return _unmatchable(route, request) or await route.handler(request, principal)
 
     return handler
 

@@ -167,3 +167,14 @@ class LogCheckpointRow(Base):
     root: Mapped[str] = mapped_column(String(64))
     note: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AdminLogRow(Base):
+    """One entry of the admin audit log (``ledger.admin_log``); never updated."""
+
+    __tablename__ = "admin_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: Canonical JSON of the entry (what is hashed, and all that is shown).
+    body: Mapped[str] = mapped_column(Text)
+    hash: Mapped[str] = mapped_column(String(64))

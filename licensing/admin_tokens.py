@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import AdminAuthError, ForbiddenError, ValidationFailedError
+from ledger import admin_log
 from licensing.models import AdminTokenRow, LicenseeRow
 from licensing.schemas import AdminTokenIn
 from licensing.secrets import hash_secret_async, new_secret, verify_secret_async
@@ -99,6 +100,17 @@ class AdminTokens:
                     else utcnow() + timedelta(seconds=data.expires_in_seconds),
                 )
             )
+            await session.flush()
+            await admin_log.record(
+                await session.connection(),
+                "admin-token.create",
+                token_id,
+                after={
+                    "role": data.role,
+                    "licensee_id": data.licensee_id,
+                    "expires_in_seconds": data.expires_in_seconds,
+                },
+            )
         return CreatedAdminToken(token_id, data.role, data.licensee_id, f"{PREFIX}_{token_id}_{secret}")
 
     async def revoke(self, token_id: str) -> bool:
@@ -107,6 +119,10 @@ class AdminTokens:
             if row is None or row.revoked_at is not None:
                 return False
             row.revoked_at = utcnow()
+            await session.flush()
+            await admin_log.record(
+                await session.connection(), "admin-token.revoke", token_id, after={"role": row.role}
+            )
         self._verified.pop(token_id, None)
         return True
 

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from config.settings import Settings
 from core import sm2
+from ledger import admin_log
 from licensing.models import SigningKeyRow
 from storage.db import utcnow
 
@@ -327,8 +328,10 @@ class KeyStore:
         key = generate_key(alg)
         async with self._sessions() as session, session.begin():
             now = utcnow()
+            retired = []
             for row in self._active_rows(list((await session.execute(select(SigningKeyRow))).scalars())):
                 row.retired_at = now
+                retired.append(row.kid)
             session.add(
                 SigningKeyRow(
                     kid=key.kid,
@@ -337,6 +340,14 @@ class KeyStore:
                     private_pem=self._seal(key),
                     activated_at=now,
                 )
+            )
+            await session.flush()
+            await admin_log.record(
+                await session.connection(),
+                "key.rotate",
+                key.kid,
+                before={"active": retired},
+                after={"active": key.kid, "alg": key.alg, "public_jwk": key.public_jwk},
             )
         return key
 

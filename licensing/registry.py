@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import ConflictError, NotFoundError, ValidationFailedError
 from core.money import e4_to_fen, fen_to_e4
+from ledger import admin_log
 from licensing import schemas
 from licensing.catalogue import current_version
 from licensing.ids import new_id
@@ -259,9 +260,28 @@ class Registry:
         if self._on_change is not None:
             await self._on_change()
 
-    async def _commit(self, session: AsyncSession, what: str) -> None:
+    async def _commit(
+        self,
+        session: AsyncSession,
+        what: str,
+        *,
+        action: str,
+        target: str,
+        before: Any = None,
+        after: Callable[[], Any] | None = None,
+    ) -> None:
+        """Commit the change with its admin-log entry (``ledger.admin_log``):
+        ``before`` as it was, ``after()`` read once the change is flushed."""
         try:
             await _bump(session)
+            await session.flush()
+            await admin_log.record(
+                await session.connection(),
+                action,
+                target,
+                before=before,
+                after=after() if after is not None else None,
+            )
             await session.commit()
         except IntegrityError as exc:
             await session.rollback()
@@ -277,7 +297,13 @@ class Registry:
             row.created_at = row.updated_at = now = utcnow()
             session.add(row)
             session.add(_terms_row(row, now))
-            await self._commit(session, f"dataset {data.id}")
+            await self._commit(
+                session,
+                f"dataset {data.id}",
+                action="dataset.create",
+                target=data.id,
+                after=lambda: dump(dataset_out(row)),
+            )
         await self._changed()
         return dataset_out(row)
 
@@ -287,6 +313,7 @@ class Registry:
             row = await session.get(DatasetRow, dataset_id)
             if row is None:
                 raise NotFoundError(f"no dataset {dataset_id}")
+            was = dump(dataset_out(row))
             before = _terms_of(row)
             _apply_dataset(row, patch)
             new_terms = _terms_of(row) != before
@@ -294,7 +321,14 @@ class Registry:
                 # A new version, in force from the next call on.
                 row.terms_version += 1
                 session.add(_terms_row(row, utcnow()))
-            await self._commit(session, f"dataset {dataset_id}")
+            await self._commit(
+                session,
+                f"dataset {dataset_id}",
+                action="dataset.update",
+                target=dataset_id,
+                before=was,
+                after=lambda: dump(dataset_out(row)),
+            )
             version = await current_version(session) if new_terms else None
         await self._changed()
         if version is not None and self._on_terms_change is not None:
@@ -346,7 +380,13 @@ class Registry:
             if await session.get(LicenseeRow, row.id) is not None:
                 raise ConflictError(f"licensee {row.id} already exists")
             session.add(row)
-            await self._commit(session, f"licensee {row.id}")
+            await self._commit(
+                session,
+                f"licensee {row.id}",
+                action="licensee.create",
+                target=row.id,
+                after=lambda: dump(licensee_out(row)),
+            )
         return licensee_out(row)
 
     async def get_licensee(self, licensee_id: str) -> schemas.Licensee:
@@ -393,7 +433,13 @@ class Registry:
             if await session.get(LicenceRow, row.id) is not None:
                 raise ConflictError(f"licence {row.id} already exists")
             session.add(row)
-            await self._commit(session, f"licence {row.id}")
+            await self._commit(
+                session,
+                f"licence {row.id}",
+                action="licence.issue",
+                target=row.id,
+                after=lambda: dump(licence_out(row)),
+            )
         await self._changed()
         return licence_out(row)
 
@@ -426,6 +472,7 @@ class Registry:
                 raise NotFoundError(f"no licence {licence_id}")
             if row.status == "revoked":
                 raise ConflictError(f"licence {licence_id} is revoked; it changes no more")
+            was = dump(licence_out(row))
             if patch.datasets is not None:
                 await _check_grants(session, patch.datasets)
             valid_until = patch.valid_until if "valid_until" in fields else None
@@ -450,7 +497,14 @@ class Registry:
             if "paid" in fields:
                 row.paid_credit_limit_fen = patch.paid.credit_limit_fen if patch.paid else None
                 row.paid_prepaid_calls = patch.paid.prepaid_calls if patch.paid else None
-            await self._commit(session, f"licence {licence_id}")
+            await self._commit(
+                session,
+                f"licence {licence_id}",
+                action="licence.update",
+                target=licence_id,
+                before=was,
+                after=lambda: dump(licence_out(row)),
+            )
         await self._changed()
         return licence_out(row)
 
@@ -470,8 +524,16 @@ class Registry:
             }[action]
             if row.status not in allowed:
                 raise ConflictError(f"licence {licence_id} is {row.status}; it cannot be {target}")
+            was = dump(licence_out(row))
             row.status = target
-            await self._commit(session, f"licence {licence_id}")
+            await self._commit(
+                session,
+                f"licence {licence_id}",
+                action=f"licence.{action}",
+                target=licence_id,
+                before=was,
+                after=lambda: dump(licence_out(row)),
+            )
         await self._changed()
         return licence_out(row)
 
@@ -494,7 +556,9 @@ class Registry:
             if await session.get(AppRow, row.id) is not None:
                 raise ConflictError(f"app {row.id} already exists")
             session.add(row)
-            await self._commit(session, f"app {row.id}")
+            await self._commit(
+                session, f"app {row.id}", action="app.create", target=row.id, after=lambda: dump(app_out(row))
+            )
         await self._changed()
         return app_out(row, client_secret=secret)
 
@@ -529,12 +593,20 @@ class Registry:
                 raise NotFoundError(f"no app {app_id}")
             if row.secret_hash is None:
                 raise ConflictError(f"app {app_id} authenticates with private_key_jwt; it has no secret")
+            was = dump(app_out(row))
             row.previous_secret_hash = row.secret_hash if overlap_seconds > 0 else None
             row.previous_secret_until = (
                 utcnow() + timedelta(seconds=overlap_seconds) if overlap_seconds else None
             )
             row.secret_hash = secret_hash
-            await self._commit(session, f"app {app_id}")
+            await self._commit(
+                session,
+                f"app {app_id}",
+                action="app.rotate-secret",
+                target=app_id,
+                before=was,
+                after=lambda: dump(app_out(row)),
+            )
         await self._changed()
         return app_out(row, client_secret=secret)
 
@@ -544,8 +616,16 @@ class Registry:
             row = await session.get(AppRow, app_id)
             if row is None:
                 raise NotFoundError(f"no app {app_id}")
+            was = dump(app_out(row))
             row.enabled = enabled
-            await self._commit(session, f"app {app_id}")
+            await self._commit(
+                session,
+                f"app {app_id}",
+                action="app.enable" if enabled else "app.disable",
+                target=app_id,
+                before=was,
+                after=lambda: dump(app_out(row)),
+            )
         await self._changed()
         return app_out(row)
 
