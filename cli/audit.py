@@ -106,6 +106,8 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     witnessed: str | None = None
     admin: admin_log.AdminLogReport | None = None
+    if args.witness and args.export:
+        raise BadRequestError("--witness checks the ledger in the database, not an export")
     keys = _file_keys(settings, args)
     with progress_bar("verifying") as progress:
         if args.export:
@@ -373,6 +375,27 @@ def _seq(value: str) -> int:
     return number
 
 
+def _after(value: str) -> int:
+    number = _whole(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("SEQ is 0 or more")
+    return number
+
+
+def _limit(value: str) -> int:
+    number = _whole(value)
+    if not 1 <= number <= 1000:
+        raise argparse.ArgumentTypeError("between 1 and 1000")
+    return number
+
+
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
 def add_commands(sub: Any, common: Common) -> None:
     command = command_group(sub, "audit", "verify, trace, export and prove the call record", common)
 
@@ -424,8 +447,8 @@ def add_commands(sub: Any, common: Common) -> None:
         "the admin audit log: who changed what, when, before and after (pdg audit verify checks its chain)",
         audit_admin_log,
     )
-    p.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after this one")
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--after", type=_after, default=0, metavar="SEQ", help="entries after this one")
+    p.add_argument("--limit", type=_limit, default=100, help="at most this many (default 100, at most 1000)")
 
     p = command(
         "archive",

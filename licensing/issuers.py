@@ -10,11 +10,12 @@ Fetching
   loopback).
 - One GET, no redirects, no proxy from the environment, at most
   ``MAX_DOCUMENT_BYTES`` of JSON within ``FETCH_TIMEOUT_SECONDS``.
-- A JWK is kept only if it is public (no private members), for signatures
-  (``use`` absent or ``sig``; ``key_ops`` absent or holding ``verify``), has
-  a ``kid``, fits at least one of the issuer's ``algorithms`` (its own
-  ``alg``, if any, among them) and, for RSA, has 2048 bits or more. The others
-  are skipped and logged by kid.
+- Keys are imported with joserfc (authlib's JOSE half). A JWK is kept only
+  if it is public (no private members), for signatures (``use`` absent or
+  ``sig``; ``key_ops`` absent or holding ``verify``), has a ``kid``, fits at
+  least one of the issuer's ``algorithms`` (its own ``alg``, if any, among
+  them) and, for RSA, has 2048 bits or more. The others are skipped and
+  logged by kid.
 
 Caching, and failing closed
 - Keys are used for ``cache_seconds`` after they were fetched, refreshed in
@@ -39,9 +40,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
 
 from config.settings import TrustedIssuer
 from licensing.clients import MIN_RSA_BITS, algorithms_for
@@ -136,10 +138,16 @@ def usable_keys(jwks: Mapping[str, Any], algorithms: tuple[str, ...], issuer: st
             log.warning("skipping key %r of issuer %s: not a usable public signing key", kid, issuer)
             continue
         try:
-            key = jwt.PyJWK(jwk, algorithm=fits[0]).key
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            # authlib's JOSE half (joserfc) imports and checks the JWK; pyjwt
+            # verifies with the key object it holds.
+            imported = JWKRegistry.import_key(jwk)
+        except (JoseError, ValueError, TypeError, KeyError):
             log.warning("skipping key %r of issuer %s: it cannot be imported", kid, issuer)
             continue
+        if imported.is_private:
+            log.warning("skipping key %r of issuer %s: it is a private key", kid, issuer)
+            continue
+        key = imported.raw_value
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
             log.warning("skipping key %r of issuer %s: RSA shorter than %d bits", kid, issuer, MIN_RSA_BITS)
             continue
