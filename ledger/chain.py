@@ -261,10 +261,16 @@ class Chain:
         self, leaf_data: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
     ) -> bool:
         """RFC 9162 §2.1.3.2 (the RFC 6962 audit-path check, spelled out)."""
+        return self.verify_leaf_inclusion(self.leaf_hash(leaf_data), index, tree_size, proof, root)
+
+    def verify_leaf_inclusion(
+        self, leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+    ) -> bool:
+        """:meth:`verify_inclusion` for a leaf already hashed."""
         if not 0 <= index < tree_size or any(len(p) != DIGEST_SIZE for p in proof):
             return False
         fn, sn = index, tree_size - 1
-        r = self.leaf_hash(leaf_data)
+        r = leaf
         for p in proof:
             if sn == 0:
                 return False

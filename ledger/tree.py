@@ -200,26 +200,3 @@ def verify_consistency(
         fn >>= 1
         sn >>= 1
     return sn == 0 and hmac.compare_digest(fr, old_root) and hmac.compare_digest(sr, new_root)
-
-
-def verify_inclusion_of_leaf(
-    chain: Chain, leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
-) -> bool:
-    """RFC 9162 §2.1.3.2 for a leaf hash (``Chain.verify_inclusion`` takes the
-    leaf's data)."""
-    if not 0 <= index < size or any(len(p) != DIGEST_SIZE for p in proof):
-        return False
-    fn, sn, r = index, size - 1, leaf
-    for p in proof:
-        if sn == 0:
-            return False
-        if fn & 1 or fn == sn:
-            r = chain.node_hash(p, r)
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            r = chain.node_hash(r, p)
-        fn >>= 1
-        sn >>= 1
-    return sn == 0 and hmac.compare_digest(r, root)

@@ -36,7 +36,6 @@ from ledger.tree import (
     inclusion_ranges,
     subtree_hash,
     verify_consistency,
-    verify_inclusion_of_leaf,
 )
 from licensing.keys import load_or_create_signing_key
 from licensing.schemas import AdminTokenIn
@@ -117,8 +116,8 @@ def test_proofs_are_the_rfc_s_and_verify() -> None:
         for m in sorted({0, n - 1, n // 2, n // 3}):
             got = [subtree_hash(SHA, a, b, node) for a, b in inclusion_ranges(m, n)]
             assert got == path(m, leaves[:n]), (m, n)
-            assert verify_inclusion_of_leaf(SHA, leaves[m], m, n, got, root)
-            assert not verify_inclusion_of_leaf(SHA, h(leaves[m]), m, n, got, root)
+            assert SHA.verify_leaf_inclusion(leaves[m], m, n, got, root)
+            assert not SHA.verify_leaf_inclusion(h(leaves[m]), m, n, got, root)
         for m in sorted({1, n // 2 or 1, n - 1 or 1, n}):
             proof = [subtree_hash(SHA, a, b, node) for a, b in consistency_ranges(m, n)]
             assert proof == subproof(m, leaves[:n], True), (m, n)
@@ -312,7 +311,7 @@ async def test_a_witness_catches_a_rollback_and_a_fork_that_verify_alone_does_no
     leaf = SHA.leaf_hash(canonical(hashed(dict(row._mapping))))
     root = Checkpoint.parse(open_note(proof["checkpoint"], Verifier.parse(vkey))).root
     path_ = [base64.b64decode(p) for p in proof["path"]]
-    assert verify_inclusion_of_leaf(SHA, leaf, 256, 550, path_, root)
+    assert SHA.verify_leaf_inclusion(leaf, 256, 550, path_, root)
 
     # A consistent rollback, as restoring an old snapshot does: verify alone passes ...
     await wipe_after(world, 400)
@@ -368,7 +367,7 @@ async def test_the_proof_of_a_call_carries_its_place_in_the_whole_log_tree(
         assert tree["leaf_index"] == seq - 1
         leaf = SHA.leaf_hash(audit_bytes(proof["record"]))
         path_ = [base64.b64decode(p) for p in tree["path"]]
-        assert verify_inclusion_of_leaf(SHA, leaf, seq - 1, head.size, path_, head.root)
+        assert SHA.verify_leaf_inclusion(leaf, seq - 1, head.size, path_, head.root)
 
 
 def audit_bytes(public_record: dict[str, Any]) -> bytes:
