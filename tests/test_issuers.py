@@ -218,9 +218,12 @@ async def test_discovery_and_rotation_refetch_an_unknown_kid_at_most_once_per_in
     forged_kids = [
         idp.token(aud, claims=claims, header={"kid": f"made-up-{n}"}, kid=idp.current) for n in range(25)
     ]
+    started = time.monotonic()
     for forged in forged_kids:
         await refused(world, f"/data/{ds['id']}/a", forged, 401, "invalid-token")
-    assert idp.fetches - before <= 1, idp.fetches - before
+    # One fetch per 2-second interval the 25 calls spanned, however many kids.
+    allowed = 1 + int((time.monotonic() - started) // 2)
+    assert idp.fetches - before <= allowed < 25, (idp.fetches - before, allowed)
 
     # The issuer rotates: a token of the new key is taken at once (its kid
     # refetches), and a token of the old key still verifies while published.
