@@ -262,7 +262,7 @@ async def revocation_endpoint(request: web.Request) -> web.Response:
     refused on every replica from the next refresh on (at once here). The
     answer is 200 whether or not there was such a token."""
     form = await _form(request)
-    client, _ = await _client(request, form, request.app[CATALOGUE].fresh())
+    client, _ = await _client(request, form, await request.app[CATALOGUE].confirm())
     claims = await _own_token(request, form, client)
     if claims is not None:
         await request.app[REVOCATIONS].revoke(claims.token_id, claims.expires_at)
@@ -274,7 +274,7 @@ async def introspection_endpoint(request: web.Request) -> web.Response:
     may introspect the tokens of its own licensee; any other token, an
     expired, revoked or forged one, is ``{"active": false}``."""
     form = await _form(request)
-    client, _ = await _client(request, form, request.app[CATALOGUE].fresh())
+    client, _ = await _client(request, form, await request.app[CATALOGUE].confirm())
     claims = await _own_token(request, form, client)
     body: dict[str, object] = {"active": False}
     if claims is not None:
@@ -301,7 +301,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     try:
         form = await _form(request)
-        catalogue = app[CATALOGUE].fresh()
+        catalogue = await app[CATALOGUE].confirm()
         client, method = await _client(request, form, catalogue)
         if "grant_type" not in form:
             raise BadRequestError("grant_type is missing", error="invalid_request")

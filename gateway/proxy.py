@@ -190,6 +190,8 @@ async def authenticate(request: web.Request) -> AccessClaims:
     never forwarded)."""
     app = request.app
     scheme, token = _credentials(request)
+    if app[CATALOGUE].stale:  # behind its poll: confirm the view before serving on it
+        await app[CATALOGUE].confirm()
     claims = await app[TOKENS].verify(token)
     if scheme == "bearer":
         if claims.jkt is not None:

@@ -391,6 +391,8 @@ class CatalogueCache:
         self.database_lost_at: float | None = None
         #: How long data calls go on from this view without the database.
         self.degraded_max_seconds = degraded_max_seconds
+        #: The poll a stale view's callers wait on (:meth:`confirm`).
+        self._confirming: asyncio.Future[None] | None = None
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -463,6 +465,25 @@ class CatalogueCache:
                     if await self._mirror.loaded_everywhere(version):
                         return
             await asyncio.sleep(0.05)
+
+    @property
+    def stale(self) -> bool:
+        """The view's last confirmation is too old to serve on (:meth:`fresh`
+        would refuse): :meth:`confirm` first."""
+        return time.monotonic() - self.confirmed_at > self.max_age
+
+    async def confirm(self) -> Catalogue:
+        """:meth:`fresh`, after one poll of this caller's own when the view is
+        stale (one poll, bounded like the background one, shared by every
+        caller that finds it stale meanwhile). A process that fell behind its
+        background poll (a starved machine) serves again as soon as the
+        database confirms its view; one that cannot confirm it refuses."""
+        if self.stale:
+            if self._confirming is None or self._confirming.done():
+                self._confirming = asyncio.ensure_future(self._poll_once())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._confirming)
+        return self.fresh()
 
     def fresh(self) -> Catalogue:
         """The current view, if it was confirmed recently enough to apply the

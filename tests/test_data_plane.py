@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.state import REDIS, TOKENS
+from gateway.state import CATALOGUE, REDIS, TOKENS
 from tests.conftest import PG_URL, Backend, World, free_port
 from tests.test_path_escape import raw_request
 
@@ -768,3 +768,16 @@ async def test_request_body_limit(world_factory: WorldFactory) -> None:
         check_problem(resp.status, await resp.json(content_type=None), resp, 413, "request-too-large")
     await asyncio.sleep(0.1)
     assert len(world.upstream.seen) == before, world.upstream.seen[before:]
+
+
+async def test_a_view_left_behind_by_a_starved_poll_is_confirmed_before_it_serves(world: World) -> None:
+    """A process that fell behind its background poll (a starved machine)
+    confirms its view with the database before it serves on it, rather than
+    refusing a call it can check; the confirmation is what makes it current."""
+    ds, _lic, _app, token = await world.licensed()
+    cache = world.app[CATALOGUE]
+    cache.confirmed_at -= 30  # as if no poll had run for half a minute
+    assert cache.stale
+    status, body, _ = await world.call(f"/data/{ds['id']}/x", token)
+    assert status == 200, body
+    assert not cache.stale

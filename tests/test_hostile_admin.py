@@ -59,6 +59,7 @@ ROLE_FOR = {
     "keys:write": "licence-admin",
     "billing:write": "finance",
     "billing:reconcile": "finance",
+    "audit:read": "auditor",
 }
 
 #: Headers aiohttp's HTTP parser reads itself: a malformed one gets the HTTP
@@ -96,7 +97,8 @@ async def seeded(world: World) -> tuple[dict[str, str], dict[str, str]]:
     assert len(await records_of(world, 3)) == 3
     clock.now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     finance = await world.app[ADMIN_TOKENS].create(AdminTokenIn(role="finance"))
-    tokens = {"licence-admin": world.admin_token, "finance": finance.token}
+    auditor = await world.app[ADMIN_TOKENS].create(AdminTokenIn(role="auditor"))
+    tokens = {"licence-admin": world.admin_token, "finance": finance.token, "auditor": auditor.token}
     headers = {"Authorization": f"Bearer {finance.token}"}
     async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
         closed = await resp.json()
