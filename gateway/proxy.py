@@ -86,10 +86,12 @@ from core.errors import (
     GatewayError,
     InvalidTokenError,
     LedgerUnavailableError,
+    LicenceError,
     QuotaUnavailableError,
     RequestTooLargeError,
     SenderConstraintError,
     TokenRequiredError,
+    UnknownDatasetError,
     UpstreamUnavailableError,
 )
 from gateway import charging
@@ -336,6 +338,21 @@ def _authorize(request: web.Request, claims: AccessClaims, call: Call | None = N
     return grant, rest
 
 
+async def _authorized(
+    request: web.Request, claims: AccessClaims, call: Call | None = None
+) -> tuple[Grant, str]:
+    """:func:`_authorize`; a refusal by the licence rules first reloads the
+    view (bounded in rate) when it may lack what the token names — an app,
+    licence or dataset made through another replica or worker a moment ago —
+    and the rules run again on the reloaded view."""
+    try:
+        return _authorize(request, claims, call)
+    except (InvalidTokenError, LicenceError, UnknownDatasetError):
+        if not await request.app[CATALOGUE].reload_for_unknown():
+            raise
+    return _authorize(request, claims, call)
+
+
 def _with_challenge(error: GatewayError) -> GatewayError:
     """Every 401 of the data plane carries a challenge (RFC 6750 §3)."""
     if isinstance(error, AuthenticationError) and "WWW-Authenticate" not in error.headers:
@@ -369,7 +386,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         raise
     try:
         try:
-            grant, rest = _authorize(request, claims, call)
+            grant, rest = await _authorized(request, claims, call)
             dataset_label = grant.dataset.id
             call.authorised(grant)
             key = charging.idempotency_key(request)
@@ -439,7 +456,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         )
     try:
         claims = await authenticate(request)
-        _authorize(request, claims)
+        await _authorized(request, claims)
         limit = request.app[SETTINGS].proxy.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise RequestTooLargeError(f"the request body exceeds {limit} bytes")

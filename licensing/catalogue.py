@@ -366,6 +366,8 @@ class CatalogueCache:
 
     #: DESIGN §7: licence changes reach every replica within this many seconds.
     PROMISE_SECONDS = 2.0
+    #: Reloads before refusing something unknown happen at most this often.
+    UNKNOWN_RELOAD_SECONDS = 0.5
 
     def __init__(
         self,
@@ -393,6 +395,9 @@ class CatalogueCache:
         self.degraded_max_seconds = degraded_max_seconds
         #: The poll a stale view's callers wait on (:meth:`confirm`).
         self._confirming: asyncio.Future[None] | None = None
+        #: The reload callers refused for something unknown wait on.
+        self._unknown_reload: asyncio.Future[None] | None = None
+        self._unknown_reloaded_at = -self.UNKNOWN_RELOAD_SECONDS
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -465,6 +470,27 @@ class CatalogueCache:
                     if await self._mirror.loaded_everywhere(version):
                         return
             await asyncio.sleep(0.05)
+
+    async def reload_for_unknown(self) -> bool:
+        """Before a call is refused for something the view lacks (an app,
+        licence or dataset made a moment ago through another replica or
+        worker): reload it, at most once per ``UNKNOWN_RELOAD_SECONDS`` (one
+        reload shared by every caller that waits, none waited for past that);
+        whether the view changed."""
+        before = self.current.version
+        if self._unknown_reload is None or self._unknown_reload.done():
+            if time.monotonic() - self._unknown_reloaded_at < self.UNKNOWN_RELOAD_SECONDS:
+                return False
+            self._unknown_reloaded_at = time.monotonic()
+            self._unknown_reload = asyncio.ensure_future(self._reload_if_changed())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._unknown_reload)
+        return self.current.version != before
+
+    async def _reload_if_changed(self) -> None:
+        version = await within(self._read_version(), self.max_age / 4)
+        if version != self.current.version:
+            await self.reload()
 
     @property
     def stale(self) -> bool:

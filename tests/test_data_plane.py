@@ -781,3 +781,29 @@ async def test_a_view_left_behind_by_a_starved_poll_is_confirmed_before_it_serve
     status, body, _ = await world.call(f"/data/{ds['id']}/x", token)
     assert status == 200, body
     assert not cache.stale
+
+
+async def test_what_another_replica_made_a_moment_ago_is_served_at_once(
+    world_factory: Callable[..., Awaitable[World]],
+) -> None:
+    """A token for an app, licence and dataset made through one replica is
+    served by another at once: its view is reloaded (at most twice a second)
+    before a call is refused for something it lacks, long before its own poll."""
+    one = await world_factory()
+    two = await world_factory(server__catalogue_refresh_seconds=30)
+    await asyncio.sleep(0.6)  # past any reload the start made
+    ds, _lic, app, token = await one.licensed()
+    assert app["client_id"] not in two.app[CATALOGUE].current.apps
+    status, body, _ = await two.call(f"/data/{ds['id']}/x", token)
+    assert status == 200, body
+    # Something that exists nowhere is still refused.
+    nobody = two.app[TOKENS].issue(
+        app_id="app-nobody",
+        licensee_id="lic-nobody",
+        licence_id="lcn-nobody",
+        purpose="public-interest",
+        datasets=[ds["id"]],
+    )[0]
+    await asyncio.sleep(0.6)
+    status, body, resp = await two.call(f"/data/{ds['id']}/x", nobody)
+    check_problem(status, body, resp, 401, "invalid-token")
