@@ -9,6 +9,7 @@ stable ``code`` of DESIGN §3.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,16 @@ def call_id_of(request: web.Request) -> str:
         call_id = new_call_id()
         request[REQUEST_CALL_ID] = call_id
     return call_id
+
+
+#: An ``X-Request-Id`` passed on (and recorded) as the caller sent it; any
+#: other is replaced by the call id.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id(request: web.Request, call_id: str) -> str:
+    incoming = request.headers.get("X-Request-Id", "")
+    return incoming if REQUEST_ID.match(incoming) else call_id
 
 
 def problem_response(
@@ -143,9 +154,13 @@ SERVER_NAME = "pdg"
 
 
 async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: replace aiohttp's ``Server: Python/… aiohttp/…``."""
+    """``on_response_prepare``: replace aiohttp's ``Server: Python/… aiohttp/…``,
+    and echo the request id on every response: the caller's ``X-Request-Id``
+    when it is well-formed (what the data plane passes upstream and records),
+    else the call id (an upstream's own is replaced)."""
     if response.headers.get("Server") == SERVER_SOFTWARE:
         response.headers["Server"] = SERVER_NAME
+    response.headers["X-Request-Id"] = request_id(request, call_id_of(request))
 
 
 _HTTP_LAYER_DETAIL = {

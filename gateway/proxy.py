@@ -98,7 +98,7 @@ from gateway import charging
 from gateway.access_log import RECORD
 from gateway.call import Call
 from gateway.counting import RecordCounter
-from gateway.problems import call_id_of, problem_response, render
+from gateway.problems import call_id_of, problem_response, render, request_id
 from gateway.state import CALLS, CATALOGUE, CLOCK, DPOP, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
 from gateway.throttle import trusted_peer
 from gateway.upstreams import Pool
@@ -258,16 +258,6 @@ def upstream_path(raw_path: str) -> tuple[str, str]:
             raise BadRequestError(_BAD_PATH)
     path = "/".join(rest)
     return dataset, path + (sep + query if sep else "")
-
-
-#: An ``X-Request-Id`` passed on (and recorded) as the caller sent it; any
-#: other is replaced by the call id.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-
-
-def request_id(request: web.Request, call_id: str) -> str:
-    incoming = request.headers.get("X-Request-Id", "")
-    return incoming if REQUEST_ID.match(incoming) else call_id
 
 
 def _forward_headers(

@@ -807,3 +807,28 @@ async def test_what_another_replica_made_a_moment_ago_is_served_at_once(
     await asyncio.sleep(0.6)
     status, body, resp = await two.call(f"/data/{ds['id']}/x", nobody)
     check_problem(status, body, resp, 401, "invalid-token")
+
+
+async def test_every_response_carries_the_request_id(world: World) -> None:
+    """``X-Request-Id`` is echoed on every response: the caller's when it is
+    well-formed (the one the upstream saw and the record keeps), else the
+    call id; never what an upstream says."""
+    ds, _lic, _app, token = await world.licensed()
+    status, _body, resp = await world.call(f"/data/{ds['id']}/x", token, headers={"X-Request-Id": "order-42"})
+    assert status == 200
+    assert resp.headers["X-Request-Id"] == "order-42"
+    seen = {name.lower(): value for name, value in world.upstream.last["headers"].items()}
+    assert seen["x-request-id"] == "order-42", seen
+    for sent in (None, "has spaces in it", "x" * 200):
+        headers = {"X-Request-Id": sent} if sent else {}
+        status, _body, resp = await world.call(f"/data/{ds['id']}/x", token, headers=headers)
+        assert status == 200
+        assert resp.headers["X-Request-Id"] == resp.headers["X-Call-Id"], sent
+    # Refusals, the admin API, the token endpoint, health: all of them.
+    status, _body, resp = await world.call(f"/data/{ds['id']}/x", None, headers={"X-Request-Id": "r-1"})
+    assert (status, resp.headers["X-Request-Id"]) == (401, "r-1")
+    for method, path in (("GET", "/admin/v1/datasets"), ("POST", "/oauth/token"), ("GET", "/healthz")):
+        async with world.client.request(method, path, headers={"X-Request-Id": "r-2", **world.admin}) as resp:
+            assert resp.headers["X-Request-Id"] == "r-2", path
+        async with world.client.request(method, path) as resp:
+            assert len(resp.headers["X-Request-Id"]) >= 16, path
