@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import socket
@@ -80,6 +81,14 @@ def build_parser() -> OneLineParser:
     cur.add_argument("--json", action="store_true", help="machine-readable output")
     cur.set_defaults(run=_db_current)
 
+    config = sub.add_parser("config", help="the effective settings")
+    config_sub = config.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    config_sub.required = True
+    show = config_sub.add_parser("show", help="print the effective settings, secrets masked")
+    _common(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(run=_config_show)
+
     cli_resources.add_commands(sub, _common)
     cli_audit.add_commands(sub, _common)
     cli_billing.add_commands(sub, _common)
@@ -96,6 +105,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     config = getattr(args, "config", None) or getattr(args, "global_config", None)
     return load_settings(config, overrides=overrides)
+
+
+async def _config_show(args: argparse.Namespace, settings: Settings) -> int:
+    """The settings from the file, ``PDG_*`` variables (or their ``_FILE``
+    forms) and flags, as the gateway would run with them; secrets masked."""
+    from config.settings import masked
+
+    tree = masked(settings)
+    lines: list[str] = []
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            lines.append(f"{section} = {json.dumps(values, ensure_ascii=False)}")
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in values.items())
+    cli_resources.emit(args, tree, "\n".join(lines))
+    return 0
 
 
 async def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:

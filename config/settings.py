@@ -497,6 +497,48 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _from_file(env: Mapping[str, str], name: str) -> str:
+    """``{name}_FILE``: the value of ``name`` read from a file (a mounted
+    secret), without its trailing newline; not both."""
+    if name in env:
+        raise ConfigurationError(f"set {name} or {name}_FILE, not both")
+    path = Path(env[f"{name}_FILE"]).expanduser()
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigurationError(f"cannot read {name}_FILE {path}: {reason}") from exc
+
+
+#: Settings whose values are secrets (``pdg config show`` masks them).
+SECRETS: frozenset[str] = frozenset(
+    {"tokens.key_passphrase", "server.metrics_token", "storage.database_url", "storage.redis_url"}
+)
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets masked: a passphrase or
+    token as ``***`` (when set), a URL's password as ``***``."""
+    tree: dict[str, Any] = settings.model_dump(mode="json")
+    for dotted in SECRETS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        value = node.get(leaf)
+        if not value:
+            continue
+        if "url" not in leaf:
+            node[leaf] = "***"
+            continue
+        parts = urlsplit(str(value))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = parts.username or ""
+            node[leaf] = parts._replace(netloc=f"{user}:***@{host}").geturl()
+    return tree
+
+
 def load_settings(
     config_file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -519,7 +561,7 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
     for name, dotted in ENVIRONMENT.items():
-        raw = env.get(name)
+        raw = _from_file(env, name) if f"{name}_FILE" in env else env.get(name)
         if raw is None:
             continue
         value: Any = [p.strip() for p in raw.split(",") if p.strip()] if dotted in _LISTS else raw

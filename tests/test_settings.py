@@ -145,3 +145,44 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(env={})
     with pytest.raises(ValueError, match="frozen"):
         settings.server.port = 1  # type: ignore[misc]
+
+
+def test_a_setting_can_come_from_a_file(tmp_path: Path) -> None:
+    """``PDG_…_FILE``: a mounted secret, its trailing newline dropped."""
+    secret = tmp_path / "db-url"
+    secret.write_text("postgresql+asyncpg://pdg:s3cret@db:5432/pdg\n")
+    settings = load_settings(env={"PDG_DATABASE_URL_FILE": str(secret)})
+    assert settings.storage.database_url == "postgresql+asyncpg://pdg:s3cret@db:5432/pdg"
+    with pytest.raises(ConfigurationError, match="not both"):
+        load_settings(env={"PDG_DATABASE_URL_FILE": str(secret), "PDG_DATABASE_URL": "sqlite+aiosqlite://"})
+    with pytest.raises(ConfigurationError, match="cannot read PDG_METRICS_TOKEN_FILE"):
+        load_settings(env={"PDG_METRICS_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_config_show_masks_every_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import os
+    from unittest import mock
+
+    from cli.main import main
+
+    token = tmp_path / "metrics-token"
+    token.write_text("m3tr1cs-t0ken")
+    env = {
+        "PDG_DATABASE_URL": "postgresql+asyncpg://pdg:db-pa55@db:5432/pdg",
+        "PDG_REDIS_URL": "redis://:r3dis-pa55@cache:6379/0",
+        "PDG_KEY_PASSPHRASE": "k3y-pa55phrase",
+        "PDG_METRICS_TOKEN_FILE": str(token),
+        "PDG_PORT": "9000",
+    }
+    with mock.patch.dict(os.environ, env):
+        assert main(["config", "show", "--json"]) == 0
+    out = capsys.readouterr().out
+    for secret in ("db-pa55", "r3dis-pa55", "k3y-pa55phrase", "m3tr1cs-t0ken"):
+        assert secret not in out
+    shown = json.loads(out)
+    assert shown["server"]["port"] == 9000
+    assert shown["storage"]["database_url"] == "postgresql+asyncpg://pdg:***@db:5432/pdg"
+    assert shown["storage"]["redis_url"] == "redis://:***@cache:6379/0"
+    assert shown["tokens"]["key_passphrase"] == "***"
+    assert shown["server"]["metrics_token"] == "***"
