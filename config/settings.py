@@ -8,6 +8,7 @@ This module imports nothing of the project's own.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -497,6 +498,24 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+#: ``PDG_*`` names of the tools around pdg (its test suite, contract checks).
+_TOOLS = ("PDG_TEST_", "PDG_BIN")
+
+
+def _refuse_near_misses(env: Mapping[str, str]) -> None:
+    """A ``PDG_*`` variable that is not a setting but nearly spells one (or
+    its ``_FILE`` form) is a mistake that would be silently ignored: refuse
+    it, naming the setting meant. Other ``PDG_*`` names are left to the tools
+    around pdg (``PDG_BIN``, ``PDG_TEST_*``)."""
+    known = [*ENVIRONMENT, *(f"{name}_FILE" for name in ENVIRONMENT), "PDG_CONFIG"]
+    for name in sorted(env):
+        if not name.startswith("PDG_") or name in known or name.startswith(_TOOLS):
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if near:
+            raise ConfigurationError(f"unknown variable {name}: did you mean {near[0]}?")
+
+
 def _from_file(env: Mapping[str, str], name: str) -> str:
     """``{name}_FILE``: the value of ``name`` read from a file (a mounted
     secret), without its trailing newline; not both."""
@@ -560,6 +579,7 @@ def load_settings(
             raise ConfigurationError(f"config file not found: {path}") from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
+    _refuse_near_misses(env)
     for name, dotted in ENVIRONMENT.items():
         raw = _from_file(env, name) if f"{name}_FILE" in env else env.get(name)
         if raw is None:

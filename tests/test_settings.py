@@ -186,3 +186,17 @@ def test_config_show_masks_every_secret(tmp_path: Path, capsys: pytest.CaptureFi
     assert shown["storage"]["redis_url"] == "redis://:***@cache:6379/0"
     assert shown["tokens"]["key_passphrase"] == "***"
     assert shown["server"]["metrics_token"] == "***"
+
+
+def test_a_misspelt_variable_is_refused_naming_the_setting_meant() -> None:
+    for wrong, meant in (
+        ("PDG_DATABSE_URL", "PDG_DATABASE_URL"),
+        ("PDG_WORKER", "PDG_WORKERS"),
+        ("PDG_REDISURL", "PDG_REDIS_URL"),
+        ("PDG_METRICS_TOKEN_FIEL", "PDG_METRICS_TOKEN_FILE"),
+    ):
+        with pytest.raises(ConfigurationError, match=f"unknown variable {wrong}: did you mean {meant}"):
+            load_settings(env={wrong: "x"})
+    # The names of the tools around pdg, and names nothing like a setting, pass.
+    settings = load_settings(env={"PDG_TEST_DATABASE_URL": "x", "PDG_BIN": "pdg", "PDG_SOMETHING_ELSE": "1"})
+    assert settings.server.port == 8080
