@@ -160,6 +160,9 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     """The ledger writer on its own, until SIGINT or SIGTERM: one of any
     number of ``pdg worker`` (and ``pdg serve``) processes holds the writer
     lock and works; the others stand by."""
+    from gateway import logs
+
+    logs.configure(settings.logging.level, settings.logging.format)
     import signal
 
     from cli.serve import prepare

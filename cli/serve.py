@@ -26,6 +26,7 @@ from aiohttp import web
 
 from config.settings import Settings
 from core import sm2
+from gateway import logs
 from gateway.access_log import AccessLogger
 from gateway.app import create_app
 from ledger import process
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.getLogger().setLevel(settings.logging.level)
+    logs.configure(settings.logging.level, settings.logging.format)
 
 
 def _install_uvloop() -> None:

@@ -320,6 +320,9 @@ class LedgerSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
+    #: ``text`` for terminals, or ``json``: one JSON object per line
+    #: (``gateway.logs``), access lines with the call's fields.
+    format: Literal["text", "json"] = "text"
 
 
 class Settings(_Section):
@@ -483,6 +486,7 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LEDGER_REPLICA_TIMEOUT_SECONDS": "ledger.replica_timeout_seconds",
     "PDG_LOG_LEVEL": "logging.level",
     "PDG_ACCESS_LOG": "logging.access_log",
+    "PDG_LOG_FORMAT": "logging.format",
 }
 _LISTS = {"server.trusted_proxies"}
 

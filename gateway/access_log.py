@@ -31,14 +31,33 @@ def logged_path(request: web.BaseRequest) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
+    """A text line, and the same as fields for JSON lines (``gateway.logs``)."""
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        record: dict[str, Any] = request.get(RECORD) or {}
+        path = logged_path(request)
+        call_id = response.headers.get("X-Call-Id")
+        fields = {
+            "call_id": call_id,
+            "request_id": response.headers.get("X-Request-Id"),
+            "client": request.remote,
+            "method": request.method,
+            "path": path,
+            "status": response.status,
+            "outcome": record.get("outcome"),
+            "licensee": record.get("licensee_id"),
+            "dataset": record.get("dataset_id"),
+            "bytes": response.body_length,
+            "gateway_ms": round(time * 1000, 1),
+        }
         self.logger.info(
             "%s %s %s %d %d %.1fms %s",
             request.remote,
             request.method,
-            logged_path(request),
+            path,
             response.status,
             response.body_length,
             time * 1000,
-            response.headers.get("X-Call-Id", "-"),
+            call_id or "-",
+            extra=fields,
         )

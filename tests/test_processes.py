@@ -341,15 +341,22 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
         return
 
 
-def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path, log_format: str) -> None:
     """``logging.access_log`` on: a call with an ID number in a ``{personal}``
     segment and in its query is logged with the segment's digest and no query;
-    one refused before its token, with its dataset only."""
+    one refused before its token, with its dataset only. As JSON lines, each
+    access line carries the call's fields."""
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     data_dir = tmp_path / "data"
     port = free_port()
-    env = {**_embedded_env(data_dir), "PDG_ACCESS_LOG": "true", "PDG_LOG_LEVEL": "INFO"}
+    env = {
+        **_embedded_env(data_dir),
+        "PDG_ACCESS_LOG": "true",
+        "PDG_LOG_LEVEL": "INFO",
+        "PDG_LOG_FORMAT": log_format,
+    }
     with (tmp_path / "serve.log").open("wb") as log:
         proc = subprocess.Popen(
             [PDG, "serve", "--port", str(port)],
@@ -407,7 +414,8 @@ def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path) -
         with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
             token = json.loads(resp.read())["access_token"]
         path = f"/data/persons/persons/{id_number}?idcard={id_number}"
-        assert _request("GET", base + path, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        headers = {"Authorization": f"Bearer {token}", "X-Request-Id": "trace-7"}
+        assert _request("GET", base + path, headers=headers)[0] == 200
         assert _request("GET", base + path)[0] == 401
     finally:
         assert _stop(proc) == 0
@@ -415,5 +423,23 @@ def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path) -
         upstream.server_close()
     text = (tmp_path / "serve.log").read_text()
     assert id_number not in text
-    assert "/data/persons/persons/{personal:" in text
-    assert "/data/persons/… 401" in text
+    assert token not in text
+    assert app["client_secret"] not in text
+    if log_format == "text":
+        assert "/data/persons/persons/{personal:" in text
+        assert "/data/persons/… 401" in text
+        return
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "pdg.access"]
+    served = next(line for line in access if line.get("request_id") == "trace-7")
+    assert served["path"].startswith("/data/persons/persons/{personal:")
+    assert (served["method"], served["status"], served["outcome"]) == ("GET", 200, "served")
+    assert served["licensee"] == licensee["id"]
+    assert served["dataset"] == "persons"
+    assert served["bytes"] >= 2
+    assert served["gateway_ms"] > 0
+    assert len(served["call_id"]) >= 16
+    assert served["time"].endswith("Z")
+    refused = [line for line in access if line["path"] == "/data/persons/…"]
+    assert [line["status"] for line in refused] == [401]
+    assert any(line["logger"] != "pdg.access" for line in lines)  # the other lines are JSON too
