@@ -26,19 +26,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import math
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisClusterException, RedisError
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import AdminAuthError, ServiceUnavailableError
+from gateway import __version__
 from gateway.listeners import listening
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.problems import problems_middleware
 from gateway.state import ACCEPTING, CATALOGUE, ENGINE, METRICS, PRESENCE, REDIS, SETTINGS
+from ledger.models import CheckpointRow
 from storage.tasks import within
 
 _CHECK_TIMEOUT = 2.0
@@ -112,7 +117,33 @@ async def metrics(request: web.Request) -> web.Response:
                 "/metrics needs its bearer token (server.metrics_token)",
                 headers={"WWW-Authenticate": 'Bearer realm="pdg-metrics"'},
             )
+    await _gauges(app)
     return web.Response(body=app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _last_checkpoint_age(app: web.Application) -> float:
+    async def read() -> float:
+        async with app[ENGINE].connect() as conn:
+            newest = await conn.scalar(select(func.max(CheckpointRow.created_at)))
+        return (datetime.now(UTC) - newest).total_seconds() if newest is not None else math.nan
+
+    with contextlib.suppress(SQLAlchemyError, OSError, TimeoutError):
+        return await within(read(), _CHECK_TIMEOUT)
+    return math.nan
+
+
+async def _gauges(app: web.Application) -> None:
+    """The gauges read when scraped: what the gateway depends on, now."""
+    gauges = app[METRICS]
+    database, redis, checkpoint_age = await asyncio.gather(
+        _database(app), _redis(app), _last_checkpoint_age(app)
+    )
+    gauges.build_info.info({"version": __version__})
+    gauges.database_up.set(1 if database else 0)
+    gauges.redis_up.set(1 if redis else 0)
+    gauges.ledger_backlog.set(app[PRESENCE].backlog)
+    gauges.last_checkpoint_age.set(checkpoint_age)
+    gauges.view_age.set(round(time.monotonic() - app[CATALOGUE].confirmed_at, 3))
 
 
 #: On the operations listener's own application: the gateway it reports on.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -54,6 +54,33 @@ class Metrics:
         self.credential_throttle_unavailable = Counter(
             "pdg_credential_throttle_unavailable",
             "Credential checks made unthrottled because Redis was out of reach.",
+            registry=self.registry,
+        )
+
+        # Read when scraped (``gateway.health.metrics``): the state of what
+        # the gateway depends on.
+        self.build_info = Info("pdg_build", "The gateway's version.", registry=self.registry)
+        self.database_up = Gauge(
+            "pdg_database_up", "1 when the SQL database answered the scrape's probe.", registry=self.registry
+        )
+        self.redis_up = Gauge(
+            "pdg_redis_up",
+            "1 when Redis (or the embedded Valkey) answered the scrape's probe.",
+            registry=self.registry,
+        )
+        self.ledger_backlog = Gauge(
+            "pdg_ledger_log_backlog",
+            "Call records waiting in the log for the ledger writer (past ledger.max_backlog: 503).",
+            registry=self.registry,
+        )
+        self.last_checkpoint_age = Gauge(
+            "pdg_ledger_last_checkpoint_age_seconds",
+            "Seconds since the newest signed checkpoint of the call record (NaN when none can be read).",
+            registry=self.registry,
+        )
+        self.view_age = Gauge(
+            "pdg_licence_view_age_seconds",
+            "Seconds since the licence and catalogue view was last confirmed (past 2 s: data calls refused).",
             registry=self.registry,
         )
 

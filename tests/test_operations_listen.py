@@ -5,12 +5,15 @@ admin API on ``server.admin_listen``, likewise."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from config.settings import ConfigurationError, load_settings
+from gateway import __version__
 from tests.conftest import World, credit_code, free_port
 
 WorldFactory = Callable[..., Awaitable[World]]
@@ -112,3 +115,33 @@ async def test_the_admin_api_on_its_own_address(world_factory: WorldFactory) -> 
     token = await world.token(app, "purpose:public-interest dataset:apart")
     status, body, _ = await world.call("/data/apart/records", token)
     assert status == 200, body
+
+
+def samples(exposition: str) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample in a Prometheus exposition."""
+    out: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_a_scrape_reports_what_the_gateway_depends_on(world_factory: WorldFactory) -> None:
+    world = await world_factory(ledger__checkpoint_seconds=0.2)
+    ds, _lic, _app, token = await world.licensed()
+    status, body, _ = await world.call(f"/data/{ds['id']}/x", token)
+    assert status == 200, body
+    for _ in range(100):  # until the record is under a signed checkpoint
+        async with world.client.get("/metrics") as resp:
+            seen = samples(await resp.text())
+        if not math.isnan(seen.get("pdg_ledger_last_checkpoint_age_seconds", math.nan)):
+            break
+        await asyncio.sleep(0.1)
+    assert seen["pdg_database_up"] == 1
+    assert seen["pdg_redis_up"] == 1
+    assert seen[f'pdg_build_info{{version="{__version__}"}}'] == 1
+    assert 0 <= seen["pdg_ledger_log_backlog"] < 1000
+    assert 0 <= seen["pdg_licence_view_age_seconds"] < 2
+    assert 0 <= seen["pdg_ledger_last_checkpoint_age_seconds"] < 60
+    assert seen[f'pdg_data_calls_total{{dataset="{ds["id"]}",outcome="2xx"}}'] == 1
