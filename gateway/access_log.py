@@ -17,6 +17,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 #: The call record of a data call (``gateway.proxy``): its ``path``, masked.
 RECORD = web.RequestKey("pdg_record", dict)
+#: How long the upstream took to answer a served call, in milliseconds.
+UPSTREAM_MS = web.RequestKey("pdg_upstream_ms", float)
 
 
 def logged_path(request: web.BaseRequest) -> str:
@@ -49,6 +51,7 @@ class AccessLogger(AbstractAccessLogger):
             "dataset": record.get("dataset_id"),
             "bytes": response.body_length,
             "gateway_ms": round(time * 1000, 1),
+            "upstream_ms": request.get(UPSTREAM_MS),
         }
         self.logger.info(
             "%s %s %s %d %d %.1fms %s",

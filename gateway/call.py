@@ -141,7 +141,7 @@ class CallContext:
 class Call:
     """The record and the reservation of one authenticated data call."""
 
-    __slots__ = ("_perf", "charge", "ctx", "epoch", "now", "period", "record", "written")
+    __slots__ = ("_perf", "charge", "ctx", "epoch", "now", "period", "record", "upstream_seconds", "written")
 
     def __init__(
         self,
@@ -165,6 +165,9 @@ class Call:
         target, sep, query = raw_path.partition("?")
         dataset = target.split("/", 3)[2] if target.count("/") >= 2 else ""
         self.written = False
+        #: How long the upstream took to answer (to its response's head,
+        #: across attempts); ``None`` until it did. Not part of the record.
+        self.upstream_seconds: float | None = None
         #: The reservation, once made (``None``: nothing is held).
         self.charge: Charge | None = None
         self.record: dict[str, Any] = {

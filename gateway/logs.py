@@ -2,7 +2,8 @@
 ``time`` (RFC 3339, UTC, milliseconds), ``level``, ``logger`` and
 ``message``, plus the fields a line carries (an access line: ``call_id``,
 ``request_id``, ``client``, ``method``, ``path``, ``status``, ``outcome``,
-``licensee``, ``dataset``, ``bytes``, ``gateway_ms``). Only those named
+``licensee``, ``dataset``, ``bytes``, ``gateway_ms``, and for a served
+call ``upstream_ms``, the upstream's time to answer). Only those named
 fields are written, so nothing a caller sent (a token, a body, a query)
 reaches the log unless a field names it; paths are the masked ones of
 ``gateway.access_log``.
@@ -29,6 +30,7 @@ FIELDS: Final = (
     "dataset",
     "bytes",
     "gateway_ms",
+    "upstream_ms",
 )
 
 

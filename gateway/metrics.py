@@ -27,6 +27,20 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.upstream_latency = Histogram(
+            "pdg_upstream_seconds",
+            "Served calls: the upstream's time to answer (its response's head, across attempts).",
+            ["dataset"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.overhead = Histogram(
+            "pdg_gateway_overhead_seconds",
+            "Served calls: the rest of the call's time (checks, metering, record, relay).",
+            ["dataset"],
+            registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
         self.tokens_issued = Counter(
             "pdg_tokens_issued",
             "Access tokens issued, by client authentication method.",
@@ -88,6 +102,7 @@ class Metrics:
         # checks the labels on every call).
         self._calls: dict[tuple[str, str], Any] = {}
         self._latency: dict[str, Any] = {}
+        self._split: dict[str, tuple[Any, Any]] = {}
 
     def data_call(self, dataset: str, outcome: str) -> None:
         """Count one data-plane call."""
@@ -101,6 +116,17 @@ class Metrics:
         if child is None:
             child = self._latency[dataset] = self.data_latency.labels(dataset)
         child.observe(seconds)
+
+    def split_seconds(self, dataset: str, upstream: float, total: float) -> None:
+        """A served call's time: the upstream's share and the gateway's."""
+        children = self._split.get(dataset)
+        if children is None:
+            children = self._split[dataset] = (
+                self.upstream_latency.labels(dataset),
+                self.overhead.labels(dataset),
+            )
+        children[0].observe(upstream)
+        children[1].observe(max(total - upstream, 0.0))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

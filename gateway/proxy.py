@@ -95,7 +95,7 @@ from core.errors import (
     UpstreamUnavailableError,
 )
 from gateway import charging
-from gateway.access_log import RECORD
+from gateway.access_log import RECORD, UPSTREAM_MS
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render, request_id
@@ -428,7 +428,11 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         # cutting the connection now, which may cancel this handler, is safe.
         _abort(request)
     metrics.data_call(dataset_label, _STATUS_CLASS[response.status // 100])
-    metrics.data_call_seconds(dataset_label, time.perf_counter() - started)
+    took = time.perf_counter() - started
+    metrics.data_call_seconds(dataset_label, took)
+    if call.upstream_seconds is not None:
+        metrics.split_seconds(dataset_label, call.upstream_seconds, took)
+        request[UPSTREAM_MS] = round(call.upstream_seconds * 1000, 1)
     return response
 
 
@@ -549,7 +553,8 @@ async def _forward(
     # The call's whole time upstream, to the last byte relayed, across
     # attempts: one timer for each request and another for the relay (its
     # record is written after).
-    deadline = loop.time() + timeout_s
+    asked = loop.time()
+    deadline = asked + timeout_s
     tried: set[str] = set()
     while True:
         target = pool.choose(tried)
@@ -592,6 +597,7 @@ async def _forward(
                 continue
         else:
             pool.answered(target)
+        call.upstream_seconds = loop.time() - asked
         async with upstream:
             return await _relay(request, upstream, grant, route, url, target.url, charge, call, deadline)
 

@@ -145,3 +145,12 @@ async def test_a_scrape_reports_what_the_gateway_depends_on(world_factory: World
     assert 0 <= seen["pdg_licence_view_age_seconds"] < 2
     assert 0 <= seen["pdg_ledger_last_checkpoint_age_seconds"] < 60
     assert seen[f'pdg_data_calls_total{{dataset="{ds["id"]}",outcome="2xx"}}'] == 1
+    # A served call's time, split: the upstream's share and the gateway's.
+    label = f'{{dataset="{ds["id"]}"}}'
+    assert seen[f"pdg_upstream_seconds_count{label}"] == 1
+    assert seen[f"pdg_gateway_overhead_seconds_count{label}"] == 1
+    total = seen[f"pdg_data_call_seconds_sum{label}"]
+    upstream = seen[f"pdg_upstream_seconds_sum{label}"]
+    overhead = seen[f"pdg_gateway_overhead_seconds_sum{label}"]
+    assert 0 < upstream < total
+    assert abs(upstream + overhead - total) < 1e-6

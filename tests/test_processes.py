@@ -438,6 +438,7 @@ def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path, l
     assert served["dataset"] == "persons"
     assert served["bytes"] >= 2
     assert served["gateway_ms"] > 0
+    assert 0 < served["upstream_ms"] <= served["gateway_ms"]
     assert len(served["call_id"]) >= 16
     assert served["time"].endswith("Z")
     refused = [line for line in access if line["path"] == "/data/persons/…"]
