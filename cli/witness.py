@@ -82,23 +82,18 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def _witness_signer(key_path: Path, name: str) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from ledger.note import COSIGNATURE, Signer
-    from licensing.keys import KeyFileError, load_or_create_signing_key
+    from ledger.note import COSIGNATURE, NoteError, signer_from_file
+    from licensing.keys import KeyFileError
 
     try:
-        key = load_or_create_signing_key(key_path, "EdDSA").private_key
-    except KeyFileError as exc:
+        return signer_from_file(key_path, name, COSIGNATURE)
+    except (KeyFileError, NoteError) as exc:
         raise BadRequestError(str(exc)) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BadRequestError(f"{key_path}: a witness key is Ed25519")
-    return Signer(name, key, COSIGNATURE)
 
 
 async def audit_witness(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.chain import Chain
-    from ledger.note import Checkpoint, NoteError, Verifier, cosign, open_note
+    from ledger.note import Checkpoint, NoteError, Verifier, b64, cosign, open_note, unb64
     from ledger.tree import verify_consistency
 
     state_path = Path(args.state)
@@ -142,7 +137,7 @@ async def audit_witness(args: argparse.Namespace, settings: Settings) -> int:
             if seen.size > old.size:
                 raw = await _get(session, f"{base}/audit/v1/consistency?from={old.size}&to={seen.size}")
                 try:
-                    proof = [_b64decode(p) for p in orjson.loads(raw)["proof"]]
+                    proof = [unb64(p) for p in orjson.loads(raw)["proof"]]
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     raise BadRequestError(f"the consistency proof is malformed ({exc})") from exc
                 if not verify_consistency(Chain(algorithm), old.size, seen.size, old.root, seen.root, proof):
@@ -163,7 +158,7 @@ async def audit_witness(args: argparse.Namespace, settings: Settings) -> int:
             "witness_vkey": signer.verifier.vkey,
             "algorithm": algorithm,
             "size": seen.size,
-            "root": _b64encode(seen.root),
+            "root": b64(seen.root),
             "checkpoint": cosigned,
             "cosigned_at": now,
         },
@@ -178,24 +173,6 @@ async def audit_witness(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _b64encode(raw: bytes) -> str:
-    import base64
-
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _b64decode(text: Any) -> bytes:
-    import base64
-    import binascii
-
-    if not isinstance(text, str):
-        raise ValueError("a proof hash is a base64 string")
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
-        raise ValueError(str(exc)) from exc
-
-
 def _misbehaved(args: argparse.Namespace, reason: str, state: dict[str, Any] | None) -> int:
     emit(
         args,
@@ -207,18 +184,15 @@ def _misbehaved(args: argparse.Namespace, reason: str, state: dict[str, Any] | N
 
 async def audit_log_key(args: argparse.Namespace, settings: Settings) -> int:
     """The vkey of the log's checkpoint key, for witnesses (out of band)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from ledger.note import Signer
-    from licensing.keys import load_or_create_signing_key
+    from ledger.note import NoteError, signer_from_file
 
     path = settings.log_key_path
     if not path.exists():
         raise BadRequestError(f"no log key at {path} (it is made when the ledger writer first starts)")
-    key = load_or_create_signing_key(path, "EdDSA").private_key
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BadRequestError(f"{path} is not an Ed25519 key")
-    vkey = Signer(settings.log_origin, key).verifier.vkey
+    try:
+        vkey = signer_from_file(path, settings.log_origin).verifier.vkey
+    except NoteError as exc:
+        raise BadRequestError(str(exc)) from exc
     emit(args, {"origin": settings.log_origin, "vkey": vkey}, vkey)
     return 0
 

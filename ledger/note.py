@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -42,11 +43,13 @@ class NoteError(ValueError):
     """A note, checkpoint or key that is malformed or does not verify."""
 
 
-def _b64(raw: bytes) -> str:
+def b64(raw: bytes) -> str:
+    """Standard base64 (RFC 4648 §4), as notes and proofs carry hashes."""
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
+    """The inverse of :func:`b64`; NoteError for anything else."""
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -75,7 +78,7 @@ class Verifier:
 
     @property
     def vkey(self) -> str:
-        return f"{self.name}+{self.id.hex()}+{_b64(bytes([self.kind]) + self.public)}"
+        return f"{self.name}+{self.id.hex()}+{b64(bytes([self.kind]) + self.public)}"
 
     @classmethod
     def parse(cls, vkey: str) -> Verifier:
@@ -83,7 +86,7 @@ class Verifier:
         hex_id, sep2, encoded = rest.partition("+")
         if not (sep and sep2) or not _NAME.fullmatch(name) or not re.fullmatch(r"[0-9a-f]{8}", hex_id):
             raise NoteError("a verifier key is <name>+<8 hex digits>+<base64 key>")
-        raw = _unb64(encoded)
+        raw = unb64(encoded)
         if len(raw) != 33 or raw[0] not in (ED25519, COSIGNATURE):
             raise NoteError("a verifier key here is an Ed25519 key (type 0x01 or 0x04)")
         verifier = cls(name, raw[0], raw[1:])
@@ -130,7 +133,7 @@ class Signer:
             body = stamp + self.key.sign(f"cosignature/v1\ntime {timestamp}\n".encode() + text.encode())
         else:
             body = self.key.sign(text.encode())
-        return f"{_DASH}{self.name} {_b64(self.verifier.id + body)}\n"
+        return f"{_DASH}{self.name} {b64(self.verifier.id + body)}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +144,7 @@ class Checkpoint:
 
     @property
     def text(self) -> str:
-        return f"{self.origin}\n{self.size}\n{_b64(self.root)}\n"
+        return f"{self.origin}\n{self.size}\n{b64(self.root)}\n"
 
     @classmethod
     def parse(cls, text: str) -> Checkpoint:
@@ -153,10 +156,21 @@ class Checkpoint:
             raise NoteError(
                 "a checkpoint's origin is not empty and its size is a decimal without leading zeros"
             )
-        raw = _unb64(root)
+        raw = unb64(root)
         if len(raw) != 32:
             raise NoteError("a checkpoint's root is 32 bytes")
         return cls(origin, int(size), raw)
+
+
+def signer_from_file(path: Path, name: str, kind: int = ED25519) -> Signer:
+    """The Ed25519 key in the PEM file ``path`` (made, 0600, if there is
+    none) as a signer named ``name``; NoteError if it holds another key."""
+    from licensing.keys import load_or_create_signing_key
+
+    key = load_or_create_signing_key(path, "EdDSA").private_key
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise NoteError(f"{path} must be an Ed25519 key (it signs notes)")
+    return Signer(name, key, kind)
 
 
 def sign(text: str, signer: Signer) -> str:
@@ -177,7 +191,7 @@ def split(note: str) -> tuple[str, list[tuple[str, bytes, bytes]]]:
         if not line.startswith(_DASH):
             raise NoteError("a signature line starts with an em dash and a space")
         name, sep, encoded = line[len(_DASH) :].partition(" ")
-        raw = _unb64(encoded)
+        raw = unb64(encoded)
         if not sep or not _NAME.fullmatch(name) or len(raw) < 5:
             raise NoteError("a signature line is '— <name> <base64>'")
         signatures.append((name, raw[:4], raw[4:]))

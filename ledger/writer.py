@@ -45,7 +45,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -55,7 +54,7 @@ from core import sm2
 from ledger.chain import rfc3339
 from ledger.log import LOG, REPLICAS, WRITER_LOCK, live_replicas
 from ledger.models import CallRow, LedgerStateRow
-from ledger.note import Signer
+from ledger.note import NoteError, signer_from_file
 from ledger.record import INCOMPLETE, SERVED, RecordError, from_log, from_opening, to_log
 from ledger.store import FencedError, LedgerError, LedgerStore
 from licensing.keys import load_or_create_signing_key
@@ -636,9 +635,10 @@ def build_writer(settings: Settings, engine: AsyncEngine, client: RedisClient, *
     """The writer of a deployment, as its settings say."""
     sm2.start(required=settings.ledger.signing_algorithm == sm2.ALG)
     key = load_or_create_signing_key(settings.ledger_key_path, settings.ledger.signing_algorithm)
-    log_key = load_or_create_signing_key(settings.log_key_path, "EdDSA")
-    if not isinstance(log_key.private_key, Ed25519PrivateKey):
-        raise LedgerError(f"{settings.log_key_path} must be an Ed25519 key (it signs C2SP checkpoints)")
+    try:
+        log_signer = signer_from_file(settings.log_key_path, settings.log_origin)
+    except NoteError as exc:
+        raise LedgerError(str(exc)) from exc
     ledger = settings.ledger
     store = LedgerStore(
         engine,
@@ -647,7 +647,7 @@ def build_writer(settings: Settings, engine: AsyncEngine, client: RedisClient, *
         checkpoint_records=ledger.checkpoint_records,
         checkpoint_seconds=ledger.checkpoint_seconds,
         time_zone=settings.billing.time_zone,
-        log_signer=Signer(settings.log_origin, log_key.private_key),
+        log_signer=log_signer,
     )
     return LedgerWriter(
         client,

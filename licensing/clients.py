@@ -45,6 +45,9 @@ _ALGORITHMS: dict[tuple[str, str | None], tuple[str, ...]] = {
 #: All of them, for the RFC 8414 metadata.
 SIGNING_ALGORITHMS: tuple[str, ...] = tuple(dict.fromkeys(a for algs in _ALGORITHMS.values() for a in algs))
 MIN_RSA_BITS = 2048
+#: JWK members that only a private (or symmetric) key has: a public key
+#: handed to us (a DPoP proof's, an issuer's JWKS) holds none of them.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 def algorithms_for(jwk: Mapping[str, Any]) -> tuple[str, ...]:

@@ -55,13 +55,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 from yarl import URL
 
-from licensing.clients import MIN_RSA_BITS, SIGNING_ALGORITHMS, FirstUse, algorithms_for
+from licensing.clients import MIN_RSA_BITS, PRIVATE_JWK_MEMBERS, SIGNING_ALGORITHMS, FirstUse, algorithms_for
 
 #: Asymmetric algorithms a proof may be signed with (never ``none`` or HS*).
 ALGORITHMS: tuple[str, ...] = SIGNING_ALGORITHMS
 #: The proof's media type (RFC 9449 §4.2).
 PROOF_TYPE = "dpop+jwt"
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _MAX_JTI = 256
 #: Three base64url segments (RFC 7515 compact serialisation); the signature
 #: may be empty here (``alg: none``) to be refused by its algorithm.
@@ -208,7 +207,7 @@ class ProofChecker:
             raise ProofError(f"the DPoP proof's alg must be one of {', '.join(ALGORITHMS)}")
         if not isinstance(jwk, dict):
             raise ProofError("the DPoP proof header must carry the public key (jwk)")
-        if _PRIVATE_MEMBERS & jwk.keys():
+        if PRIVATE_JWK_MEMBERS & jwk.keys():
             raise ProofError("the DPoP proof's jwk holds private key material")
         if alg not in algorithms_for(jwk) or jwk.get("alg", alg) != alg:
             raise ProofError(f"the DPoP proof's key cannot sign with {alg}")

@@ -46,13 +46,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 
 from config.settings import TrustedIssuer
-from licensing.clients import MIN_RSA_BITS, algorithms_for
+from licensing.clients import MIN_RSA_BITS, PRIVATE_JWK_MEMBERS, algorithms_for
 
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 512 * 1024
 FETCH_TIMEOUT_SECONDS = 5.0
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 #: ``fetch(url)``: the JSON object at ``url``; raises :class:`FetchError`.
 Fetch = Callable[[str], Awaitable[dict[str, Any]]]
@@ -130,7 +129,7 @@ def usable_keys(jwks: Mapping[str, Any], algorithms: tuple[str, ...], issuer: st
         if (
             not isinstance(kid, str)
             or not kid
-            or _PRIVATE_MEMBERS & jwk.keys()
+            or PRIVATE_JWK_MEMBERS & jwk.keys()
             or jwk.get("use", "sig") != "sig"
             or (ops is not None and (not isinstance(ops, list) or "verify" not in ops))
             or not fits

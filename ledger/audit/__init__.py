@@ -61,8 +61,9 @@ from ledger.audit.query import (
     parse_time,
 )
 from ledger.audit.verification import verify
-from ledger.audit.witness import b64, check_witnessed, consistency, inclusion, latest_checkpoint, tree_root
+from ledger.audit.witness import check_witnessed, consistency, inclusion, latest_checkpoint, tree_root
 from ledger.chain import rfc3339
+from ledger.note import b64
 from ledger.segment import CHUNK, child_main
 
 __all__ = [

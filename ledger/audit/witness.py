@@ -11,7 +11,6 @@ signed checkpoint, so serving them costs a verifier nothing.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -21,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger.audit.common import _CALLS, _STATE, AuditError, _snapshot
 from ledger.chain import Chain, canonical
 from ledger.models import LogCheckpointRow, TreeNodeRow
-from ledger.note import Checkpoint, NoteError, Verifier, open_note
+from ledger.note import Checkpoint, NoteError, Verifier, b64, open_note
 from ledger.record import hashed
 from ledger.tree import (
     TILE,
@@ -37,10 +36,6 @@ _TREE = cast(Table, TreeNodeRow.__table__)
 _LOG = cast(Table, LogCheckpointRow.__table__)
 #: Records streamed per query while the tree is recomputed.
 _STREAM = 5000
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
 
 
 async def _algorithm(conn: AsyncConnection) -> str:
