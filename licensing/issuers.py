@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
-from joserfc.errors import JoseError
+from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import JWKRegistry
 
 from config.settings import TrustedIssuer
@@ -138,8 +139,14 @@ def usable_keys(jwks: Mapping[str, Any], algorithms: tuple[str, ...], issuer: st
             continue
         try:
             # authlib's JOSE half (joserfc) imports and checks the JWK; pyjwt
-            # verifies with the key object it holds.
-            imported = JWKRegistry.import_key(jwk)
+            # verifies with the key object it holds. A key joserfc warns of
+            # (too short) is refused, whatever the process does with warnings.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", SecurityWarning)
+                imported = JWKRegistry.import_key(jwk)
+        except SecurityWarning:
+            log.warning("skipping key %r of issuer %s: it is too weak", kid, issuer)
+            continue
         except (JoseError, ValueError, TypeError, KeyError):
             log.warning("skipping key %r of issuer %s: it cannot be imported", kid, issuer)
             continue
