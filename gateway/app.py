@@ -17,7 +17,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from config.settings import Settings
 from core import sm2
 from core.errors import ServiceUnavailableError
-from gateway import admin, evidence, health, oauth, proxy
+from gateway import __version__, admin, evidence, health, oauth, proxy
 from gateway.call import CallContext, digest_factory
 from gateway.listeners import listening
 from gateway.metrics import Metrics
@@ -331,7 +331,7 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(__version__)
     app[UPSTREAMS] = {}
     app[POOLS] = Pools(settings)
     app[ACCEPTING] = [True]

@@ -38,7 +38,6 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import AdminAuthError, ServiceUnavailableError
-from gateway import __version__
 from gateway.listeners import listening
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.problems import problems_middleware
@@ -134,16 +133,16 @@ async def _last_checkpoint_age(app: web.Application) -> float:
 
 async def _gauges(app: web.Application) -> None:
     """The gauges read when scraped: what the gateway depends on, now."""
-    gauges = app[METRICS]
+    state = app[METRICS].state
     database, redis, checkpoint_age = await asyncio.gather(
         _database(app), _redis(app), _last_checkpoint_age(app)
     )
-    gauges.build_info.info({"version": __version__})
-    gauges.database_up.set(1 if database else 0)
-    gauges.redis_up.set(1 if redis else 0)
-    gauges.ledger_backlog.set(app[PRESENCE].backlog)
-    gauges.last_checkpoint_age.set(checkpoint_age)
-    gauges.view_age.set(round(time.monotonic() - app[CATALOGUE].confirmed_at, 3))
+    state.database_up = 1 if database else 0
+    state.redis_up = 1 if redis else 0
+    state.ledger_backlog = app[PRESENCE].backlog
+    state.writer_lag = round(app[PRESENCE].lag_seconds, 3)
+    state.last_checkpoint_age = checkpoint_age
+    state.view_age = round(time.monotonic() - app[CATALOGUE].confirmed_at, 3)
 
 
 #: On the operations listener's own application: the gateway it reports on.

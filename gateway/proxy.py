@@ -106,6 +106,7 @@ from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import DatasetView, Grant, check_operation
 from licensing.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from licensing.dpop import ProofError
+from licensing.schemas import PURPOSES
 from licensing.tokens import AccessClaims
 
 HOP_BY_HOP = frozenset(
@@ -350,14 +351,32 @@ def _with_challenge(error: GatewayError) -> GatewayError:
     return error
 
 
+def _dataset_label(request: web.Request) -> str:
+    """The metrics' dataset label: the id in the path when the catalogue
+    knows it (a closed or unlicensed one too), else ``unknown`` — a label
+    never carries raw input."""
+    parts = request.raw_path.partition("?")[0].split("/", 3)
+    dataset_id = parts[2] if len(parts) > 2 else ""
+    return dataset_id if dataset_id in request.app[CATALOGUE].current.datasets else "unknown"
+
+
+def _purpose_label(purpose: str) -> str:
+    """The metrics' purpose label: one of the purposes DESIGN names, else
+    ``other`` (a purpose comes from a signed token, but labels stay bounded
+    whatever an external issuer puts there)."""
+    return purpose if purpose in PURPOSES else "other"
+
+
 async def handle_data(request: web.Request) -> web.StreamResponse:
     app = request.app
     started = time.perf_counter()
     call_id = call_id_of(request)
     metrics = app[METRICS]
-    dataset_label = "unknown"
+    dataset_label = _dataset_label(request)
+    purpose_label = "unknown"
     try:
         claims = await authenticate(request)
+        purpose_label = _purpose_label(claims.purpose)
         # From here on the call is recorded, whatever its outcome.
         call = Call(
             app[CALLS],
@@ -371,7 +390,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         # The access log writes the path as the record keeps it (masked).
         request[RECORD] = call.record
     except GatewayError as error:
-        metrics.data_call(dataset_label, error.code)
+        metrics.refusal(dataset_label, purpose_label, error.code)
         _with_challenge(error)
         raise
     try:
@@ -395,10 +414,11 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
                 response, served = await _replay(request, charge.replay, charge, call)
             else:
                 response, served = await _forward(request, grant, rest, charge, call, body)
-        except LedgerUnavailableError:
+        except LedgerUnavailableError as error:
+            metrics.refusal(dataset_label, purpose_label, error.code)
             raise
         except GatewayError as error:
-            metrics.data_call(dataset_label, error.code)
+            metrics.refusal(dataset_label, purpose_label, error.code)
             refusal = render(_with_challenge(error), request)
             body = bytes(refusal.body) if isinstance(refusal.body, bytes) else b""
             upstream_status = error.extra.get("upstream_status")
@@ -427,7 +447,7 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         # The call is recorded and finished (or handed to the ledger writer):
         # cutting the connection now, which may cancel this handler, is safe.
         _abort(request)
-    metrics.data_call(dataset_label, _STATUS_CLASS[response.status // 100])
+    metrics.data_call(dataset_label, purpose_label, _STATUS_CLASS[response.status // 100])
     took = time.perf_counter() - started
     metrics.data_call_seconds(dataset_label, took)
     if call.upstream_seconds is not None:

@@ -9,7 +9,9 @@ on a Cluster they live together on one node.
 
 Every replica announces itself once a second (:class:`Presence`): its id and
 a deadline in a sorted set, read with the server's clock, so replicas need
-not agree on time. The same round trip reads the log's length (the backlog).
+not agree on time. The same round trip reads the log's length (the backlog)
+and its oldest entry's id, whose milliseconds on the same clock give the
+writer's lag.
 A replica fails closed (503 ``ledger-unavailable``) while:
 
 - the backlog is over ``ledger.max_backlog`` (the SQL database is down or the
@@ -47,7 +49,10 @@ _BEAT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-return {redis.call('XLEN', KEYS[2]), t[1], t[2]}
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest_id = ''
+if #oldest > 0 then oldest_id = oldest[1][1] end
+return {redis.call('XLEN', KEYS[2]), t[1], t[2], oldest_id}
 """
 _LIVE = """
 local t = redis.call('TIME')
@@ -76,6 +81,9 @@ class Presence:
         self.beat_seconds = min(BEAT_SECONDS, timeout / 9)
         self.max_backlog = max_backlog
         self.backlog = 0
+        #: How long the oldest record in the log has waited for the writer,
+        #: in seconds of the server's clock (0 when none waits).
+        self.lag_seconds = 0.0
         #: Moves on after every silence long enough to fail closed.
         self.epoch = 0
         self._heard = float("-inf")
@@ -95,7 +103,7 @@ class Presence:
     async def beat(self) -> None:
         """Announce this replica and read the backlog, or raise."""
         async with asyncio.timeout(COMMAND_TIMEOUT):
-            backlog, seconds, microseconds = await self.client.eval(
+            backlog, seconds, microseconds, oldest = await self.client.eval(
                 _BEAT, 2, REPLICAS, LOG, self.replica_id, int(self.timeout * 1000)
             )
         self.clock.sample(int(seconds), int(microseconds))
@@ -106,6 +114,7 @@ class Presence:
             self._revived_epoch = self.epoch
         self._expires_us = server_us + int(self.timeout * 1000) * 1000
         self.backlog = int(backlog)
+        self.lag_seconds = _lag(oldest, server_us)
         self._heard = time.monotonic()
 
     def orphan(self, licence_id: str, call_id: str) -> None:
@@ -180,6 +189,15 @@ class Presence:
     def still_valid(self, epoch: int) -> bool:
         """A call that began in ``epoch`` may still be completed."""
         return self.epoch == epoch and self.fresh
+
+
+def _lag(oldest: bytes | str, server_us: int) -> float:
+    """Seconds from the stream entry ``oldest`` (``<ms>-<seq>``; empty for
+    none) to ``server_us``."""
+    entry = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
+    if not entry:
+        return 0.0
+    return max(0.0, server_us / 1e6 - int(entry.partition("-")[0]) / 1e3)
 
 
 async def live_replicas(client: RedisClient) -> set[str]:

@@ -42,7 +42,8 @@ async def test_metrics_on_their_own_address_behind_a_token(world_factory: WorldF
         async with http.get(f"{ops}/metrics", headers={"Authorization": "Bearer m-token"}) as resp:
             assert resp.status == 200
             text = await resp.text()
-        assert f'pdg_data_calls_total{{dataset="{ds["id"]}",outcome="2xx"}} 1.0' in text
+        labels = f'dataset="{ds["id"]}",outcome="2xx",purpose="public-interest"'
+        assert f"pdg_data_calls_total{{{labels}}} 1.0" in text
         for path, expected in (("/healthz", 200), ("/readyz", 200), ("/admin/v1/datasets", 404)):
             async with http.get(f"{ops}{path}") as resp:
                 assert resp.status == expected, path
@@ -144,7 +145,7 @@ async def test_a_scrape_reports_what_the_gateway_depends_on(world_factory: World
     assert 0 <= seen["pdg_ledger_log_backlog"] < 1000
     assert 0 <= seen["pdg_licence_view_age_seconds"] < 2
     assert 0 <= seen["pdg_ledger_last_checkpoint_age_seconds"] < 60
-    assert seen[f'pdg_data_calls_total{{dataset="{ds["id"]}",outcome="2xx"}}'] == 1
+    assert seen[f'pdg_data_calls_total{{dataset="{ds["id"]}",outcome="2xx",purpose="public-interest"}}'] == 1
     # A served call's time, split: the upstream's share and the gateway's.
     label = f'{{dataset="{ds["id"]}"}}'
     assert seen[f"pdg_upstream_seconds_count{label}"] == 1
