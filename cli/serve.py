@@ -6,8 +6,14 @@ writer in a process of its own beside it (``ledger.process``), one per
 First what must happen once — the migrations, the signing keys, the embedded
 Valkey server — then the writer and the workers are started (spawned, not
 forked, so none inherits this process's resources); one that dies is started
-again. On SIGTERM / SIGINT the gateway stops taking calls and finishes those
-in flight, then the writer moves what is left in the log, then Valkey stops.
+again. On SIGTERM / SIGINT the gateway stops being ready, goes on serving for
+``server.drain_seconds``, closes its listeners and finishes the calls in
+flight (within ``server.shutdown_seconds``), then the writer moves what is
+left in the log, then Valkey stops.
+
+With workers, every worker writes its access lines to the one standard error
+the supervisor was given (a line is one write, so lines never interleave),
+and keeps its metrics in a shared folder that a scrape of any worker sums.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import time
@@ -29,6 +36,8 @@ from core import sm2
 from gateway import logs
 from gateway.access_log import AccessLogger
 from gateway.app import create_app
+from gateway.metrics import MULTIPROCESS_DIR
+from gateway.state import ACCEPTING, SETTINGS
 from ledger import process
 from licensing.ids import new_call_id
 from licensing.keys import key_store, legacy_key, load_or_create_signing_key
@@ -56,11 +65,38 @@ async def _freeze_heap(app: web.Application) -> None:
     freeze_heap()
 
 
+def _exit() -> None:
+    raise web.GracefulExit
+
+
+async def _drain_on_signal(app: web.Application) -> None:
+    """SIGTERM / SIGINT: stop being ready at once, go on serving for
+    ``server.drain_seconds``, then exit gracefully (aiohttp closes the
+    listeners, waits for the calls in flight, runs the clean-ups that flush
+    the records). Replaces aiohttp's own handlers, which exit at the first
+    signal. Another signal while draining changes nothing: with workers, one
+    sent to the whole process group reaches a worker twice (directly and
+    from the supervisor)."""
+    loop = asyncio.get_running_loop()
+    drain = app[SETTINGS].server.drain_seconds
+
+    def on_signal() -> None:
+        if not app[ACCEPTING][0]:
+            return
+        app[ACCEPTING][0] = False
+        log.warning("stopping: not ready now, exiting in %.1f s", drain)
+        loop.call_later(drain, _exit)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+
+
 def _run_one(settings: Settings, reuse_port: bool) -> None:
     _configure_logging(settings)
     _install_uvloop()
     app = create_app(settings)
     app.on_startup.append(_freeze_heap)
+    app.on_startup.append(_drain_on_signal)
     web.run_app(
         app,
         host=settings.server.host,
@@ -69,7 +105,7 @@ def _run_one(settings: Settings, reuse_port: bool) -> None:
         access_log=logging.getLogger("pdg.access") if settings.logging.access_log else None,
         access_log_class=AccessLogger,
         print=None,
-        shutdown_timeout=15.0,
+        shutdown_timeout=settings.server.shutdown_seconds,
         handle_signals=True,
     )
 
@@ -201,8 +237,20 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def _metrics_folder(settings: Settings) -> None:
+    """The folder the workers keep their metrics in (prometheus-client's
+    multiprocess mode), emptied first: a scrape of any worker sums what every
+    worker of this run counted. Set in the environment the workers are
+    spawned with, before they import prometheus-client."""
+    folder = settings.data_dir / "metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, mode=0o700)
+    os.environ[MULTIPROCESS_DIR] = str(folder)
+
+
 def _supervise(context: SpawnContext, settings: Settings) -> None:
     stopping = False
+    _metrics_folder(settings)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -228,7 +276,10 @@ def _supervise(context: SpawnContext, settings: Settings) -> None:
         for proc in workers:
             if proc.is_alive():
                 proc.terminate()
+        # Each drains, lets its calls in flight finish and flushes its records.
+        deadline = time.monotonic() + settings.server.drain_seconds + settings.server.shutdown_seconds + 10
         for proc in workers:
-            proc.join(20)
+            proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
+                log.error("worker %s did not stop in time; killing it", proc.pid)
                 proc.kill()

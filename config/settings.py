@@ -58,6 +58,15 @@ class ServerSettings(_Section):
     #: port, e.g. ``10.0.0.5:8081`` on an internal network; the public port
     #: then serves no ``/admin/v1``. Empty: the public port.
     admin_listen: str = ""
+    #: On SIGTERM / SIGINT: seconds ``/readyz`` answers 503 (``accepting``
+    #: false) while calls are still served, so a load balancer stops sending
+    #: new ones; then the listeners close and the calls in flight finish
+    #: (within ``shutdown_seconds``), their records flushed, and the process
+    #: exits.
+    drain_seconds: float = Field(0.0, ge=0, le=300)
+    #: The longest the calls in flight may take to finish once the listeners
+    #: have closed; past it they are cut (and recorded ``incomplete``).
+    shutdown_seconds: float = Field(15.0, ge=0, le=600)
 
     @field_validator("metrics_listen", "admin_listen")
     @classmethod
@@ -446,6 +455,8 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_METRICS_LISTEN": "server.metrics_listen",
     "PDG_METRICS_TOKEN": "server.metrics_token",
     "PDG_ADMIN_LISTEN": "server.admin_listen",
+    "PDG_DRAIN_SECONDS": "server.drain_seconds",
+    "PDG_SHUTDOWN_SECONDS": "server.shutdown_seconds",
     "PDG_DATABASE_URL": "storage.database_url",
     "PDG_REDIS_URL": "storage.redis_url",
     "PDG_REDIS_CLUSTER": "storage.redis_cluster",

@@ -1,5 +1,6 @@
 """Log lines as JSON (``logging.format = "json"``): one object per line with
-``time`` (RFC 3339, UTC, milliseconds), ``level``, ``logger`` and
+``time`` (RFC 3339, UTC, milliseconds), ``level``, ``logger``, ``pid`` (the
+process: one of ``pdg serve --workers N``'s workers, the writer) and
 ``message``, plus the fields a line carries (an access line: ``call_id``,
 ``request_id``, ``client``, ``method``, ``path``, ``status``, ``outcome``,
 ``licensee``, ``dataset``, ``bytes``, ``gateway_ms``, and for a served
@@ -41,6 +42,7 @@ class JsonFormatter(logging.Formatter):
             "time": stamp.replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         for name in FIELDS:

@@ -222,14 +222,20 @@ async def _form(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in posted.items() if isinstance(v, str)}
 
 
-async def _client(request: web.Request, form: dict[str, str], catalogue: Catalogue) -> tuple[AppView, str]:
-    """The authenticated client (RFC 6749 §2.3) and its method; failures are
-    throttled per client id and per address."""
+async def _client(request: web.Request, form: dict[str, str]) -> tuple[AppView, str, Catalogue]:
+    """The authenticated client (RFC 6749 §2.3), its method, and the view it
+    was found in; failures are throttled per client id and per address. A
+    client id the view lacks (an app made a moment ago through another
+    replica or worker) reloads the view first, bounded in rate
+    (``CatalogueCache.reload_for_unknown``)."""
     app = request.app
     authorization = request.headers.get("Authorization")
     claimed = claimed_client_id(authorization, form)
     address = client_address(request, app[SETTINGS].server.trusted_proxies)
     await app[THROTTLE].check("token", claimed, address)
+    catalogue = await app[CATALOGUE].confirm()
+    if claimed is not None and claimed not in catalogue.apps and await app[CATALOGUE].reload_for_unknown():
+        catalogue = app[CATALOGUE].fresh()
     try:
         client, method = await app[CLIENTS].authenticate(catalogue, authorization, form)
     except InvalidClientError:
@@ -240,7 +246,7 @@ async def _client(request: web.Request, form: dict[str, str], catalogue: Catalog
         raise InvalidClientError(
             "this app is disabled", headers={"WWW-Authenticate": 'Basic realm="pdg"'}, error="invalid_client"
         )
-    return client, method
+    return client, method, catalogue
 
 
 async def _own_token(request: web.Request, form: dict[str, str], client: AppView) -> AccessClaims | None:
@@ -262,7 +268,7 @@ async def revocation_endpoint(request: web.Request) -> web.Response:
     refused on every replica from the next refresh on (at once here). The
     answer is 200 whether or not there was such a token."""
     form = await _form(request)
-    client, _ = await _client(request, form, await request.app[CATALOGUE].confirm())
+    client, _, _ = await _client(request, form)
     claims = await _own_token(request, form, client)
     if claims is not None:
         await request.app[REVOCATIONS].revoke(claims.token_id, claims.expires_at)
@@ -274,7 +280,7 @@ async def introspection_endpoint(request: web.Request) -> web.Response:
     may introspect the tokens of its own licensee; any other token, an
     expired, revoked or forged one, is ``{"active": false}``."""
     form = await _form(request)
-    client, _ = await _client(request, form, await request.app[CATALOGUE].confirm())
+    client, _, _ = await _client(request, form)
     claims = await _own_token(request, form, client)
     body: dict[str, object] = {"active": False}
     if claims is not None:
@@ -301,15 +307,23 @@ async def token_endpoint(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     try:
         form = await _form(request)
-        catalogue = await app[CATALOGUE].confirm()
-        client, method = await _client(request, form, catalogue)
+        client, method, catalogue = await _client(request, form)
         if "grant_type" not in form:
             raise BadRequestError("grant_type is missing", error="invalid_request")
         if form.get("grant_type") != "client_credentials":
             raise BadRequestError("grant_type must be client_credentials", error="unsupported_grant_type")
         scope = parse_scope(form.get("scope", ""))
         jkt = await _proof_key(request)
-        licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
+        try:
+            licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
+        except (LicenceError, BadRequestError):
+            # A licence or dataset made a moment ago elsewhere (a licence the
+            # scope names is a bad request until known): reload, then the
+            # rules again.
+            if not await app[CATALOGUE].reload_for_unknown():
+                raise
+            catalogue = app[CATALOGUE].fresh()
+            licence = choose_licence(catalogue, client, scope, app[CLOCK].now())
         datasets = list(scope.datasets) or sorted(
             [*licence.dataset_ids, *(f"{p}/*" for p in licence.providers)]
         )

@@ -398,6 +398,8 @@ class CatalogueCache:
         #: The reload callers refused for something unknown wait on.
         self._unknown_reload: asyncio.Future[None] | None = None
         self._unknown_reloaded_at = -self.UNKNOWN_RELOAD_SECONDS
+        #: The pending reload has begun reading (a caller now needs the next).
+        self._unknown_started = False
 
     async def reload(self) -> Catalogue:
         async with self._lock:
@@ -474,18 +476,31 @@ class CatalogueCache:
     async def reload_for_unknown(self) -> bool:
         """Before a call is refused for something the view lacks (an app,
         licence or dataset made a moment ago through another replica or
-        worker): reload it, at most once per ``UNKNOWN_RELOAD_SECONDS`` (one
-        reload shared by every caller that waits, none waited for past that);
-        whether the view changed."""
+        worker): reload it if the stored view moved on; whether the view
+        changed. Reloads start at most once per ``UNKNOWN_RELOAD_SECONDS``:
+        a caller joins the next one that has not begun reading yet, waiting
+        for its turn (so a flood of unknown ids costs the database two
+        version reads a second, and a caller never waits much longer than
+        that turn)."""
         before = self.current.version
-        if self._unknown_reload is None or self._unknown_reload.done():
-            if time.monotonic() - self._unknown_reloaded_at < self.UNKNOWN_RELOAD_SECONDS:
-                return False
-            self._unknown_reloaded_at = time.monotonic()
-            self._unknown_reload = asyncio.ensure_future(self._reload_if_changed())
+        pending = self._unknown_reload
+        if pending is None or pending.done() or self._unknown_started:
+            previous = pending if pending is not None and not pending.done() else None
+            start_at = max(time.monotonic(), self._unknown_reloaded_at + self.UNKNOWN_RELOAD_SECONDS)
+            self._unknown_reloaded_at = start_at
+            self._unknown_started = False
+            pending = self._unknown_reload = asyncio.ensure_future(self._reload_at(start_at, previous))
         with contextlib.suppress(Exception):
-            await asyncio.shield(self._unknown_reload)
+            await asyncio.shield(pending)
         return self.current.version != before
+
+    async def _reload_at(self, start_at: float, previous: asyncio.Future[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        self._unknown_started = True
+        await self._reload_if_changed()
 
     async def _reload_if_changed(self) -> None:
         version = await within(self._read_version(), self.max_age / 4)
