@@ -334,6 +334,28 @@ class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry traces of data calls (``gateway.tracing``; the ``[otel]``
+    extra): a span per call, its stages as children, ``traceparent``
+    continued to the upstream."""
+
+    #: The OTLP/HTTP traces endpoint, e.g.
+    #: ``http://otel-collector:4318/v1/traces``. Empty: no traces.
+    otlp_endpoint: str = ""
+    #: The share of calls traced. A caller's ``traceparent`` continues its
+    #: trace, but whether a call is sampled is decided here, not by callers.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: ``service.name`` of the spans.
+    service_name: str = Field("pdg", min_length=1, max_length=100)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
 class Settings(_Section):
     data_dir: Path = Path("pdg-data")
     server: ServerSettings = ServerSettings()
@@ -343,6 +365,7 @@ class Settings(_Section):
     billing: BillingSettings = BillingSettings()
     ledger: LedgerSettings = LedgerSettings()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("data_dir")
     @classmethod
@@ -498,6 +521,9 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_LOG_LEVEL": "logging.level",
     "PDG_ACCESS_LOG": "logging.access_log",
     "PDG_LOG_FORMAT": "logging.format",
+    "PDG_OTLP_ENDPOINT": "tracing.otlp_endpoint",
+    "PDG_TRACE_SAMPLE_RATIO": "tracing.sample_ratio",
+    "PDG_TRACE_SERVICE_NAME": "tracing.service_name",
 }
 _LISTS = {"server.trusted_proxies"}
 

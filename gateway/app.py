@@ -45,11 +45,13 @@ from gateway.state import (
     SETTINGS,
     THROTTLE,
     TOKENS,
+    TRACING,
     UPSTREAM,
     UPSTREAMS,
     Clock,
 )
 from gateway.throttle import FailureThrottle
+from gateway.tracing import tracing_for
 from gateway.upstreams import Pools
 from ledger.log import Presence, live_replicas
 from ledger.writer import start_writer
@@ -284,6 +286,13 @@ async def _licensing(app: web.Application) -> AsyncIterator[None]:
                 await mirror.forget()
 
 
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    """Spans still waiting are exported when the gateway stops (first in,
+    last out: after the calls in flight and their records)."""
+    yield
+    await app[TRACING].close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     connector = aiohttp.TCPConnector(
@@ -332,12 +341,13 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(__version__)
+    app[TRACING] = tracing_for(settings)
     app[UPSTREAMS] = {}
     app[POOLS] = Pools(settings)
     app[ACCEPTING] = [True]
     app[CLOCK] = Clock()
     app[REPLICA_ID] = new_call_id()
-    app.cleanup_ctx.extend([_storage, _redis, _ledger, _licensing, _upstream])
+    app.cleanup_ctx.extend([_tracing, _storage, _redis, _ledger, _licensing, _upstream])
     app.on_shutdown.append(_stop_accepting)
     app.on_response_prepare.append(name_the_server)
     install_http_layer_problems()

@@ -99,8 +99,21 @@ from gateway.access_log import RECORD, UPSTREAM_MS
 from gateway.call import Call
 from gateway.counting import RecordCounter
 from gateway.problems import call_id_of, problem_response, render, request_id
-from gateway.state import CALLS, CATALOGUE, CLOCK, DPOP, METRICS, POOLS, SETTINGS, TOKENS, UPSTREAM, UPSTREAMS
+from gateway.state import (
+    CALLS,
+    CATALOGUE,
+    CLOCK,
+    DPOP,
+    METRICS,
+    POOLS,
+    SETTINGS,
+    TOKENS,
+    TRACING,
+    UPSTREAM,
+    UPSTREAMS,
+)
 from gateway.throttle import trusted_peer
+from gateway.tracing import OpenTelemetryTracing
 from gateway.upstreams import Pool
 from ledger.record import INCOMPLETE, REFUSED, SERVED, UPSTREAM_FAILURE
 from licensing.catalogue import DatasetView, Grant, check_operation
@@ -372,10 +385,12 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     call_id = call_id_of(request)
     metrics = app[METRICS]
+    tracing = app[TRACING]
     dataset_label = _dataset_label(request)
     purpose_label = "unknown"
     try:
-        claims = await authenticate(request)
+        with tracing.stage("pdg.authenticate"):
+            claims = await authenticate(request)
         purpose_label = _purpose_label(claims.purpose)
         # From here on the call is recorded, whatever its outcome.
         call = Call(
@@ -395,7 +410,8 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
         raise
     try:
         try:
-            grant, rest = await _authorized(request, claims, call)
+            with tracing.stage("pdg.authorize"):
+                grant, rest = await _authorized(request, claims, call)
             dataset_label = grant.dataset.id
             call.authorised(grant)
             key = charging.idempotency_key(request)
@@ -409,7 +425,8 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
                 body = await _read_body(request, app[SETTINGS].proxy.max_body_bytes)
             if key is not None:
                 fingerprint = charging.fingerprint(request.method, request.raw_path, body or b"")
-            charge = await call.reserve(grant, key=key, fingerprint=fingerprint)
+            with tracing.stage("pdg.reserve"):
+                charge = await call.reserve(grant, key=key, fingerprint=fingerprint)
             if charge.replay is not None:
                 response, served = await _replay(request, charge.replay, charge, call)
             else:
@@ -423,14 +440,15 @@ async def handle_data(request: web.Request) -> web.StreamResponse:
             body = bytes(refusal.body) if isinstance(refusal.body, bytes) else b""
             upstream_status = error.extra.get("upstream_status")
             try:
-                await call.finish(
-                    status=refusal.status,
-                    outcome=UPSTREAM_FAILURE if isinstance(error, UpstreamUnavailableError) else REFUSED,
-                    problem=error.code,
-                    upstream_status=upstream_status if isinstance(upstream_status, int) else None,
-                    size=len(body),
-                    digest=call.digest_of(body),
-                )
+                with tracing.stage("pdg.record"):
+                    await call.finish(
+                        status=refusal.status,
+                        outcome=UPSTREAM_FAILURE if isinstance(error, UpstreamUnavailableError) else REFUSED,
+                        problem=error.code,
+                        upstream_status=upstream_status if isinstance(upstream_status, int) else None,
+                        size=len(body),
+                        digest=call.digest_of(body),
+                    )
             except LedgerUnavailableError:
                 if isinstance(error, QuotaUnavailableError):
                     # Redis, the home of both, is out of reach: the caller
@@ -569,6 +587,7 @@ async def _forward(
     streamed = buffered is None and request.body_exists
     retries = pool.may_retry(request.method, not streamed)
     session = request.app[UPSTREAM]
+    tracing = request.app[TRACING]
     loop = asyncio.get_running_loop()
     # The call's whole time upstream, to the last byte relayed, across
     # attempts: one timer for each request and another for the relay (its
@@ -589,18 +608,21 @@ async def _forward(
             body = _limited(request.content, limit, exceeded)
         url = URL(f"{target.base}/{rest}", encoded=True)
         try:
-            async with asyncio.timeout_at(deadline):
-                upstream = await session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=route.timeout,
-                    compress=None,
-                    auto_decompress=False,
-                    ssl=pool.tls,
-                )
+            with tracing.client("pdg.upstream", headers, **{"pdg.upstream_target": target.name}) as span:
+                async with asyncio.timeout_at(deadline):
+                    upstream = await session.request(
+                        request.method,
+                        url,
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                        timeout=route.timeout,
+                        compress=None,
+                        auto_decompress=False,
+                        ssl=pool.tls,
+                    )
+                if span is not None:
+                    span.set_attribute("http.response.status_code", upstream.status)
         except (RequestTooLargeError, LedgerUnavailableError):
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -619,7 +641,8 @@ async def _forward(
             pool.answered(target)
         call.upstream_seconds = loop.time() - asked
         async with upstream:
-            return await _relay(request, upstream, grant, route, url, target.url, charge, call, deadline)
+            with tracing.stage("pdg.relay"):
+                return await _relay(request, upstream, grant, route, url, target.url, charge, call, deadline)
 
 
 def _unanswered(dataset_id: str, exc: BaseException, timeout_s: float) -> UpstreamUnavailableError:
@@ -920,7 +943,25 @@ async def _cut(
     return Served(complete=False, records=0)
 
 
+async def traced_data(request: web.Request) -> web.StreamResponse:
+    """:func:`handle_data` in the call's span (``gateway.tracing``)."""
+    tracing = request.app[TRACING]
+    assert isinstance(tracing, OpenTelemetryTracing)  # noqa: S101 - only routed with one
+    with tracing.call(request) as span:
+        try:
+            response = await handle_data(request)
+        except GatewayError as error:
+            tracing.ended(span, request, error.status, error.code)
+            raise
+        except web.HTTPException as exc:
+            tracing.ended(span, request, exc.status, None)
+            raise
+        tracing.ended(span, request, response.status, None)
+        return response
+
+
 def setup(app: web.Application) -> None:
+    handler = traced_data if app[TRACING].enabled else handle_data
     # [\s\S], not ".": an encoded newline in the path is the handler's 400, not the router's 404.
-    app.router.add_route("*", r"/data/{dataset}/{path:[\s\S]*}", handle_data, expect_handler=expect_continue)
-    app.router.add_route("*", "/data/{dataset}", handle_data, expect_handler=expect_continue)
+    app.router.add_route("*", r"/data/{dataset}/{path:[\s\S]*}", handler, expect_handler=expect_continue)
+    app.router.add_route("*", "/data/{dataset}", handler, expect_handler=expect_continue)

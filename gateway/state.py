@@ -16,6 +16,7 @@ from gateway.call import CallContext
 from gateway.metrics import Metrics
 from gateway.revocation import RevocationFeed
 from gateway.throttle import FailureThrottle
+from gateway.tracing import Tracing
 from gateway.upstreams import Pools
 from ledger.log import Presence
 from licensing.admin_tokens import AdminTokens
@@ -66,6 +67,8 @@ DPOP = web.AppKey("dpop", ProofChecker)
 THROTTLE = web.AppKey("throttle", FailureThrottle)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
+#: OpenTelemetry spans of data calls, or a no-op (``gateway.tracing``).
+TRACING = web.AppKey("tracing", Tracing)
 #: How calls to each dataset are forwarded (``gateway.proxy.upstream_of``), by dataset id.
 UPSTREAMS: web.AppKey[dict[str, Any]] = web.AppKey("upstreams")
 #: Every dataset's upstream targets and their health (``gateway.upstreams``).
