@@ -19,8 +19,9 @@ COPY licensing licensing
 COPY metering metering
 COPY samples samples
 COPY storage storage
-# The [sm] extra: SM2/SM3 signatures (Tongsuo's bindings, a wheel).
-RUN /opt/pdg/bin/pip install ".[sm]" && /opt/pdg/bin/pip uninstall --yes pip
+# The [sm] extra: SM2/SM3 signatures (Tongsuo's bindings, a wheel); [otel]:
+# OpenTelemetry traces over OTLP/HTTP (tracing.otlp_endpoint).
+RUN /opt/pdg/bin/pip install ".[sm,otel]" && /opt/pdg/bin/pip uninstall --yes pip
 
 # -- run: the venv only, as an unprivileged user --------------------------------
 FROM python:3.11-slim
