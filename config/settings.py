@@ -539,22 +539,29 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-#: ``PDG_*`` names of the tools around pdg (its test suite, contract checks).
+#: ``PDG_*`` names of the tools around pdg (its test suite, contract checks),
+#: which pdg leaves alone.
 _TOOLS = ("PDG_TEST_", "PDG_BIN")
 
 
-def _refuse_near_misses(env: Mapping[str, str]) -> None:
-    """A ``PDG_*`` variable that is not a setting but nearly spells one (or
-    its ``_FILE`` form) is a mistake that would be silently ignored: refuse
-    it, naming the setting meant. Other ``PDG_*`` names are left to the tools
-    around pdg (``PDG_BIN``, ``PDG_TEST_*``)."""
+def _refuse_unknown(env: Mapping[str, str]) -> None:
+    """A ``PDG_*`` variable that is no setting (nor its ``_FILE`` form) is a
+    mistake that would otherwise be silently ignored: refuse it, naming the
+    nearest setting when one is near. Only the tools around pdg
+    (``PDG_BIN``, ``PDG_TEST_*``) share the prefix. (Kubernetes' service
+    links would inject ``PDG_PORT=tcp://…`` for a Service named ``pdg``: the
+    chart turns them off.)"""
     known = [*ENVIRONMENT, *(f"{name}_FILE" for name in ENVIRONMENT), "PDG_CONFIG"]
     for name in sorted(env):
         if not name.startswith("PDG_") or name in known or name.startswith(_TOOLS):
             continue
-        near = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        # Compared without the prefix all share, which would make any two alike.
+        near = difflib.get_close_matches(name[4:], [k[4:] for k in known], n=1, cutoff=0.75)
         if near:
-            raise ConfigurationError(f"unknown variable {name}: did you mean {near[0]}?")
+            raise ConfigurationError(f"unknown variable {name}: did you mean PDG_{near[0]}?")
+        raise ConfigurationError(
+            f"unknown variable {name}: no setting has that name (config/pdg.example.toml lists them)"
+        )
 
 
 def _from_file(env: Mapping[str, str], name: str) -> str:
@@ -620,7 +627,7 @@ def load_settings(
             raise ConfigurationError(f"config file not found: {path}") from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
-    _refuse_near_misses(env)
+    _refuse_unknown(env)
     for name, dotted in ENVIRONMENT.items():
         raw = _from_file(env, name) if f"{name}_FILE" in env else env.get(name)
         if raw is None:

@@ -188,7 +188,7 @@ def test_config_show_masks_every_secret(tmp_path: Path, capsys: pytest.CaptureFi
     assert shown["server"]["metrics_token"] == "***"
 
 
-def test_a_misspelt_variable_is_refused_naming_the_setting_meant() -> None:
+def test_an_unknown_variable_is_refused_naming_the_setting_meant() -> None:
     for wrong, meant in (
         ("PDG_DATABSE_URL", "PDG_DATABASE_URL"),
         ("PDG_WORKER", "PDG_WORKERS"),
@@ -197,6 +197,9 @@ def test_a_misspelt_variable_is_refused_naming_the_setting_meant() -> None:
     ):
         with pytest.raises(ConfigurationError, match=f"unknown variable {wrong}: did you mean {meant}"):
             load_settings(env={wrong: "x"})
-    # The names of the tools around pdg, and names nothing like a setting, pass.
-    settings = load_settings(env={"PDG_TEST_DATABASE_URL": "x", "PDG_BIN": "pdg", "PDG_SOMETHING_ELSE": "1"})
+    # A name like none is refused too.
+    with pytest.raises(ConfigurationError, match="PDG_SOMETHING_ELSE: no setting has that name"):
+        load_settings(env={"PDG_SOMETHING_ELSE": "1"})
+    # The names of the tools around pdg pass.
+    settings = load_settings(env={"PDG_TEST_DATABASE_URL": "x", "PDG_BIN": "pdg"})
     assert settings.server.port == 8080
