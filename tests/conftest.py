@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
 import json
 import os
+import queue
 import secrets
+import shutil
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,8 @@ from gateway.app import create_app
 from gateway.state import ADMIN_TOKENS
 from licensing.credit_code import with_check_character
 from licensing.schemas import AdminTokenIn
+from storage import migrate
+from storage.db import create_engine
 
 if TYPE_CHECKING:
     from tests.servers import PrivatePostgres, PrivateValkey
@@ -127,6 +133,110 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
         await admin.dispose()
 
 
+class PostgresClones:
+    """Migrated PostgreSQL databases, a new one for each test.
+
+    A template database is migrated once per test process; each test gets a
+    copy of it (``CREATE DATABASE … TEMPLATE``: no migrations to run at the
+    gateway's start) that is dropped after the test. A thread of its own makes
+    the next copies ahead and drops the used ones behind, so a test waits for
+    neither: on a busy server each takes up to a second (a drop forces a
+    checkpoint). tests/test_migrations.py runs the migrations themselves."""
+
+    #: Copies kept ready.
+    AHEAD = 2
+
+    def __init__(self, server_url: str) -> None:
+        self._server_url = server_url
+        self._ready: queue.Queue[str | BaseException] = queue.Queue()
+        #: Database names to drop, ``""`` to make one more copy, ``None`` to stop.
+        self._jobs: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="postgres-clones", daemon=True)
+        self._thread.start()
+
+    def url(self, name: str) -> str:
+        return f"{self._server_url.rsplit('/', 1)[0]}/{name}"
+
+    async def take(self) -> str:
+        """The URL of a database of the test's own, migrated to head."""
+        ready = await asyncio.to_thread(self._ready.get, True, 300)
+        if isinstance(ready, BaseException):
+            self._ready.put(ready)  # every later test fails the same way
+            raise RuntimeError("the template PostgreSQL database could not be copied") from ready
+        self._jobs.put("")
+        return self.url(ready)
+
+    def drop(self, url: str) -> None:
+        self._jobs.put(url.rsplit("/", 1)[1])
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(120)
+
+    def _run(self) -> None:
+        with asyncio.Runner() as runner:
+            admin = create_async_engine(self._server_url, isolation_level="AUTOCOMMIT")
+
+            async def execute(sql: str) -> None:
+                async with admin.connect() as conn:
+                    await conn.execute(text(sql))
+
+            template = f"pdg_test_template_{secrets.token_hex(6)}"
+            made: set[str] = set()
+            try:
+                runner.run(execute(f'CREATE DATABASE "{template}"'))
+                engine = create_engine(self.url(template))
+                try:
+                    runner.run(migrate.upgrade(engine))
+                finally:
+                    runner.run(engine.dispose())
+                for _ in range(self.AHEAD):
+                    self._jobs.put("")
+                while (job := self._jobs.get()) is not None:
+                    if job:
+                        runner.run(execute(f'DROP DATABASE IF EXISTS "{job}" WITH (FORCE)'))
+                        made.discard(job)
+                        continue
+                    name = f"pdg_test_{secrets.token_hex(6)}"
+                    runner.run(execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+                    made.add(name)
+                    self._ready.put(name)
+            except BaseException as exc:  # noqa: BLE001 - handed to the tests waiting for a database
+                self._ready.put(exc)
+            finally:
+                for name in [*made, template]:
+                    with contextlib.suppress(Exception):
+                        runner.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                runner.run(admin.dispose())
+
+
+@pytest.fixture(scope="session")
+def postgres_clones() -> Iterator[PostgresClones]:
+    clones = PostgresClones(PG_URL)
+    try:
+        yield clones
+    finally:
+        clones.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once per test process, copied for each test."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "pdg.sqlite3"
+
+    async def build() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await migrate.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    # In a thread of its own: a test's event loop may be running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, build()).result()
+    return path
+
+
 def need_servers() -> None:
     if not PG_URL or not REDIS_URL:
         pytest.skip("PDG_TEST_DATABASE_URL / PDG_TEST_REDIS_URL not set (CI sets them)")
@@ -134,7 +244,7 @@ def need_servers() -> None:
 
 @pytest.fixture
 async def postgres_url() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test."""
+    """A fresh (empty) PostgreSQL database for one test."""
     if not PG_URL:
         pytest.skip("PDG_TEST_DATABASE_URL is not set (CI sets it)")
     async with fresh_postgres_database() as url:
@@ -143,17 +253,24 @@ async def postgres_url() -> AsyncIterator[str]:
 
 @pytest.fixture(params=["embedded", "servers"])
 async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, embedded_valkey_url: str
+    request: pytest.FixtureRequest, tmp_path: Path, embedded_valkey_url: str, sqlite_template: Path
 ) -> AsyncIterator[Backend]:
-    """SQLite + embedded Valkey, or PostgreSQL + Redis."""
+    """SQLite + embedded Valkey, or PostgreSQL + Redis; the database of the
+    test's own, migrated to head."""
     if request.param == "embedded":
         await _flush(embedded_valkey_url)
-        yield Backend("embedded", f"sqlite+aiosqlite:///{tmp_path / 'pdg.sqlite3'}", embedded_valkey_url)
+        path = tmp_path / "pdg.sqlite3"
+        await asyncio.to_thread(shutil.copyfile, sqlite_template, path)
+        yield Backend("embedded", f"sqlite+aiosqlite:///{path}", embedded_valkey_url)
         return
     need_servers()
     await _flush(REDIS_URL)
-    async with fresh_postgres_database() as url:
+    clones: PostgresClones = request.getfixturevalue("postgres_clones")
+    url = await clones.take()
+    try:
         yield Backend("servers", url, REDIS_URL)
+    finally:
+        clones.drop(url)
 
 
 # -- the upstream ---------------------------------------------------------------
@@ -174,6 +291,8 @@ class Upstream:
     arrived: list[str] = field(default_factory=list)
     #: ``/svc/array?gate=1`` sends its first elements, then waits for this.
     array_release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: ``/svc/slow?gate=1`` answers once this is set (or after its ``seconds``).
+    slow_release: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -186,7 +305,7 @@ UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     """Routes under ``/svc``: ``echo`` (any path: JSON of what arrived),
-    ``/svc/status/{code}``, ``/svc/redirect/{code}``, ``/svc/slow?seconds=``,
+    ``/svc/status/{code}``, ``/svc/redirect/{code}``, ``/svc/slow?seconds=&gate=``,
     ``/svc/big?bytes=``, ``/svc/records?n=``, ``/svc/digest`` (length and
     SHA-256 of the body), ``/svc/upload-probe``, ``/svc/drip``, ``/svc/hop``,
     ``/svc/leaky``, ``/svc/created?location=``, ``/svc/etag``, ``/svc/cut``
@@ -230,10 +349,13 @@ async def upstream() -> AsyncIterator[Upstream]:
         )
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        import asyncio
-
         await record(request)
-        await asyncio.sleep(float(request.query.get("seconds", "5")))
+        seconds = float(request.query.get("seconds", "5"))
+        if request.query.get("gate"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.slow_release.wait(), seconds)
+        else:
+            await asyncio.sleep(seconds)
         return web.json_response({"slow": True})
 
     async def big(request: web.Request) -> web.StreamResponse:
@@ -418,7 +540,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/svc/negotiated", negotiated)
     app.router.add_route("*", "/svc/cut", cut)
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
+    # A handler still busy when the test is done (a slow or dripping answer
+    # the gateway gave up on) is cancelled, not waited for.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

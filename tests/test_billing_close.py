@@ -347,8 +347,9 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
         status, body, _ = await world.call(f"/data/{ds['id']}/records", tok)
         assert status == 200, body
     await records_of(world, 2)
-    # Upstream longer than the two closes below wait for it (about 6 s each).
-    slow = asyncio.create_task(world.call(f"/data/{ds['id']}/slow?seconds=20", tok))
+    # Upstream until both closes below are done (they wait about 6 s each for
+    # it); 20 s at most.
+    slow = asyncio.create_task(world.call(f"/data/{ds['id']}/slow?seconds=20&gate=1", tok))
     client = world.app[REDIS]
     end = time.monotonic() + 15
     while not await client.hlen(inflight_key(lic["id"])):
@@ -390,6 +391,8 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
         assert [ln["calls"] for ln in invoice["lines"]] == [2]
         # The call left in flight is served, and lands after what the close
         # covered: the next close bills it, as late usage of November.
+        assert not slow.done(), "the slow call ended before both closes were done"
+        world.upstream.slow_release.set()
         status, body, _ = await slow
         assert status == 200, body
         rows = await records_of(world, 3)
