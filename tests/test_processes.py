@@ -92,6 +92,27 @@ def _request(
         return exc.code, json.loads(exc.read() or b"null")
 
 
+def licensed(base: str, admin: dict[str, str], dataset: dict[str, Any], name: str) -> dict[str, Any]:
+    """``dataset`` made through the admin API, and a licensee ``name`` with a
+    public-interest licence for it; the licensee."""
+    assert _request("POST", base + "/admin/v1/datasets", dataset, admin)[0] == 201
+    status, licensee = _request(
+        "POST", base + "/admin/v1/licensees", {"name": name, "credit_code": credit_code()}, admin
+    )
+    assert status == 201, licensee
+    licence = {
+        "licensee_id": licensee["id"],
+        "datasets": [dataset["id"]],
+        "max_classification": 1,
+        "purposes": ["public-interest"],
+        "valid_from": "2020-01-01T00:00:00Z",
+        "valid_until": "2099-01-01T00:00:00Z",
+        "security_officer": "Officer Li",
+    }
+    assert _request("POST", base + "/admin/v1/licences", licence, admin)[0] == 201
+    return dict(licensee)
+
+
 def _embedded_env(data_dir: Path) -> dict[str, str]:
     """The environment of a user on the embedded defaults in ``data_dir``."""
     env = dict(os.environ, PDG_DATA_DIR=str(data_dir))
@@ -382,21 +403,7 @@ def test_the_access_log_keeps_no_query_and_no_personal_segment(tmp_path: Path, l
             "price": {"per_call_fen": "1", "per_record_fen": "0"},
             "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
         }
-        assert _request("POST", base + "/admin/v1/datasets", dataset, admin)[0] == 201
-        status, licensee = _request(
-            "POST", base + "/admin/v1/licensees", {"name": "Log Co", "credit_code": credit_code()}, admin
-        )
-        assert status == 201, licensee
-        licence = {
-            "licensee_id": licensee["id"],
-            "datasets": ["persons"],
-            "max_classification": 1,
-            "purposes": ["public-interest"],
-            "valid_from": "2020-01-01T00:00:00Z",
-            "valid_until": "2099-01-01T00:00:00Z",
-            "security_officer": "Officer Li",
-        }
-        assert _request("POST", base + "/admin/v1/licences", licence, admin)[0] == 201
+        licensee = licensed(base, admin, dataset, "Log Co")
         status, app = _request(
             "POST", base + "/admin/v1/apps", {"licensee_id": licensee["id"], "name": "l"}, admin
         )

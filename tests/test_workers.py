@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import World, credit_code, free_port
+from tests.conftest import World, free_port
 from tests.test_operations_listen import samples
-from tests.test_processes import PDG, _admin_headers, _embedded_env, _request, _stop, _wait_http
+from tests.test_processes import PDG, _admin_headers, _embedded_env, _request, _stop, _wait_http, licensed
 
 pytestmark = pytest.mark.slow
 
@@ -141,21 +141,7 @@ def test_two_workers_one_log_one_metrics_view_and_a_graceful_stop(tmp_path: Path
             "price": {"per_call_fen": "1", "per_record_fen": "0"},
             "revenue_split": {"provider": "0.5", "operator": "0.3", "public_fund": "0.2"},
         }
-        assert _request("POST", base + "/admin/v1/datasets", dataset, admin)[0] == 201
-        status, licensee = _request(
-            "POST", base + "/admin/v1/licensees", {"name": "Workers Co", "credit_code": credit_code()}, admin
-        )
-        assert status == 201, licensee
-        licence = {
-            "licensee_id": licensee["id"],
-            "datasets": ["firms"],
-            "max_classification": 1,
-            "purposes": ["public-interest"],
-            "valid_from": "2020-01-01T00:00:00Z",
-            "valid_until": "2099-01-01T00:00:00Z",
-            "security_officer": "Officer Li",
-        }
-        assert _request("POST", base + "/admin/v1/licences", licence, admin)[0] == 201
+        licensee = licensed(base, admin, dataset, "Workers Co")
 
         # An app made through one worker, its token issued by either, and at
         # once its call served by either: eight times, so that with the
