@@ -59,9 +59,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, cast
+from zoneinfo import ZoneInfo
 
 import orjson
 from sqlalchemy import BigInteger, Table, and_, func, insert, literal, select
@@ -69,7 +70,9 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing import register
+from billing.models import BillingCloseRow, BillingDraftRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.register import Issuer
 from config.settings import Settings
 from core.errors import ConflictError, LedgerUnavailableError
 from core.money import E4, e4_text, fen_of_e4, fen_to_e4, parse_vat_rate, split, vat_of
@@ -79,20 +82,29 @@ from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
-from licensing.models import DatasetTermsRow
+from licensing.models import DatasetRow, DatasetTermsRow, LicenseeRow
 from metering.periods import Period, parse_period
 from storage.redis import REDIS_ERRORS, EmbeddedValkeyError, RedisClient
 
 _CALLS = cast(Table, CallRow.__table__)
 _STATE = cast(Table, LedgerStateRow.__table__)
 _CLOSES = cast(Table, BillingCloseRow.__table__)
+_DRAFTS = cast(Table, BillingDraftRow.__table__)
 _INVOICES = cast(Table, InvoiceRow.__table__)
 _LINES = cast(Table, InvoiceLineRow.__table__)
 _TERMS = cast(Table, DatasetTermsRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
+_LICENSEES = cast(Table, LicenseeRow.__table__)
+_DATASETS = cast(Table, DatasetRow.__table__)
 
 FORMAT: Final = "pdg.invoice.v1"
+#: Issued with identity (parties, currency, tax fields), a number and a due date.
+FORMAT_V2: Final = "pdg.invoice.v2"
 USAGE: Final = "usage"
+#: An invoice's status: a draft (computed when read, until issued), issued,
+#: or closed (issued before drafts, numbers and the register).
+DRAFT: Final = "draft"
+ISSUED: Final = "issued"
 LATE: Final = "late"
 
 
@@ -109,17 +121,28 @@ class Closed:
     #: What the close left for the next period (only a close that was
     #: allowed to leave it: :func:`close_billing`); ``None`` when nothing.
     pending: dict[str, Any] | None = None
+    #: The invoices are drafts (the period is closed, not yet issued).
+    draft: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "period": self.period,
+            "status": DRAFT if self.draft else ISSUED,
             "already_closed": self.already_closed,
             "after_seq": self.after_seq,
             "through_seq": self.through_seq,
             "closed_at": self.closed_at,
             "invoices": self.invoices,
+            "drafts_hash": drafts_hash(self.invoices) if self.draft else None,
             "pending": self.pending,
         }
+
+
+def drafts_hash(invoices: list[dict[str, Any]]) -> str:
+    """One digest of a period's drafts (their content hashes, in id order):
+    what finance reviewed, which an issue may be told to insist on."""
+    joined = "\n".join(inv["content_hash"] for inv in sorted(invoices, key=lambda inv: inv["id"]))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def billable(calls: Table = _CALLS) -> Any:
@@ -158,18 +181,20 @@ async def close_period(
     *,
     vat_rate: Decimal,
     now: datetime,
+    issuer: Issuer,
     progress: Progress | None = None,
 ) -> Closed:
-    """Close ``period`` (see the module docstring); ConflictError when it may
-    not be closed yet. ``progress(done, STEPS)`` after each step: the usage
-    summed, the late usage summed, the invoices written, the calls copied."""
+    """Issue ``period``'s invoices (see the module docstring), numbered,
+    registered and signed by ``issuer``; ConflictError when they may not be
+    issued yet. ``progress(done, STEPS)`` after each step: the usage summed,
+    the late usage summed, the invoices written, the calls copied."""
     _ended(period, now)
     try:
         async with engine.begin() as conn:
             done = await _existing(conn, period.name)
             if done is not None:
                 return done
-            return await _close(conn, period, vat_rate, now, progress or _quiet)
+            return await _close(conn, period, vat_rate, now, progress or _quiet, issuer)
     except (IntegrityError, ConflictError):
         # Another close of this period committed first (the insert collided,
         # or the order check already saw its close): answer with its invoices.
@@ -196,22 +221,25 @@ async def close_billing(
     redis: RedisOpener,
     now: datetime,
     allow_pending: bool = False,
+    issue: bool = False,
     progress: Progress | None = None,
 ) -> Closed:
-    """Close ``period`` as finance asks for it (``pdg billing close``, ``POST
+    """Close ``period`` for review (``pdg billing close``, ``POST
     /admin/v1/billing/{period}/close``): first bring the ledger up to date
-    (see the module docstring), then :func:`close_period`.
+    (see the module docstring), then hold the period as drafts — invoices
+    computed from the call record whenever they are read, so a late record
+    that lands before the issue is in them — until :func:`issue_billing`.
+    With ``issue``, issue them at once. An issued period answers its
+    invoices.
 
     ``redis()`` opens the deployment's Redis (the CLI's starts the embedded
-    Valkey when it is not running). A period closed before answers its
-    invoices without it. When the ledger cannot be brought up to date the
-    close is refused and writes nothing: ConflictError (409) while calls of
-    the period stay in flight, LedgerUnavailableError (503) when the log
-    cannot be reached or moved; either carries ``pending`` (what is left).
-    With ``allow_pending`` it closes anyway and answers what it left in
-    ``Closed.pending``: those calls reach the ledger later and the next close
-    bills them as late usage. ``progress(done, STEPS + 1)``: the ledger
-    caught up, then :func:`close_period`'s steps."""
+    Valkey when it is not running). When the ledger cannot be brought up to
+    date the close is refused and writes nothing: ConflictError (409) while
+    calls of the period stay in flight, LedgerUnavailableError (503) when the
+    log cannot be reached or moved; either carries ``pending`` (what is
+    left). With ``allow_pending`` it closes anyway and answers what it left
+    in ``Closed.pending``: those calls reach the ledger later, and are in the
+    drafts (or, once issued, the next period's late usage)."""
     _ended(period, now)
     async with engine.connect() as conn:
         done = await _existing(conn, period.name)
@@ -220,32 +248,141 @@ async def close_billing(
         try:
             await _in_order(conn, period)
         except ConflictError:
-            # A close of this period may have committed between the two reads.
             done = await _existing(conn, period.name)
             if done is None:
                 raise
             return done
     step = progress or _quiet
-    waiting = await _catch_up(engine, period, settings, redis)
-    if waiting and not allow_pending:
-        detail = (
-            f"{waiting.reason}; nothing was closed (--allow-pending, or allow_pending=true, closes "
-            "anyway: what is left is billed by the next close as late usage)"
-        )
-        if waiting.busy:
-            raise ConflictError(detail, pending=waiting.as_dict())
-        raise LedgerUnavailableError(detail, headers={"Retry-After": "5"}, pending=waiting.as_dict())
+    waiting = await _ledger_up_to_date(engine, period, settings, redis, allow_pending, "closed")
     step(1, STEPS + 1)
+    await _hold_as_drafts(engine, period, now)
+    if issue:
+        closed = await close_period(
+            engine,
+            period,
+            vat_rate=parse_vat_rate(settings.billing.vat_rate),
+            now=now,
+            issuer=Issuer.from_settings(settings),
+            progress=lambda done, total: step(done + 1, total + 1),
+        )
+    else:
+        closed = await drafts(engine, period, settings)
+    if waiting and not closed.already_closed:
+        return replace(closed, pending=waiting.as_dict())
+    return closed
+
+
+async def issue_billing(
+    engine: AsyncEngine,
+    period: Period,
+    *,
+    settings: Settings,
+    redis: RedisOpener,
+    now: datetime,
+    allow_pending: bool = False,
+    expect_drafts: str | None = None,
+    progress: Progress | None = None,
+) -> Closed:
+    """Issue a closed period's invoices (``pdg billing issue``, ``POST
+    /admin/v1/billing/{period}/issue``): the ledger brought up to date again,
+    then the drafts as they are now made final — numbered, signed into the
+    billing register, immutable. ConflictError when the period was not
+    closed for review, or when ``expect_drafts`` (a ``drafts_hash`` finance
+    reviewed) no longer matches the drafts. An issued period answers its
+    invoices."""
+    _ended(period, now)
+    async with engine.connect() as conn:
+        done = await _existing(conn, period.name)
+        if done is not None:
+            return done
+        held = await conn.scalar(select(_DRAFTS.c.period).where(_DRAFTS.c.period == period.name))
+    if held is None:
+        raise ConflictError(f"close {period.name} first: its invoices are reviewed as drafts, then issued")
+    step = progress or _quiet
+    waiting = await _ledger_up_to_date(engine, period, settings, redis, allow_pending, "issued")
+    step(1, STEPS + 1)
+    if expect_drafts is not None:
+        current = await drafts(engine, period, settings)
+        if not current.already_closed and drafts_hash(current.invoices) != expect_drafts:
+            raise ConflictError(
+                f"the drafts of {period.name} changed since they were reviewed (late records arrived): "
+                "review them again",
+                drafts_hash=drafts_hash(current.invoices),
+            )
     closed = await close_period(
         engine,
         period,
         vat_rate=parse_vat_rate(settings.billing.vat_rate),
         now=now,
+        issuer=Issuer.from_settings(settings),
         progress=lambda done, total: step(done + 1, total + 1),
     )
     if waiting and not closed.already_closed:
         return replace(closed, pending=waiting.as_dict())
     return closed
+
+
+async def _ledger_up_to_date(
+    engine: AsyncEngine,
+    period: Period,
+    settings: Settings,
+    redis: RedisOpener,
+    allow_pending: bool,
+    done: str,
+) -> Waiting:
+    """The ledger caught up, or the refusal (unless pending calls are allowed)."""
+    waiting = await _catch_up(engine, period, settings, redis)
+    if waiting and not allow_pending:
+        detail = (
+            f"{waiting.reason}; nothing was {done} (--allow-pending, or allow_pending=true, goes on "
+            "anyway: what is left is billed when it lands, as late usage once the period is issued)"
+        )
+        if waiting.busy:
+            raise ConflictError(detail, pending=waiting.as_dict())
+        raise LedgerUnavailableError(detail, headers={"Retry-After": "5"}, pending=waiting.as_dict())
+    return waiting
+
+
+async def _hold_as_drafts(engine: AsyncEngine, period: Period, now: datetime) -> None:
+    """The period's draft mark (once), with its admin log entry."""
+    try:
+        async with engine.begin() as conn:
+            if await conn.scalar(select(_DRAFTS.c.period).where(_DRAFTS.c.period == period.name)) is None:
+                await conn.execute(insert(_DRAFTS).values(period=period.name, opened_at=now))
+                await admin_log.record(conn, "billing.close", period.name, after={"period": period.name})
+    except IntegrityError:
+        pass  # another close marked it a moment ago
+
+
+async def drafts(engine: AsyncEngine, period: Period, settings: Settings) -> Closed:
+    """The drafts of a period closed for review, computed from the call
+    record as it is now (one read transaction); an issued period's invoices
+    as issued. Their ``closed_at`` is when the period was closed, so the
+    same records give the same drafts, byte for byte."""
+    async with engine.begin() as conn:
+        done = await _existing(conn, period.name)
+        if done is not None:
+            return done
+        opened = await conn.scalar(select(_DRAFTS.c.opened_at).where(_DRAFTS.c.period == period.name))
+        if opened is None:
+            raise ConflictError(f"{period.name} is not closed")
+        after, through, usage, splits = await _usage(conn, period)
+        identity = await load_identity(conn, settings, usage)
+    invoices = build_invoices(
+        usage,
+        splits,
+        period=period.name,
+        after=after,
+        through=through,
+        vat_rate=parse_vat_rate(settings.billing.vat_rate),
+        closed_at=rfc3339(opened),
+        status=DRAFT,
+        identity=identity,
+    )
+    for invoice in invoices:
+        invoice.update(number=None, issued_at=None, due_at=None)
+        seal(invoice).pop("_content")
+    return Closed(period.name, False, after, through, rfc3339(opened), invoices, draft=True)
 
 
 async def _catch_up(engine: AsyncEngine, period: Period, settings: Settings, redis: RedisOpener) -> Waiting:
@@ -367,6 +504,21 @@ def _line(usage: Usage, basis: tuple[int, int, int]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an issued invoice names, copied in when it is made so that the
+    document never changes: the seller (the operating company), each
+    buyer (a licensee), each dataset's name and tax classification code,
+    the currency."""
+
+    seller: dict[str, str]
+    #: By licensee id: ``name``, ``credit_code``, ``address``, ``bank``, ``account``.
+    buyers: dict[str, dict[str, str]]
+    #: By dataset id: (name, tax classification code).
+    datasets: dict[str, tuple[str, str]]
+    currency: str = "CNY"
+
+
 def build_invoices(
     usage: list[Usage],
     splits: dict[tuple[str, int], tuple[int, int, int]],
@@ -376,10 +528,13 @@ def build_invoices(
     through: int,
     vat_rate: Decimal,
     closed_at: str,
+    status: str = "closed",
+    identity: Identity | None = None,
 ) -> list[dict[str, Any]]:
     """The period's invoices from its billed usage (pure): one per licensee,
-    its lines in a fixed order and numbered, VAT on the subtotal, each with
-    the SHA-256 of its canonical bytes (``_content`` holds those bytes)."""
+    its lines in a fixed order and numbered, VAT on the subtotal; with
+    ``identity``, the parties, the currency and each line's dataset name,
+    tax code and VAT rate. Not yet sealed (:func:`seal`)."""
     by_licensee: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for group in usage:
         by_licensee[group.licensee].append(_line(group, splits[group.dataset, group.terms_version]))
@@ -397,14 +552,17 @@ def build_invoices(
         )
         for number, line in enumerate(lines, 1):
             line["line_no"] = number
+            if identity is not None:
+                name, tax_code = identity.datasets.get(line["dataset"], (line["dataset"], ""))
+                line.update(dataset_name=name, tax_code=tax_code, vat_rate=str(vat_rate))
         subtotal = sum(line["amount_fen"] for line in lines)
         vat = vat_of(subtotal, vat_rate)
         invoice: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT if identity is None else FORMAT_V2,
             "id": invoice_id(period, licensee),
             "licensee_id": licensee,
             "period": period,
-            "status": "closed",
+            "status": status,
             "closed_at": closed_at,
             "covers": {"after_seq": after, "through_seq": through},
             "calls": sum(line["calls"] for line in lines),
@@ -414,11 +572,23 @@ def build_invoices(
             "vat_fen": vat,
             "total_fen": subtotal + vat,
         }
-        content = canonical(invoice)
-        invoice["content_hash"] = hashlib.sha256(content).hexdigest()
-        invoice["_content"] = content
+        if identity is not None:
+            invoice.update(
+                currency=identity.currency,
+                seller=identity.seller,
+                buyer=identity.buyers.get(licensee, {"name": "", "credit_code": ""}),
+            )
         invoices.append(invoice)
     return invoices
+
+
+def seal(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with the SHA-256 of its canonical bytes (``content_hash``;
+    ``_content`` holds the bytes, for storing)."""
+    content = canonical({k: v for k, v in document.items() if k != "_content"})
+    document["content_hash"] = hashlib.sha256(content).hexdigest()
+    document["_content"] = content
+    return document
 
 
 async def _store(
@@ -465,6 +635,9 @@ async def _store(
                 "closed_at": now,
                 "content_hash": inv["content_hash"],
                 "content": inv.pop("_content").decode(),
+                "number": inv.get("number"),
+                "issued_at": now if inv.get("number") else None,
+                "due_at": inv.get("due_at"),
             }
             for inv in invoices
         ],
@@ -517,24 +690,45 @@ async def _copy_billed(conn: AsyncConnection, period: str, wheres: tuple[tuple[A
 
 
 async def _close(
-    conn: AsyncConnection, period: Period, vat_rate: Decimal, now: datetime, progress: Progress
+    conn: AsyncConnection,
+    period: Period,
+    vat_rate: Decimal,
+    now: datetime,
+    progress: Progress,
+    issuer: Issuer,
 ) -> Closed:
-    """The order check, the usage summed, the invoices built, stored, and the
-    billed calls copied: one transaction."""
+    """The order check, the usage summed, the invoices built, numbered,
+    registered, stored, and the billed calls copied: one transaction."""
     name = period.name
-    after = await _in_order(conn, period)
-    state = await conn.scalar(select(_STATE.c.next_seq))
-    through = int(state) - 1 if state is not None else 0
-    usage_where, late_where = _billed(name, after, through)
-    usage = await _aggregate(conn, usage_where, USAGE)
-    progress(1, STEPS)
-    usage += await _aggregate(conn, late_where, LATE)
-    progress(2, STEPS)
-    splits = await _splits(conn, {(u.dataset, u.terms_version) for u in usage})
+    after, through, usage, splits = await _usage(conn, period, progress)
     closed_at = rfc3339(now)
+    identity = await load_identity(conn, issuer.settings, usage)
     invoices = build_invoices(
-        usage, splits, period=name, after=after, through=through, vat_rate=vat_rate, closed_at=closed_at
+        usage,
+        splits,
+        period=name,
+        after=after,
+        through=through,
+        vat_rate=vat_rate,
+        closed_at=closed_at,
+        status=ISSUED,
+        identity=identity,
     )
+    due = (now.astimezone(ZoneInfo(issuer.settings.billing.time_zone)).date()) + timedelta(
+        days=issuer.settings.billing.payment_terms_days
+    )
+    for invoice in invoices:
+        numbered = await register.next_number(conn, issuer.settings, register.INVOICE, now)
+        invoice.update(number=numbered.number, issued_at=closed_at, due_at=due.isoformat())
+        seal(invoice)
+        await register.register(
+            conn,
+            issuer.signer,
+            numbered,
+            document_id=invoice["id"],
+            issued_at=now,
+            content_hash=invoice["content_hash"],
+        )
     first_seq = min((u.first_seq for u in usage), default=0)
     await _store(
         conn,
@@ -549,11 +743,11 @@ async def _close(
     )
     progress(3, STEPS)
     if invoices:
-        await _copy_billed(conn, name, (usage_where, late_where))
+        await _copy_billed(conn, name, _billed(name, after, through))
     progress(4, STEPS)
     await admin_log.record(
         conn,
-        "billing.close",
+        "billing.issue",
         name,
         after={
             "period": name,
@@ -564,6 +758,61 @@ async def _close(
         },
     )
     return Closed(name, False, after, through, closed_at, invoices)
+
+
+async def _usage(
+    conn: AsyncConnection, period: Period, progress: Progress = _quiet
+) -> tuple[int, int, list[Usage], dict[tuple[str, int], tuple[int, int, int]]]:
+    """What ``period`` bills now: the order check, then its own and its late
+    usage up to the ledger's newest record, and their revenue splits."""
+    name = period.name
+    after = await _in_order(conn, period)
+    state = await conn.scalar(select(_STATE.c.next_seq))
+    through = int(state) - 1 if state is not None else 0
+    usage_where, late_where = _billed(name, after, through)
+    usage = await _aggregate(conn, usage_where, USAGE)
+    progress(1, STEPS)
+    usage += await _aggregate(conn, late_where, LATE)
+    progress(2, STEPS)
+    splits = await _splits(conn, {(u.dataset, u.terms_version) for u in usage})
+    return after, through, usage, splits
+
+
+async def load_identity(conn: AsyncConnection, settings: Settings, usage: list[Usage]) -> Identity:
+    """The parties and dataset names and tax codes of ``usage``'s invoices, as they are now."""
+    licensees = sorted({u.licensee for u in usage})
+    datasets = sorted({u.dataset for u in usage})
+    buyers: dict[str, dict[str, str]] = {}
+    if licensees:
+        rows = await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id.in_(licensees)))
+        buyers = {
+            r.id: {
+                "name": r.name,
+                "credit_code": r.credit_code,
+                "address": r.address,
+                "bank": r.bank,
+                "account": r.account,
+            }
+            for r in rows
+        }
+    names: dict[str, tuple[str, str]] = {}
+    if datasets:
+        rows = await conn.execute(
+            select(_DATASETS.c.id, _DATASETS.c.name, _DATASETS.c.tax_code).where(_DATASETS.c.id.in_(datasets))
+        )
+        names = {r.id: (r.name, r.tax_code or settings.billing.tax_code) for r in rows}
+    seller = settings.billing.seller
+    return Identity(
+        seller={
+            "name": seller.name,
+            "credit_code": seller.credit_code,
+            "address": seller.address,
+            "bank": seller.bank,
+            "account": seller.account,
+        },
+        buyers=buyers,
+        datasets=names,
+    )
 
 
 async def _splits(
@@ -607,19 +856,49 @@ async def _invoices(conn: AsyncConnection, *where: Any) -> list[dict[str, Any]]:
 
 
 async def list_invoices(
-    engine: AsyncEngine, *, period: str | None = None, licensee_id: str | None = None
+    engine: AsyncEngine,
+    *,
+    period: str | None = None,
+    licensee_id: str | None = None,
+    settings: Settings | None = None,
 ) -> list[dict[str, Any]]:
-    """Closed invoices, by id; of one period and/or one licensee."""
+    """Issued invoices, by id; of one period and/or one licensee. With
+    ``settings``, the drafts of the period closed for review too."""
     where = []
     if period is not None:
         where.append(_INVOICES.c.period == period)
     if licensee_id is not None:
         where.append(_INVOICES.c.licensee_id == licensee_id)
     async with engine.connect() as conn:
-        return await _invoices(conn, *where)
+        found = await _invoices(conn, *where)
+        held = await _held(conn) if settings is not None else None
+    if settings is not None and held is not None and period in (None, held):
+        drafted = await drafts(engine, parse_period(held, ZoneInfo(settings.billing.time_zone)), settings)
+        if drafted.draft:
+            found += [inv for inv in drafted.invoices if licensee_id in (None, inv["licensee_id"])]
+    return found
 
 
-async def get_invoice(engine: AsyncEngine, invoice: str) -> dict[str, Any] | None:
+async def _held(conn: AsyncConnection) -> str | None:
+    """The period closed for review and not yet issued, if any."""
+    return cast(
+        "str | None",
+        await conn.scalar(
+            select(_DRAFTS.c.period).where(_DRAFTS.c.period.not_in(select(_CLOSES.c.period))).limit(1)
+        ),
+    )
+
+
+async def get_invoice(
+    engine: AsyncEngine, invoice: str, settings: Settings | None = None
+) -> dict[str, Any] | None:
+    """An issued invoice; with ``settings``, or a draft of the period closed for review."""
     async with engine.connect() as conn:
         found = await _invoices(conn, _INVOICES.c.id == invoice)
-    return found[0] if found else None
+        held = await _held(conn) if not found and settings is not None else None
+    if found:
+        return found[0]
+    if held is None or settings is None or not invoice.startswith(f"inv-{held}-"):
+        return None
+    drafted = await drafts(engine, parse_period(held, ZoneInfo(settings.billing.time_zone)), settings)
+    return next((inv for inv in drafted.invoices if inv["id"] == invoice), None)

@@ -55,8 +55,17 @@ class InvoiceRow(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     #: The invoice as canonical JSON (sorted keys, compact): what was hashed.
     content: Mapped[str] = mapped_column(Text)
+    #: Given at issue (``billing.register``); empty on invoices issued before numbers.
+    number: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: ``YYYY-MM-DD`` in the billing time zone.
+    due_at: Mapped[str | None] = mapped_column(String(10), nullable=True)
 
-    __table_args__ = (UniqueConstraint("licensee_id", "period"), Index("ix_invoices_period", "period"))
+    __table_args__ = (
+        UniqueConstraint("licensee_id", "period"),
+        Index("ix_invoices_period", "period"),
+        Index("ux_invoices_number", "number", unique=True),
+    )
 
 
 class InvoiceLineRow(Base):
@@ -111,6 +120,40 @@ class InvoiceCallRow(Base):
     charge_e4: Mapped[int] = mapped_column(BigInteger)
 
 
+class BillingDraftRow(Base):
+    """A period closed for review: its invoices are drafts, computed from the
+    call record when read, until it is issued (``billing_closes``)."""
+
+    __tablename__ = "billing_drafts"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RegisterRow(Base):
+    """One issued document in the billing register's hash chain (``billing.register``)."""
+
+    __tablename__ = "billing_register"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    document_id: Mapped[str] = mapped_column(String(120))
+    series: Mapped[str] = mapped_column(String(60))
+    series_no: Mapped[int] = mapped_column(BigInteger)
+    number: Mapped[str] = mapped_column(String(40), unique=True)
+    #: Canonical JSON of the entry; ``hash`` chains it to the one before.
+    body: Mapped[str] = mapped_column(Text)
+    hash: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    #: Hex of the ledger key's signature of ``hash``.
+    signature: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("series", "series_no", name="uq_billing_register_series"),
+        UniqueConstraint("kind", "document_id", name="uq_billing_register_document"),
+    )
+
+
 class BillingNoteRow(Base):
     """A credit or debit note: a correction of a closed invoice, issued in a
     later period. Notes of one invoice are numbered 1, 2, ... (``note_no``,
@@ -143,8 +186,11 @@ class BillingNoteRow(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     #: The note as canonical JSON (sorted keys, compact): what was hashed.
     content: Mapped[str] = mapped_column(Text)
+    #: Given at issue (``billing.register``); empty on notes issued before numbers.
+    number: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("invoice_id", "note_no"),
         Index("ix_billing_notes_period", "period"),
+        Index("ux_billing_notes_number", "number", unique=True),
     )

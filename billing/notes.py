@@ -42,18 +42,24 @@ from sqlalchemy import Table, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from billing import register
 from billing.invoices import canonical
 from billing.models import BillingNoteRow, InvoiceRow
+from billing.register import Issuer
 from core.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
 from core.money import E4, allocate, vat_of
 from ledger import admin_log
 from ledger.chain import rfc3339
+from licensing.models import LicenseeRow
 from metering.periods import period_of
 
 _NOTES = cast(Table, BillingNoteRow.__table__)
 _INVOICES = cast(Table, InvoiceRow.__table__)
+_LICENSEES = cast(Table, LicenseeRow.__table__)
 
 FORMAT: Final = "pdg.note.v1"
+#: Numbered, naming the parties, in the billing register.
+FORMAT_V2: Final = "pdg.note.v2"
 CREDIT: Final = "credit"
 DEBIT: Final = "debit"
 KINDS: Final = (CREDIT, DEBIT)
@@ -92,10 +98,12 @@ async def issue_note(
     reason: str,
     issued_by: str,
     now: datetime,
-    tz: ZoneInfo,
+    issuer: Issuer,
     line_no: int | None = None,
 ) -> dict[str, Any]:
-    """Issue a note on ``invoice_id`` (see the module docstring) and return it.
+    """Issue a note on ``invoice_id`` (see the module docstring) and return
+    it: numbered in its kind's series and signed into the billing register
+    by ``issuer``, naming the seller and the buyer.
 
     NotFoundError for no such invoice; ValidationFailedError for a bad field;
     ConflictError when the note would exceed the invoice (or line), or when
@@ -104,7 +112,7 @@ async def issue_note(
     for _ in range(_ATTEMPTS):
         try:
             async with engine.begin() as conn:
-                return await _issue(conn, invoice_id, kind, amount_fen, text, issued_by, now, tz, line_no)
+                return await _issue(conn, invoice_id, kind, amount_fen, text, issued_by, now, issuer, line_no)
         except IntegrityError:
             continue  # another note took this number: check again with it counted
     raise ConflictError(f"other notes on {invoice_id} are being issued: try again")
@@ -118,9 +126,10 @@ async def _issue(
     reason: str,
     issued_by: str,
     now: datetime,
-    tz: ZoneInfo,
+    issuer: Issuer,
     line_no: int | None,
 ) -> dict[str, Any]:
+    tz = ZoneInfo(issuer.settings.billing.time_zone)
     row = (await conn.execute(select(_INVOICES).where(_INVOICES.c.id == invoice_id))).first()
     if row is None:
         raise NotFoundError(f"no invoice {invoice_id}")
@@ -200,8 +209,28 @@ async def _issue(
             "subtotal_fen": invoice["subtotal_fen"] - credited + debited,
         },
     }
+    if line is not None:
+        note.update(dataset=line["dataset"], purpose=line["purpose"], dataset_name=line.get("dataset_name"))
+    register_kind = register.CREDIT_NOTE if kind == CREDIT else register.DEBIT_NOTE
+    numbered = await register.next_number(conn, issuer.settings, register_kind, now)
+    note.update(
+        format=FORMAT_V2,
+        number=numbered.number,
+        invoice_number=invoice.get("number"),
+        currency=invoice.get("currency", "CNY"),
+        seller=_seller(issuer),
+        buyer=invoice.get("buyer") or await _buyer(conn, invoice["licensee_id"]),
+    )
     content = canonical(note)
     note["content_hash"] = hashlib.sha256(content).hexdigest()
+    await register.register(
+        conn,
+        issuer.signer,
+        numbered,
+        document_id=note["id"],
+        issued_at=now,
+        content_hash=note["content_hash"],
+    )
     await conn.execute(
         _NOTES.insert().values(
             id=note["id"],
@@ -221,10 +250,36 @@ async def _issue(
             issued_at=now,
             content_hash=note["content_hash"],
             content=content.decode(),
+            number=numbered.number,
         )
     )
     await admin_log.record(conn, f"note.{kind}", note["id"], after=note)
     return note
+
+
+def _seller(issuer: Issuer) -> dict[str, str]:
+    seller = issuer.settings.billing.seller
+    return {
+        "name": seller.name,
+        "credit_code": seller.credit_code,
+        "address": seller.address,
+        "bank": seller.bank,
+        "account": seller.account,
+    }
+
+
+async def _buyer(conn: AsyncConnection, licensee_id: str) -> dict[str, str]:
+    """The buyer of an invoice issued before invoices named one: the licensee as it is now."""
+    row = (await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id == licensee_id))).first()
+    if row is None:
+        return {"name": "", "credit_code": "", "address": "", "bank": "", "account": ""}
+    return {
+        "name": row.name,
+        "credit_code": row.credit_code,
+        "address": row.address,
+        "bank": row.bank,
+        "account": row.account,
+    }
 
 
 async def list_notes(

@@ -32,6 +32,12 @@ Each difference names a call by its id and a cause:
 ``invoice-line-altered``
     the line that billed this call: its row in ``invoice_lines`` disagrees
     with the invoice's hashed content (or is missing).
+``note-altered`` / ``register-altered``
+    (no call) a note on one of the period's invoices, or issued in it, is
+    not what the billing register signed at its issue; or the register's
+    chain, signatures or numbering are broken (``billing.register``). An
+    invoice that is not what was issued is ``invoice-altered``, even when its
+    content, hash and rows were rewritten together.
 ``price-mismatch``
     a billed call whose charge is not what the terms it names price it at:
     the tier price at its position (the n-th paid call of its licence,
@@ -80,8 +86,9 @@ from sqlalchemy import BigInteger, Table, and_, func, not_, or_, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from billing import register
 from billing.invoices import billable
-from billing.models import BillingCloseRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.models import BillingCloseRow, BillingNoteRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
 from core.errors import ConflictError
 from core.money import fen_to_e4
 from ledger import audit
@@ -99,6 +106,7 @@ _CLOSES = cast(Table, BillingCloseRow.__table__)
 _INVOICES = cast(Table, InvoiceRow.__table__)
 _LINES = cast(Table, InvoiceLineRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
+_NOTES = cast(Table, BillingNoteRow.__table__)
 _TERMS = cast(Table, DatasetTermsRow.__table__)
 
 LEDGER_CHAIN: Final = "ledger-chain"
@@ -107,6 +115,8 @@ RECORD_ALTERED: Final = "record-altered"
 UNBILLED: Final = "unbilled"
 INVOICE_ALTERED: Final = "invoice-altered"
 LINE_ALTERED: Final = "invoice-line-altered"
+NOTE_ALTERED: Final = "note-altered"
+REGISTER_ALTERED: Final = "register-altered"
 PRICE_MISMATCH: Final = "price-mismatch"
 COUNTER_MISMATCH: Final = "counter-mismatch"
 #: The causes, in the order differences are listed.
@@ -117,6 +127,8 @@ CAUSES: Final = (
     UNBILLED,
     INVOICE_ALTERED,
     LINE_ALTERED,
+    NOTE_ALTERED,
+    REGISTER_ALTERED,
     PRICE_MISMATCH,
     COUNTER_MISMATCH,
 )
@@ -256,6 +268,7 @@ async def reconcile(
     # The period's billed calls: by seq range and invoice, never a join per invoice.
     billed_range = and_(_BILLED.c.seq.between(first, through), _BILLED.c.invoice_id.in_(ids))
     report = await audit.verify(engine, public_keys)
+    documents = await register.verify(engine, public_keys)
     tick(1, STEPS)
     found = _Differences(limit)
     async with _snapshot(engine) as conn:
@@ -278,7 +291,9 @@ async def reconcile(
             or 0
         )
         tick(3, STEPS)
-        invoices, lines = await _check_invoices(conn, found, name, billed_range)
+        issued = {p["document_id"]: p["detail"] for p in documents.problems if p["cause"] == INVOICE_ALTERED}
+        invoices, lines = await _check_invoices(conn, found, name, billed_range, issued)
+        await _check_notes(conn, found, name, documents.problems)
         tick(4, STEPS)
         await _check_prices(conn, found, name, interleaved=isinstance(client, RedisCluster))
         tick(5, STEPS)
@@ -391,10 +406,38 @@ async def _check_unbilled(
         )
 
 
+async def _check_notes(
+    conn: AsyncConnection, found: _Differences, period: str, problems: list[dict[str, Any]]
+) -> None:
+    """What the billing register found wrong with a note on one of the
+    period's invoices or issued in it, and any break in the register itself
+    (``billing.register``)."""
+    notes = {
+        r.id: r.invoice_id
+        for r in await conn.execute(
+            select(_NOTES.c.id, _NOTES.c.invoice_id)
+            .select_from(_NOTES.join(_INVOICES, _INVOICES.c.id == _NOTES.c.invoice_id))
+            .where(or_(_NOTES.c.period == period, _INVOICES.c.period == period))
+        )
+    }
+    for problem in problems:
+        if problem["cause"] == NOTE_ALTERED and problem["document_id"] in notes:
+            found.add(
+                None,
+                NOTE_ALTERED,
+                f"note {problem['number']} ({problem['document_id']}): {problem['detail']}",
+                invoice_id=notes[problem["document_id"]],
+            )
+        elif problem["cause"] == REGISTER_ALTERED:
+            found.add(None, REGISTER_ALTERED, f"billing register entry {problem['seq']}: {problem['detail']}")
+
+
 async def _check_invoices(
-    conn: AsyncConnection, found: _Differences, period: str, billed_range: Any
+    conn: AsyncConnection, found: _Differences, period: str, billed_range: Any, issued: dict[str, str]
 ) -> tuple[int, int]:
-    """Each invoice's content against its hash and its rows; the calls of what differs."""
+    """Each invoice's content against its hash and its rows, and against
+    what the billing register signed at its issue (``issued``: what the
+    register found wrong, by invoice id); the calls of what differs."""
     invoices = (await conn.execute(select(_INVOICES).where(_INVOICES.c.period == period))).all()
     line_rows: dict[str, dict[int, Any]] = {}
     for r in await conn.execute(
@@ -410,6 +453,8 @@ async def _check_invoices(
         except orjson.JSONDecodeError:
             content = {}
         said = _invoice_said(inv, content)
+        if not said and inv.id in issued:
+            said = f"is not what was issued ({issued[inv.id]})"
         if said:
             for call_id, seq in await _calls_of(conn, billed_range, inv.id):
                 found.add(

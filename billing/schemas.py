@@ -4,7 +4,7 @@ models for its OpenAPI document; the JSON itself is what
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
@@ -43,6 +43,23 @@ class InvoiceLine(BaseModel):
     amount_fen: int
     split: LineSplit
     revenue_split: RevenueShares
+    #: The dataset's name, its tax classification code and the line's VAT
+    #: rate, as they were when the invoice was made (absent before v2).
+    dataset_name: str | None = None
+    tax_code: str | None = None
+    vat_rate: str | None = None
+
+
+class Party(BaseModel):
+    """The seller (the operating company) or the buyer (a licensee), copied
+    into the document when it was made."""
+
+    name: str
+    #: Unified social credit code (empty when none is configured).
+    credit_code: str
+    address: str = ""
+    bank: str = ""
+    account: str = ""
 
 
 class Covers(BaseModel):
@@ -58,8 +75,20 @@ class Invoice(BaseModel):
     id: str
     licensee_id: str
     period: str
-    status: Literal["closed"]
+    #: ``draft``: the period is closed for review, and the invoice is
+    #: computed from the call record when read; ``issued``: final, numbered
+    #: and registered; ``closed``: issued before drafts and numbers.
+    status: Literal["draft", "issued", "closed"]
+    #: When the period was closed (a draft) or the invoice issued.
     closed_at: AwareDatetime
+    #: Given at issue, gap-free in its series (null on a draft).
+    number: str | None = None
+    issued_at: AwareDatetime | None = None
+    #: ``YYYY-MM-DD``, the billing time zone's date payment is due.
+    due_at: str | None = None
+    currency: Literal["CNY"] | None = None
+    seller: Party | None = None
+    buyer: Party | None = None
     covers: Covers
     calls: int
     lines: list[InvoiceLine]
@@ -101,14 +130,28 @@ class LeftForNextClose(BaseModel):
 
 class ClosedPeriod(BaseModel):
     period: str
-    #: True when the period had been closed before: these are its invoices, unchanged.
+    #: ``draft``: closed for review (issue it to make the invoices final); ``issued``.
+    status: Literal["draft", "issued"]
+    #: True when the period had been issued before: these are its invoices, unchanged.
     already_closed: bool
     after_seq: int
     through_seq: int
     closed_at: AwareDatetime
     invoices: list[Invoice]
+    #: Of the drafts (null once issued): give it to the issue to insist
+    #: that what was reviewed is what is issued.
+    drafts_hash: str | None = None
     #: Null when the close billed every call its period served.
     pending: LeftForNextClose | None = None
+
+
+class IssueIn(BaseModel):
+    """``POST /admin/v1/billing/{period}/issue``: optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The ``drafts_hash`` reviewed: the issue is refused (409) if the drafts changed since.
+    drafts_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class Difference(BaseModel):
@@ -123,6 +166,9 @@ class Difference(BaseModel):
         "unbilled",
         "invoice-altered",
         "invoice-line-altered",
+        "note-altered",
+        "register-altered",
+        "price-mismatch",
         "counter-mismatch",
     ]
     detail: str
@@ -222,6 +268,17 @@ class Note(BaseModel):
     invoice_after: NoteAfter
     #: SHA-256 (hex) of the note's canonical JSON (sorted keys, compact, without this field).
     content_hash: str
+    #: Given at issue in the note kind's series (absent before v2), and the
+    #: number of the invoice it corrects.
+    number: str | None = None
+    invoice_number: str | None = None
+    currency: Literal["CNY"] | None = None
+    seller: Party | None = None
+    buyer: Party | None = None
+    #: The corrected line's dataset and purpose (a note on one line).
+    dataset: str | None = None
+    dataset_name: str | None = None
+    purpose: str | None = None
 
 
 class BillingExport(BaseModel):
@@ -234,3 +291,9 @@ class BillingExport(BaseModel):
     invoices: list[Invoice]
     #: The notes issued in the period (on invoices of earlier periods).
     notes: list[Note]
+    #: Names beside ids: each licensee's and each dataset's, as the
+    #: documents give them (else as the catalogue has them now).
+    licensees: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: By note id: the dataset and purpose of the line a note corrects.
+    note_lines: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -102,10 +102,12 @@ def _file_keys(settings: Settings, args: argparse.Namespace) -> dict[str, ec.Ell
 
 
 async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from billing import register
     from ledger import admin_log, audit
 
     witnessed: str | None = None
     admin: admin_log.AdminLogReport | None = None
+    documents: register.RegisterReport | None = None
     if args.witness and args.export:
         raise BadRequestError("--witness checks the ledger in the database, not an export")
     keys = _file_keys(settings, args)
@@ -122,6 +124,7 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
                 report = await audit.verify(engine, keys, progress=progress, since=args.since)
                 witnessed = await _witnessed(engine, args.witness) if args.witness else None
                 admin = await admin_log.verify(engine)
+                documents = await register.verify(engine, keys)
     data = report.as_dict()
     problem = report.problem
     if problem is not None and problem.kind == "checkpoint" and "unknown key id" in problem.reason:
@@ -134,11 +137,25 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             if admin.ok
             else f"\nadmin log verification FAILED at entry {admin.problem_seq}: {admin.reason}"
         )
+    if documents is not None:
+        data["billing_register"] = {
+            "ok": documents.ok,
+            "entries": documents.entries,
+            "problems": documents.problems,
+        }
+        if documents.ok:
+            text += f"\nbilling register OK: {documents.entries:,} issued documents chained and signed"
+        else:
+            text += "\nbilling register verification FAILED:" + "".join(
+                f"\n  {p['cause']} {p['number'] or '-'} ({p['document_id'] or '-'}): {p['detail']}"
+                for p in documents.problems
+            )
     if args.witness and not args.export:
         data["witness"] = {"ok": witnessed is None, "problem": witnessed}
         text += f"\nwitness check {'FAILED: ' + witnessed if witnessed else 'OK'}"
     emit(args, data, text)
-    return 0 if report.ok and witnessed is None and (admin is None or admin.ok) else 1
+    documents_ok = documents is None or documents.ok
+    return 0 if report.ok and witnessed is None and (admin is None or admin.ok) and documents_ok else 1
 
 
 async def _witnessed(engine: AsyncEngine, path: str) -> str | None:

@@ -56,9 +56,11 @@ def fen(amount: int) -> str:
 
 def statement(invoice: dict[str, Any]) -> str:
     """One invoice as a readable statement (amounts in yuan)."""
+    number = f"no. {invoice['number']}  " if invoice.get("number") else ""
+    due = f", due {invoice['due_at']}" if invoice.get("due_at") else ""
     out = [
-        f"invoice {invoice['id']}  licensee {invoice['licensee_id']}  period {invoice['period']}  "
-        f"({invoice['status']} {invoice['closed_at']})",
+        f"invoice {number}{invoice['id']}  licensee {invoice['licensee_id']}  period {invoice['period']}  "
+        f"({invoice['status']} {invoice['closed_at']}{due})",
         f"  {'#':>3}  {'dataset':<24} {'purpose':<16} {'kind':<13} {'calls':>10} {'records':>12} "
         f"{'amount':>14}   provider / operator / public fund",
     ]
@@ -94,19 +96,78 @@ async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
                 redis=lambda: deployment_redis(settings),
                 now=utcnow(),
                 allow_pending=args.allow_pending,
+                issue=args.issue,
                 progress=progress,
             )
-    data = closed.as_dict()
-    said = "was already closed" if closed.already_closed else "closed"
+    emit(args, closed.as_dict(), _closed_text(closed))
+    return 0
+
+
+async def billing_issue(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.invoices import issue_billing
+    from storage.db import utcnow
+    from storage.redis import deployment_redis
+
+    period = _period(settings, args.period)
+    async with migrated_engine(settings) as engine:
+        with progress_bar(f"issuing {period.name}") as progress:
+            issued = await issue_billing(
+                engine,
+                period,
+                settings=settings,
+                redis=lambda: deployment_redis(settings),
+                now=utcnow(),
+                allow_pending=args.allow_pending,
+                expect_drafts=args.drafts_hash,
+                progress=progress,
+            )
+    emit(args, issued.as_dict(), _closed_text(issued))
+    return 0
+
+
+def _closed_text(closed: Any) -> str:
     total = sum(inv["total_fen"] for inv in closed.invoices)
-    text = [
-        f"period {closed.period} {said}: {len(closed.invoices)} invoice(s), {fen(total)} CNY in all "
-        f"(records up to seq {closed.through_seq})"
-    ]
+    count = (
+        f"{len(closed.invoices)} invoice(s), {fen(total)} CNY in all (records up to seq {closed.through_seq})"
+    )
+    if closed.draft:
+        head = (
+            f"period {closed.period} closed for review: {count} as drafts\n"
+            f"  drafts hash {closed.as_dict()['drafts_hash']}\n"
+            f"  issue them: pdg billing issue {closed.period} --drafts-hash <that hash>"
+        )
+    else:
+        said = "was already issued" if closed.already_closed else "issued"
+        head = f"period {closed.period} {said}: {count}"
+    text = [head]
     if closed.pending is not None:
         text.append(pending_text(closed.pending))
     text += [statement(inv) for inv in closed.invoices]
-    emit(args, data, "\n\n".join(text))
+    return "\n\n".join(text)
+
+
+async def billing_pdf(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from billing.invoices import get_invoice
+    from billing.pdf import invoice_pdf
+    from ledger.audit.common import atomic_write
+
+    async with migrated_engine(settings) as engine:
+        invoice = await get_invoice(engine, args.invoice_id, settings)
+    if invoice is None:
+        raise NotFoundError(f"no invoice {args.invoice_id}")
+    body = invoice_pdf(invoice, lang=args.lang, time_zone=settings.billing.time_zone)
+    output = args.output or f"{invoice.get('number') or invoice['id']}.pdf"
+    try:
+        atomic_write(Path(output), body)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    emit(
+        args,
+        {"invoice": invoice["id"], "number": invoice.get("number"), "file": output, "bytes": len(body)},
+        f"wrote {output} ({len(body):,} bytes)",
+    )
     return 0
 
 
@@ -134,21 +195,20 @@ def pending_text(pending: dict[str, Any]) -> str:
 
 
 async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
-    from billing.export import period_books
     from billing.invoices import get_invoice
     from billing.notes import list_notes
 
     async with migrated_engine(settings) as engine:
         if _PERIOD.match(args.what):
             name = _period(settings, args.what).name
-            books = await period_books(engine, name, licensee_id=args.licensee)
+            books = await _books(engine, settings, name, args.licensee)
             if args.json:
                 # The invoices, as the admin API lists them (notes: billing export --format json).
                 emit(args, books["invoices"])
             else:
                 emit(args, books, period_table(books))
             return 0
-        invoice = await get_invoice(engine, args.what)
+        invoice = await get_invoice(engine, args.what, settings)
         notes = await list_notes(engine, invoice_id=args.what) if invoice is not None else []
     if invoice is None:
         raise NotFoundError(f"no invoice {args.what}")
@@ -157,6 +217,21 @@ async def billing_show(args: argparse.Namespace, settings: Settings) -> int:
         text += "\n  notes on it:\n" + "\n".join(note_line(n) for n in notes)
     emit(args, invoice, text)
     return 0
+
+
+async def _books(engine: Any, settings: Settings, period: str, licensee: str | None) -> dict[str, Any]:
+    """A period's invoices (its drafts, when it is closed for review) and the
+    notes issued in it; NotFoundError when there are neither."""
+    from billing.export import period_books
+    from billing.invoices import list_invoices
+
+    invoices = await list_invoices(engine, period=period, licensee_id=licensee, settings=settings)
+    if invoices and invoices[0]["status"] == "draft":
+        from billing.notes import list_notes
+
+        notes = await list_notes(engine, period=period, licensee_id=licensee)
+        return {"period": period, "closed": True, "invoices": invoices, "notes": notes}
+    return await period_books(engine, period, licensee_id=licensee)
 
 
 def period_table(books: dict[str, Any]) -> str:
@@ -211,7 +286,7 @@ def note_line(note: dict[str, Any]) -> str:
 
 async def billing_adjust(args: argparse.Namespace, settings: Settings) -> int:
     from billing.notes import issue_note, parse_kind
-    from metering.periods import zone
+    from billing.register import Issuer
     from storage.db import utcnow
 
     kind, amount = parse_kind(args.credit, args.debit)
@@ -225,13 +300,13 @@ async def billing_adjust(args: argparse.Namespace, settings: Settings) -> int:
             line_no=args.line,
             issued_by="cli",
             now=utcnow(),
-            tz=zone(settings.billing.time_zone),
+            issuer=Issuer.from_settings(settings),
         )
     after = note["invoice_after"]
     emit(
         args,
         note,
-        f"{kind} note {note['id']} issued in {note['period']}:\n{note_line(note)}\n"
+        f"{kind} note {note.get('number') or note['id']} issued in {note['period']}:\n{note_line(note)}\n"
         f"  {note['invoice_id']} now stands at {fen(after['subtotal_fen'])} CNY before VAT "
         f"({fen(after['credited_fen'])} credited, {fen(after['debited_fen'])} debited)",
     )
@@ -269,6 +344,63 @@ async def billing_export(args: argparse.Namespace, settings: Settings) -> int:
         f"of {name} to {path} ({fmt}, sha256 {hashlib.sha256(data).hexdigest()})\n"
     )
     return 0
+
+
+async def billing_report(args: argparse.Namespace, settings: Settings) -> int:
+    """``pdg billing summary`` / ``payouts``: a period's report, as a table,
+    or as a file (CSV, JSON, XLSX)."""
+    import sys
+    from pathlib import Path
+
+    from billing import reports
+    from ledger.audit.common import atomic_write
+
+    name = _period(settings, args.period).name
+    async with migrated_engine(settings) as engine:
+        if args.report == "summary":
+            report = await reports.period_summary(engine, name)
+        else:
+            report = await reports.period_payouts(engine, name)
+    fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else None)
+    if fmt is None:
+        rows = reports.summary_rows(report) if args.report == "summary" else reports.payout_rows(report)
+        emit(args, report, _report_table(rows))
+        return 0
+    if fmt not in reports.FORMATS:
+        raise BadRequestError(f"--format is csv, json or xlsx, not {fmt!r}")
+    if fmt == "xlsx" and not args.output:
+        raise BadRequestError("an XLSX report needs --output FILE")
+    data = reports.render(report, fmt)
+    if not args.output:
+        sys.stdout.buffer.write(data)
+        return 0
+    try:
+        atomic_write(Path(args.output), data)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write {args.output}: {exc.strerror or exc}") from exc
+    sys.stderr.write(f"wrote the {args.report} of {name} to {args.output} ({fmt})\n")
+    return 0
+
+
+def _report_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a table, amounts (``*_fen``) in yuan."""
+    if not rows:
+        return "(nothing)"
+    columns = list(dict.fromkeys(c for row in rows for c, v in row.items() if not isinstance(v, list | dict)))
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if column.endswith("_fen") and isinstance(value, int):
+            return fen(value)
+        return "" if value is None else str(value)
+
+    header = [c.removesuffix("_fen") for c in columns]
+    cells = [[cell(row, c) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in (header, *cells)) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(r, widths, strict=True)).rstrip()
+        for r in (header, *cells)
+    )
 
 
 async def billing_reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -315,7 +447,8 @@ def add_commands(sub: Any, common: Common) -> None:
 
     p = command(
         "close",
-        "close a period that has ended: one invoice per licensee (again: the same invoices)",
+        "close a period that has ended for review: one draft invoice per licensee, computed from the "
+        "call record until issued (again: the drafts as they are now)",
         billing_close,
     )
     p.add_argument("period", metavar="PERIOD", help="YYYY-MM, in the billing time zone")
@@ -323,8 +456,39 @@ def add_commands(sub: Any, common: Common) -> None:
         "--allow-pending",
         action="store_true",
         help="close even if calls of the period are still in flight or in the call-record log "
-        "(they are listed, and billed by the next close as late usage)",
+        "(they are listed, and billed once they land)",
     )
+    p.add_argument("--issue", action="store_true", help="issue the invoices at once, without review")
+    p = command(
+        "issue",
+        "issue a period closed for review: its drafts made final, numbered and signed",
+        billing_issue,
+    )
+    p.add_argument("period", metavar="PERIOD", help="YYYY-MM, a period closed for review")
+    p.add_argument(
+        "--drafts-hash",
+        metavar="HASH",
+        help="the drafts hash reviewed (from close or show): refused if the drafts changed since",
+    )
+    p.add_argument(
+        "--allow-pending",
+        action="store_true",
+        help="issue even if calls of the period are still in flight or in the call-record log "
+        "(billed by the next period as late usage)",
+    )
+    for report, what in (
+        ("summary", "a period across licensees: invoices, notes, totals, net revenue split"),
+        ("payouts", "a period per provider department and dataset: shares billed, net of notes"),
+    ):
+        p = command(report, what, billing_report)
+        p.set_defaults(report=report)
+        p.add_argument("period", metavar="PERIOD", help="YYYY-MM")
+        p.add_argument("--format", choices=("csv", "json", "xlsx"), help="default: a table (or by --output)")
+        p.add_argument("--output", "-o", metavar="FILE", help="write here (XLSX needs it)")
+    p = command("pdf", "write an invoice as a PDF (Chinese, or --lang en)", billing_pdf)
+    p.add_argument("invoice_id", metavar="INVOICE_ID")
+    p.add_argument("--lang", choices=("zh", "en"), default="zh")
+    p.add_argument("--output", "-o", metavar="FILE", help="default: NUMBER.pdf in this folder")
     p = command("show", "print a period's invoices, or one invoice", billing_show)
     p.add_argument("what", metavar="PERIOD|INVOICE_ID")
     p.add_argument("--licensee", help="only this licensee's invoice (with PERIOD)")

@@ -245,6 +245,7 @@ def _dataset_payload(args: argparse.Namespace) -> dict[str, Any]:
             "path": "paths",
             "max_response_bytes": "max_response_bytes",
             "max_records_per_call": "max_records_per_call",
+            "tax_code": "tax_code",
         },
     )
     price = dict(data.get("price") or {})
@@ -324,7 +325,18 @@ async def dataset_terms(args: argparse.Namespace, settings: Settings) -> int:
 async def licensee_create(args: argparse.Namespace, settings: Settings) -> int:
     data = schemas.parse(
         schemas.LicenseeIn,
-        _fields(args, {"id": "id", "name": "name", "credit_code": "credit_code", "contact": "contact"}),
+        _fields(
+            args,
+            {
+                "id": "id",
+                "name": "name",
+                "credit_code": "credit_code",
+                "contact": "contact",
+                "address": "address",
+                "bank": "bank",
+                "account": "account",
+            },
+        ),
     )
     async with services(settings) as s:
         created = await s.registry.create_licensee(data)
@@ -648,6 +660,7 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("--timeout", type=float, help="a call's whole time upstream, in seconds")
         p.add_argument("--idle-timeout", type=float, help="the longest silence of the upstream, in seconds")
         p.add_argument("--description")
+        p.add_argument("--tax-code", help="its invoice lines' tax classification code (税收分类编码)")
         _operation_flags(p, "the dataset serves")
         p.add_argument("--max-response-bytes", type=int, help="largest response relayed")
         p.add_argument(
@@ -670,6 +683,9 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--name")
     p.add_argument("--credit-code", help="18-character unified social credit code")
     p.add_argument("--contact")
+    p.add_argument("--address", help="as invoices name the buyer")
+    p.add_argument("--bank", help="the buyer's bank, as invoices name it")
+    p.add_argument("--account", help="the buyer's bank account, as invoices name it")
     command(licensees, "list", "list licensees", licensee_list)
     command(licensees, "show", "show a licensee", licensee_show, "licensee_id")
 

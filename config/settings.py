@@ -245,11 +245,57 @@ class ProxySettings(_Section):
     client_certificates: dict[str, ClientCertificate] = Field(default_factory=dict)
 
 
+class SellerSettings(_Section):
+    """The operating company, as every issued invoice and note names it."""
+
+    #: Its legal name.
+    name: str = Field("", max_length=200)
+    #: Its unified social credit code (GB 32100-2015; its check digit is
+    #: checked when a document is issued), or empty.
+    credit_code: str = Field("", pattern=r"^([0-9A-HJ-NPQRTUWXY]{18})?$")
+    address: str = Field("", max_length=300)
+    #: The bank and the account payments go to.
+    bank: str = Field("", max_length=200)
+    account: str = Field("", max_length=64)
+
+
+#: The fields a document number format may name.
+_NUMBER_FIELDS = {"year", "n"}
+
+
 class BillingSettings(_Section):
     #: Periods are calendar months in this IANA time zone.
     time_zone: str = "Asia/Shanghai"
     #: VAT on invoices, shown as its own amount (a decimal, at most 4 places).
     vat_rate: str = "0.06"
+    #: The tax classification code (税收分类编码) of a line whose dataset names
+    #: none; empty: none.
+    tax_code: str = Field("", pattern=r"^[0-9]{0,19}$")
+    #: Days from an invoice's issue to its due date.
+    payment_terms_days: int = Field(30, ge=0, le=365)
+    #: Numbers given at issue, gap-free per series: ``{n}`` is the number in
+    #: the series (with a format spec, ``{n:06d}``), ``{year}`` the year of
+    #: issue in the billing time zone (a series per year when named).
+    invoice_number_format: str = "PDG-{year}-{n:06d}"
+    credit_note_number_format: str = "PDG-CN-{year}-{n:06d}"
+    debit_note_number_format: str = "PDG-DN-{year}-{n:06d}"
+    seller: SellerSettings = SellerSettings()
+
+    @field_validator("invoice_number_format", "credit_note_number_format", "debit_note_number_format")
+    @classmethod
+    def _number_format(cls, value: str) -> str:
+        import string
+
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+            sample = value.format(year=2026, n=1)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"{value!r} is not a number format ({exc})") from exc
+        if "n" not in names or not names <= _NUMBER_FIELDS:
+            raise ValueError(f"{value!r} must name {{n}} and nothing but {{n}} and {{year}}")
+        if not 0 < len(sample) <= 40:
+            raise ValueError(f"{value!r} makes numbers of more than 40 characters")
+        return value
 
     @field_validator("vat_rate")
     @classmethod
@@ -486,6 +532,16 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_EMBEDDED_FSYNC": "storage.embedded_fsync",
     "PDG_BILLING_TIME_ZONE": "billing.time_zone",
     "PDG_BILLING_VAT_RATE": "billing.vat_rate",
+    "PDG_BILLING_TAX_CODE": "billing.tax_code",
+    "PDG_BILLING_PAYMENT_TERMS_DAYS": "billing.payment_terms_days",
+    "PDG_INVOICE_NUMBER_FORMAT": "billing.invoice_number_format",
+    "PDG_CREDIT_NOTE_NUMBER_FORMAT": "billing.credit_note_number_format",
+    "PDG_DEBIT_NOTE_NUMBER_FORMAT": "billing.debit_note_number_format",
+    "PDG_SELLER_NAME": "billing.seller.name",
+    "PDG_SELLER_CREDIT_CODE": "billing.seller.credit_code",
+    "PDG_SELLER_ADDRESS": "billing.seller.address",
+    "PDG_SELLER_BANK": "billing.seller.bank",
+    "PDG_SELLER_ACCOUNT": "billing.seller.account",
     "PDG_ACCESS_TOKEN_TTL_SECONDS": "tokens.access_token_ttl_seconds",
     "PDG_TOKEN_LEEWAY_SECONDS": "tokens.leeway_seconds",
     "PDG_TOKEN_ALGORITHM": "tokens.algorithm",

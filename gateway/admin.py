@@ -10,6 +10,7 @@ resources answer 404, as if they did not exist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -18,13 +19,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from billing import reports
 from billing import schemas as billing_schemas
 from billing.export import FORMATS as EXPORT_FORMATS
 from billing.export import MEDIA_TYPES as EXPORT_MEDIA_TYPES
 from billing.export import period_books, render
-from billing.invoices import close_billing, get_invoice, list_invoices
+from billing.invoices import close_billing, get_invoice, issue_billing, list_invoices
 from billing.notes import issue_note, list_notes
+from billing.pdf import LANGS as PDF_LANGUAGES
+from billing.pdf import invoice_pdf
 from billing.reconcile import reconcile
+from billing.register import Issuer
 from core.errors import (
     AdminAuthError,
     BadRequestError,
@@ -239,9 +244,6 @@ async def close_billing_period(request: web.Request, principal: AdminPrincipal) 
     ``conflict`` while calls stay in flight, 503 ``ledger-unavailable`` when
     the log cannot be reached or moved (the problem's ``pending`` says what)."""
     period = _period_param(request, request.match_info["period"])
-    raw = request.query.get("allow_pending", "false")
-    if raw not in ("true", "false"):
-        raise ValidationFailedError("allow_pending", "true or false")
     client = request.app[REDIS]
     closed = await close_billing(
         request.app[ENGINE],
@@ -249,9 +251,35 @@ async def close_billing_period(request: web.Request, principal: AdminPrincipal) 
         settings=request.app[SETTINGS],
         redis=lambda: contextlib.nullcontext(client),
         now=request.app[CLOCK].now(),
-        allow_pending=raw == "true",
+        allow_pending=_flag(request, "allow_pending"),
+        issue=_flag(request, "issue"),
     )
     return _json(closed.as_dict(), 200 if closed.already_closed else 201)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false")
+    if raw not in ("true", "false"):
+        raise ValidationFailedError(name, "true or false")
+    return raw == "true"
+
+
+async def issue_billing_period(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """Issue a period closed for review (``billing.invoices.issue_billing``)."""
+    period = _period_param(request, request.match_info["period"])
+    body = await _body(request) if request.body_exists else {}
+    issue_in = schemas.parse(billing_schemas.IssueIn, body)
+    client = request.app[REDIS]
+    issued = await issue_billing(
+        request.app[ENGINE],
+        period,
+        settings=request.app[SETTINGS],
+        redis=lambda: contextlib.nullcontext(client),
+        now=request.app[CLOCK].now(),
+        allow_pending=_flag(request, "allow_pending"),
+        expect_drafts=issue_in.drafts_hash,
+    )
+    return _json(issued.as_dict(), 200 if issued.already_closed else 201)
 
 
 async def list_invoices_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -262,7 +290,11 @@ async def list_invoices_handler(request: web.Request, principal: AdminPrincipal)
         wanted = principal.own_licensee
     name = request.query.get("period")
     period = _period_param(request, name).name if name is not None else None
-    return _json(await list_invoices(request.app[ENGINE], period=period, licensee_id=wanted))
+    return _json(
+        await list_invoices(
+            request.app[ENGINE], period=period, licensee_id=wanted, settings=request.app[SETTINGS]
+        )
+    )
 
 
 #: Differences a reconciliation lists unless ``limit`` says otherwise (all are counted).
@@ -299,7 +331,7 @@ async def issue_note_handler(request: web.Request, principal: AdminPrincipal) ->
         line_no=note_in.line_no,
         issued_by=principal.token_id,
         now=request.app[CLOCK].now(),
-        tz=zone(request.app[SETTINGS].billing.time_zone),
+        issuer=Issuer.from_settings(request.app[SETTINGS]),
     )
     return _json(note, 201, location=f"/admin/v1/invoices/{wanted}/notes")
 
@@ -331,10 +363,37 @@ async def export_billing(request: web.Request, principal: AdminPrincipal) -> web
     )
 
 
+async def billing_report_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """A period's summary across licensees, or its payouts per provider
+    department (``format``: json, the default, csv or xlsx): the operating
+    company's, so never a licensee's to see."""
+    period = _period_param(request, request.match_info["period"])
+    if principal.own_licensee is not None:
+        raise NotFoundError(f"no report for {period.name}")
+    fmt = request.query.get("format", "json")
+    if fmt not in reports.FORMATS:
+        raise ValidationFailedError("format", f"one of {', '.join(reports.FORMATS)}")
+    kind = request.path.rsplit("/", 1)[-1]
+    engine = request.app[ENGINE]
+    report = await (reports.period_summary if kind == "summary" else reports.period_payouts)(
+        engine, period.name
+    )
+    if fmt == "json":
+        return _json(report)
+    return web.Response(
+        body=await asyncio.to_thread(reports.render, report, fmt),
+        headers={
+            "Content-Type": EXPORT_MEDIA_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="pdg-billing-{kind}-{period.name}.{fmt}"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
 async def _visible_invoice(request: web.Request, principal: AdminPrincipal) -> dict[str, Any]:
     """The ``{id}`` invoice, if the principal may see it (else 404)."""
     wanted = request.match_info["id"]
-    invoice = await get_invoice(request.app[ENGINE], wanted)
+    invoice = await get_invoice(request.app[ENGINE], wanted, request.app[SETTINGS])
     if invoice is None:
         raise NotFoundError(f"no invoice {wanted}")
     _own(principal, invoice["licensee_id"], f"invoice {wanted}")
@@ -343,6 +402,25 @@ async def _visible_invoice(request: web.Request, principal: AdminPrincipal) -> d
 
 async def get_invoice_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
     return _json(await _visible_invoice(request, principal))
+
+
+async def invoice_pdf_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """The invoice as a PDF (``lang``: zh, the default, or en)."""
+    lang = request.query.get("lang", "zh")
+    if lang not in PDF_LANGUAGES:
+        raise ValidationFailedError("lang", f"one of {', '.join(PDF_LANGUAGES)}")
+    invoice = await _visible_invoice(request, principal)
+    zone_name = request.app[SETTINGS].billing.time_zone
+    body = await asyncio.to_thread(invoice_pdf, invoice, lang=lang, time_zone=zone_name)
+    name = invoice.get("number") or invoice["id"]
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": "application/pdf",
+            "Content-Disposition": f'inline; filename="{name}.pdf"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 def _licence_action(action: str) -> Handler:
@@ -659,12 +737,28 @@ ROUTES: tuple[Route, ...] = (
         "/billing/{period}/close",
         close_billing_period,
         "billing:write",
-        "Close a period that has ended: one invoice per licensee (201); closing it again answers "
-        "its invoices, unchanged (200). It first moves what waits in the call-record log and waits "
-        "for the period's calls in flight; if it cannot, it is refused and writes nothing (409 while "
-        "calls stay in flight, 503 ledger-unavailable when the log cannot be reached), unless "
-        "allow_pending=true: then it closes and lists what was left in pending",
+        "Close a period that has ended for review: its invoices are drafts, computed from the call "
+        "record when read (201; again: the drafts as they are now). issue=true issues them at once. "
+        "An issued period answers its invoices, unchanged (200). It first moves what waits in the "
+        "call-record log and waits for the period's calls in flight; if it cannot, it is refused and "
+        "writes nothing (409 while calls stay in flight, 503 ledger-unavailable when the log cannot be "
+        "reached), unless allow_pending=true: then it closes and lists what was left in pending",
         None,
+        billing_schemas.ClosedPeriod,
+        status=201,
+        query=("allow_pending", "issue"),
+        conflict=True,
+        also_status=(200,),
+    ),
+    Route(
+        "POST",
+        "/billing/{period}/issue",
+        issue_billing_period,
+        "billing:write",
+        "Issue a period closed for review: its drafts made final, numbered and signed into the billing "
+        "register (201); an issued period answers its invoices (200). drafts_hash: refused (409) if the "
+        "drafts changed since they were reviewed",
+        billing_schemas.IssueIn,
         billing_schemas.ClosedPeriod,
         status=201,
         query=("allow_pending",),
@@ -682,6 +776,21 @@ ROUTES: tuple[Route, ...] = (
         query=("format", "licensee"),
         produces=tuple(EXPORT_MEDIA_TYPES.values()),
     ),
+    *(
+        Route(
+            "GET",
+            f"/billing/{{period}}/{kind}",
+            billing_report_handler,
+            "read",
+            what,
+            query=("format",),
+            produces=tuple(EXPORT_MEDIA_TYPES.values()),
+        )
+        for kind, what in (
+            ("summary", "A period across licensees: invoices, notes issued in it, totals, net revenue split"),
+            ("payouts", "A period per provider department and dataset: shares billed, net of its notes"),
+        )
+    ),
     Route(
         "GET",
         "/invoices",
@@ -694,6 +803,15 @@ ROUTES: tuple[Route, ...] = (
         query=("period", "licensee"),
     ),
     Route("GET", "/invoices/{id}", get_invoice_handler, "read", "One invoice", None, billing_schemas.Invoice),
+    Route(
+        "GET",
+        "/invoices/{id}/pdf",
+        invoice_pdf_handler,
+        "read",
+        "One invoice as a PDF: lang=zh (default) or en",
+        query=("lang",),
+        produces=("application/pdf",),
+    ),
     Route(
         "POST",
         "/invoices/{id}/notes",

@@ -38,6 +38,9 @@ class DatasetRow(Base):
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     idle_timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
+    #: The tax classification code (税收分类编码) of its invoice lines (None:
+    #: ``billing.tax_code``).
+    tax_code: Mapped[str | None] = mapped_column(String(19), nullable=True)
     #: The methods served, e.g. ``["GET", "HEAD"]``.
     methods: Mapped[list[str]] = mapped_column(JSON)
     #: Path patterns served (``[]``: every path).
@@ -81,6 +84,10 @@ class LicenseeRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     credit_code: Mapped[str] = mapped_column(String(18), unique=True)
     contact: Mapped[str] = mapped_column(String(200), default="")
+    #: What an invoice names its buyer by, besides name and credit code.
+    address: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    bank: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    account: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

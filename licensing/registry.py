@@ -102,6 +102,7 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         timeout_seconds=row.timeout_seconds,
         idle_timeout_seconds=row.idle_timeout_seconds,
         description=row.description,
+        tax_code=row.tax_code,
         methods=list(row.methods),
         paths=list(row.paths),
         max_response_bytes=row.max_response_bytes,
@@ -160,7 +161,13 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
     for name in ("name", "provider", "classification", "open_class", "free_monthly_calls", "description"):
         if name in fields and getattr(data, name) is not None:
             setattr(row, name, getattr(data, name))
-    for name in ("timeout_seconds", "idle_timeout_seconds", "max_response_bytes", "max_records_per_call"):
+    for name in (
+        "timeout_seconds",
+        "idle_timeout_seconds",
+        "max_response_bytes",
+        "max_records_per_call",
+        "tax_code",
+    ):
         if name in fields:
             setattr(row, name, getattr(data, name))
     for name in ("methods", "paths"):
@@ -193,7 +200,14 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
 
 def licensee_out(row: LicenseeRow) -> schemas.Licensee:
     return schemas.Licensee(
-        id=row.id, name=row.name, credit_code=row.credit_code, contact=row.contact, created_at=row.created_at
+        id=row.id,
+        name=row.name,
+        credit_code=row.credit_code,
+        contact=row.contact,
+        address=row.address,
+        bank=row.bank,
+        account=row.account,
+        created_at=row.created_at,
     )
 
 
@@ -376,6 +390,9 @@ class Registry:
                 name=data.name,
                 credit_code=data.credit_code,
                 contact=data.contact,
+                address=data.address,
+                bank=data.bank,
+                account=data.account,
             )
             if await session.get(LicenseeRow, row.id) is not None:
                 raise ConflictError(f"licensee {row.id} already exists")

@@ -399,6 +399,11 @@ class DatasetIn(_Model):
         "from settings (proxy.default_idle_timeout_seconds); never more than the whole time",
     )
     description: str = Field("", max_length=4000)
+    tax_code: str | None = Field(
+        None,
+        pattern=r"^[0-9]{1,19}$",
+        description="the tax classification code (税收分类编码) of its invoice lines; null: billing.tax_code",
+    )
     methods: Methods = Field(
         default_factory=lambda: list(DEFAULT_METHODS),  # type: ignore[arg-type]
         description="the HTTP methods the dataset serves; any other is refused (405) and never forwarded",
@@ -490,6 +495,7 @@ class DatasetPatch(_Patch):
     timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     idle_timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     description: str | None = Field(None, max_length=4000)
+    tax_code: str | None = Field(None, pattern=r"^[0-9]{1,19}$")
     methods: Methods | None = None
     paths: PathPatterns | None = None
     max_response_bytes: int | None = Field(None, ge=1, le=MAX_RESPONSE_BYTES, strict=True)
@@ -524,6 +530,10 @@ class LicenseeIn(_Model):
     name: str = Field(min_length=1, max_length=200)
     credit_code: str = Field(description="18-character unified social credit code (GB 32100-2015)")
     contact: str = Field("", max_length=200)
+    #: What an invoice names its buyer by, besides the name and credit code.
+    address: str = Field("", max_length=300)
+    bank: str = Field("", max_length=200)
+    account: str = Field("", max_length=64)
 
     @field_validator("credit_code")
     @classmethod

@@ -211,15 +211,15 @@ async def test_tampering_with_the_admin_log_is_found_at_its_entry(
         assert (await admin_log.verify(engine)).ok, name
 
 
-async def test_a_period_closed_and_a_note_issued_are_logged(books: Books) -> None:  # noqa: F811
+async def test_a_period_issued_and_a_note_issued_are_logged(books: Books) -> None:  # noqa: F811
     await november(books)
     with acting_as("cli:finance@books"):
-        await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+        await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
         issued = await note(books, "inv-2026-11-lic-b", "credit", 5)
     everything = await admin_log.read(books.engine)
     log = [e for e in everything if e["actor"] == "cli:finance@books"]
     assert [(e["action"], e["actor"]) for e in log] == [
-        ("billing.close", "cli:finance@books"),
+        ("billing.issue", "cli:finance@books"),
         ("note.credit", "cli:finance@books"),
     ]
     closed = log[0]["after"]

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.invoices import close_period, get_invoice, list_invoices
 from billing.models import InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.register import Issuer, Signer
 from core.errors import ConflictError
 from core.money import fen_of_e4, parse_vat_rate, split, vat_of
 from gateway.state import ADMIN_TOKENS, CLOCK
@@ -35,7 +36,7 @@ from licensing.schemas import AdminTokenIn, DatasetIn, RevenueSplit
 from metering.periods import parse_period, period_of, zone
 from storage import migrate
 from storage.db import create_engine, session_factory
-from tests.conftest import Backend, World, make_settings
+from tests.conftest import Backend, World, credit_code, make_settings
 from tests.test_audit import PdgRunner, pdg  # noqa: F401  (the fixture)
 from tests.test_ledger import records_of
 from tests.test_quota import StoppedClock
@@ -50,6 +51,15 @@ AFTER_DEC = datetime(2027, 1, 1, 2, 0, tzinfo=UTC)
 JAN = parse_period("2027-01", SHANGHAI)
 AFTER_JAN = datetime(2027, 2, 1, 2, 0, tzinfo=UTC)
 VAT = Decimal("0.06")
+#: The operating company the documents name.
+SELLER = {
+    "billing.seller.name": "城市公共数据运营有限公司",
+    "billing.seller.credit_code": credit_code(7),
+    "billing.seller.address": "数据大道 1 号",
+    "billing.seller.bank": "城市银行数据支行",
+    "billing.seller.account": "6222000011112222",
+    "billing.tax_code": "3040203000000000000",
+}
 
 
 # -- money ---------------------------------------------------------------------
@@ -137,6 +147,13 @@ class Books:
     n: int = 0
     #: The terms version the records name.
     terms_version: int = 1
+    #: Issues documents as the deployment would: its seller, its ledger key.
+    issuer: Issuer | None = None
+
+    @property
+    def issues(self) -> Issuer:
+        assert self.issuer is not None
+        return self.issuer
 
     def config(self, tmp_path: Path) -> Path:
         """A ``pdg.toml`` for the CLI over this database."""
@@ -190,7 +207,7 @@ class Books:
 
 @pytest.fixture
 async def books(backend: Backend, tmp_path: Path) -> AsyncIterator[Books]:
-    settings = make_settings(tmp_path, backend)
+    settings = make_settings(tmp_path, backend, **SELLER)
     engine = create_engine(backend.database_url)
     try:
         await migrate.upgrade(engine)
@@ -212,7 +229,10 @@ async def books(backend: Backend, tmp_path: Path) -> AsyncIterator[Books]:
             )
         key = load_or_create_signing_key(settings.ledger_key_path, "ES256")
         yield Books(
-            engine, LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600), backend
+            engine,
+            LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600),
+            backend,
+            issuer=Issuer(settings, Signer(key.private_key, key.kid)),
         )
     finally:
         await engine.dispose()
@@ -241,7 +261,7 @@ async def november(books: Books) -> None:
 
 async def test_closing_november_gives_the_golden_invoices(books: Books) -> None:
     await november(books)
-    closed = await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+    closed = await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
     assert not closed.already_closed
     assert [inv["licensee_id"] for inv in closed.invoices] == ["lic-a", "lic-b"]
     a, b = closed.invoices
@@ -274,23 +294,32 @@ async def test_closing_november_gives_the_golden_invoices(books: Books) -> None:
 async def test_periods_close_once_in_order_and_only_when_ended(books: Books) -> None:
     await november(books)
     with pytest.raises(ConflictError, match="has not ended"):
-        await close_period(books.engine, NOV, vat_rate=VAT, now=NOV_END)
+        await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=NOV_END)
     with pytest.raises(ConflictError, match="close 2026-11 first"):
-        await close_period(books.engine, DEC, vat_rate=VAT, now=AFTER_DEC)
-    first = await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
-    again = await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV + timedelta(days=3))
+        await close_period(books.engine, DEC, vat_rate=VAT, issuer=books.issues, now=AFTER_DEC)
+    first = await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
+    again = await close_period(
+        books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV + timedelta(days=3)
+    )
     assert again.already_closed
     assert again.invoices == first.invoices
     with pytest.raises(ConflictError, match="close 2026-12 first"):
         await close_period(
-            books.engine, parse_period("2027-01", SHANGHAI), vat_rate=VAT, now=AFTER_DEC + timedelta(days=40)
+            books.engine,
+            parse_period("2027-01", SHANGHAI),
+            vat_rate=VAT,
+            issuer=books.issues,
+            now=AFTER_DEC + timedelta(days=40),
         )
 
 
 async def test_two_closes_at_once_make_one_invoice_per_licensee(books: Books) -> None:
     await november(books)
     results = await asyncio.gather(
-        *(close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV) for _ in range(4)),
+        *(
+            close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
+            for _ in range(4)
+        ),
         return_exceptions=True,
     )
     assert not [r for r in results if isinstance(r, BaseException)], results
@@ -309,13 +338,13 @@ async def test_two_closes_at_once_make_one_invoice_per_licensee(books: Books) ->
 
 async def test_a_late_record_lands_once_in_the_next_period(books: Books) -> None:
     await november(books)
-    november_closed = await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+    november_closed = await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
     # A November call that reached the ledger after November closed, and a December one.
     await books.calls(
         ("lic-a", "ds-weather", "industrial", "served", 30000, 2, MID_NOV),
         ("lic-a", "ds-registry", "industrial", "served", 20000, 1, DEC_START + timedelta(days=2)),
     )
-    december = await close_period(books.engine, DEC, vat_rate=VAT, now=AFTER_DEC)
+    december = await close_period(books.engine, DEC, vat_rate=VAT, issuer=books.issues, now=AFTER_DEC)
     a = next(inv for inv in december.invoices if inv["licensee_id"] == "lic-a")
     assert [
         (ln["kind"], ln["usage_period"], ln["dataset"], ln["calls"], ln["amount_fen"]) for ln in a["lines"]
@@ -328,7 +357,11 @@ async def test_a_late_record_lands_once_in_the_next_period(books: Books) -> None
     # November's invoices did not change; January bills neither record again.
     assert await list_invoices(books.engine, period="2026-11") == november_closed.invoices
     january = await close_period(
-        books.engine, parse_period("2027-01", SHANGHAI), vat_rate=VAT, now=AFTER_DEC + timedelta(days=40)
+        books.engine,
+        parse_period("2027-01", SHANGHAI),
+        vat_rate=VAT,
+        issuer=books.issues,
+        now=AFTER_DEC + timedelta(days=40),
     )
     assert january.invoices == []
     billed = [ln for inv in (*november_closed.invoices, *december.invoices) for ln in inv["lines"]]
@@ -353,7 +386,7 @@ async def test_a_late_record_lands_once_in_the_next_period(books: Books) -> None
 
 async def test_closed_invoices_are_append_only(books: Books) -> None:
     await november(books)
-    await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+    await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
     for statement in (
         "UPDATE invoice_lines SET amount_fen = 0",
         "DELETE FROM invoice_lines",
@@ -377,13 +410,33 @@ async def test_pdg_billing_close_and_show(books: Books, tmp_path: Path, pdg: Pdg
     run = await pdg("billing", "close", "2026-11", "--config", str(config), "--json")
     assert run.code == 0, run
     closed = run.json()
-    assert closed["already_closed"] is False
+    assert (closed["status"], closed["already_closed"]) == ("draft", False)
     assert [inv["total_fen"] for inv in closed["invoices"]] == [4, 14]
+    assert {inv["status"] for inv in closed["invoices"]} == {"draft"}
+    assert all(inv["number"] is None for inv in closed["invoices"])
     plain = await pdg("billing", "close", "2026-11", "--config", str(config))
     assert plain.code == 0, plain
-    assert "period 2026-11 was already closed: 2 invoice(s), 0.18 CNY in all" in plain.out
+    assert "period 2026-11 closed for review: 2 invoice(s), 0.18 CNY in all" in plain.out
+    assert closed["drafts_hash"] in plain.out, "the same records, the same drafts"
+    drafted = await pdg("billing", "show", "inv-2026-11-lic-b", "--config", str(config))
+    assert "(draft " in drafted.out, drafted.out
+    issued = await pdg(
+        "billing",
+        "issue",
+        "2026-11",
+        "--drafts-hash",
+        closed["drafts_hash"],
+        "--config",
+        str(config),
+        "--json",
+    )
+    assert issued.code == 0, issued
+    assert [inv["number"] for inv in issued.json()["invoices"]] == [f"PDG-2026-00000{n}" for n in (1, 2)]
+    again = await pdg("billing", "issue", "2026-11", "--config", str(config))
+    assert "period 2026-11 was already issued: 2 invoice(s), 0.18 CNY in all" in again.out
     shown = await pdg("billing", "show", "inv-2026-11-lic-b", "--config", str(config))
     assert shown.code == 0, shown
+    assert "no. PDG-2026-000002" in shown.out
     assert "ds-registry" in shown.out
     assert re.search(r"total +0\.14 CNY", shown.out), shown.out
     listed = await pdg("billing", "show", "2026-11", "--licensee", "lic-a", "--config", str(config), "--json")
@@ -392,6 +445,7 @@ async def test_pdg_billing_close_and_show(books: Books, tmp_path: Path, pdg: Pdg
         (("close", "2026-13"), "period"),
         (("close", "2099-01"), "has not ended"),
         (("close", "2026-10"), "2026-11 is closed, so 2026-10 can no longer be"),
+        (("issue", "2026-12"), "has not ended"),
         (("show", "inv-nope"), "no invoice inv-nope"),
         (("show", "2026-10"), "no invoices or notes for 2026-10"),
     ):
@@ -456,9 +510,21 @@ async def test_finance_closes_a_period_of_real_calls_through_the_admin_api(world
     )
     assert line["split"] == {"provider_fen": 4, "operator_fen": 2, "public_fund_fen": 2}
     assert (invoice["subtotal_fen"], invoice["vat_fen"], invoice["total_fen"]) == (8, 0, 8)
-    status, again = await post("/billing/2026-11/close", finance)
-    assert (status, again["already_closed"], again["invoices"]) == (200, True, closed["invoices"])
+    assert (closed["status"], invoice["status"], invoice["number"]) == ("draft", "draft", None)
+    # The drafts are what a licensee sees too, until issued.
     assert await get("/invoices?period=2026-11", own) == (200, closed["invoices"])
+    status, body = await post("/billing/2026-11/issue", viewer)
+    assert status == 403, body
+    status, issued = await post("/billing/2026-11/issue", finance)
+    assert status == 201, issued
+    (final,) = issued["invoices"]
+    assert (issued["status"], final["status"], final["number"]) == ("issued", "issued", "PDG-2026-000001")
+    assert final["lines"] == invoice["lines"]
+    assert (final["subtotal_fen"], final["total_fen"], final["due_at"]) == (8, 0 + 8, "2026-12-31")
+    invoice = final
+    status, again = await post("/billing/2026-11/close", finance)
+    assert (status, again["already_closed"], again["invoices"]) == (200, True, issued["invoices"])
+    assert await get("/invoices?period=2026-11", own) == (200, issued["invoices"])
     assert await get(f"/invoices/{invoice['id']}", own) == (200, invoice)
     assert await get("/invoices", outsider) == (200, [])
     status, body = await get(f"/invoices/{invoice['id']}", outsider)

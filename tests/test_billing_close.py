@@ -256,7 +256,7 @@ async def test_a_close_after_a_killed_gateway_bills_every_call_in_its_own_period
             assert await _count(engine, CallRow) == 0, "a writer moved the log: the test needs it waiting"
             if embedded:
                 _stop_embedded_valkey(data_dir)
-            run = await pdg("billing", "close", last_month.name, "--config", str(config), "--json")
+            run = await pdg("billing", "close", "--issue", last_month.name, "--config", str(config), "--json")
             assert run.code == 0, run
             closed = run.json()
             assert closed["pending"] is None
@@ -307,22 +307,22 @@ async def test_a_close_with_the_store_down_is_refused_and_writes_nothing(
         f'data_dir = "{data_dir}"\n[storage]\ndatabase_url = "{books.backend.database_url}"\n{store}',
         encoding="utf-8",
     )
-    refused = await pdg("billing", "close", "2026-11", "--config", str(config))
+    refused = await pdg("billing", "close", "--issue", "2026-11", "--config", str(config))
     line = refused.one_line_error("the call-record log cannot be reached")
     assert "nothing was closed" in line, line
     assert await _count(books.engine, BillingCloseRow) == 0
     assert await _count(books.engine, InvoiceRow) == 0
     assert await _count(books.engine, InvoiceCallRow) == 0
 
-    allowed = await pdg("billing", "close", "2026-11", "--allow-pending", "--config", str(config))
+    allowed = await pdg("billing", "close", "--issue", "2026-11", "--allow-pending", "--config", str(config))
     assert allowed.code == 0, allowed
-    assert "period 2026-11 closed: 2 invoice(s)" in allowed.out, allowed.out
+    assert "period 2026-11 issued: 2 invoice(s)" in allowed.out, allowed.out
     assert "left for the next period" in allowed.out
     assert "unknown (the log could not be read)" in allowed.out
     assert "the call-record log cannot be reached" in allowed.out
     assert await _count(books.engine, BillingCloseRow) == 1
     # Closed now: asked again, it answers its invoices without the store.
-    again = await pdg("billing", "close", "2026-11", "--config", str(config), "--json")
+    again = await pdg("billing", "close", "--issue", "2026-11", "--config", str(config), "--json")
     assert again.code == 0, again
     assert again.json()["already_closed"] is True
     assert again.json()["pending"] is None
@@ -361,7 +361,7 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
     headers = {"Authorization": f"Bearer {finance}"}
     engine = world.app[ENGINE]
     try:
-        async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
+        async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=headers) as resp:
             problem = await resp.json(content_type=None)
             assert (resp.status, problem["code"]) == (409, "conflict"), problem
         assert "1 call(s) of 2026-11 or before are still in flight" in problem["detail"], problem
@@ -370,7 +370,7 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
         assert await _count(engine, BillingCloseRow) == 0
         assert await _count(engine, InvoiceRow) == 0
         async with world.client.post(
-            "/admin/v1/billing/2026-11/close?allow_pending=maybe", headers=headers
+            "/admin/v1/billing/2026-11/close?issue=true&allow_pending=maybe", headers=headers
         ) as resp:
             assert resp.status == 400, await resp.text()
 
@@ -381,7 +381,7 @@ async def test_a_call_still_in_flight_holds_the_close_unless_pending_is_allowed(
             "[ledger]\nreplica_timeout_seconds = 3\n",
             encoding="utf-8",
         )
-        run = await pdg("billing", "close", "2026-11", "--allow-pending", "--config", str(config))
+        run = await pdg("billing", "close", "--issue", "2026-11", "--allow-pending", "--config", str(config))
         assert run.code == 0, run
         assert "left for the next period (billed by its close as late usage): " in run.out, run.out
         assert "0 record(s) in the call-record log, 1 call(s) in flight" in run.out, run.out
@@ -430,7 +430,7 @@ async def test_a_log_that_cannot_be_moved_refuses_the_close_until_it_is(world_fa
     clock.now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     finance = (await world.app[ADMIN_TOKENS].create(AdminTokenIn(role="finance"))).token
     headers = {"Authorization": f"Bearer {finance}"}
-    async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
+    async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=headers) as resp:
         problem = await resp.json(content_type=None)
         assert (resp.status, problem["code"]) == (503, "ledger-unavailable"), problem
     assert problem["detail"].startswith(
@@ -446,7 +446,7 @@ async def test_a_log_that_cannot_be_moved_refuses_the_close_until_it_is(world_fa
     assert await _count(engine, InvoiceRow) == 0
 
     await client.delete(WRITER_LOCK)
-    async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
+    async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=headers) as resp:
         closed = await resp.json(content_type=None)
         assert resp.status == 201, closed
     assert closed["pending"] is None
@@ -471,8 +471,8 @@ async def test_pdg_billing_show_lists_a_periods_invoices_as_a_table(
     lines = shown.out.splitlines()
     assert lines[0] == "period 2026-11 (closed): 2 invoice(s), 0.18 CNY in all", shown.out
     assert lines[1].split() == ["invoice", "licensee", "lines", "calls", "subtotal", "VAT", "total", "status"]
-    assert lines[2].split() == ["inv-2026-11-lic-a", "lic-a", "2", "5", "0.04", "0.00", "0.04", "closed"]
-    assert lines[3].split() == ["inv-2026-11-lic-b", "lic-b", "1", "5", "0.13", "0.01", "0.14", "closed"]
+    assert lines[2].split() == ["inv-2026-11-lic-a", "lic-a", "2", "5", "0.04", "0.00", "0.04", "issued"]
+    assert lines[3].split() == ["inv-2026-11-lic-b", "lic-b", "1", "5", "0.13", "0.01", "0.14", "issued"]
     one = await pdg("billing", "show", "2026-11", "--licensee", "lic-b", "--config", str(config))
     assert "1 invoice(s), 0.14 CNY in all" in one.out, one.out
     assert "inv-2026-11-lic-a" not in one.out

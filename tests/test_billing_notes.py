@@ -38,14 +38,14 @@ PARTS = ("provider_fen", "operator_fen", "public_fund_fen")
 
 async def closed_november(books: Books) -> None:  # noqa: F811
     await november(books)
-    await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+    await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
 
 
 async def note(books: Books, invoice: str, kind: str, amount: Any, **kw: Any) -> dict[str, Any]:  # noqa: F811
     kw.setdefault("reason", "usage disputed")
     kw.setdefault("now", IN_DEC)
     return await issue_note(
-        books.engine, invoice, kind=kind, amount_fen=amount, issued_by="test", tz=SHANGHAI, **kw
+        books.engine, invoice, kind=kind, amount_fen=amount, issued_by="test", issuer=books.issues, **kw
     )
 
 
@@ -206,7 +206,7 @@ async def test_pdg_billing_adjust_and_export(books: Books, tmp_path: Path, pdg: 
     cfg = ("--config", str(books.config(tmp_path)))
     run = await pdg("billing", "adjust", B, "--credit", "5", "--reason", "call refunded", *cfg)
     assert run.code == 0, run
-    assert "credit note cn-2026-11-lic-b-1 issued" in run.out
+    assert "credit note PDG-CN-2026-000001 issued" in run.out
     assert "now stands at 0.08 CNY before VAT" in run.out
     shown = await pdg("billing", "show", B, *cfg)
     assert "cn-2026-11-lic-b-1" in shown.out
@@ -248,7 +248,7 @@ async def test_finance_issues_notes_and_exports_through_the_admin_api(world_fact
     own = bearer((await tokens.create(AdminTokenIn(role="licensee", licensee_id=lic["licensee_id"]))).token)
     other = await world.licensee()
     outsider = bearer((await tokens.create(AdminTokenIn(role="licensee", licensee_id=other["id"]))).token)
-    async with world.client.post("/admin/v1/billing/2026-11/close", headers=finance) as resp:
+    async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=finance) as resp:
         (invoice,) = (await resp.json())["invoices"]
     assert invoice["subtotal_fen"] == 10  # 4 x 2.5 fen
     notes = f"/admin/v1/invoices/{invoice['id']}/notes"

@@ -100,7 +100,7 @@ async def seeded(world: World) -> tuple[dict[str, str], dict[str, str]]:
     auditor = await world.app[ADMIN_TOKENS].create(AdminTokenIn(role="auditor"))
     tokens = {"licence-admin": world.admin_token, "finance": finance.token, "auditor": auditor.token}
     headers = {"Authorization": f"Bearer {finance.token}"}
-    async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
+    async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=headers) as resp:
         closed = await resp.json()
         assert resp.status == 201, closed
     async with world.client.get("/admin/v1/invoices", headers=headers) as resp:

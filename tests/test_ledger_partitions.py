@@ -104,7 +104,7 @@ async def test_archive_exports_verifies_and_detaches_then_verify_starts_after_it
     (await pdg("audit", "archive", "2026-10", "--out", str(out), "--config", config)).one_line_error(
         "no partition"
     )
-    await close_period(books.engine, NOV, vat_rate=VAT, now=AFTER_NOV)
+    await close_period(books.engine, NOV, vat_rate=VAT, issuer=books.issues, now=AFTER_NOV)
     run = await pdg("audit", "archive", "2026-11", "--out", str(out), "--config", config, "--json")
     assert run.code == 0, run
     done = run.json()

@@ -113,7 +113,9 @@ async def month(world_factory: Any, tmp_path: Path) -> Month:
 
 
 async def close(month: Month) -> dict[str, Any]:
-    async with month.world.client.post("/admin/v1/billing/2026-11/close", headers=month.finance) as resp:
+    async with month.world.client.post(
+        "/admin/v1/billing/2026-11/close?issue=true", headers=month.finance
+    ) as resp:
         body = await resp.json(content_type=None)
         assert resp.status == 201, body
         return dict(body)
