@@ -71,6 +71,8 @@ from bench.call_record import (  # noqa: E402
 from billing.invoices import close_period  # noqa: E402
 from billing.models import InvoiceCallRow  # noqa: E402
 from billing.reconcile import reconcile  # noqa: E402
+from billing.register import Issuer, Signer  # noqa: E402
+from config.settings import Settings  # noqa: E402
 from core.money import e4_text  # noqa: E402
 from ledger.models import CallRow  # noqa: E402
 from ledger.record import from_log  # noqa: E402
@@ -122,6 +124,7 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
             with tempfile.TemporaryDirectory() as tmp:
                 key = load_or_create_signing_key(Path(tmp) / "ledger-key.pem", "ES256")
             store = LedgerStore(engine, key, checkpoint_records=1000, checkpoint_seconds=3600)
+            issuer = Issuer(Settings(), Signer(key.private_key, key.kid))
             counters: dict[str, int] = {}
             started = time.perf_counter()
             with progress(console, "writing the call record") as (bar, task):
@@ -144,10 +147,12 @@ async def one_run(n: int, admin_url: str, console: Console, say: Any) -> dict[st
                     bar.update(task, completed=done, total=total)
 
                 t0 = time.perf_counter()
-                closed = await close_period(engine, period, vat_rate=Decimal("0.06"), now=now, progress=step)
+                closed = await close_period(
+                    engine, period, vat_rate=Decimal("0.06"), now=now, issuer=issuer, progress=step
+                )
                 seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            again = await close_period(engine, period, vat_rate=Decimal("0.06"), now=now)
+            again = await close_period(engine, period, vat_rate=Decimal("0.06"), now=now, issuer=issuer)
             again_seconds = time.perf_counter() - t1
             if not again.already_closed or again.invoices != closed.invoices:
                 raise BenchError("closing the closed period did not answer its invoices")
