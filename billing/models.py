@@ -9,9 +9,20 @@ triggers' back shows up in reconciliation.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, UTCDateTime
@@ -193,4 +204,32 @@ class BillingNoteRow(Base):
         UniqueConstraint("invoice_id", "note_no"),
         Index("ix_billing_notes_period", "period"),
         Index("ux_billing_notes_number", "number", unique=True),
+    )
+
+
+class PaymentRow(Base):
+    """A payment received against an issued invoice (``billing.payments``).
+    Payments of one invoice are numbered 1, 2, ... (``payment_no``, unique per
+    invoice): two recorded at once cannot both be checked against the same
+    earlier payments, so together they never pay more than is owed. Amounts
+    are positive integers of fen. Append-only, like the rest of billing."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"))
+    payment_no: Mapped[int] = mapped_column(Integer)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    #: The day the money was paid (its value date), as the remittance says.
+    paid_on: Mapped[date] = mapped_column(Date)
+    #: When the payment was recorded.
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The bank's or the payer's reference (may be empty).
+    reference: Mapped[str] = mapped_column(String(200))
+    #: The admin token that recorded it (``cli`` from the command line).
+    recorded_by: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (
+        UniqueConstraint("invoice_id", "payment_no"),
+        CheckConstraint("amount_fen > 0", name="amount_positive"),
     )

@@ -4,6 +4,7 @@ models for its OpenAPI document; the JSON itself is what
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
@@ -297,3 +298,182 @@ class BillingExport(BaseModel):
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: By note id: the dataset and purpose of the line a note corrects.
     note_lines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+# -- receivables (billing.payments) ------------------------------------------------------
+
+
+class PaymentIn(BaseModel):
+    """``POST /admin/v1/invoices/{id}/payments``: a payment received."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Fen, above 0; never more than the invoice's balance (409).
+    amount_fen: StrictInt = Field(gt=0)
+    #: The day it was paid (``YYYY-MM-DD``): from the invoice's issue day up to today.
+    paid_on: date
+    #: The bank's or the payer's reference.
+    reference: str = Field(default="", max_length=200)
+
+
+class InvoiceAfter(BaseModel):
+    """The invoice once the payment is counted."""
+
+    owed_fen: int
+    paid_fen: int
+    #: Below 0 when a credit note came after the money (owed back).
+    balance_fen: int
+    status: Literal["issued", "partially-paid", "paid", "overdue"]
+
+
+class Payment(BaseModel):
+    id: str
+    #: 1, 2, ... per invoice.
+    payment_no: int
+    invoice_id: str
+    #: Null for an invoice issued before numbers.
+    invoice_number: str | None
+    licensee_id: str
+    amount_fen: int
+    #: ``YYYY-MM-DD``: the day it was paid.
+    paid_on: str
+    #: When it was recorded.
+    received_at: AwareDatetime
+    reference: str
+    #: The admin token that recorded it (``cli`` from the command line).
+    recorded_by: str
+    #: Only in the answer to recording it.
+    invoice_after: InvoiceAfter | None = None
+
+
+class InvoiceAccount(BaseModel):
+    """``GET /admin/v1/invoices/{id}/payments``: an invoice's account today."""
+
+    invoice_id: str
+    number: str | None
+    licensee_id: str
+    period: str
+    #: ``YYYY-MM-DD`` in the billing time zone.
+    issued_on: str
+    due_at: str
+    as_of: str
+    #: The invoice's total, VAT included.
+    total_fen: int
+    debited_fen: int
+    credited_fen: int
+    #: ``total_fen + debited_fen - credited_fen``.
+    owed_fen: int
+    paid_fen: int
+    balance_fen: int
+    status: Literal["issued", "partially-paid", "paid", "overdue"]
+    payments: list[Payment]
+
+
+class StatementLicensee(BaseModel):
+    id: str
+    name: str
+    credit_code: str
+
+
+class StatementEntry(BaseModel):
+    #: ``YYYY-MM-DD`` in the billing time zone.
+    date: str
+    kind: Literal["invoice", "debit-note", "credit-note", "payment"]
+    document_id: str
+    #: The document's number (its id when it has none; a payment's id).
+    number: str
+    invoice_id: str
+    invoice_number: str | None
+    #: Signed: an invoice or debit note adds, a credit note or payment subtracts.
+    amount_fen: int
+    #: The running balance after this entry.
+    balance_fen: int
+    #: A payment's reference (null for documents).
+    reference: str | None
+
+
+class StatementInvoice(BaseModel):
+    id: str
+    number: str | None
+    period: str
+    issued_on: str
+    due_at: str
+    total_fen: int
+    debited_fen: int
+    credited_fen: int
+    owed_fen: int
+    paid_fen: int
+    balance_fen: int
+    status: Literal["issued", "partially-paid", "paid", "overdue"]
+
+
+class StatementTotals(BaseModel):
+    """The entries' amounts by kind (unsigned)."""
+
+    invoiced_fen: int
+    debited_fen: int
+    credited_fen: int
+    paid_fen: int
+
+
+class Statement(BaseModel):
+    """``GET /admin/v1/licensees/{id}/statement?from=YYYY-MM&to=YYYY-MM``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    format: Literal["pdg.statement.v1"]
+    licensee: StatementLicensee
+    #: As the licensee's newest numbered invoice names it.
+    seller: Party | None
+    from_: str = Field(alias="from")
+    to: str
+    #: The day statuses are as of: the last day covered, or today if earlier.
+    as_of: str
+    currency: str
+    opening_balance_fen: int
+    entries: list[StatementEntry]
+    totals: StatementTotals
+    #: The closing balance.
+    balance_fen: int
+    #: Invoices with an entry in the months covered or a balance at ``as_of``.
+    invoices: list[StatementInvoice]
+    generated_at: AwareDatetime
+
+
+class AgeingInvoice(BaseModel):
+    id: str
+    number: str | None
+    period: str
+    issued_on: str
+    due_at: str
+    days_past_due: int
+    balance_fen: int
+    bucket: Literal["current", "1-30", "31-60", "61-90", "over-90", "credit"]
+    status: Literal["issued", "partially-paid", "paid", "overdue"]
+
+
+class AgeingSums(BaseModel):
+    current_fen: int
+    days_1_30_fen: int
+    days_31_60_fen: int
+    days_61_90_fen: int
+    over_90_fen: int
+    #: The five buckets summed: what is owed.
+    total_fen: int
+    #: Balances below 0 (owed back), summed.
+    credit_fen: int
+
+
+class AgeingLicensee(AgeingSums):
+    licensee: StatementLicensee
+    invoices: list[AgeingInvoice]
+
+
+class Ageing(BaseModel):
+    """``GET /admin/v1/billing/ageing?as_of=YYYY-MM-DD``."""
+
+    format: Literal["pdg.ageing.v1"]
+    as_of: str
+    currency: str
+    licensees: list[AgeingLicensee]
+    totals: AgeingSums

@@ -346,6 +346,93 @@ async def billing_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _terms(settings: Settings) -> dict[str, Any]:
+    from metering.periods import zone
+
+    return {"tz": zone(settings.billing.time_zone), "payment_terms_days": settings.billing.payment_terms_days}
+
+
+async def billing_pay(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.payments import parse_day, record_payment
+    from storage.db import utcnow
+
+    async with migrated_engine(settings) as engine:
+        payment = await record_payment(
+            engine,
+            args.invoice_id,
+            amount_fen=args.amount_fen,
+            paid_on=parse_day(args.date, "date"),
+            reference=args.reference,
+            recorded_by="cli",
+            now=utcnow(),
+            **_terms(settings),
+        )
+    after = payment["invoice_after"]
+    emit(
+        args,
+        payment,
+        f"payment {payment['id']} of {fen(payment['amount_fen'])} CNY on {payment['paid_on']} "
+        f"recorded against {payment['invoice_number'] or payment['invoice_id']}: {fen(after['paid_fen'])} of "
+        f"{fen(after['owed_fen'])} CNY paid, {fen(after['balance_fen'])} left ({after['status']})",
+    )
+    return 0
+
+
+async def billing_statement(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.payments import statement
+    from storage.db import utcnow
+
+    async with migrated_engine(settings) as engine:
+        found = await statement(
+            engine,
+            args.licensee_id,
+            from_period=args.from_month,
+            to_period=args.to_month,
+            now=utcnow(),
+            **_terms(settings),
+        )
+    if args.pdf:
+        from pathlib import Path
+
+        from billing.pdf import statement_pdf
+        from ledger.audit.common import atomic_write
+
+        try:
+            atomic_write(Path(args.pdf), statement_pdf(found, time_zone=settings.billing.time_zone))
+        except OSError as exc:
+            raise BadRequestError(f"cannot write {args.pdf}: {exc.strerror or exc}") from exc
+    out = [
+        f"statement of {found['licensee']['name']} ({found['licensee']['id']}), "
+        f"{found['from']} to {found['to']}, as of {found['as_of']}",
+        f"  {'':<10} {'opening balance':<42} {fen(found['opening_balance_fen']):>14}",
+    ]
+    for entry in found["entries"]:
+        out.append(
+            f"  {entry['date']:<10} {entry['kind']:<12} {entry['number']:<29} {fen(entry['amount_fen']):>14} "
+            f"{fen(entry['balance_fen']):>14}"
+        )
+    out.append(f"  {'':<10} {'closing balance':<42} {fen(found['balance_fen']):>14} CNY")
+    emit(args, found, "\n".join(out))
+    return 0
+
+
+async def billing_ageing(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.payments import ageing, parse_day
+    from storage.db import utcnow
+
+    terms = _terms(settings)
+    as_of = parse_day(args.as_of, "as-of") if args.as_of else utcnow().astimezone(terms["tz"]).date()
+    async with migrated_engine(settings) as engine:
+        found = await ageing(engine, as_of=as_of, **terms)
+    rows = [
+        {"licensee": row["licensee"]["id"], **{k: v for k, v in row.items() if k.endswith("_fen")}}
+        for row in found["licensees"]
+    ]
+    rows.append({"licensee": "total", **found["totals"]})
+    emit(args, found, f"open balances as of {found['as_of']} (days past due)\n" + _report_table(rows))
+    return 0
+
+
 async def billing_report(args: argparse.Namespace, settings: Settings) -> int:
     """``pdg billing summary`` / ``payouts``: a period's report, as a table,
     or as a file (CSV, JSON, XLSX)."""
@@ -485,6 +572,22 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("period", metavar="PERIOD", help="YYYY-MM")
         p.add_argument("--format", choices=("csv", "json", "xlsx"), help="default: a table (or by --output)")
         p.add_argument("--output", "-o", metavar="FILE", help="write here (XLSX needs it)")
+    p = command("pay", "record a payment received against an issued invoice", billing_pay)
+    p.add_argument("invoice_id", metavar="INVOICE_ID")
+    p.add_argument("--amount-fen", type=int, required=True, metavar="FEN", help="never more than its balance")
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the day it was paid")
+    p.add_argument("--reference", default="", help="the bank's or the payer's reference")
+    p = command(
+        "statement", "a licensee's invoices, notes and payments with a running balance", billing_statement
+    )
+    p.add_argument("licensee_id", metavar="LICENSEE_ID")
+    p.add_argument(
+        "--from", dest="from_month", metavar="YYYY-MM", help="the first month (default: its first)"
+    )
+    p.add_argument("--to", dest="to_month", metavar="YYYY-MM", help="the last month (default: this one)")
+    p.add_argument("--pdf", metavar="FILE", help="also write it as a PDF")
+    p = command("ageing", "open balances per licensee by days past due", billing_ageing)
+    p.add_argument("--as-of", metavar="YYYY-MM-DD", help="default: today")
     p = command("pdf", "write an invoice as a PDF (Chinese, or --lang en)", billing_pdf)
     p.add_argument("invoice_id", metavar="INVOICE_ID")
     p.add_argument("--lang", choices=("zh", "en"), default="zh")

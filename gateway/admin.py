@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from billing import reports
+from billing import payments, reports
 from billing import schemas as billing_schemas
 from billing.export import FORMATS as EXPORT_FORMATS
 from billing.export import MEDIA_TYPES as EXPORT_MEDIA_TYPES
@@ -27,7 +27,7 @@ from billing.export import period_books, render
 from billing.invoices import close_billing, get_invoice, issue_billing, list_invoices
 from billing.notes import issue_note, list_notes
 from billing.pdf import LANGS as PDF_LANGUAGES
-from billing.pdf import invoice_pdf
+from billing.pdf import invoice_pdf, statement_pdf
 from billing.reconcile import reconcile
 from billing.register import Issuer
 from core.errors import (
@@ -361,6 +361,81 @@ async def export_billing(request: web.Request, principal: AdminPrincipal) -> web
             "Cache-Control": "no-store",
         },
     )
+
+
+def _receivables(request: web.Request) -> dict[str, Any]:
+    settings = request.app[SETTINGS]
+    return {"tz": zone(settings.billing.time_zone), "payment_terms_days": settings.billing.payment_terms_days}
+
+
+async def record_payment_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """A payment received against an issued invoice (``billing.payments``)."""
+    wanted = request.match_info["id"]
+    payment_in = schemas.parse(billing_schemas.PaymentIn, await _body(request))
+    payment = await payments.record_payment(
+        request.app[ENGINE],
+        wanted,
+        amount_fen=payment_in.amount_fen,
+        paid_on=payment_in.paid_on,
+        reference=payment_in.reference,
+        recorded_by=principal.token_id,
+        now=request.app[CLOCK].now(),
+        **_receivables(request),
+    )
+    return _json(payment, 201, location=f"/admin/v1/invoices/{wanted}/payments")
+
+
+async def invoice_account_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    invoice = await _visible_invoice(request, principal)
+    terms = _receivables(request)
+    today = request.app[CLOCK].now().astimezone(terms["tz"]).date()
+    return _json(await payments.invoice_account(request.app[ENGINE], invoice["id"], today=today, **terms))
+
+
+async def statement_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """A licensee's statement of account (``from_month``/``to_month``:
+    ``YYYY-MM``; ``format``: json, the default, or pdf)."""
+    licensee_id = request.match_info["id"]
+    _own(principal, licensee_id, f"licensee {licensee_id}")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "pdf"):
+        raise ValidationFailedError("format", "json or pdf")
+    terms = _receivables(request)
+    found = await payments.statement(
+        request.app[ENGINE],
+        licensee_id,
+        from_period=request.query.get("from_month"),
+        to_period=request.query.get("to_month"),
+        now=request.app[CLOCK].now(),
+        **terms,
+    )
+    if fmt == "json":
+        return _json(found)
+    zone_name = request.app[SETTINGS].billing.time_zone
+    body = await asyncio.to_thread(statement_pdf, found, time_zone=zone_name)
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": "application/pdf",
+            "Content-Disposition": f'inline; filename="statement-{licensee_id}.pdf"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+async def ageing_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """Open balances by days past due (``as_of``: ``YYYY-MM-DD``, default today)."""
+    terms = _receivables(request)
+    raw = request.query.get("as_of")
+    as_of = (
+        payments.parse_day(raw, "as_of")
+        if raw is not None
+        else request.app[CLOCK].now().astimezone(terms["tz"]).date()
+    )
+    found = await payments.ageing(
+        request.app[ENGINE], as_of=as_of, licensee_id=principal.own_licensee, **terms
+    )
+    return _json(found)
 
 
 async def billing_report_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
@@ -803,6 +878,50 @@ ROUTES: tuple[Route, ...] = (
         query=("period", "licensee"),
     ),
     Route("GET", "/invoices/{id}", get_invoice_handler, "read", "One invoice", None, billing_schemas.Invoice),
+    Route(
+        "POST",
+        "/invoices/{id}/payments",
+        record_payment_handler,
+        "billing:write",
+        "Record a payment received against an issued invoice: never more than its balance (409), "
+        "paid on a day from its issue to today",
+        billing_schemas.PaymentIn,
+        billing_schemas.Payment,
+        status=201,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/invoices/{id}/payments",
+        invoice_account_handler,
+        "read",
+        "An issued invoice's account today: owed with its notes, paid, balance, status, payments",
+        None,
+        billing_schemas.InvoiceAccount,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/licensees/{id}/statement",
+        statement_handler,
+        "read",
+        "A licensee's statement of account: invoices, notes and payments with a running balance "
+        "(from_month/to_month: YYYY-MM; format=json or pdf)",
+        None,
+        billing_schemas.Statement,
+        query=("from_month", "to_month", "format"),
+        produces=("application/pdf",),
+    ),
+    Route(
+        "GET",
+        "/billing/ageing",
+        ageing_handler,
+        "read",
+        "Open balances per licensee by days past due (as_of: YYYY-MM-DD, default today)",
+        None,
+        billing_schemas.Ageing,
+        query=("as_of",),
+    ),
     Route(
         "GET",
         "/invoices/{id}/pdf",

@@ -63,6 +63,9 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
     "from": {"type": "string", "format": "date-time"},
     "to": {"type": "string", "format": "date-time"},
     "limit": {"type": "integer", "minimum": 1},
+    "from_month": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"},
+    "to_month": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"},
+    "as_of": {"type": "string", "format": "date"},
     "after": {"type": "integer", "minimum": 0},
 }
 

@@ -318,3 +318,67 @@ async def test_a_consistent_rewrite_of_an_issued_invoice_or_note_is_caught(
     assert ("note-altered", "PDG-CN-2026-000001") in causes, causes
     status, report = await books.get("/reconciliation/2026-11")
     assert "note-altered" in report["by_cause"], report["by_cause"]
+
+
+async def test_payments_statement_and_ageing_through_the_admin_api_and_the_cli(
+    books: Books,
+    pdg: PdgRunner,  # noqa: F811
+) -> None:
+    status, issued = await books.post("/billing/2026-11/close?issue=true")
+    assert status == 201, issued
+    (invoice,) = issued["invoices"]
+    assert invoice["total_fen"] == 8  # 3 x 2.5 = 7.5 -> 8 fen, VAT 0.48 -> 0
+    status, paid = await books.post(
+        f"/invoices/{invoice['id']}/payments",
+        {"amount_fen": 5, "paid_on": "2026-12-03", "reference": "银行回单 0001"},
+        at=datetime(2026, 12, 4, 2, 0, tzinfo=UTC),
+    )
+    assert status == 201, paid
+    assert (paid["invoice_after"]["balance_fen"], paid["invoice_after"]["status"]) == (3, "partially-paid")
+    status, body = await books.post(
+        f"/invoices/{invoice['id']}/payments", {"amount_fen": 4, "paid_on": "2026-12-03"}, at=IN_DEC
+    )
+    assert (status, body["code"]) == (409, "conflict"), body  # more than the 3 fen left
+    run = await pdg(
+        "billing",
+        "pay",
+        invoice["id"],
+        "--amount-fen",
+        "3",
+        "--date",
+        "2026-12-05",
+        "--config",
+        str(books.config),
+    )
+    assert run.code == 0, run
+    assert "3 fen" not in run.err
+    status, account = await books.get(f"/invoices/{invoice['id']}/payments")
+    assert status == 200, account
+    assert (account["status"], account["balance_fen"], len(account["payments"])) == ("paid", 0, 2)
+    status, found = await books.get(f"/licensees/{books.licensee['id']}/statement")
+    assert status == 200, found
+    assert [(e["kind"], e["amount_fen"], e["balance_fen"]) for e in found["entries"]] == [
+        ("invoice", 8, 8),
+        ("payment", -5, 3),
+        ("payment", -3, 0),
+    ]
+    assert found["balance_fen"] == 0
+    async with books.world.client.get(
+        f"/admin/v1/licensees/{books.licensee['id']}/statement?format=pdf", headers=books.finance
+    ) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/pdf"
+    status, aged = await books.get("/billing/ageing?as_of=2026-12-02")
+    assert status == 200, aged
+    assert aged["totals"]["current_fen"] == 8, aged["totals"]
+    # A licensee's own token sees its own statement, and no one else's.
+    other = await books.world.licensee()
+    own = await books.world.app[ADMIN_TOKENS].create(AdminTokenIn(role="licensee", licensee_id=other["id"]))
+    async with books.world.client.get(
+        f"/admin/v1/licensees/{books.licensee['id']}/statement",
+        headers={"Authorization": f"Bearer {own.token}"},
+    ) as resp:
+        assert resp.status == 404
+    run = await pdg("billing", "statement", books.licensee["id"], "--config", str(books.config))
+    assert run.code == 0, run
+    assert "closing balance" in run.out
