@@ -88,7 +88,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import register
 from billing.invoices import billable
-from billing.models import BillingCloseRow, BillingNoteRow, InvoiceCallRow, InvoiceLineRow, InvoiceRow
+from billing.models import (
+    BillingCloseRow,
+    BillingDraftRow,
+    BillingNoteRow,
+    InvoiceCallRow,
+    InvoiceLineRow,
+    InvoiceRow,
+)
 from core.errors import ConflictError
 from core.money import fen_to_e4
 from ledger import audit
@@ -107,6 +114,7 @@ _INVOICES = cast(Table, InvoiceRow.__table__)
 _LINES = cast(Table, InvoiceLineRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
 _NOTES = cast(Table, BillingNoteRow.__table__)
+_DRAFTS = cast(Table, BillingDraftRow.__table__)
 _TERMS = cast(Table, DatasetTermsRow.__table__)
 
 LEDGER_CHAIN: Final = "ledger-chain"
@@ -260,6 +268,12 @@ async def reconcile(
     name = period.name
     async with engine.connect() as conn:
         close = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == name))).first()
+        held = await conn.scalar(select(_DRAFTS.c.period).where(_DRAFTS.c.period == name))
+    if close is None and held is not None:
+        raise ConflictError(
+            f"period {name} is closed for review, not issued: its drafts are computed from the call record "
+            f"itself; issue it first (pdg billing issue {name})"
+        )
     if close is None:
         raise ConflictError(f"period {name} is not closed: close it first (pdg billing close {name})")
     after, through, first = int(close.after_seq), int(close.through_seq), int(close.first_seq)
