@@ -146,6 +146,34 @@ class ClosedPeriod(BaseModel):
     pending: LeftForNextClose | None = None
 
 
+class BillingSummary(BaseModel):
+    """``GET /admin/v1/billing/{period}/summary`` (``billing.reports``): a row
+    per licensee with its invoices, the notes issued in the period, totals and
+    the net revenue split, and the grand total (integer fen)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["pdg.billing-summary.v1"]
+    period: str
+    closed: bool
+    licensees: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+class BillingPayouts(BaseModel):
+    """``GET /admin/v1/billing/{period}/payouts`` (``billing.reports``): per
+    provider department and dataset, the amount billed and its three shares,
+    net of the notes issued in the period (integer fen)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["pdg.billing-payouts.v1"]
+    period: str
+    closed: bool
+    providers: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
 class IssueIn(BaseModel):
     """``POST /admin/v1/billing/{period}/issue``: optional."""
 

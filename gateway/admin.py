@@ -858,12 +858,21 @@ ROUTES: tuple[Route, ...] = (
             billing_report_handler,
             "read",
             what,
+            response_model=model,
             query=("format",),
             produces=tuple(EXPORT_MEDIA_TYPES.values()),
         )
-        for kind, what in (
-            ("summary", "A period across licensees: invoices, notes issued in it, totals, net revenue split"),
-            ("payouts", "A period per provider department and dataset: shares billed, net of its notes"),
+        for kind, what, model in (
+            (
+                "summary",
+                "A period across licensees: invoices, notes issued in it, totals, net revenue split",
+                billing_schemas.BillingSummary,
+            ),
+            (
+                "payouts",
+                "A period per provider department and dataset: shares billed, net of its notes",
+                billing_schemas.BillingPayouts,
+            ),
         )
     ),
     Route(
@@ -910,7 +919,7 @@ ROUTES: tuple[Route, ...] = (
         None,
         billing_schemas.Statement,
         query=("from_month", "to_month", "format"),
-        produces=("application/pdf",),
+        produces=("application/json", "application/pdf"),
     ),
     Route(
         "GET",
