@@ -438,7 +438,15 @@ async def ageing_handler(request: web.Request, principal: AdminPrincipal) -> web
     return _json(found)
 
 
-async def billing_report_handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
+async def billing_summary(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return await _billing_report(request, principal, "summary")
+
+
+async def billing_payouts(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    return await _billing_report(request, principal, "payouts")
+
+
+async def _billing_report(request: web.Request, principal: AdminPrincipal, kind: str) -> web.Response:
     """A period's summary across licensees, or its payouts per provider
     department (``format``: json, the default, csv or xlsx): the operating
     company's, so never a licensee's to see."""
@@ -448,7 +456,6 @@ async def billing_report_handler(request: web.Request, principal: AdminPrincipal
     fmt = request.query.get("format", "json")
     if fmt not in reports.FORMATS:
         raise ValidationFailedError("format", f"one of {', '.join(reports.FORMATS)}")
-    kind = request.path.rsplit("/", 1)[-1]
     engine = request.app[ENGINE]
     report = await (reports.period_summary if kind == "summary" else reports.period_payouts)(
         engine, period.name
@@ -855,21 +862,23 @@ ROUTES: tuple[Route, ...] = (
         Route(
             "GET",
             f"/billing/{{period}}/{kind}",
-            billing_report_handler,
+            handler,
             "read",
             what,
             response_model=model,
             query=("format",),
             produces=tuple(EXPORT_MEDIA_TYPES.values()),
         )
-        for kind, what, model in (
+        for kind, handler, what, model in (
             (
                 "summary",
+                billing_summary,
                 "A period across licensees: invoices, notes issued in it, totals, net revenue split",
                 billing_schemas.BillingSummary,
             ),
             (
                 "payouts",
+                billing_payouts,
                 "A period per provider department and dataset: shares billed, net of its notes",
                 billing_schemas.BillingPayouts,
             ),
