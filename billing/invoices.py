@@ -257,19 +257,8 @@ async def close_billing(
     step(1, STEPS + 1)
     await _hold_as_drafts(engine, period, now)
     if issue:
-        closed = await close_period(
-            engine,
-            period,
-            vat_rate=parse_vat_rate(settings.billing.vat_rate),
-            now=now,
-            issuer=Issuer.from_settings(settings),
-            progress=lambda done, total: step(done + 1, total + 1),
-        )
-    else:
-        closed = await drafts(engine, period, settings)
-    if waiting and not closed.already_closed:
-        return replace(closed, pending=waiting.as_dict())
-    return closed
+        return await _issue(engine, period, settings, now, step, waiting)
+    return _left(await drafts(engine, period, settings), waiting)
 
 
 async def issue_billing(
@@ -309,6 +298,13 @@ async def issue_billing(
                 "review them again",
                 drafts_hash=drafts_hash(current.invoices),
             )
+    return await _issue(engine, period, settings, now, step, waiting)
+
+
+async def _issue(
+    engine: AsyncEngine, period: Period, settings: Settings, now: datetime, step: Progress, waiting: Waiting
+) -> Closed:
+    """:func:`close_period` with the deployment's issuer, once the ledger is up to date."""
     closed = await close_period(
         engine,
         period,
@@ -317,6 +313,11 @@ async def issue_billing(
         issuer=Issuer.from_settings(settings),
         progress=lambda done, total: step(done + 1, total + 1),
     )
+    return _left(closed, waiting)
+
+
+def _left(closed: Closed, waiting: Waiting) -> Closed:
+    """``closed`` naming what the ledger could not take in first (if anything)."""
     if waiting and not closed.already_closed:
         return replace(closed, pending=waiting.as_dict())
     return closed
@@ -785,34 +786,22 @@ async def load_identity(conn: AsyncConnection, settings: Settings, usage: list[U
     buyers: dict[str, dict[str, str]] = {}
     if licensees:
         rows = await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id.in_(licensees)))
-        buyers = {
-            r.id: {
-                "name": r.name,
-                "credit_code": r.credit_code,
-                "address": r.address,
-                "bank": r.bank,
-                "account": r.account,
-            }
-            for r in rows
-        }
+        buyers = {r.id: party_of(r) for r in rows}
     names: dict[str, tuple[str, str]] = {}
     if datasets:
         rows = await conn.execute(
             select(_DATASETS.c.id, _DATASETS.c.name, _DATASETS.c.tax_code).where(_DATASETS.c.id.in_(datasets))
         )
         names = {r.id: (r.name, r.tax_code or settings.billing.tax_code) for r in rows}
-    seller = settings.billing.seller
-    return Identity(
-        seller={
-            "name": seller.name,
-            "credit_code": seller.credit_code,
-            "address": seller.address,
-            "bank": seller.bank,
-            "account": seller.account,
-        },
-        buyers=buyers,
-        datasets=names,
-    )
+    return Identity(seller=party_of(settings.billing.seller), buyers=buyers, datasets=names)
+
+
+PARTY_FIELDS: Final = ("name", "credit_code", "address", "bank", "account")
+
+
+def party_of(source: Any) -> dict[str, str]:
+    """A document's seller or buyer, from the settings' seller or a licensee row."""
+    return {name: str(getattr(source, name, "") or "") for name in PARTY_FIELDS}
 
 
 async def _splits(

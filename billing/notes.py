@@ -43,7 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import register
-from billing.invoices import canonical
+from billing.invoices import canonical, party_of
 from billing.models import BillingNoteRow, InvoiceRow
 from billing.register import Issuer
 from core.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
@@ -218,7 +218,7 @@ async def _issue(
         number=numbered.number,
         invoice_number=invoice.get("number"),
         currency=invoice.get("currency", "CNY"),
-        seller=_seller(issuer),
+        seller=party_of(issuer.settings.billing.seller),
         buyer=invoice.get("buyer") or await _buyer(conn, invoice["licensee_id"]),
     )
     content = canonical(note)
@@ -257,29 +257,10 @@ async def _issue(
     return note
 
 
-def _seller(issuer: Issuer) -> dict[str, str]:
-    seller = issuer.settings.billing.seller
-    return {
-        "name": seller.name,
-        "credit_code": seller.credit_code,
-        "address": seller.address,
-        "bank": seller.bank,
-        "account": seller.account,
-    }
-
-
 async def _buyer(conn: AsyncConnection, licensee_id: str) -> dict[str, str]:
     """The buyer of an invoice issued before invoices named one: the licensee as it is now."""
     row = (await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id == licensee_id))).first()
-    if row is None:
-        return {"name": "", "credit_code": "", "address": "", "bank": "", "account": ""}
-    return {
-        "name": row.name,
-        "credit_code": row.credit_code,
-        "address": row.address,
-        "bank": row.bank,
-        "account": row.account,
-    }
+    return party_of(row)
 
 
 async def list_notes(

@@ -82,46 +82,28 @@ def statement(invoice: dict[str, Any]) -> str:
 
 
 async def billing_close(args: argparse.Namespace, settings: Settings) -> int:
-    from billing.invoices import close_billing
+    """``pdg billing close`` (drafts, or ``--issue``) and ``pdg billing issue``."""
+    from billing.invoices import close_billing, issue_billing
     from storage.db import utcnow
     from storage.redis import deployment_redis
 
     period = _period(settings, args.period)
+    common: dict[str, Any] = {
+        "settings": settings,
+        "redis": lambda: deployment_redis(settings),
+        "now": utcnow(),
+        "allow_pending": args.allow_pending,
+    }
+    issuing = args.action == "issue"
     async with migrated_engine(settings) as engine:
-        with progress_bar(f"closing {period.name}") as progress:
-            closed = await close_billing(
-                engine,
-                period,
-                settings=settings,
-                redis=lambda: deployment_redis(settings),
-                now=utcnow(),
-                allow_pending=args.allow_pending,
-                issue=args.issue,
-                progress=progress,
-            )
+        with progress_bar(f"{'issuing' if issuing else 'closing'} {period.name}") as progress:
+            if issuing:
+                closed = await issue_billing(
+                    engine, period, expect_drafts=args.drafts_hash, progress=progress, **common
+                )
+            else:
+                closed = await close_billing(engine, period, issue=args.issue, progress=progress, **common)
     emit(args, closed.as_dict(), _closed_text(closed))
-    return 0
-
-
-async def billing_issue(args: argparse.Namespace, settings: Settings) -> int:
-    from billing.invoices import issue_billing
-    from storage.db import utcnow
-    from storage.redis import deployment_redis
-
-    period = _period(settings, args.period)
-    async with migrated_engine(settings) as engine:
-        with progress_bar(f"issuing {period.name}") as progress:
-            issued = await issue_billing(
-                engine,
-                period,
-                settings=settings,
-                redis=lambda: deployment_redis(settings),
-                now=utcnow(),
-                allow_pending=args.allow_pending,
-                expect_drafts=args.drafts_hash,
-                progress=progress,
-            )
-    emit(args, issued.as_dict(), _closed_text(issued))
     return 0
 
 
@@ -549,7 +531,7 @@ def add_commands(sub: Any, common: Common) -> None:
     p = command(
         "issue",
         "issue a period closed for review: its drafts made final, numbered and signed",
-        billing_issue,
+        billing_close,
     )
     p.add_argument("period", metavar="PERIOD", help="YYYY-MM, a period closed for review")
     p.add_argument(
