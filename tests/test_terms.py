@@ -108,7 +108,7 @@ async def test_a_split_changed_between_two_calls_splits_each_its_own_way(world: 
 
     clock.now = AFTER_NOVEMBER
     headers = await finance(world)
-    async with world.client.post("/admin/v1/billing/2026-11/close", headers=headers) as resp:
+    async with world.client.post("/admin/v1/billing/2026-11/close?issue=true", headers=headers) as resp:
         closed = await resp.json(content_type=None)
         assert resp.status == 201, closed
     (invoice,) = closed["invoices"]
