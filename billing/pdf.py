@@ -573,6 +573,14 @@ class _Document(FPDF):
     def render(self) -> bytes:
         return bytes(self.output())
 
+    def close_fonts(self) -> None:
+        """Close the font files fontTools keeps open (``output`` closes them
+        too, but not a document that failed before it)."""
+        for font in self.fonts.values():
+            close = getattr(font, "close", None)
+            if close is not None:
+                close()
+
 
 # -- the documents -----------------------------------------------------------------
 
@@ -595,60 +603,65 @@ def invoice_pdf(invoice: Mapping[str, Any], *, lang: str = "zh", time_zone: str 
     number = _document_number(invoice)
     issued = invoice.get("issued_at") or invoice.get("closed_at")
     pdf = _Document(words, lang, number, _creation_date(issued))
-    pdf.set_title(f"{words.invoice} {number}")
-    pdf.heading(words.invoice, words.invoice_basis, f"{words.number}  {number}")
-    pdf.pairs(
-        [
-            (words.period, _text(invoice.get("period"))),
-            (words.status, _label(words.statuses, invoice.get("status"))),
-            (words.issued_at, _when(issued, zone)),
-            (words.due_at, _when(invoice.get("due_at"), zone)),
-            (words.currency, currency),
-            (words.document_id, _text(invoice.get("id"))),
-        ],
-        columns=3,
-    )
-    pdf.parties((words.seller, _party(invoice.get("seller"))), (words.buyer, _party(invoice.get("buyer"))))
-    rows = []
-    for position, line in enumerate(invoice.get("lines") or (), 1):
-        dataset = _text(line.get("dataset"))
-        name = line.get("dataset_name")
-        rows.append(
-            (
-                _text(line.get("line_no", position)),
-                f"{name}\n{dataset}" if name else dataset,
-                _label(words.purposes, line.get("purpose")),
-                _label(words.kinds, line.get("kind")),
-                _text(line.get("usage_period")),
-                _text(line.get("calls")),
-                _text(line.get("records")),
-                _text(line.get("tax_code")),
-                _rate(line.get("vat_rate", invoice.get("vat_rate"))),
-                yuan(_fen(line.get("amount_fen"), f"line {position}'s amount_fen")),
-            )
+    try:
+        pdf.set_title(f"{words.invoice} {number}")
+        pdf.heading(words.invoice, words.invoice_basis, f"{words.number}  {number}")
+        pdf.pairs(
+            [
+                (words.period, _text(invoice.get("period"))),
+                (words.status, _label(words.statuses, invoice.get("status"))),
+                (words.issued_at, _when(issued, zone)),
+                (words.due_at, _when(invoice.get("due_at"), zone)),
+                (words.currency, currency),
+                (words.document_id, _text(invoice.get("id"))),
+            ],
+            columns=3,
         )
-    pdf.grid(
-        (*words.line_columns, words.amount_in.format(unit=words.yuan if currency == "CNY" else currency)),
-        (8, 38, 17, 13, 15, 16, 16, 31, 9, 23),
-        ("C", "L", "L", "L", "C", "R", "R", "L", "R", "R"),
-        rows,
-    )
-    total = _fen(invoice.get("total_fen"), "total_fen")
-    pdf.keep(28)
-    pdf.sums(
-        [
-            (words.subtotal, cny(_fen(invoice.get("subtotal_fen"), "subtotal_fen"), currency)),
-            (
-                words.vat_at.format(rate=_rate(invoice.get("vat_rate"))),
-                cny(_fen(invoice.get("vat_fen"), "vat_fen"), currency),
-            ),
-            (words.total, cny(total, currency)),
-        ]
-    )
-    if currency == "CNY":
-        pdf.labelled(words.in_words, capital_yuan(total))
-    pdf.integrity(invoice)
-    return pdf.render()
+        pdf.parties(
+            (words.seller, _party(invoice.get("seller"))), (words.buyer, _party(invoice.get("buyer")))
+        )
+        rows = []
+        for position, line in enumerate(invoice.get("lines") or (), 1):
+            dataset = _text(line.get("dataset"))
+            name = line.get("dataset_name")
+            rows.append(
+                (
+                    _text(line.get("line_no", position)),
+                    f"{name}\n{dataset}" if name else dataset,
+                    _label(words.purposes, line.get("purpose")),
+                    _label(words.kinds, line.get("kind")),
+                    _text(line.get("usage_period")),
+                    _text(line.get("calls")),
+                    _text(line.get("records")),
+                    _text(line.get("tax_code")),
+                    _rate(line.get("vat_rate", invoice.get("vat_rate"))),
+                    yuan(_fen(line.get("amount_fen"), f"line {position}'s amount_fen")),
+                )
+            )
+        pdf.grid(
+            (*words.line_columns, words.amount_in.format(unit=words.yuan if currency == "CNY" else currency)),
+            (8, 38, 17, 13, 15, 16, 16, 31, 9, 23),
+            ("C", "L", "L", "L", "C", "R", "R", "L", "R", "R"),
+            rows,
+        )
+        total = _fen(invoice.get("total_fen"), "total_fen")
+        pdf.keep(28)
+        pdf.sums(
+            [
+                (words.subtotal, cny(_fen(invoice.get("subtotal_fen"), "subtotal_fen"), currency)),
+                (
+                    words.vat_at.format(rate=_rate(invoice.get("vat_rate"))),
+                    cny(_fen(invoice.get("vat_fen"), "vat_fen"), currency),
+                ),
+                (words.total, cny(total, currency)),
+            ]
+        )
+        if currency == "CNY":
+            pdf.labelled(words.in_words, capital_yuan(total))
+        pdf.integrity(invoice)
+        return pdf.render()
+    finally:
+        pdf.close_fonts()
 
 
 def note_pdf(note: Mapping[str, Any], *, lang: str = "zh", time_zone: str = "Asia/Shanghai") -> bytes:
@@ -667,46 +680,49 @@ def note_pdf(note: Mapping[str, Any], *, lang: str = "zh", time_zone: str = "Asi
     currency = _text(note.get("currency") or "CNY")
     number = _document_number(note)
     pdf = _Document(words, lang, number, _creation_date(note.get("issued_at")))
-    pdf.set_title(f"{title} {number}")
-    pdf.heading(title, basis, f"{words.number}  {number}")
-    line_no = note.get("line_no")
-    if line_no is None:
-        scope = words.whole_invoice
-    else:
-        named = [str(v) for v in (note.get("dataset_name"), note.get("dataset")) if v]
-        if note.get("purpose"):
-            named.append(_label(words.purposes, note["purpose"]))
-        scope = words.line.format(line=line_no)
-        if named:
-            scope += words.aside.format(words.separator.join(named))
-    pdf.pairs(
-        [
-            (words.invoice_number, _text(note.get("invoice_number") or note.get("invoice_id"))),
-            (words.issued_at, _when(note.get("issued_at"), zone)),
-            (words.scope, scope),
-            (words.currency, currency),
-            (words.document_id, _text(note.get("id"))),
-            (words.period, _text(note.get("period"))),
-        ]
-    )
-    pdf.parties((words.seller, _party(note.get("seller"))), (words.buyer, _party(note.get("buyer"))))
-    pdf.labelled(words.reason, _text(note.get("reason")))
-    total = _fen(note.get("total_fen"), "total_fen")
-    pdf.keep(28)
-    pdf.sums(
-        [
-            (words.subtotal, cny(_fen(note.get("amount_fen"), "amount_fen"), currency)),
-            (
-                words.vat_at.format(rate=_rate(note.get("vat_rate"))),
-                cny(_fen(note.get("vat_fen"), "vat_fen"), currency),
-            ),
-            (words.total, cny(total, currency)),
-        ]
-    )
-    if currency == "CNY":
-        pdf.labelled(words.in_words, capital_yuan(total))
-    pdf.integrity(note)
-    return pdf.render()
+    try:
+        pdf.set_title(f"{title} {number}")
+        pdf.heading(title, basis, f"{words.number}  {number}")
+        line_no = note.get("line_no")
+        if line_no is None:
+            scope = words.whole_invoice
+        else:
+            named = [str(v) for v in (note.get("dataset_name"), note.get("dataset")) if v]
+            if note.get("purpose"):
+                named.append(_label(words.purposes, note["purpose"]))
+            scope = words.line.format(line=line_no)
+            if named:
+                scope += words.aside.format(words.separator.join(named))
+        pdf.pairs(
+            [
+                (words.invoice_number, _text(note.get("invoice_number") or note.get("invoice_id"))),
+                (words.issued_at, _when(note.get("issued_at"), zone)),
+                (words.scope, scope),
+                (words.currency, currency),
+                (words.document_id, _text(note.get("id"))),
+                (words.period, _text(note.get("period"))),
+            ]
+        )
+        pdf.parties((words.seller, _party(note.get("seller"))), (words.buyer, _party(note.get("buyer"))))
+        pdf.labelled(words.reason, _text(note.get("reason")))
+        total = _fen(note.get("total_fen"), "total_fen")
+        pdf.keep(28)
+        pdf.sums(
+            [
+                (words.subtotal, cny(_fen(note.get("amount_fen"), "amount_fen"), currency)),
+                (
+                    words.vat_at.format(rate=_rate(note.get("vat_rate"))),
+                    cny(_fen(note.get("vat_fen"), "vat_fen"), currency),
+                ),
+                (words.total, cny(total, currency)),
+            ]
+        )
+        if currency == "CNY":
+            pdf.labelled(words.in_words, capital_yuan(total))
+        pdf.integrity(note)
+        return pdf.render()
+    finally:
+        pdf.close_fonts()
 
 
 def statement_pdf(
@@ -722,38 +738,43 @@ def statement_pdf(
     covered = words.through.format(start=_text(statement.get("from")), end=_text(statement.get("to")))
     name = _text(licensee.get("name"))
     pdf = _Document(words, lang, f"{name}  {covered}", _creation_date(statement.get("generated_at")))
-    pdf.set_title(f"{words.statement} {name} {covered}")
-    pdf.heading(words.statement, words.statement_basis, covered)
-    pdf.pairs(
-        [
-            (words.licensee, name),
-            (words.credit_code, _text(licensee.get("credit_code"))),
-            (words.customer_id, _text(licensee.get("id"))),
-            (words.range, covered),
-            (words.generated_at, _when(statement.get("generated_at"), zone)),
-            (words.currency, currency),
-        ]
-    )
-    seller = _party(statement.get("seller"))
-    if seller:
-        pdf.labelled(words.seller, f"{_text(seller.get('name'))}  {_text(seller.get('credit_code'))}")
-
-    def money(value: Any, what: str) -> str:
-        return cny(_fen(value, what), currency)
-
-    rows = [
-        (
-            _when(entry.get("date"), zone),
-            _label(words.entries, entry.get("kind")),
-            _text(entry.get("number")),
-            money(entry.get("amount_fen"), f"entry {position}'s amount_fen"),
-            money(entry.get("balance_fen"), f"entry {position}'s balance_fen"),
+    try:
+        pdf.set_title(f"{words.statement} {name} {covered}")
+        pdf.heading(words.statement, words.statement_basis, covered)
+        pdf.pairs(
+            [
+                (words.licensee, name),
+                (words.credit_code, _text(licensee.get("credit_code"))),
+                (words.customer_id, _text(licensee.get("id"))),
+                (words.range, covered),
+                (words.generated_at, _when(statement.get("generated_at"), zone)),
+                (words.currency, currency),
+            ]
         )
-        for position, entry in enumerate(statement.get("entries") or (), 1)
-    ]
-    if "opening_balance_fen" in statement:
-        pdf.sums([(words.opening_balance, money(statement["opening_balance_fen"], "opening_balance_fen"))])
-    pdf.grid(words.entry_columns, (30, 30, 56, 35, 35), ("L", "L", "L", "R", "R"), rows)
-    pdf.sums([(words.closing_balance, money(statement.get("balance_fen"), "balance_fen"))])
-    pdf.integrity(statement)
-    return pdf.render()
+        seller = _party(statement.get("seller"))
+        if seller:
+            pdf.labelled(words.seller, f"{_text(seller.get('name'))}  {_text(seller.get('credit_code'))}")
+
+        def money(value: Any, what: str) -> str:
+            return cny(_fen(value, what), currency)
+
+        rows = [
+            (
+                _when(entry.get("date"), zone),
+                _label(words.entries, entry.get("kind")),
+                _text(entry.get("number")),
+                money(entry.get("amount_fen"), f"entry {position}'s amount_fen"),
+                money(entry.get("balance_fen"), f"entry {position}'s balance_fen"),
+            )
+            for position, entry in enumerate(statement.get("entries") or (), 1)
+        ]
+        if "opening_balance_fen" in statement:
+            pdf.sums(
+                [(words.opening_balance, money(statement["opening_balance_fen"], "opening_balance_fen"))]
+            )
+        pdf.grid(words.entry_columns, (30, 30, 56, 35, 35), ("L", "L", "L", "R", "R"), rows)
+        pdf.sums([(words.closing_balance, money(statement.get("balance_fen"), "balance_fen"))])
+        pdf.integrity(statement)
+        return pdf.render()
+    finally:
+        pdf.close_fonts()
