@@ -602,7 +602,7 @@ class LedgerWriter:
                     log.error("ledger writer: %s", exc)
                     await self._pause(5.0)
                 except (SQLAlchemyError, *REDIS_ERRORS) as exc:
-                    log.warning("ledger writer: %s; retrying in %.1f s", type(exc).__name__, backoff)
+                    log.warning("ledger writer: %s; retrying in %.1f s", _why(exc), backoff)
                     await self._pause(backoff)
                     backoff = min(5.0, backoff * 2)
         finally:
@@ -619,6 +619,14 @@ class LedgerWriter:
                         await self.store.append([], self.store.position, force_checkpoint=True)
         finally:
             await self._discard_ahead()
+
+
+def _why(exc: BaseException) -> str:
+    """The error's type and, for a database error, the driver's first line
+    (which constraint failed): never the statement or its parameters."""
+    orig = getattr(exc, "orig", None)
+    detail = str(orig).splitlines()[0][:200] if orig is not None and str(orig) else ""
+    return f"{type(exc).__name__} ({detail})" if detail else type(exc).__name__
 
 
 def _licence_lister(engine: AsyncEngine) -> Callable[[], Awaitable[Sequence[str]]]:
