@@ -420,9 +420,20 @@ async def _start_gateways(
         proc = processes.start(f"gateway-{i}", argv, env)
         gateways.append(Gateway(f"gateway-{i}", f"http://127.0.0.1:{port}", proc))
 
-    async def ready(gateway: Gateway) -> None:
+    async def ready(gateway: Gateway, index: int) -> None:
         deadline = time.monotonic() + START_SECONDS
+        retries = 0
         while True:
+            exited = gateway.proc.poll() is not None
+            if exited and retries < 4 and "address already in use" in processes.log(gateway.name).lower():
+                # A port probed free was taken by another test process before
+                # the gateway bound it: again, on a fresh one.
+                retries += 1
+                port = free_port()
+                argv = [PDG, "serve", "--port", str(port), "--data-dir", str(tmp_path / f"gw{index}")]
+                gateway.proc = processes.start(gateway.name, argv, env)
+                gateway.base = f"http://127.0.0.1:{port}"
+                continue
             processes.check_alive(gateway.name, gateway.proc)
             try:
                 async with http.get(gateway.base + "/readyz", timeout=aiohttp.ClientTimeout(total=3)) as resp:
@@ -433,7 +444,7 @@ async def _start_gateways(
             assert time.monotonic() < deadline, f"{gateway.name} not ready:\n{processes.log(gateway.name)}"
             await asyncio.sleep(0.2)
 
-    await asyncio.gather(*(ready(g) for g in gateways))
+    await asyncio.gather(*(ready(g, i) for i, g in enumerate(gateways)))
     return gateways, env
 
 
