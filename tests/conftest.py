@@ -14,6 +14,7 @@ admin API, and to get tokens through the OAuth endpoint.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import concurrent.futures
 import contextlib
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -53,20 +55,60 @@ if TYPE_CHECKING:
 PG_URL = os.environ.get("PDG_TEST_DATABASE_URL", "")
 
 
+#: Held in the shared Redis database a test process uses, so that no other
+#: test run (another suite on the same machine) takes it.
+_CLAIM_KEY = "pdg-test:claimed-by"
+_CLAIM = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+#: A claim outlives a crashed run by at most this; each flush renews it.
+_CLAIM_SECONDS = 1800
+
+
 def _redis_for_this_worker(url: str) -> str:
-    """The shared Redis's database for this test process: the URL's own
-    database, or under pytest-xdist the next ones (``gw1`` takes one more),
-    since tests flush the database they use."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not url or not worker.startswith("gw"):
+    """A database of the shared Redis for this test process alone (tests
+    flush the database they use): the URL's own database, or under
+    pytest-xdist the next ones (``gw1`` starts one further), or the next one
+    after it that no other test process holds. A process claims its database
+    with a key that lives 30 minutes, renewed by every flush, so two suites
+    running at once on one machine never share one."""
+    if not url:
         return url
     base, _, db = url.rpartition("/")
     if not db.isdigit() or "://" not in base:
         base, db = url.rstrip("/"), "0"
-    return f"{base}/{(int(db) + int(worker[2:])) % 16}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    start = int(db) + (int(worker[2:]) if worker.startswith("gw") else 0)
+    for step in range(16):
+        candidate = f"{base}/{(start + step) % 16}"
+        client = sync_redis.Redis.from_url(candidate, socket_timeout=5)
+        try:
+            if (
+                client.set(_CLAIM_KEY, _CLAIM, nx=True, ex=_CLAIM_SECONDS)
+                or client.get(_CLAIM_KEY) == _CLAIM.encode()
+            ):
+                return candidate
+        except sync_redis.RedisError:
+            return f"{base}/{start % 16}"  # unreachable: the servers cases fail or skip as they would
+        finally:
+            client.close()
+    raise RuntimeError("every database of the shared Redis is held by another test run")
+
+
+def _release(url: str) -> None:
+    """Give the database back when this test process ends (if it is still ours)."""
+    if not url:
+        return
+    client = sync_redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        if client.get(_CLAIM_KEY) == _CLAIM.encode():
+            client.delete(_CLAIM_KEY)
+    except sync_redis.RedisError:
+        pass
+    finally:
+        client.close()
 
 
 REDIS_URL = _redis_for_this_worker(os.environ.get("PDG_TEST_REDIS_URL", ""))
+atexit.register(_release, REDIS_URL)
 
 
 def free_port() -> int:
@@ -108,10 +150,12 @@ class Backend:
     redis_url: str
 
 
-async def _flush(url: str) -> None:
+async def flush_redis(url: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
         await client.flushdb()
+        if url == REDIS_URL:
+            await client.set(_CLAIM_KEY, _CLAIM, ex=_CLAIM_SECONDS)
     finally:
         await client.aclose()
 
@@ -258,13 +302,13 @@ async def backend(
     """SQLite + embedded Valkey, or PostgreSQL + Redis; the database of the
     test's own, migrated to head."""
     if request.param == "embedded":
-        await _flush(embedded_valkey_url)
+        await flush_redis(embedded_valkey_url)
         path = tmp_path / "pdg.sqlite3"
         await asyncio.to_thread(shutil.copyfile, sqlite_template, path)
         yield Backend("embedded", f"sqlite+aiosqlite:///{path}", embedded_valkey_url)
         return
     need_servers()
-    await _flush(REDIS_URL)
+    await flush_redis(REDIS_URL)
     clones: PostgresClones = request.getfixturevalue("postgres_clones")
     url = await clones.take()
     try:

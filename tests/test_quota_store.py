@@ -27,7 +27,7 @@ from metering.quota import (
     plan_reservation,
 )
 from storage.redis import connect
-from tests.conftest import REDIS_URL, free_port
+from tests.conftest import REDIS_URL, flush_redis, free_port
 
 NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
 PERIOD = period_of(NOW)
@@ -40,8 +40,8 @@ async def batcher(request: pytest.FixtureRequest, embedded_valkey_url: str) -> A
         if not REDIS_URL:
             pytest.skip("PDG_TEST_REDIS_URL is not set (CI sets it)")
         url = REDIS_URL
+    await flush_redis(url)
     client = connect(url)
-    await client.flushdb()
     store = QuotaBatcher(client)
     try:
         yield store
