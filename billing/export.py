@@ -55,7 +55,7 @@ import orjson
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.invoices import list_invoices
+from billing.invoices import MIXED, list_invoices
 from billing.models import BillingCloseRow, InvoiceRow
 from billing.notes import CREDIT, list_notes
 from core.errors import NotFoundError
@@ -414,7 +414,7 @@ def add_sheet(
 def _cell(value: Any, fmt: str | None) -> Any:
     if value is None:
         return ""
-    if fmt is not None and isinstance(value, str):
+    if fmt is not None and isinstance(value, str) and value != MIXED:
         return Decimal(value)
     return value
 

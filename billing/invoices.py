@@ -82,7 +82,7 @@ from ledger.models import CallRow, LedgerStateRow
 from ledger.record import REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
-from licensing.models import DatasetRow, DatasetTermsRow, LicenseeRow
+from licensing.models import DatasetRow, DatasetTermsRow, LicenseeRow, PrepaidTopUpRow
 from metering.periods import Period, parse_period
 from storage.redis import REDIS_ERRORS, EmbeddedValkeyError, RedisClient
 
@@ -96,11 +96,17 @@ _TERMS = cast(Table, DatasetTermsRow.__table__)
 _BILLED = cast(Table, InvoiceCallRow.__table__)
 _LICENSEES = cast(Table, LicenseeRow.__table__)
 _DATASETS = cast(Table, DatasetRow.__table__)
+_TOP_UPS = cast(Table, PrepaidTopUpRow.__table__)
 
 FORMAT: Final = "pdg.invoice.v1"
 #: Issued with identity (parties, currency, tax fields), a number and a due date.
 FORMAT_V2: Final = "pdg.invoice.v2"
 USAGE: Final = "usage"
+#: The kinds of invoice: a period's (made by its close) and a top-up's.
+PERIOD: Final = "period"
+TOP_UP: Final = "top-up"
+#: Lines of calls drawn from prepaid calls bought (billed at 0: paid when bought).
+PREPAID: Final = "prepaid"
 #: An invoice's status: a draft (computed when read, until issued), issued,
 #: or closed (issued before drafts, numbers and the register).
 DRAFT: Final = "draft"
@@ -404,7 +410,7 @@ async def _existing(conn: AsyncConnection, period: str) -> Closed | None:
     row = (await conn.execute(select(_CLOSES).where(_CLOSES.c.period == period))).first()
     if row is None:
         return None
-    invoices = await _invoices(conn, _INVOICES.c.period == period)
+    invoices = await _invoices(conn, _INVOICES.c.period == period, _INVOICES.c.kind == PERIOD)
     return Closed(period, True, row.after_seq, row.through_seq, rfc3339(row.closed_at), invoices)
 
 
@@ -442,6 +448,45 @@ class Usage:
     records: int
     charge_e4: int
     first_seq: int
+    #: Calls drawn from prepaid calls bought (kind ``prepaid``): what they
+    #: were bought at, summed (1/10000 fen); 0 otherwise.
+    prepaid_e4: int = 0
+
+
+def bought_positions(calls: Table = _CALLS) -> Any:
+    """The served calls drawn from prepaid calls a top-up bought, with the
+    unit price paid for each (``seq``, ``unit_price_e4``): a licence's
+    prepaid calls are drawn in ``seq`` order, the n-th from position n of
+    its balance, and a top-up bought positions ``first_position + 1 ..
+    first_position + calls`` (``billing.prepaid``). Positions no top-up
+    bought were granted: billed at list price, as credit calls are."""
+    bought = _TOP_UPS
+    drawn = (
+        select(
+            calls.c.seq,
+            calls.c.licence_id,
+            func.row_number().over(partition_by=calls.c.licence_id, order_by=calls.c.seq).label("position"),
+        )
+        .where(
+            billable(calls),
+            calls.c.pool == PREPAID,
+            calls.c.licensee_id.in_(select(bought.c.licensee_id)),
+            calls.c.licence_id.in_(select(bought.c.licence_id)),
+        )
+        .subquery("drawn")
+    )
+    return (
+        select(drawn.c.seq, bought.c.unit_price_e4)
+        .join(
+            bought,
+            and_(
+                bought.c.licence_id == drawn.c.licence_id,
+                drawn.c.position > bought.c.first_position,
+                drawn.c.position <= bought.c.first_position + bought.c.calls,
+            ),
+        )
+        .subquery("bought")
+    )
 
 
 def _billed(name: str, after: int, through: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -455,20 +500,32 @@ def _billed(name: str, after: int, through: int) -> tuple[tuple[Any, ...], tuple
 async def _aggregate(conn: AsyncConnection, where: tuple[Any, ...], kind: str) -> list[Usage]:
     """The calls ``where`` selects, summed per licensee, dataset, purpose,
     period and terms version (records from before terms had versions were
-    charged under version 1)."""
+    charged under version 1); the calls drawn from prepaid calls bought
+    apart, as kind ``prepaid`` (:func:`bought_positions`)."""
     version = func.coalesce(_CALLS.c.terms_version, 1)
-    groups = (_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period, version)
+    groups = [_CALLS.c.licensee_id, _CALLS.c.dataset_id, _CALLS.c.purpose, _CALLS.c.period, version]
+    source: Any = _CALLS
+    drawn: Any = literal(False)
+    paid: Any = literal(0)
+    if await conn.scalar(select(_TOP_UPS.c.id).limit(1)) is not None:
+        bought = bought_positions()
+        source = _CALLS.outerjoin(bought, bought.c.seq == _CALLS.c.seq)
+        drawn = bought.c.seq.is_not(None)
+        paid = sql_cast(func.sum(bought.c.unit_price_e4), BigInteger)
+        groups.append(drawn)
     query = select(
-        *groups,
+        *groups[:5],
+        drawn,
         func.count(),
         sql_cast(func.sum(_CALLS.c.records), BigInteger),
         sql_cast(func.sum(_CALLS.c.charge_e4), BigInteger),
         func.min(_CALLS.c.seq),
+        paid,
     )
-    rows = await conn.execute(query.where(*where).group_by(*groups))
+    rows = await conn.execute(query.select_from(source).where(*where).group_by(*groups))
     return [
         Usage(
-            kind,
+            PREPAID if prepaid else kind,
             licensee,
             dataset,
             purpose,
@@ -478,15 +535,22 @@ async def _aggregate(conn: AsyncConnection, where: tuple[Any, ...], kind: str) -
             int(recs or 0),
             int(charge or 0),
             int(first),
+            int(value or 0) if prepaid else 0,
         )
-        for licensee, dataset, purpose, period, terms, calls, recs, charge, first in rows
+        for licensee, dataset, purpose, period, terms, prepaid, calls, recs, charge, first, value in rows
     ]
 
 
 def _line(usage: Usage, basis: tuple[int, int, int]) -> dict[str, Any]:
-    amount = fen_of_e4(usage.charge_e4)
-    provider, operator, fund = split(amount, basis)
-    return {
+    """A line of usage: its amount the exact charge rounded once, split by
+    ``basis``. Calls drawn from prepaid calls bought were paid for when
+    bought: their line is at 0, and what they were bought at (rounded once)
+    is split now, as they are used."""
+    prepaid = usage.kind == PREPAID
+    amount = 0 if prepaid else fen_of_e4(usage.charge_e4)
+    provider, operator, fund = split(fen_of_e4(usage.prepaid_e4) if prepaid else amount, basis)
+    extra = {"prepaid_value_fen": e4_text(usage.prepaid_e4)} if prepaid else {}
+    return extra | {
         "dataset": usage.dataset,
         "purpose": usage.purpose,
         "kind": usage.kind,
@@ -494,7 +558,7 @@ def _line(usage: Usage, basis: tuple[int, int, int]) -> dict[str, Any]:
         "terms_version": usage.terms_version,
         "calls": usage.calls,
         "records": usage.records,
-        "charge_fen": e4_text(usage.charge_e4),
+        "charge_fen": "0" if prepaid else e4_text(usage.charge_e4),
         "amount_fen": amount,
         "split": {"provider_fen": provider, "operator_fen": operator, "public_fund_fen": fund},
         "revenue_split": {
@@ -515,8 +579,8 @@ class Identity:
     seller: dict[str, str]
     #: By licensee id: ``name``, ``credit_code``, ``address``, ``bank``, ``account``.
     buyers: dict[str, dict[str, str]]
-    #: By dataset id: (name, tax classification code).
-    datasets: dict[str, tuple[str, str]]
+    #: By dataset id: (name, tax classification code, VAT rate).
+    datasets: dict[str, tuple[str, str, Decimal]]
     currency: str = "CNY"
 
 
@@ -549,15 +613,17 @@ def build_invoices(
                 line["dataset"],
                 line["purpose"],
                 line["terms_version"],
+                line["kind"],
             ),
         )
         for number, line in enumerate(lines, 1):
             line["line_no"] = number
             if identity is not None:
-                name, tax_code = identity.datasets.get(line["dataset"], (line["dataset"], ""))
-                line.update(dataset_name=name, tax_code=tax_code, vat_rate=str(vat_rate))
+                name, tax_code, rate = identity.datasets.get(line["dataset"], (line["dataset"], "", vat_rate))
+                line.update(dataset_name=name, tax_code=tax_code, vat_rate=str(rate))
         subtotal = sum(line["amount_fen"] for line in lines)
-        vat = vat_of(subtotal, vat_rate)
+        groups = vat_groups(lines, vat_rate) if identity is not None else []
+        vat = sum(g["vat_fen"] for g in groups) if groups else vat_of(subtotal, vat_rate)
         invoice: dict[str, Any] = {
             "format": FORMAT if identity is None else FORMAT_V2,
             "id": invoice_id(period, licensee),
@@ -569,18 +635,46 @@ def build_invoices(
             "calls": sum(line["calls"] for line in lines),
             "lines": lines,
             "subtotal_fen": subtotal,
-            "vat_rate": str(vat_rate),
+            "vat_rate": invoice_rate(groups, vat_rate),
             "vat_fen": vat,
             "total_fen": subtotal + vat,
         }
         if identity is not None:
             invoice.update(
+                vat_groups=groups,
                 currency=identity.currency,
                 seller=identity.seller,
                 buyer=identity.buyers.get(licensee, {"name": "", "credit_code": ""}),
             )
         invoices.append(invoice)
     return invoices
+
+
+#: An invoice's ``vat_rate`` when its billed lines carry several rates.
+MIXED: Final = "mixed"
+
+
+def vat_groups(lines: list[dict[str, Any]], default: Decimal) -> list[dict[str, Any]]:
+    """VAT per rate: the billed lines (amount above 0) of each rate summed,
+    VAT rounded half up once per rate, by rate; a single group at
+    ``default`` with 0 when nothing is billed."""
+    amounts: dict[Decimal, int] = defaultdict(int)
+    for line in lines:
+        if line["amount_fen"]:
+            amounts[Decimal(line["vat_rate"])] += line["amount_fen"]
+    if not amounts:
+        amounts[default] = 0
+    return [
+        {"vat_rate": str(rate), "amount_fen": amount, "vat_fen": vat_of(amount, rate)}
+        for rate, amount in sorted(amounts.items())
+    ]
+
+
+def invoice_rate(groups: list[dict[str, Any]], default: Decimal) -> str:
+    """An invoice's ``vat_rate``: its one rate, or ``mixed``."""
+    if not groups:
+        return str(default)
+    return str(groups[0]["vat_rate"]) if len(groups) == 1 else MIXED
 
 
 def seal(document: dict[str, Any]) -> dict[str, Any]:
@@ -618,6 +712,18 @@ async def _store(
             closed_at=now,
         )
     )
+    await store_invoices(conn, invoices, lambda line: splits[line["dataset"], line["terms_version"]], now=now)
+
+
+async def store_invoices(
+    conn: AsyncConnection,
+    invoices: list[dict[str, Any]],
+    basis_of: Callable[[dict[str, Any]], tuple[int, int, int]],
+    *,
+    now: datetime,
+) -> None:
+    """Sealed invoices (:func:`seal`) as rows: each invoice and its lines,
+    each line with the revenue split it applied in basis points (``basis_of``)."""
     if not invoices:
         return
     await conn.execute(
@@ -625,12 +731,13 @@ async def _store(
         [
             {
                 "id": inv["id"],
+                "kind": inv.get("kind", PERIOD),
                 "licensee_id": inv["licensee_id"],
-                "period": period,
+                "period": inv["period"],
                 "status": inv["status"],
                 "calls": inv["calls"],
                 "subtotal_fen": inv["subtotal_fen"],
-                "vat_rate": rate,
+                "vat_rate": inv["vat_rate"],
                 "vat_fen": inv["vat_fen"],
                 "total_fen": inv["total_fen"],
                 "closed_at": now,
@@ -646,7 +753,7 @@ async def _store(
     line_rows = []
     for inv in invoices:
         for line in inv["lines"]:
-            basis = splits[line["dataset"], line["terms_version"]]
+            basis = basis_of(line)
             line_rows.append(
                 {
                     "invoice_id": inv["id"],
@@ -715,21 +822,8 @@ async def _close(
         status=ISSUED,
         identity=identity,
     )
-    due = (now.astimezone(ZoneInfo(issuer.settings.billing.time_zone)).date()) + timedelta(
-        days=issuer.settings.billing.payment_terms_days
-    )
     for invoice in invoices:
-        numbered = await register.next_number(conn, issuer.settings, register.INVOICE, now)
-        invoice.update(number=numbered.number, issued_at=closed_at, due_at=due.isoformat())
-        seal(invoice)
-        await register.register(
-            conn,
-            issuer.signer,
-            numbered,
-            document_id=invoice["id"],
-            issued_at=now,
-            content_hash=invoice["content_hash"],
-        )
+        await number_and_register(conn, issuer, invoice, now)
     first_seq = min((u.first_seq for u in usage), default=0)
     await _store(
         conn,
@@ -761,6 +855,26 @@ async def _close(
     return Closed(name, False, after, through, closed_at, invoices)
 
 
+async def number_and_register(
+    conn: AsyncConnection, issuer: Issuer, invoice: dict[str, Any], now: datetime
+) -> None:
+    """Issue ``invoice`` at ``now``: its number (the invoice series), issue
+    and due dates, sealed, and its entry in the billing register."""
+    settings = issuer.settings.billing
+    due = now.astimezone(ZoneInfo(settings.time_zone)).date() + timedelta(days=settings.payment_terms_days)
+    numbered = await register.next_number(conn, issuer.settings, register.INVOICE, now)
+    invoice.update(number=numbered.number, issued_at=rfc3339(now), due_at=due.isoformat())
+    seal(invoice)
+    await register.register(
+        conn,
+        issuer.signer,
+        numbered,
+        document_id=invoice["id"],
+        issued_at=now,
+        content_hash=invoice["content_hash"],
+    )
+
+
 async def _usage(
     conn: AsyncConnection, period: Period, progress: Progress = _quiet
 ) -> tuple[int, int, list[Usage], dict[tuple[str, int], tuple[int, int, int]]]:
@@ -787,12 +901,22 @@ async def load_identity(conn: AsyncConnection, settings: Settings, usage: list[U
     if licensees:
         rows = await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id.in_(licensees)))
         buyers = {r.id: party_of(r) for r in rows}
-    names: dict[str, tuple[str, str]] = {}
+    names: dict[str, tuple[str, str, Decimal]] = {}
     if datasets:
         rows = await conn.execute(
-            select(_DATASETS.c.id, _DATASETS.c.name, _DATASETS.c.tax_code).where(_DATASETS.c.id.in_(datasets))
+            select(_DATASETS.c.id, _DATASETS.c.name, _DATASETS.c.tax_code, _DATASETS.c.vat_rate).where(
+                _DATASETS.c.id.in_(datasets)
+            )
         )
-        names = {r.id: (r.name, r.tax_code or settings.billing.tax_code) for r in rows}
+        default = parse_vat_rate(settings.billing.vat_rate)
+        names = {
+            r.id: (
+                r.name,
+                r.tax_code or settings.billing.tax_code,
+                parse_vat_rate(r.vat_rate) if r.vat_rate else default,
+            )
+            for r in rows
+        }
     return Identity(seller=party_of(settings.billing.seller), buyers=buyers, datasets=names)
 
 

@@ -54,7 +54,11 @@ class InvoiceRow(Base):
 
     id: Mapped[str] = mapped_column(String(100), primary_key=True)
     licensee_id: Mapped[str] = mapped_column(String(64))
-    period: Mapped[str] = mapped_column(ForeignKey("billing_closes.period"))
+    #: The month it bills: a period's invoice is made by the period's close
+    #: (its id ``inv-{period}-{licensee}``), a top-up's is its month of purchase.
+    period: Mapped[str] = mapped_column(String(7))
+    #: ``period`` (a period's usage) or ``top-up`` (prepaid calls bought).
+    kind: Mapped[str] = mapped_column(String(16), server_default="period")
     status: Mapped[str] = mapped_column(String(16))
     calls: Mapped[int] = mapped_column(BigInteger)
     subtotal_fen: Mapped[int] = mapped_column(BigInteger)
@@ -73,7 +77,6 @@ class InvoiceRow(Base):
     due_at: Mapped[str | None] = mapped_column(String(10), nullable=True)
 
     __table_args__ = (
-        UniqueConstraint("licensee_id", "period"),
         Index("ix_invoices_period", "period"),
         Index("ux_invoices_number", "number", unique=True),
     )

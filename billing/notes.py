@@ -23,9 +23,17 @@ and it is checked again, with the first counted).
 **VAT and split.** A note's VAT is what the VAT on the running total of its
 kind grows by (``vat_of(after) - vat_of(before)`` at the invoice's rate,
 half up), so the VAT of all credit notes is exactly the VAT on their sum and
-never exceeds the invoice's. Its amount is split by largest remainder: a line
+never exceeds the invoice's. An invoice whose lines carry several VAT rates
+(``vat_rate`` ``mixed``, its VAT summed per rate: ``vat_groups``) is
+corrected line by line: a note on the whole of it is refused (409), and a
+line note's VAT is at the line's rate, on the running total of its kind on
+the lines of that rate. Its amount is split by largest remainder: a line
 note by the line's revenue split, an invoice note in proportion to the
-invoice's own split totals (provider, operator, fund). Each note is stored as
+invoice's own split totals (provider, operator, fund) over its billed lines
+(not its ``prepaid`` lines, billed at 0 when the calls were bought). A note
+on a top-up's invoice is not split, as the top-up was not: its money is
+split only as its calls are used (``billing.prepaid``); a refund of unused
+prepaid calls is a credit note on the top-up's invoice. Each note is stored as
 canonical JSON with its SHA-256, append-only like the invoices.
 """
 
@@ -43,7 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import register
-from billing.invoices import canonical, party_of
+from billing.invoices import MIXED, PREPAID, canonical, party_of
 from billing.models import BillingNoteRow, InvoiceRow
 from billing.register import Issuer
 from core.errors import BadRequestError, ConflictError, NotFoundError, ValidationFailedError
@@ -167,8 +175,17 @@ async def _issue(
                 f"a debit of {amount} fen exceeds {what} of {invoice_id}: it billed {billed} fen and "
                 f"{debited} fen are debited already, so at most {billed - debited} fen can be debited"
             )
-    rate = Decimal(invoice["vat_rate"])
+    mixed = invoice["vat_rate"] == MIXED
+    if mixed and line is None:
+        raise ConflictError(
+            f"{invoice_id} bills lines at several VAT rates: correct it line by line (line_no)"
+        )
+    rate_text = line.get("vat_rate", invoice["vat_rate"]) if line is not None else invoice["vat_rate"]
+    rate = Decimal(rate_text)
     before = total(kind, False)
+    if mixed:  # the notes of its kind on lines of the same rate
+        same = {ln["line_no"] for ln in invoice["lines"] if ln.get("vat_rate") == rate_text}
+        before = sum(int(n.amount_fen) for n in earlier if n.kind == kind and n.line_no in same)
     vat = vat_of(before + amount, rate) - vat_of(before, rate)
     if line is not None:
         shares = line["revenue_split"]
@@ -177,10 +194,11 @@ async def _issue(
         )
     else:
         weights = tuple(
-            sum(ln["split"][part] for ln in invoice["lines"])
+            sum(ln["split"][part] for ln in invoice["lines"] if ln["kind"] != PREPAID)
             for part in ("provider_fen", "operator_fen", "public_fund_fen")
         )
-    provider, operator, fund = allocate(amount, weights)
+    # A top-up's money is not split until its calls are used: nor is a note on it.
+    provider, operator, fund = allocate(amount, weights) if any(weights) else (0, 0, 0)
     number = (int(earlier[-1].note_no) if earlier else 0) + 1
     credited = total(CREDIT, False) + (amount if kind == CREDIT else 0)
     debited = total(DEBIT, False) + (amount if kind == DEBIT else 0)
@@ -195,7 +213,7 @@ async def _issue(
         "period": period,
         "line_no": line_no,
         "amount_fen": amount,
-        "vat_rate": invoice["vat_rate"],
+        "vat_rate": rate_text,
         "vat_fen": vat,
         "total_fen": amount + vat,
         "split": {"provider_fen": provider, "operator_fen": operator, "public_fund_fen": fund},

@@ -646,12 +646,18 @@ def invoice_pdf(invoice: Mapping[str, Any], *, lang: str = "zh", time_zone: str 
         )
         total = _fen(invoice.get("total_fen"), "total_fen")
         pdf.keep(28)
+        groups = invoice.get("vat_groups") or [
+            {"vat_rate": invoice.get("vat_rate"), "vat_fen": invoice.get("vat_fen")}
+        ]
         pdf.sums(
             [
                 (words.subtotal, cny(_fen(invoice.get("subtotal_fen"), "subtotal_fen"), currency)),
-                (
-                    words.vat_at.format(rate=_rate(invoice.get("vat_rate"))),
-                    cny(_fen(invoice.get("vat_fen"), "vat_fen"), currency),
+                *(
+                    (
+                        words.vat_at.format(rate=_rate(group.get("vat_rate"))),
+                        cny(_fen(group.get("vat_fen"), "vat_fen"), currency),
+                    )
+                    for group in groups
                 ),
                 (words.total, cny(total, currency)),
             ]

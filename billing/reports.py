@@ -15,8 +15,11 @@ subtotal, VAT and total; the notes issued in the period on its invoices
 (their ids, and their amount, VAT and total, signed); the net subtotal, VAT
 and total (the invoice's plus the notes'); and the net revenue split
 (provider, operator, public fund: the invoice lines' splits plus the notes'
-splits, signed), which sums to the net subtotal. Then a ``total`` of every
-figure.
+splits, signed), which sums to the net subtotal -- less what top-ups billed
+(prepaid calls bought: their invoices are in the subtotal, unsplit) plus what
+the prepaid calls used were bought at (their ``prepaid`` lines are at 0 and
+split: ``billing.prepaid``). ``calls`` are the calls served, not those
+bought. Then a ``total`` of every figure.
 
 **Payouts** (:func:`period_payouts`, ``pdg.billing-payouts.v1``): per
 provider department (the dataset's ``provider`` in the catalogue now; a
@@ -26,7 +29,9 @@ period's invoice lines, the amount billed and its three parts as the lines
 split them; the notes' amount and parts attributed to the dataset (signed);
 and the net amount and parts (the lines' plus the notes'). Then a total per
 provider and a grand ``total``. The net parts are what each party is owed
-for the period.
+for the period. Prepaid calls are paid out as they are used, at what they
+were bought at (their ``prepaid`` lines: billed 0, split); a top-up's
+invoice, and any note on it, is not split and not in the payouts.
 
 How a note is attributed to datasets (:func:`note_by_dataset`):
 
@@ -61,6 +66,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.export import add_sheet, books_and_noted, csv_table, new_workbook, workbook_bytes
+from billing.invoices import TOP_UP
 from billing.notes import CREDIT
 from core.money import allocate
 
@@ -151,7 +157,7 @@ def summary_of(books: dict[str, Any]) -> dict[str, Any]:
             "credit_code": known.get("credit_code"),
             "invoice_ids": [inv["id"] for inv in own],
             "note_ids": [note["id"] for note in corrections],
-            "calls": sum(inv["calls"] for inv in own),
+            "calls": sum(inv["calls"] for inv in own if inv.get("kind") != TOP_UP),
             "subtotal_fen": sum(inv["subtotal_fen"] for inv in own),
             "vat_fen": sum(inv["vat_fen"] for inv in own),
             "total_fen": sum(inv["total_fen"] for inv in own),
@@ -245,6 +251,8 @@ def payouts_of(books: dict[str, Any], noted: dict[str, dict[str, Any]]) -> dict[
     (``noted``, by id: :func:`billing.export.books_and_noted`); pure."""
     by_dataset: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_PAYOUT_FIGURES, 0))
     for inv in books["invoices"]:
+        if inv.get("kind") == TOP_UP:
+            continue  # split as its calls are used: the prepaid lines
         for line in inv["lines"]:
             row = by_dataset[line["dataset"]]
             row["calls"] += line["calls"]
@@ -253,6 +261,8 @@ def payouts_of(books: dict[str, Any], noted: dict[str, dict[str, Any]]) -> dict[
             for part in PARTS:
                 row[part] += line["split"][part]
     for note in books["notes"]:
+        if noted[note["invoice_id"]].get("kind") == TOP_UP:
+            continue  # not split, as the top-up was not
         for dataset, parts in note_by_dataset(note, noted[note["invoice_id"]]).items():
             row = by_dataset[dataset]
             row["notes_fen"] += parts["amount_fen"]

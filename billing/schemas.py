@@ -29,8 +29,10 @@ class InvoiceLine(BaseModel):
     dataset: str
     purpose: str
     #: ``usage``: calls of the invoice's period; ``late``: calls of ``usage_period``
-    #: that reached the ledger after that period closed.
-    kind: Literal["usage", "late"]
+    #: that reached the ledger after that period closed; ``prepaid``: calls
+    #: drawn from prepaid calls bought (at 0: paid when bought); ``top-up``:
+    #: prepaid calls bought (a top-up's invoice).
+    kind: Literal["usage", "late", "prepaid", "top-up"]
     usage_period: str
     #: The version of the dataset's terms the line's calls were charged
     #: under; its revenue split is the one applied (absent on invoices
@@ -49,6 +51,30 @@ class InvoiceLine(BaseModel):
     dataset_name: str | None = None
     tax_code: str | None = None
     vat_rate: str | None = None
+    #: ``prepaid`` lines: what their calls were bought at, exactly (fen, 4
+    #: decimal places); ``split`` shares it, rounded half up to the fen.
+    prepaid_value_fen: str | None = None
+    #: ``top-up`` lines: the licence, and the price of each call bought.
+    licence_id: str | None = None
+    unit_price_fen: str | None = None
+
+
+class VatGroup(BaseModel):
+    """The billed lines of one VAT rate, and their VAT."""
+
+    vat_rate: str
+    amount_fen: int
+    vat_fen: int
+
+
+class TopUpOf(BaseModel):
+    """The purchase a top-up's invoice bills."""
+
+    id: str
+    licence_id: str
+    calls: int
+    first_position: int
+    unit_price_fen: str
 
 
 class Party(BaseModel):
@@ -74,7 +100,10 @@ class Covers(BaseModel):
 class Invoice(BaseModel):
     format: str
     id: str
+    #: Absent on a period's invoice; ``top-up`` on a purchase of prepaid calls.
+    kind: Literal["top-up"] | None = None
     licensee_id: str
+    #: A period's invoice: the period it bills; a top-up's: its month of purchase.
     period: str
     #: ``draft``: the period is closed for review, and the invoice is
     #: computed from the call record when read; ``issued``: final, numbered
@@ -90,11 +119,16 @@ class Invoice(BaseModel):
     currency: Literal["CNY"] | None = None
     seller: Party | None = None
     buyer: Party | None = None
-    covers: Covers
+    #: Null on a top-up's invoice (it bills no call record).
+    covers: Covers | None
+    top_up: TopUpOf | None = None
     calls: int
     lines: list[InvoiceLine]
     subtotal_fen: int
+    #: The VAT rate of its billed lines, or ``mixed`` when they carry several.
     vat_rate: str
+    #: VAT per rate, rounded once per rate (absent before v2).
+    vat_groups: list[VatGroup] | None = None
     vat_fen: int
     total_fen: int
     #: SHA-256 (hex) of the invoice's canonical JSON (sorted keys, compact, without this field).
@@ -505,3 +539,36 @@ class Ageing(BaseModel):
     currency: str
     licensees: list[AgeingLicensee]
     totals: AgeingSums
+
+
+class PrepaidLot(BaseModel):
+    """A top-up in a prepaid balance: its calls used and left, and what is left in money."""
+
+    id: str
+    invoice_id: str
+    bought_at: AwareDatetime
+    calls: int
+    first_position: int
+    unit_price_fen: str
+    used_calls: int
+    remaining_calls: int
+    #: ``remaining_calls`` x ``unit_price_fen``, exactly (fen, 4 decimal places).
+    remaining_value_fen: str
+
+
+class PrepaidBalance(BaseModel):
+    """A prepaid licence's balance as the call record holds it (up to ``as_of_seq``)."""
+
+    licence_id: str
+    licensee_id: str
+    as_of_seq: int
+    limit_calls: int
+    used_calls: int
+    remaining_calls: int
+    #: Calls of the limit no top-up bought (billed at list price when used).
+    granted_calls: int
+    bought_calls: int
+    bought_remaining_calls: int
+    #: What the calls bought and not yet used were bought at, rounded half up to the fen.
+    bought_remaining_value_fen: int
+    top_ups: list[PrepaidLot]

@@ -37,6 +37,7 @@ Common = Callable[[argparse.ArgumentParser], None]
 class Services:
     registry: Registry
     admin_tokens: AdminTokens
+    engine: AsyncEngine
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +72,7 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
 
     async with migrated_engine(settings) as engine:
         sessions = session_factory(engine)
-        yield Services(Registry(sessions, on_terms_change=terms_changed), AdminTokens(sessions))
+        yield Services(Registry(sessions, on_terms_change=terms_changed), AdminTokens(sessions), engine)
 
 
 @contextlib.contextmanager
@@ -246,6 +247,7 @@ def _dataset_payload(args: argparse.Namespace) -> dict[str, Any]:
             "max_response_bytes": "max_response_bytes",
             "max_records_per_call": "max_records_per_call",
             "tax_code": "tax_code",
+            "vat_rate": "vat_rate",
         },
     )
     price = dict(data.get("price") or {})
@@ -379,6 +381,8 @@ async def licence_create(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.prepaid_calls is not None:
         data["paid"] = {"prepaid_calls": args.prepaid_calls}
+    if args.prepaid_unit_price_fen is not None:
+        data["paid"] = {**data.get("paid", {}), "prepaid_unit_price_fen": args.prepaid_unit_price_fen}
     if args.credit_limit_fen is not None:
         data["paid"] = {**data.get("paid", {}), "credit_limit_fen": args.credit_limit_fen}
     licence = schemas.parse(schemas.LicenceIn, data)
@@ -403,12 +407,13 @@ async def licence_update(args: argparse.Namespace, settings: Settings) -> int:
             "path": "paths",
         },
     )
-    if args.prepaid_calls is not None or args.credit_limit_fen is not None:
-        data["paid"] = {
-            k: v
-            for k, v in (("prepaid_calls", args.prepaid_calls), ("credit_limit_fen", args.credit_limit_fen))
-            if v is not None
-        }
+    paid = (
+        ("prepaid_calls", args.prepaid_calls),
+        ("prepaid_unit_price_fen", args.prepaid_unit_price_fen),
+        ("credit_limit_fen", args.credit_limit_fen),
+    )
+    if any(v is not None for _, v in paid):
+        data["paid"] = {k: v for k, v in paid if v is not None}
     if not data:
         raise BadRequestError("nothing to change: give at least one field")
     patch = schemas.parse(schemas.LicencePatch, data)
@@ -494,6 +499,48 @@ async def licence_list(args: argparse.Namespace, settings: Settings) -> int:
 async def licence_show(args: argparse.Namespace, settings: Settings) -> int:
     async with services(settings) as s:
         emit(args, dump(await s.registry.get_licence(args.licence_id)))
+    return 0
+
+
+async def licence_top_up(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.prepaid import invoicer
+    from storage.db import utcnow
+
+    data = {"calls": args.calls}
+    if args.unit_price_fen is not None:
+        data["unit_price_fen"] = args.unit_price_fen
+    top_up_in = schemas.parse(schemas.TopUpIn, data)
+    now = utcnow()
+    async with services(settings) as s:
+        top_up = await s.registry.top_up(
+            args.licence_id, top_up_in, bought_by="cli", now=now, invoice=invoicer(settings, now)
+        )
+    emit(
+        args,
+        dump(top_up),
+        f"licence {top_up.licence_id}: {top_up.calls} prepaid calls bought at {top_up.unit_price_fen} fen "
+        f"each, invoice {top_up.invoice_id}",
+    )
+    return 0
+
+
+async def licence_prepaid(args: argparse.Namespace, settings: Settings) -> int:
+    from billing.prepaid import balance
+
+    async with services(settings) as s:
+        found = await balance(s.engine, args.licence_id)
+    lines = [
+        f"licence {found['licence_id']}: {found['remaining_calls']} of {found['limit_calls']} prepaid calls "
+        f"left ({found['used_calls']} used, as of record {found['as_of_seq']})",
+        f"bought: {found['bought_calls']} calls, {found['bought_remaining_calls']} left, "
+        f"worth {found['bought_remaining_value_fen']} fen; granted: {found['granted_calls']} calls",
+    ]
+    lines += [
+        f"  {t['id']}  {t['bought_at']}  {t['calls']} at {t['unit_price_fen']} fen  used {t['used_calls']}  "
+        f"left {t['remaining_calls']} ({t['remaining_value_fen']} fen)  {t['invoice_id']}"
+        for t in found["top_ups"]
+    ]
+    emit(args, found, "\n".join(lines))
     return 0
 
 
@@ -661,6 +708,7 @@ def add_commands(sub: Any, common: Common) -> None:
         p.add_argument("--idle-timeout", type=float, help="the longest silence of the upstream, in seconds")
         p.add_argument("--description")
         p.add_argument("--tax-code", help="its invoice lines' tax classification code (税收分类编码)")
+        p.add_argument("--vat-rate", help="its invoice lines' VAT rate, e.g. 0.06 (else billing.vat_rate)")
         _operation_flags(p, "the dataset serves")
         p.add_argument("--max-response-bytes", type=int, help="largest response relayed")
         p.add_argument(
@@ -702,12 +750,11 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--security-officer")
     p.add_argument("--conditions")
     p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
-    p.add_argument("--prepaid-calls", type=int)
+    p.add_argument("--prepaid-calls", type=int, help="prepaid calls granted (billed at list price when used)")
+    p.add_argument("--prepaid-unit-price-fen", help="the agreed unit price of a prepaid call bought (top-up)")
     p.add_argument("--credit-limit-fen", type=int)
     _operation_flags(p, "the licence allows (narrowing its datasets'),", granted=True)
-    p = command(
-        licences, "update", "change a licence's grant or terms (top-ups)", licence_update, "licence_id"
-    )
+    p = command(licences, "update", "change a licence's grant or terms", licence_update, "licence_id")
     p.add_argument("--file")
     p.add_argument("--dataset", action="append", default=[], help="dataset id or provider/*, repeatable")
     p.add_argument("--max-classification", type=int)
@@ -716,7 +763,8 @@ def add_commands(sub: Any, common: Common) -> None:
     p.add_argument("--security-officer")
     p.add_argument("--conditions")
     p.add_argument("--free-monthly-calls", type=int, help="override the datasets' free allowance")
-    p.add_argument("--prepaid-calls", type=int, help="the new prepaid balance limit (a top-up raises it)")
+    p.add_argument("--prepaid-calls", type=int, help="the new prepaid limit (calls above it are granted)")
+    p.add_argument("--prepaid-unit-price-fen", help="the agreed unit price of a prepaid call bought")
     p.add_argument("--credit-limit-fen", type=int, help="the new monthly credit limit")
     _operation_flags(p, "the licence allows (narrowing its datasets'),", granted=True)
     p = command(licences, "list", "list licences", licence_list)
@@ -724,6 +772,18 @@ def add_commands(sub: Any, common: Common) -> None:
     command(licences, "show", "show a licence", licence_show, "licence_id")
     for action in ("suspend", "resume", "revoke"):
         command(licences, action, f"{action} a licence", _licence_action(action), "licence_id")
+    p = command(
+        licences,
+        "top-up",
+        "buy prepaid calls for a licence (invoiced at once)",
+        licence_top_up,
+        "licence_id",
+    )
+    p.add_argument("--calls", type=int, required=True, help="how many calls are bought")
+    p.add_argument("--unit-price-fen", help="the price of each (default: the licence's agreed unit price)")
+    command(
+        licences, "prepaid", "a prepaid licence's balance in calls and money", licence_prepaid, "licence_id"
+    )
 
     apps = group("app", "client applications")
     p = command(apps, "create", "register an app", app_create)

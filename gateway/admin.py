@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from billing import payments, reports
+from billing import payments, prepaid, reports
 from billing import schemas as billing_schemas
 from billing.export import FORMATS as EXPORT_FORMATS
 from billing.export import MEDIA_TYPES as EXPORT_MEDIA_TYPES
@@ -505,6 +505,30 @@ async def invoice_pdf_handler(request: web.Request, principal: AdminPrincipal) -
     )
 
 
+async def top_up_licence(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """Prepaid calls bought for a licence, invoiced at once (``billing.prepaid``)."""
+    data = schemas.parse(schemas.TopUpIn, await _body(request))
+    settings, now = request.app[SETTINGS], request.app[CLOCK].now()
+    licence_id = request.match_info["id"]
+    top_up = await request.app[REGISTRY].top_up(
+        licence_id, data, bought_by=principal.token_id, now=now, invoice=prepaid.invoicer(settings, now)
+    )
+    return _json(dump(top_up), 201, location=f"/admin/v1/licences/{licence_id}/top-ups")
+
+
+async def list_top_ups(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    licence = await request.app[REGISTRY].get_licence(request.match_info["id"])
+    _own(principal, licence.licensee_id, f"licence {licence.id}")
+    return _json(dump(await request.app[REGISTRY].list_top_ups(licence.id)))
+
+
+async def prepaid_balance(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    """A prepaid licence's balance in calls and money (``billing.prepaid.balance``)."""
+    licence = await request.app[REGISTRY].get_licence(request.match_info["id"])
+    _own(principal, licence.licensee_id, f"licence {licence.id}")
+    return _json(await prepaid.balance(request.app[ENGINE], licence.id))
+
+
 def _licence_action(action: str) -> Handler:
     async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
         return _json(dump(await request.app[REGISTRY].set_licence_status(request.match_info["id"], action)))
@@ -692,6 +716,38 @@ ROUTES: tuple[Route, ...] = (
         schemas.LicencePatch,
         schemas.Licence,
         conflict=True,
+    ),
+    Route(
+        "POST",
+        "/licences/{id}/top-ups",
+        top_up_licence,
+        "billing:write",
+        "Buy prepaid calls for a licence with prepaid terms: its limit rises by them, and an invoice for "
+        "calls x the unit price paid (the licence's prepaid_unit_price_fen unless given) is issued at once",
+        schemas.TopUpIn,
+        schemas.TopUp,
+        status=201,
+        conflict=True,
+    ),
+    Route(
+        "GET",
+        "/licences/{id}/top-ups",
+        list_top_ups,
+        "read",
+        "A licence's top-ups",
+        None,
+        schemas.TopUp,
+        True,
+    ),
+    Route(
+        "GET",
+        "/licences/{id}/prepaid",
+        prepaid_balance,
+        "read",
+        "A prepaid licence's balance as the call record holds it: calls used and left, and per top-up "
+        "calls used and left and what is left in money",
+        None,
+        billing_schemas.PrepaidBalance,
     ),
     Route(
         "POST",

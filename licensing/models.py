@@ -10,7 +10,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, UTCDateTime, utcnow
@@ -41,6 +52,8 @@ class DatasetRow(Base):
     #: The tax classification code (税收分类编码) of its invoice lines (None:
     #: ``billing.tax_code``).
     tax_code: Mapped[str | None] = mapped_column(String(19), nullable=True)
+    #: The VAT rate of its invoice lines, e.g. ``"0.06"`` (None: ``billing.vat_rate``).
+    vat_rate: Mapped[str | None] = mapped_column(String(16), nullable=True)
     #: The methods served, e.g. ``["GET", "HEAD"]``.
     methods: Mapped[list[str]] = mapped_column(JSON)
     #: Path patterns served (``[]``: every path).
@@ -107,12 +120,42 @@ class LicenceRow(Base):
     free_monthly_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     paid_credit_limit_fen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     paid_prepaid_calls: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The agreed unit price of a prepaid call (1/10000 fen): the price of its
+    #: top-ups unless one names its own.
+    paid_prepaid_unit_price_e4: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     #: Narrowing of every granted dataset's methods (``None``: theirs).
     methods: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     #: Narrowing of datasets' paths: ``["{dataset}/{pattern}", ...]`` (``None``: theirs).
     paths: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class PrepaidTopUpRow(Base):
+    """A purchase of prepaid calls for a licence (``billing.prepaid``): its
+    calls take positions ``first_position + 1 .. first_position + calls`` of
+    the licence's prepaid balance (what it held before, granted or bought,
+    comes first), at ``unit_price_e4`` each, billed on invoice
+    ``invoice_id``. Append-only; a licence's top-ups never overlap."""
+
+    __tablename__ = "prepaid_top_ups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    licence_id: Mapped[str] = mapped_column(ForeignKey("licences.id"))
+    licensee_id: Mapped[str] = mapped_column(String(64))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    first_position: Mapped[int] = mapped_column(BigInteger)
+    unit_price_e4: Mapped[int] = mapped_column(BigInteger)
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"))
+    bought_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The admin token that bought it (``cli`` from the command line).
+    bought_by: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (
+        UniqueConstraint("licence_id", "first_position"),
+        CheckConstraint("calls > 0", name="calls_positive"),
+        CheckConstraint("unit_price_e4 >= 0", name="price_not_negative"),
+    )
 
 
 class AppRow(Base):

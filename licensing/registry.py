@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core.errors import ConflictError, NotFoundError, ValidationFailedError
 from core.money import e4_to_fen, fen_to_e4
@@ -24,7 +24,15 @@ from ledger import admin_log
 from licensing import schemas
 from licensing.catalogue import current_version
 from licensing.ids import new_id
-from licensing.models import AppRow, CatalogueVersionRow, DatasetRow, DatasetTermsRow, LicenceRow, LicenseeRow
+from licensing.models import (
+    AppRow,
+    CatalogueVersionRow,
+    DatasetRow,
+    DatasetTermsRow,
+    LicenceRow,
+    LicenseeRow,
+    PrepaidTopUpRow,
+)
 from licensing.secrets import hash_secret_async, new_secret
 from storage.db import utcnow
 
@@ -32,6 +40,10 @@ OnChange = Callable[[], Awaitable[Any]]
 #: Called after a change of terms is committed, with the catalogue version
 #: that holds it; returns once every replica prices calls by it.
 OnTermsChange = Callable[[int], Awaitable[Any]]
+#: Bills a top-up in the transaction that makes it: issues its invoice and
+#: answers the invoice's id (``billing.prepaid.invoicer``).
+TopUpInvoicer = Callable[[AsyncConnection, PrepaidTopUpRow], Awaitable[str]]
+_TOP_UP_ATTEMPTS = 5
 
 #: Every stored id has this shape (``schemas.Identifier`` or ``ids.new_id``);
 #: anything else (NUL, 10 kB, ...) is answered "not found" without asking a
@@ -66,6 +78,30 @@ async def _check_grants(session: AsyncSession, grants: list[str]) -> None:
 
 async def _bump(session: AsyncSession) -> None:
     await session.execute(update(CatalogueVersionRow).values(version=CatalogueVersionRow.version + 1))
+
+
+def _unit_price(paid: schemas.Paid | None) -> int | None:
+    if paid is None or paid.prepaid_unit_price_fen is None:
+        return None
+    return fen_to_e4(paid.prepaid_unit_price_fen)
+
+
+async def _keep_bought(session: AsyncSession, row: LicenceRow, paid: schemas.Paid | None) -> None:
+    """Calls bought stay in the balance: new paid terms must keep a prepaid
+    limit at least up to the last call a top-up bought."""
+    bought = await session.scalar(
+        select(func.max(PrepaidTopUpRow.first_position + PrepaidTopUpRow.calls)).where(
+            PrepaidTopUpRow.licence_id == row.id
+        )
+    )
+    if bought is None:
+        return
+    limit = paid.prepaid_calls if paid is not None else None
+    if limit is None or limit < bought:
+        raise ConflictError(
+            f"licence {row.id} holds {bought} prepaid calls up to its last top-up: calls bought are never "
+            "taken back (a credit note refunds them)"
+        )
 
 
 # -- row <-> resource ---------------------------------------------------------
@@ -103,6 +139,7 @@ def dataset_out(row: DatasetRow) -> schemas.Dataset:
         idle_timeout_seconds=row.idle_timeout_seconds,
         description=row.description,
         tax_code=row.tax_code,
+        vat_rate=row.vat_rate,
         methods=list(row.methods),
         paths=list(row.paths),
         max_response_bytes=row.max_response_bytes,
@@ -167,6 +204,7 @@ def _apply_dataset(row: DatasetRow, data: schemas.DatasetIn | schemas.DatasetPat
         "max_response_bytes",
         "max_records_per_call",
         "tax_code",
+        "vat_rate",
     ):
         if name in fields:
             setattr(row, name, getattr(data, name))
@@ -218,7 +256,12 @@ def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence
         status = "expired"
     paid = None
     if row.paid_credit_limit_fen is not None or row.paid_prepaid_calls is not None:
-        paid = schemas.Paid(credit_limit_fen=row.paid_credit_limit_fen, prepaid_calls=row.paid_prepaid_calls)
+        price = row.paid_prepaid_unit_price_e4
+        paid = schemas.Paid(
+            credit_limit_fen=row.paid_credit_limit_fen,
+            prepaid_calls=row.paid_prepaid_calls,
+            prepaid_unit_price_fen=None if price is None else e4_to_fen(price),
+        )
     return schemas.Licence.model_construct(
         id=row.id,
         licensee_id=row.licensee_id,
@@ -237,6 +280,19 @@ def licence_out(row: LicenceRow, now: datetime | None = None) -> schemas.Licence
         stored_status=row.status,  # type: ignore[arg-type]
         created_at=row.created_at,
         updated_at=row.updated_at,
+    )
+
+
+def top_up_out(row: PrepaidTopUpRow) -> schemas.TopUp:
+    return schemas.TopUp(
+        id=row.id,
+        licence_id=row.licence_id,
+        licensee_id=row.licensee_id,
+        calls=row.calls,
+        first_position=row.first_position,
+        unit_price_fen=e4_to_fen(row.unit_price_e4),
+        invoice_id=row.invoice_id,
+        bought_at=row.bought_at.astimezone(UTC),
     )
 
 
@@ -444,6 +500,7 @@ class Registry:
                 free_monthly_calls=data.free_monthly_calls,
                 paid_credit_limit_fen=data.paid.credit_limit_fen if data.paid else None,
                 paid_prepaid_calls=data.paid.prepaid_calls if data.paid else None,
+                paid_prepaid_unit_price_e4=_unit_price(data.paid),
                 methods=data.methods,
                 paths=data.paths,
             )
@@ -512,8 +569,12 @@ class Registry:
             if valid_until is not None:
                 row.valid_until = valid_until
             if "paid" in fields:
+                await _keep_bought(session, row, patch.paid)
                 row.paid_credit_limit_fen = patch.paid.credit_limit_fen if patch.paid else None
                 row.paid_prepaid_calls = patch.paid.prepaid_calls if patch.paid else None
+                kept = patch.paid is not None and "prepaid_unit_price_fen" not in patch.paid.model_fields_set
+                price = row.paid_prepaid_unit_price_e4 if kept else _unit_price(patch.paid)
+                row.paid_prepaid_unit_price_e4 = price if row.paid_prepaid_calls is not None else None
             await self._commit(
                 session,
                 f"licence {licence_id}",
@@ -524,6 +585,99 @@ class Registry:
             )
         await self._changed()
         return licence_out(row)
+
+    async def top_up(
+        self,
+        licence_id: str,
+        data: schemas.TopUpIn,
+        *,
+        bought_by: str,
+        now: datetime,
+        invoice: TopUpInvoicer,
+    ) -> schemas.TopUp:
+        """Buy ``data.calls`` prepaid calls for a licence with prepaid terms: its
+        limit rises by them, and ``invoice(conn, top_up)`` bills them (issues
+        the top-up's invoice, ``billing.prepaid``), in one transaction with
+        the admin-log entry (``licence.top-up``). The licence's row is locked
+        for it on PostgreSQL, and a licence's top-ups never overlap (unique
+        ``first_position``): two at once take turns (on SQLite, whose
+        readers do not lock, the second fails at that key and starts again
+        on the first's limit)."""
+        _require(licence_id, "licence")
+        for attempt in range(_TOP_UP_ATTEMPTS):
+            try:
+                return await self._top_up(licence_id, data, bought_by=bought_by, now=now, invoice=invoice)
+            except ConflictError as exc:
+                if not isinstance(exc.__cause__, IntegrityError) or attempt == _TOP_UP_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _top_up(
+        self,
+        licence_id: str,
+        data: schemas.TopUpIn,
+        *,
+        bought_by: str,
+        now: datetime,
+        invoice: TopUpInvoicer,
+    ) -> schemas.TopUp:
+        async with self._sessions() as session:
+            row = await session.get(LicenceRow, licence_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"no licence {licence_id}")
+            if row.status == "revoked":
+                raise ConflictError(f"licence {licence_id} is revoked; it changes no more")
+            if row.paid_prepaid_calls is None:
+                raise ConflictError(f"licence {licence_id} has no prepaid terms (paid.prepaid_calls)")
+            if data.unit_price_fen is not None:
+                price = fen_to_e4(data.unit_price_fen)
+            elif row.paid_prepaid_unit_price_e4 is not None:
+                price = row.paid_prepaid_unit_price_e4
+            else:
+                raise ValidationFailedError(
+                    "unit_price_fen", f"licence {licence_id} has no agreed prepaid_unit_price_fen: give one"
+                )
+            was = dump(licence_out(row))
+            first = row.paid_prepaid_calls
+            row.paid_prepaid_calls = first + data.calls
+            top_up = PrepaidTopUpRow(
+                id=new_id("top-up"),
+                licence_id=row.id,
+                licensee_id=row.licensee_id,
+                calls=data.calls,
+                first_position=first,
+                unit_price_e4=price,
+                invoice_id="",
+                bought_at=now,
+                bought_by=bought_by,
+            )
+            await session.flush()
+            top_up.invoice_id = await invoice(await session.connection(), top_up)
+            session.add(top_up)
+            await self._commit(
+                session,
+                f"a top-up of licence {licence_id}",
+                action="licence.top-up",
+                target=licence_id,
+                before=was,
+                after=lambda: {**dump(licence_out(row)), "top_up": dump(top_up_out(top_up))},
+            )
+        await self._changed()
+        return top_up_out(top_up)
+
+    async def list_top_ups(self, licence_id: str) -> list[schemas.TopUp]:
+        _require(licence_id, "licence")
+        async with self._sessions() as session:
+            if await session.get(LicenceRow, licence_id) is None:
+                raise NotFoundError(f"no licence {licence_id}")
+            rows = (
+                await session.execute(
+                    select(PrepaidTopUpRow)
+                    .where(PrepaidTopUpRow.licence_id == licence_id)
+                    .order_by(PrepaidTopUpRow.first_position)
+                )
+            ).scalars()
+            return [top_up_out(r) for r in rows]
 
     async def set_licence_status(self, licence_id: str, action: str) -> schemas.Licence:
         """``suspend`` (active -> suspended), ``resume`` (suspended -> active),

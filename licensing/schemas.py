@@ -22,14 +22,16 @@ from pydantic import (
     ConfigDict,
     Field,
     HttpUrl,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from core.errors import ValidationFailedError
-from core.money import fen_to_e4
+from core.money import fen_to_e4, parse_vat_rate
 from licensing.credit_code import CreditCodeError, validate_credit_code
 
 Purpose = Literal["public-interest", "industrial"]
@@ -67,6 +69,12 @@ FenDecimal = Annotated[
     Field(pattern=r"^[0-9]+(\.[0-9]{1,4})?$", examples=["2.5", "0.0125"]),
     AfterValidator(_fen_decimal),
 ]
+def _vat_rate(value: str) -> str:
+    return str(parse_vat_rate(value))
+
+
+#: A VAT rate as a decimal string (0 <= rate < 1, at most 4 places), normalised: "0.060" -> "0.06".
+VatRate = Annotated[str, Field(max_length=16, examples=["0.06"]), AfterValidator(_vat_rate)]
 SplitPart = Annotated[str, Field(pattern=r"^(0(\.[0-9]{1,4})?|1(\.0{1,4})?)$", examples=["0.5"])]
 
 
@@ -404,6 +412,9 @@ class DatasetIn(_Model):
         pattern=r"^[0-9]{1,19}$",
         description="the tax classification code (税收分类编码) of its invoice lines; null: billing.tax_code",
     )
+    vat_rate: VatRate | None = Field(
+        None, description="the VAT rate of its invoice lines, e.g. 0.06; null: billing.vat_rate"
+    )
     methods: Methods = Field(
         default_factory=lambda: list(DEFAULT_METHODS),  # type: ignore[arg-type]
         description="the HTTP methods the dataset serves; any other is refused (405) and never forwarded",
@@ -496,6 +507,7 @@ class DatasetPatch(_Patch):
     idle_timeout_seconds: float | None = Field(None, gt=0, le=600, strict=True)
     description: str | None = Field(None, max_length=4000)
     tax_code: str | None = Field(None, pattern=r"^[0-9]{1,19}$")
+    vat_rate: VatRate | None = None
     methods: Methods | None = None
     paths: PathPatterns | None = None
     max_response_bytes: int | None = Field(None, ge=1, le=MAX_RESPONSE_BYTES, strict=True)
@@ -550,14 +562,56 @@ class Licensee(LicenseeIn):
 
 
 class Paid(_Model):
+    """A licence's paid terms: a monthly credit limit, or a prepaid balance
+    of calls. ``prepaid_calls`` is the balance's limit: calls granted
+    (billed at list price when used, like credit calls) plus calls bought
+    with top-ups (``POST /admin/v1/licences/{id}/top-ups``: invoiced when
+    bought, at ``prepaid_unit_price_fen`` unless the top-up names a price,
+    and billed at 0 when used)."""
+
     credit_limit_fen: int | None = Field(None, ge=0, le=10**15, strict=True)
     prepaid_calls: int | None = Field(None, ge=0, le=10**15, strict=True)
+    prepaid_unit_price_fen: FenDecimal | None = Field(
+        None, description="the agreed unit price of a prepaid call bought with a top-up"
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Paid:
         if (self.credit_limit_fen is None) == (self.prepaid_calls is None):
             raise ValueError("give exactly one of credit_limit_fen or prepaid_calls")
+        if self.prepaid_unit_price_fen is not None and self.prepaid_calls is None:
+            raise ValueError("prepaid_unit_price_fen goes with prepaid_calls")
         return self
+
+    @model_serializer(mode="wrap")
+    def _shown(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without ``prepaid_unit_price_fen`` when no price was agreed."""
+        shown: dict[str, Any] = handler(self)
+        if shown.get("prepaid_unit_price_fen") is None:
+            shown.pop("prepaid_unit_price_fen", None)
+        return shown
+
+
+class TopUpIn(_Model):
+    """A purchase of prepaid calls for a licence with prepaid terms."""
+
+    calls: int = Field(ge=1, le=10**12, strict=True)
+    unit_price_fen: FenDecimal | None = Field(
+        None, description="the price of each call bought; null: the licence's prepaid_unit_price_fen"
+    )
+
+
+class TopUp(_Model):
+    id: str
+    licence_id: str
+    licensee_id: str
+    calls: int
+    #: The calls bought take positions first_position + 1 .. first_position +
+    #: calls of the licence's prepaid balance (what it held before comes first).
+    first_position: int
+    unit_price_fen: str
+    invoice_id: str
+    bought_at: datetime
 
 
 class LicenceIn(_Model):
@@ -599,8 +653,9 @@ class LicenceIn(_Model):
 
 class LicencePatch(_Patch):
     """Changes to a licence's grant and terms, applied at once on every replica.
-    A top-up is a PATCH of ``paid`` with a higher limit: the quota counters are
-    never touched, only the limit they are compared with. A field given as
+    A higher ``paid.prepaid_calls`` grants calls (billed at list price when
+    used); calls bought are a top-up (``POST .../top-ups``). The quota counters
+    are never touched, only the limit they are compared with. A field given as
     ``null`` is cleared (``paid``: no paid terms; ``free_monthly_calls``: the
     datasets' own allowances); ``null`` for any other field is refused."""
 

@@ -136,3 +136,66 @@ async def test_a_ledger_with_records_becomes_partitioned_and_back(database_url: 
             assert seqs == [1, 2, 3]
     finally:
         await engine.dispose()
+
+
+async def test_issued_invoices_keep_their_rows_and_stay_append_only_through_0017(database_url: str) -> None:
+    """0017 rebuilds ``invoices`` on SQLite (its period no longer names a
+    close, nor is unique per licensee): an issued invoice, its line and its
+    payment keep their rows, the invoice becomes kind ``period``, and the
+    table refuses UPDATE and DELETE as before, on the way up and down."""
+    engine = create_engine(database_url)
+    invoice = (
+        "INSERT INTO invoices (id, licensee_id, period, status, calls, subtotal_fen, vat_rate, vat_fen, "
+        "total_fen, closed_at, content_hash, content) VALUES ('inv-2026-10-l', 'l', '2026-10', 'issued', "
+        "1, 100, '0.06', 6, 106, '2026-11-01 00:00:00', 'h', '{}')"
+    )
+    try:
+        await migrate.upgrade(engine, "0016")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO billing_closes (period, after_seq, through_seq, first_seq, vat_rate, "
+                    "invoices, closed_at) VALUES ('2026-10', 0, 1, 1, '0.06', 1, '2026-11-01 00:00:00')"
+                )
+            )
+            await conn.execute(text(invoice))
+            await conn.execute(
+                text(
+                    "INSERT INTO payments (id, invoice_id, payment_no, amount_fen, paid_on, received_at, "
+                    "reference, recorded_by) VALUES ('p1', 'inv-2026-10-l', 1, 50, '2026-11-02', "
+                    "'2026-11-02 00:00:00', '', 'cli')"
+                )
+            )
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT id, kind, total_fen FROM invoices"))).all()
+            assert [tuple(r) for r in rows] == [("inv-2026-10-l", "period", 106)]
+            paid = await conn.scalar(
+                text("SELECT amount_fen FROM payments WHERE invoice_id = 'inv-2026-10-l'")
+            )
+            assert paid == 50
+        for statement in ("UPDATE invoices SET total_fen = 1", "DELETE FROM invoices"):
+            with pytest.raises(DBAPIError):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
+        await migrate.downgrade(engine, "0016")
+        async with engine.connect() as conn:
+            ids = (await conn.execute(text("SELECT id FROM invoices ORDER BY id"))).scalars().all()
+            assert ids == ["inv-2026-10-l"]
+        with pytest.raises(DBAPIError):
+            async with engine.begin() as conn:
+                await conn.execute(text("DELETE FROM invoices WHERE id = 'inv-2026-10-l'"))
+        await migrate.upgrade(engine)
+        async with engine.begin() as conn:  # a second invoice of the licensee, in an open month: a top-up
+            await conn.execute(
+                text(
+                    invoice.replace("'inv-2026-10-l'", "'inv-tu-1'")
+                    .replace("'2026-10'", "'2026-12'")
+                    .replace("(id,", "(kind, id,")
+                    .replace("VALUES (", "VALUES ('top-up', ")
+                )
+            )
+        with pytest.raises(RuntimeError, match="top-up invoice"):
+            await migrate.downgrade(engine, "0016")
+    finally:
+        await engine.dispose()
