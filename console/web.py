@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib.resources
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, time
@@ -20,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
+from sqlalchemy import exc as sa_exc
 
 from config.settings import Settings
 from console.i18n import LANGUAGES, translator
@@ -58,6 +60,17 @@ LANG = web.RequestKey("console_lang", str)
 CSRF = web.RequestKey("console_csrf", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
+
+#: A store out of reach (as ``gateway.problems`` sees it): a 503 page.
+_OUT_OF_REACH = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    OSError,
+    TimeoutError,
+)
 
 _CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; font-src 'self'; "
@@ -228,6 +241,10 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
         for key, value in exc.headers.items():
             if key == "Retry-After":
                 response.headers[key] = value
+    except _OUT_OF_REACH as exc:
+        log.warning("%s %s: a store is out of reach: %s", request.method, request.path, type(exc).__name__)
+        response = _error_page(request, 503, "the database is out of reach; try again shortly")
+        response.headers["Retry-After"] = "5"
     if wanted in LANGUAGES:
         _set_cookie(request, response, LANG_COOKIE, str(wanted), max_age=LANG_COOKIE_SECONDS, samesite="Lax")
     if not request.path.startswith(f"{PREFIX}/static/"):
@@ -330,6 +347,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     if result.outcome == "failed" or result.token is None:
         await throttle.failed("console", username, address)
         return _login_form(request, failed=True, username=username, next_page=next_page)
+    await _users(request).sweep(utcnow())  # sessions past their longest life, anyone's
     target = next_page if result.outcome == "ok" else f"{PREFIX}/login/totp?next={quote(next_page, safe='/')}"
     response = redirect(target)
     _set_cookie(request, response, SESSION_COOKIE, result.token)
