@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY billing billing
 COPY cli cli
 COPY config config
+COPY console console
 COPY core core
 COPY gateway gateway
 COPY ledger ledger

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from cli import audit as cli_audit
 from cli import billing as cli_billing
+from cli import console_users as cli_console_users
 from cli import keys as cli_keys
 from cli import resources as cli_resources
 from config.settings import ConfigurationError, Settings, load_settings
@@ -93,6 +94,7 @@ def build_parser() -> OneLineParser:
     cli_audit.add_commands(sub, _common)
     cli_billing.add_commands(sub, _common)
     cli_keys.add_commands(sub, _common)
+    cli_console_users.add_commands(sub, _common)
     return parser
 
 

@@ -402,6 +402,25 @@ class TracingSettings(_Section):
         return value
 
 
+class ConsoleSettings(_Section):
+    """The browser console, ``/console/`` (``console``)."""
+
+    #: Serve the console on the public port.
+    enabled: bool = True
+    #: Mark the console's cookies ``Secure`` on every response. Off: only
+    #: when the request came over https or ``server.public_url`` is https.
+    secure_cookies: bool = False
+    #: A console session ends after this long without a request ...
+    idle_timeout_seconds: int = Field(1800, ge=60, le=86400)
+    #: ... and this long after sign-in, whatever happens.
+    session_max_seconds: int = Field(43200, ge=300, le=604800)
+    #: Failed sign-ins in a row (password or TOTP code) that lock a console
+    #: user out ...
+    lockout_failures: int = Field(5, ge=1, le=100)
+    #: ... for this long (even the right password is refused meanwhile).
+    lockout_seconds: int = Field(900, ge=1, le=86400)
+
+
 class Settings(_Section):
     data_dir: Path = Path("pdg-data")
     server: ServerSettings = ServerSettings()
@@ -412,6 +431,7 @@ class Settings(_Section):
     ledger: LedgerSettings = LedgerSettings()
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @field_validator("data_dir")
     @classmethod
@@ -580,6 +600,12 @@ ENVIRONMENT: dict[str, str] = {
     "PDG_OTLP_ENDPOINT": "tracing.otlp_endpoint",
     "PDG_TRACE_SAMPLE_RATIO": "tracing.sample_ratio",
     "PDG_TRACE_SERVICE_NAME": "tracing.service_name",
+    "PDG_CONSOLE_ENABLED": "console.enabled",
+    "PDG_CONSOLE_SECURE_COOKIES": "console.secure_cookies",
+    "PDG_CONSOLE_IDLE_TIMEOUT_SECONDS": "console.idle_timeout_seconds",
+    "PDG_CONSOLE_SESSION_MAX_SECONDS": "console.session_max_seconds",
+    "PDG_CONSOLE_LOCKOUT_FAILURES": "console.lockout_failures",
+    "PDG_CONSOLE_LOCKOUT_SECONDS": "console.lockout_seconds",
 }
 _LISTS = {"server.trusted_proxies"}
 

@@ -359,4 +359,8 @@ def create_app(settings: Settings) -> web.Application:
         app.cleanup_ctx.append(_admin_listener)
     evidence.setup(app)
     health.setup(app)
+    if settings.console.enabled:
+        from console import web as console_web
+
+        console_web.setup(app)
     return app

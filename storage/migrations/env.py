@@ -10,6 +10,7 @@ from __future__ import annotations
 from alembic import context
 
 import billing.models  # noqa: F401  (registers the tables)
+import console.models  # noqa: F401
 import ledger.models  # noqa: F401
 import licensing.models  # noqa: F401
 from ledger.partitions import in_models
