@@ -69,6 +69,8 @@ FenDecimal = Annotated[
     Field(pattern=r"^[0-9]+(\.[0-9]{1,4})?$", examples=["2.5", "0.0125"]),
     AfterValidator(_fen_decimal),
 ]
+
+
 def _vat_rate(value: str) -> str:
     return str(parse_vat_rate(value))
 

@@ -7,7 +7,7 @@ lock-out state. ``console_sessions`` holds the signed-in browsers, by the
 SHA-256 of their session id (never the id itself).
 
 Revision ID: 0018
-Revises: 0016
+Revises: 0017
 Create Date: 2026-12-06
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0018"
-down_revision = "0016"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 
