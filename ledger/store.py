@@ -8,7 +8,10 @@ ledger is skipped, so a log entry appended or moved twice lands once: batches
 go in without a look-up first, and one that meets a stored call id (the
 unique index refuses it) is rolled back and written again with one. Two
 writers fence each other on ``next_seq``: the loser's transaction rolls back
-(:class:`FencedError`).
+(:class:`FencedError`). A checkpoint or signed tree head already stored is
+kept when it is the one this batch would store (the same records and hashes),
+and refused as an inconsistent ledger (:class:`LedgerError`) when it is not:
+neither is a database error to retry.
 
 On PostgreSQL rows go in with ``COPY`` (asyncpg), on SQLite with multi-row
 ``INSERT`` statements; both take plain tuples, bound once by the columns' own
@@ -377,29 +380,73 @@ class LedgerStore:
             elif rows:
                 await self._insert(conn, rows)
             if checkpoints:
-                await conn.execute(
-                    insert(_CHECKPOINTS),
-                    [
-                        {
-                            "first_seq": cp.first_seq,
-                            "last_seq": cp.last_seq,
-                            "chain_head": cp.chain_head.hex(),
-                            "merkle_root": cp.merkle_root.hex(),
-                            "created_at": cp.created_at,
-                            "algorithm": cp.algorithm,
-                            "key_id": cp.key_id,
-                            "signature": cp.signature.hex(),
-                        }
-                        for cp in checkpoints
-                    ],
-                )
+                await self._insert_checkpoints(conn, checkpoints)
             await self._insert_nodes(conn, nodes)
             if log_checkpoint is not None:
-                await conn.execute(insert(_LOG_CHECKPOINTS), [log_checkpoint])
+                await self._insert_log_checkpoint(conn, log_checkpoint)
         if checkpoint is not None:
             self._last_checkpoint = now
         self.position = position
         return Appended(len(rows), len(records) - len(rows), checkpoints)
+
+    async def _insert_checkpoints(self, conn: AsyncConnection, checkpoints: Sequence[Checkpoint]) -> None:
+        """Store signed checkpoints. One already stored over the same records
+        with the same chain head and Merkle root is the same checkpoint (kept
+        with its own signature); any other stored in the way is an
+        inconsistent ledger (:class:`LedgerError`), never a retry."""
+        statement = _insert_ignoring_duplicates(self.engine.dialect.name, _CHECKPOINTS)
+        result = await conn.execute(
+            statement.returning(_CHECKPOINTS.c.first_seq),
+            [
+                {
+                    "first_seq": cp.first_seq,
+                    "last_seq": cp.last_seq,
+                    "chain_head": cp.chain_head.hex(),
+                    "merkle_root": cp.merkle_root.hex(),
+                    "created_at": cp.created_at,
+                    "algorithm": cp.algorithm,
+                    "key_id": cp.key_id,
+                    "signature": cp.signature.hex(),
+                }
+                for cp in checkpoints
+            ],
+        )
+        written = set(result.scalars())
+        kept = [cp for cp in checkpoints if cp.first_seq not in written]
+        if not kept:
+            return
+        rows = await conn.execute(
+            select(_CHECKPOINTS).where(
+                _CHECKPOINTS.c.first_seq.in_([cp.first_seq for cp in kept])
+                | _CHECKPOINTS.c.last_seq.in_([cp.last_seq for cp in kept])
+            )
+        )
+        stored = {(r.first_seq, r.last_seq, r.chain_head, r.merkle_root) for r in rows}
+        for cp in kept:
+            if (cp.first_seq, cp.last_seq, cp.chain_head.hex(), cp.merkle_root.hex()) not in stored:
+                raise LedgerError(
+                    f"a different checkpoint over records {cp.first_seq}..{cp.last_seq} "
+                    "is already stored: run 'pdg audit verify'"
+                )
+            log.warning("the checkpoint of records %d..%d was already stored", cp.first_seq, cp.last_seq)
+
+    async def _insert_log_checkpoint(self, conn: AsyncConnection, head: dict[str, Any]) -> None:
+        """Store a signed head of the whole-log tree. A head of the same size
+        is already there when the tree has not grown since the last one (a
+        checkpoint cut inside a batch signs the tree as the batch leaves it,
+        and a timer checkpoint of that batch's tail finds it the same size):
+        it is kept, once its root is found the same."""
+        statement = _insert_ignoring_duplicates(self.engine.dialect.name, _LOG_CHECKPOINTS)
+        if (await conn.execute(statement, head)).rowcount == 1:
+            return
+        stored = await conn.scalar(
+            select(_LOG_CHECKPOINTS.c.root).where(_LOG_CHECKPOINTS.c.size == head["size"])
+        )
+        if stored != head["root"]:
+            raise LedgerError(
+                f"a different head of the whole-log tree at {head['size']} records "
+                "is already stored: run 'pdg audit verify'"
+            )
 
     async def _unseen(self, conn: AsyncConnection, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """``records`` without those already in the ledger or repeated in the batch."""

@@ -12,20 +12,22 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from gateway.state import ENGINE, PRESENCE, QUOTA, REDIS, SETTINGS
 from ledger.chain import Verifier
 from ledger.log import LOG
-from ledger.models import CallRow, CheckpointRow
+from ledger.models import CallRow, CheckpointRow, LedgerStateRow, LogCheckpointRow
+from ledger.note import Signer
 from ledger.record import hashed, opening
-from ledger.store import checkpoint_of
+from ledger.store import LedgerError, LedgerStore, checkpoint_of
 from ledger.writer import start_writer
 from licensing.keys import load_or_create_signing_key
 from metering.periods import period_of, zone
 from metering.quota import Terms, plan_reservation
 from tests.conftest import World
+from tests.test_audit import make_record
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -182,6 +184,82 @@ async def test_records_are_chained_and_checkpointed(world_factory: Callable[...,
             async with world.app[ENGINE].begin() as conn:
                 await conn.execute(text(statement))
     assert (await verify_rows(world)) == (None, checkpoints)
+
+
+def ledger_store(world: World, checkpoint_records: int) -> LedgerStore:
+    """A writer's store over the world's ledger, with its keys; checkpoints
+    by count, or when asked (the timer's are far off)."""
+    settings = world.settings
+    key = load_or_create_signing_key(settings.ledger_key_path, "ES256")
+    log_key = load_or_create_signing_key(settings.log_key_path, "EdDSA")
+    return LedgerStore(
+        world.app[ENGINE],
+        key,
+        checkpoint_records=checkpoint_records,
+        checkpoint_seconds=3600,
+        time_zone=settings.billing.time_zone,
+        log_signer=Signer(settings.log_origin, log_key.private_key),
+    )
+
+
+async def ledger_state(world: World) -> tuple[int, int, str]:
+    """``(next_seq, checkpointed_seq, log_position)``."""
+    async with world.app[ENGINE].connect() as conn:
+        state = (await conn.execute(select(LedgerStateRow))).one()
+    return state.next_seq, state.checkpointed_seq, state.log_position
+
+
+async def test_a_batchs_tail_checkpointed_later_keeps_the_tree_head_its_batch_signed(
+    world_factory: Callable[..., Awaitable[World]],
+) -> None:
+    """A checkpoint cut by count inside a batch signs the whole-log tree as the
+    batch leaves it; the checkpoint of the batch's tail (the timer's, or a
+    clean stop's) finds the tree the same size and keeps that signed head,
+    rather than failing on it again at every retry."""
+    world = await world_factory(ledger__run_writer=False)
+    store = ledger_store(world, checkpoint_records=4)
+    appended = await store.append([make_record(i) for i in range(1, 7)], "1-0")
+    assert [(cp.first_seq, cp.last_seq) for cp in appended.checkpoints] == [(1, 4)]
+    appended = await store.append([], "1-0", force_checkpoint=True)
+    assert [(cp.first_seq, cp.last_seq) for cp in appended.checkpoints] == [(5, 6)]
+    appended = await store.append([make_record(i) for i in range(7, 9)], "2-0", force_checkpoint=True)
+    assert [(cp.first_seq, cp.last_seq) for cp in appended.checkpoints] == [(7, 8)]
+    async with world.app[ENGINE].connect() as conn:
+        sizes = list(
+            (await conn.execute(select(LogCheckpointRow.size).order_by(LogCheckpointRow.size))).scalars()
+        )
+    assert sizes == [6, 8]
+    assert await ledger_state(world) == (9, 8, "2-0")
+    assert (await verify_rows(world)) == (None, 3)
+
+
+async def test_a_checkpoint_already_stored_is_kept_and_a_different_one_refused(
+    world_factory: Callable[..., Awaitable[World]],
+) -> None:
+    world = await world_factory(ledger__run_writer=False)
+    await ledger_store(world, 100).append([make_record(i) for i in range(1, 4)], "1-0", force_checkpoint=True)
+    assert await ledger_state(world) == (4, 3, "1-0")
+
+    async def forget_the_checkpoint() -> None:
+        async with world.app[ENGINE].begin() as conn:
+            await conn.execute(update(LedgerStateRow).values(checkpointed_seq=0))
+
+    # The checkpoint (and the tree head signed with it) is stored, but the
+    # state leaves records 1..3 open: the writer cuts the same checkpoint,
+    # keeps the stored one and moves on.
+    await forget_the_checkpoint()
+    appended = await ledger_store(world, 100).append([], "1-0", force_checkpoint=True)
+    assert [(cp.first_seq, cp.last_seq) for cp in appended.checkpoints] == [(1, 3)]
+    assert await ledger_state(world) == (4, 3, "1-0")
+    assert (await verify_rows(world)) == (None, 1)
+    # A different checkpoint over stored ones is refused, with nothing of its
+    # batch written.
+    await forget_the_checkpoint()
+    with pytest.raises(LedgerError, match=r"a different checkpoint over records 1\.\.4"):
+        await ledger_store(world, 100).append([make_record(4)], "2-0", force_checkpoint=True)
+    assert await ledger_state(world) == (4, 0, "1-0")
+    assert len(await records_of(world, 3)) == 3
+    assert (await verify_rows(world)) == (None, 1)
 
 
 async def test_sm3_chain_and_digests(world_factory: Callable[..., Awaitable[World]]) -> None:
