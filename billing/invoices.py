@@ -579,8 +579,8 @@ class Identity:
     seller: dict[str, str]
     #: By licensee id: ``name``, ``credit_code``, ``address``, ``bank``, ``account``.
     buyers: dict[str, dict[str, str]]
-    #: By dataset id: (name, tax classification code, VAT rate).
-    datasets: dict[str, tuple[str, str, Decimal]]
+    #: By dataset id: (name, tax classification code, VAT rate, provider department).
+    datasets: dict[str, tuple[str, str, Decimal, str]]
     currency: str = "CNY"
 
 
@@ -619,8 +619,10 @@ def build_invoices(
         for number, line in enumerate(lines, 1):
             line["line_no"] = number
             if identity is not None:
-                name, tax_code, rate = identity.datasets.get(line["dataset"], (line["dataset"], "", vat_rate))
-                line.update(dataset_name=name, tax_code=tax_code, vat_rate=str(rate))
+                name, tax_code, rate, provider = identity.datasets.get(
+                    line["dataset"], (line["dataset"], "", vat_rate, "")
+                )
+                line.update(dataset_name=name, tax_code=tax_code, vat_rate=str(rate), provider=provider)
         subtotal = sum(line["amount_fen"] for line in lines)
         groups = vat_groups(lines, vat_rate) if identity is not None else []
         vat = sum(g["vat_fen"] for g in groups) if groups else vat_of(subtotal, vat_rate)
@@ -894,19 +896,26 @@ async def _usage(
 
 
 async def load_identity(conn: AsyncConnection, settings: Settings, usage: list[Usage]) -> Identity:
-    """The parties and dataset names and tax codes of ``usage``'s invoices, as they are now."""
+    """The parties of ``usage``'s invoices, and each dataset's name, tax code,
+    VAT rate and provider department, as they are now (copied into the
+    invoice when it is made: a later change of the catalogue never moves an
+    issued invoice nor its payouts)."""
     licensees = sorted({u.licensee for u in usage})
     datasets = sorted({u.dataset for u in usage})
     buyers: dict[str, dict[str, str]] = {}
     if licensees:
         rows = await conn.execute(select(_LICENSEES).where(_LICENSEES.c.id.in_(licensees)))
         buyers = {r.id: party_of(r) for r in rows}
-    names: dict[str, tuple[str, str, Decimal]] = {}
+    names: dict[str, tuple[str, str, Decimal, str]] = {}
     if datasets:
         rows = await conn.execute(
-            select(_DATASETS.c.id, _DATASETS.c.name, _DATASETS.c.tax_code, _DATASETS.c.vat_rate).where(
-                _DATASETS.c.id.in_(datasets)
-            )
+            select(
+                _DATASETS.c.id,
+                _DATASETS.c.name,
+                _DATASETS.c.tax_code,
+                _DATASETS.c.vat_rate,
+                _DATASETS.c.provider,
+            ).where(_DATASETS.c.id.in_(datasets))
         )
         default = parse_vat_rate(settings.billing.vat_rate)
         names = {
@@ -914,6 +923,7 @@ async def load_identity(conn: AsyncConnection, settings: Settings, usage: list[U
                 r.name,
                 r.tax_code or settings.billing.tax_code,
                 parse_vat_rate(r.vat_rate) if r.vat_rate else default,
+                r.provider,
             )
             for r in rows
         }

@@ -22,8 +22,10 @@ split: ``billing.prepaid``). ``calls`` are the calls served, not those
 bought. Then a ``total`` of every figure.
 
 **Payouts** (:func:`period_payouts`, ``pdg.billing-payouts.v1``): per
-provider department (the dataset's ``provider`` in the catalogue now; a
-dataset the catalogue does not hold comes last, under ``null``), per dataset
+provider department (the one each invoice line named when it was issued;
+for lines issued before lines named it, the dataset's ``provider`` in the
+catalogue now; a dataset the catalogue does not hold comes last, under
+``null``), per dataset
 (its id, and its name in the catalogue now): the calls and records of the
 period's invoice lines, the amount billed and its three parts as the lines
 split them; the notes' amount and parts attributed to the dataset (signed);
@@ -249,36 +251,46 @@ def note_by_dataset(note: dict[str, Any], invoice: dict[str, Any]) -> dict[str, 
 def payouts_of(books: dict[str, Any], noted: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The payouts of ``books``, given the invoices its notes correct
     (``noted``, by id: :func:`billing.export.books_and_noted`); pure."""
-    by_dataset: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_PAYOUT_FIGURES, 0))
+    catalogue = books.get("datasets", {})
+
+    def provider_of(dataset: str, lines: Iterable[dict[str, Any]]) -> str | None:
+        """The provider an invoice line named at issue, else the catalogue's now."""
+        named = next(
+            (ln.get("provider") for ln in lines if ln["dataset"] == dataset and ln.get("provider")), None
+        )
+        return named or (catalogue.get(dataset) or {}).get("provider")
+
+    by_key: dict[tuple[str | None, str], dict[str, int]] = defaultdict(
+        lambda: dict.fromkeys(_PAYOUT_FIGURES, 0)
+    )
     for inv in books["invoices"]:
         if inv.get("kind") == TOP_UP:
             continue  # split as its calls are used: the prepaid lines
         for line in inv["lines"]:
-            row = by_dataset[line["dataset"]]
+            row = by_key[provider_of(line["dataset"], (line,)), line["dataset"]]
             row["calls"] += line["calls"]
             row["records"] += line["records"]
             row["billed_fen"] += line["amount_fen"]
             for part in PARTS:
                 row[part] += line["split"][part]
     for note in books["notes"]:
-        if noted[note["invoice_id"]].get("kind") == TOP_UP:
+        invoice = noted[note["invoice_id"]]
+        if invoice.get("kind") == TOP_UP:
             continue  # not split, as the top-up was not
-        for dataset, parts in note_by_dataset(note, noted[note["invoice_id"]]).items():
-            row = by_dataset[dataset]
+        for dataset, parts in note_by_dataset(note, invoice).items():
+            row = by_key[provider_of(dataset, invoice["lines"]), dataset]
             row["notes_fen"] += parts["amount_fen"]
             for part in PARTS:
                 row[f"notes_{part}"] += parts[part]
-    catalogue = books.get("datasets", {})
     providers: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
-    for dataset in sorted(by_dataset):
-        figures = by_dataset[dataset]
+    for (provider, dataset), figures in sorted(
+        by_key.items(), key=lambda item: (item[0][1], item[0][0] or "")
+    ):
         figures["net_fen"] = figures["billed_fen"] + figures["notes_fen"]
         for part in PARTS:
             figures[f"net_{part}"] = figures[part] + figures[f"notes_{part}"]
         known = catalogue.get(dataset) or {}
-        providers[known.get("provider")].append(
-            {"dataset_id": dataset, "dataset_name": known.get("name"), **figures}
-        )
+        providers[provider].append({"dataset_id": dataset, "dataset_name": known.get("name"), **figures})
     listed: list[dict[str, Any]] = [
         {"provider": provider, "datasets": rows, "total": _sum(rows, _PAYOUT_FIGURES)}
         for provider, rows in sorted(providers.items(), key=lambda item: (item[0] is None, item[0] or ""))

@@ -51,6 +51,8 @@ class InvoiceLine(BaseModel):
     dataset_name: str | None = None
     tax_code: str | None = None
     vat_rate: str | None = None
+    #: The dataset's provider department when the invoice was made (its payouts' recipient).
+    provider: str | None = None
     #: ``prepaid`` lines: what their calls were bought at, exactly (fen, 4
     #: decimal places); ``split`` shares it, rounded half up to the fen.
     prepaid_value_fen: str | None = None

@@ -321,6 +321,15 @@ async def test_a_month_with_prepaid_top_ups_credit_calls_and_notes(
     assert [november["total"][part] for part in parts] == [6 + 3 + 36, 4 + 1 + 22, 2 + 1 + 14]
     assert november["total"]["calls"] == 11  # served, not bought
 
+    # A provider department renamed after issue moves no payout: lines name it as issued.
+    status, body = await month.send(
+        "PATCH", f"/datasets/{weather['id']}", {"provider": "renamed-bureau"}, headers=world.admin
+    )
+    assert status == 200, body
+    status, again = await month.send("GET", "/billing/2026-11/payouts")
+    assert again == november
+    assert {line["provider"] for line in invoice["lines"]} == {weather["provider"], firms["provider"]}
+
     # Reconciliation and the audit: clean.
     status, report = await month.send("GET", "/reconciliation/2026-11")
     assert status == 200, report
