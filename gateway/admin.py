@@ -243,18 +243,21 @@ async def close_billing_period(request: web.Request, principal: AdminPrincipal) 
     ``pending``); without it such a close is refused and writes nothing: 409
     ``conflict`` while calls stay in flight, 503 ``ledger-unavailable`` when
     the log cannot be reached or moved (the problem's ``pending`` says what)."""
-    period = _period_param(request, request.match_info["period"])
-    client = request.app[REDIS]
-    closed = await close_billing(
-        request.app[ENGINE],
-        period,
-        settings=request.app[SETTINGS],
-        redis=lambda: contextlib.nullcontext(client),
-        now=request.app[CLOCK].now(),
-        allow_pending=_flag(request, "allow_pending"),
-        issue=_flag(request, "issue"),
-    )
+    period, how = _billing_run(request)
+    closed = await close_billing(request.app[ENGINE], period, issue=_flag(request, "issue"), **how)
     return _json(closed.as_dict(), 200 if closed.already_closed else 201)
+
+
+def _billing_run(request: web.Request) -> tuple[Period, dict[str, Any]]:
+    """The period a close or an issue runs on, and how: the settings, this
+    replica's Redis, the clock, ``allow_pending``."""
+    client = request.app[REDIS]
+    return _period_param(request, request.match_info["period"]), {
+        "settings": request.app[SETTINGS],
+        "redis": lambda: contextlib.nullcontext(client),
+        "now": request.app[CLOCK].now(),
+        "allow_pending": _flag(request, "allow_pending"),
+    }
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -266,19 +269,10 @@ def _flag(request: web.Request, name: str) -> bool:
 
 async def issue_billing_period(request: web.Request, principal: AdminPrincipal) -> web.Response:
     """Issue a period closed for review (``billing.invoices.issue_billing``)."""
-    period = _period_param(request, request.match_info["period"])
+    period, how = _billing_run(request)
     body = await _body(request) if request.body_exists else {}
     issue_in = schemas.parse(billing_schemas.IssueIn, body)
-    client = request.app[REDIS]
-    issued = await issue_billing(
-        request.app[ENGINE],
-        period,
-        settings=request.app[SETTINGS],
-        redis=lambda: contextlib.nullcontext(client),
-        now=request.app[CLOCK].now(),
-        allow_pending=_flag(request, "allow_pending"),
-        expect_drafts=issue_in.drafts_hash,
-    )
+    issued = await issue_billing(request.app[ENGINE], period, expect_drafts=issue_in.drafts_hash, **how)
     return _json(issued.as_dict(), 200 if issued.already_closed else 201)
 
 
