@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,9 +31,11 @@ from typing import Any
 import pytest
 from pypdf import PdfReader
 
+from billing import notes, payments
 from billing.invoices import list_invoices
 from billing.notes import list_notes
 from billing.payments import list_payments
+from console.i18n import CATALOGUES
 from gateway.state import CLOCK, ENGINE, REGISTRY
 from ledger import admin_log, audit
 from licensing.keys import load_or_create_signing_key
@@ -114,7 +117,7 @@ async def _log(world: World, action: str) -> list[dict[str, Any]]:
 # -- over HTTP, on both backends ---------------------------------------------------------
 
 
-async def test_roles_csrf_and_bad_input(world_factory: WorldFactory) -> None:
+async def test_roles_csrf_and_bad_input(world_factory: WorldFactory, tmp_path: Path) -> None:
     month = await november(world_factory, calls=1)
     world = month.world
     users = _users(world)
@@ -199,6 +202,20 @@ async def test_roles_csrf_and_bad_input(world_factory: WorldFactory) -> None:
         assert status == expected, (path, text)
     status, _, _ = await _post(world, f"{period}/close", {}, "/console/audit/")
     assert status == 403  # an auditor reads and reconciles; it does not close
+
+    # The export of records is pdg audit export's, zipped: it verifies offline.
+    async with world.client.get("/console/audit/export?format=csv&from=2026-11-01&to=2026-12-01") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/zip"
+        assert resp.headers["Content-Disposition"] == 'attachment; filename="pdg-audit-export-1-1.zip"'
+        archive = zipfile.ZipFile(io.BytesIO(await resp.read()))
+    assert sorted(archive.namelist()) == ["calls-1-1.csv", "manifest.json"], archive.namelist()
+    folder = tmp_path / "export"
+    archive.extractall(folder)
+    key = load_or_create_signing_key(world.settings.ledger_key_path, "ES256")
+    report = audit.verify_export(folder / "manifest.json", {key.kid: key.private_key.public_key()})
+    assert (report.ok, report.records) == (True, 1), report
+    assert month.call_ids[0] in (folder / "calls-1-1.csv").read_text()
 
 
 async def test_close_review_issue_notes_and_payments(world_factory: WorldFactory) -> None:
@@ -321,6 +338,18 @@ async def test_top_up_a_prepaid_licence(world_factory: WorldFactory) -> None:
     status, text = await _get(world, f"/console/finance/invoices/{invoice_id}")
     assert status == 200
     assert "¥0.63" in text  # 5 x 12.5 fen = 62.5 fen, rounded once
+
+
+def test_every_state_and_kind_has_its_words() -> None:
+    dynamic = [f"period_state.{s}" for s in ("issued", "draft", "open", "current")]
+    dynamic += [f"invoice_status.{s}" for s in ("draft", "closed", *payments.STATUSES)]
+    dynamic += [f"line_kind.{k}" for k in ("usage", "late", "prepaid", "top-up")]
+    dynamic += [f"note_kind.{k}" for k in notes.KINDS]
+    dynamic += [f"entry_kind.{k}" for k in ("invoice", "debit-note", "credit-note", "payment")]
+    dynamic += [f"bucket.{name}" for name, _, _ in payments.BUCKETS]
+    dynamic += [f"finance.done.{d}" for d in ("close", "issue", "note", "payment", "top-up")]
+    for lang in ("zh", "en"):
+        assert set(dynamic) <= set(CATALOGUES[lang]), set(dynamic) - set(CATALOGUES[lang])
 
 
 # -- in a browser ----------------------------------------------------------------------
