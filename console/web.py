@@ -850,5 +850,9 @@ def setup(app: web.Application) -> None:
     routes.add_get("/portal/apps/{id}", portal_app_page)
     routes.add_post("/portal/apps/{id}/rotate", portal_app_rotate)
     routes.add_get("/portal/datasets/{id}", portal_dataset)
+    from console import audit, finance  # they use this module's helpers
+
+    finance.add_routes(routes)
+    audit.add_routes(routes)
     app.router.add_get(PREFIX, _redirect_to_console)
     app.add_subapp(f"{PREFIX}/", console)
