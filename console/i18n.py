@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from console import i18n_overview
+
 LANGUAGES: Final = ("zh", "en")
 
 _EN: Final[dict[str, str]] = {
@@ -314,6 +316,8 @@ _ZH: Final[dict[str, str]] = {
     "docs.headers": "响应带有 X-Call-Id 以及所适用配额的 RateLimit-Policy / RateLimit 头字段。",
 }
 
+_EN.update(i18n_overview.EN)
+_ZH.update(i18n_overview.ZH)
 CATALOGUES: Final[dict[str, dict[str, str]]] = {"zh": _ZH, "en": _EN}
 
 
