@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-from console import i18n_finance
+from console import i18n_finance, i18n_overview
 
 LANGUAGES: Final = ("zh", "en")
 
@@ -318,6 +318,8 @@ _ZH: Final[dict[str, str]] = {
 
 _EN.update(i18n_finance.EN)
 _ZH.update(i18n_finance.ZH)
+_EN.update(i18n_overview.EN)
+_ZH.update(i18n_overview.ZH)
 CATALOGUES: Final[dict[str, dict[str, str]]] = {"zh": _ZH, "en": _EN}
 
 

@@ -412,8 +412,9 @@ async def home(request: web.Request) -> web.StreamResponse:
         "active": sum(1 for lic in licences if lic.status == "active"),
         "apps": len(await registry.list_apps()),
     }
-    t = translator(request[LANG])
-    return render(request, "overview.html", counts=counts, title=t("overview.title"))
+    from console.overview import overview_page  # the charts and the ledger's state
+
+    return await overview_page(request, counts)
 
 
 async def datasets_page(request: web.Request) -> web.StreamResponse:
@@ -850,9 +851,10 @@ def setup(app: web.Application) -> None:
     routes.add_get("/portal/apps/{id}", portal_app_page)
     routes.add_post("/portal/apps/{id}/rotate", portal_app_rotate)
     routes.add_get("/portal/datasets/{id}", portal_dataset)
-    from console import audit, finance  # they use this module's helpers
+    from console import audit, finance, portal_more  # they use this module's helpers
 
     finance.add_routes(routes)
     audit.add_routes(routes)
+    portal_more.add_routes(routes)
     app.router.add_get(PREFIX, _redirect_to_console)
     app.add_subapp(f"{PREFIX}/", console)

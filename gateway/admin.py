@@ -561,6 +561,11 @@ async def rotate_app_secret(request: web.Request, principal: AdminPrincipal) -> 
     return _json(dump(rotated))
 
 
+async def set_app_jwks(request: web.Request, principal: AdminPrincipal) -> web.Response:
+    data = schemas.parse(schemas.AppJwksIn, await _body(request))
+    return _json(dump(await request.app[REGISTRY].set_app_jwks(request.match_info["id"], data)))
+
+
 def _app_switch(enabled: bool) -> Handler:
     async def handler(request: web.Request, principal: AdminPrincipal) -> web.Response:
         return _json(dump(await request.app[REGISTRY].set_app_enabled(request.match_info["id"], enabled)))
@@ -804,6 +809,17 @@ ROUTES: tuple[Route, ...] = (
         "licensing:write",
         "A new client secret (returned once); the one before stays valid for overlap_seconds",
         schemas.SecretRotationIn,
+        schemas.App,
+        conflict=True,
+    ),
+    Route(
+        "PUT",
+        "/apps/{id}/jwks",
+        set_app_jwks,
+        "licensing:write",
+        "Replace the public keys of an app that authenticates with private_key_jwt (409 for one with a "
+        "client secret)",
+        schemas.AppJwksIn,
         schemas.App,
         conflict=True,
     ),

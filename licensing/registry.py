@@ -781,6 +781,31 @@ class Registry:
         await self._changed()
         return app_out(row, client_secret=secret)
 
+    async def set_app_jwks(self, app_id: str, data: schemas.AppJwksIn) -> schemas.App:
+        """Replace the public keys of an app that authenticates with
+        ``private_key_jwt``; assertions signed with a key no longer in the set
+        are refused once the licence view has the change. An app with a
+        client secret takes no keys (ConflictError)."""
+        _require(app_id, "app")
+        async with self._sessions() as session:
+            row = await session.get(AppRow, app_id)
+            if row is None:
+                raise NotFoundError(f"no app {app_id}")
+            if row.auth_method != "private_key_jwt":
+                raise ConflictError(f"app {app_id} authenticates with a client secret; it takes no keys")
+            was = {"jwks": row.jwks}
+            row.jwks = data.jwks
+            await self._commit(
+                session,
+                f"app {app_id}",
+                action="app.set-jwks",
+                target=app_id,
+                before=was,
+                after=lambda: {"jwks": row.jwks},
+            )
+        await self._changed()
+        return app_out(row)
+
     async def set_app_enabled(self, app_id: str, enabled: bool) -> schemas.App:
         _require(app_id, "app")
         async with self._sessions() as session:

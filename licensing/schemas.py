@@ -692,6 +692,28 @@ class Licence(LicenceIn):
     updated_at: datetime
 
 
+def check_jwks(value: dict[str, Any]) -> dict[str, Any]:
+    """A JWK Set of 1 to 10 usable public keys (``private_key_jwt``), or ValueError."""
+    keys = value.get("keys")
+    if set(value) != {"keys"} or not isinstance(keys, list) or not keys or len(keys) > 10:
+        raise ValueError("jwks must be {'keys': [...]} with 1 to 10 keys")
+    for key in keys:
+        if not isinstance(key, dict) or key.get("kty") not in ("EC", "RSA", "OKP"):
+            raise ValueError("each key needs kty EC, RSA or OKP")
+        if any(private in key for private in ("d", "p", "q", "dp", "dq", "qi", "k", "oth")):
+            raise ValueError("jwks must hold public keys only")
+        for member in key.values():
+            strings = member if isinstance(member, list) else [member]
+            if not all(isinstance(s, str) and len(s) <= 16384 for s in strings) or len(strings) > 20:
+                raise ValueError("JWK members are strings or lists of strings (RFC 7517)")
+        try:
+            # The whole key, as a client assertion would be verified with.
+            jwt.PyJWK(key)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"a key is incomplete or unusable: {str(exc)[:200]}") from exc
+    return value
+
+
 class AppIn(_Model):
     id: Identifier | None = None
     licensee_id: str = Field(min_length=1, max_length=64)
@@ -703,26 +725,18 @@ class AppIn(_Model):
     @field_validator("jwks")
     @classmethod
     def _jwks(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        keys = value.get("keys")
-        if set(value) != {"keys"} or not isinstance(keys, list) or not keys or len(keys) > 10:
-            raise ValueError("jwks must be {'keys': [...]} with 1 to 10 keys")
-        for key in keys:
-            if not isinstance(key, dict) or key.get("kty") not in ("EC", "RSA", "OKP"):
-                raise ValueError("each key needs kty EC, RSA or OKP")
-            if any(private in key for private in ("d", "p", "q", "dp", "dq", "qi", "k", "oth")):
-                raise ValueError("jwks must hold public keys only")
-            for member in key.values():
-                strings = member if isinstance(member, list) else [member]
-                if not all(isinstance(s, str) and len(s) <= 16384 for s in strings) or len(strings) > 20:
-                    raise ValueError("JWK members are strings or lists of strings (RFC 7517)")
-            try:
-                # The whole key, as a client assertion would be verified with.
-                jwt.PyJWK(key)
-            except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"a key is incomplete or unusable: {str(exc)[:200]}") from exc
-        return value
+        return None if value is None else check_jwks(value)
+
+
+class AppJwksIn(_Model):
+    """New public keys for an app that authenticates with ``private_key_jwt``."""
+
+    jwks: dict[str, Any] = Field(description="the app's public keys, replacing the ones it had")
+
+    @field_validator("jwks")
+    @classmethod
+    def _jwks(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_jwks(value)
 
 
 class App(_Model):
