@@ -86,12 +86,17 @@ class Counts:
         return sum(sum(v) for v in self.by_dataset.values())
 
 
-async def count_calls(conn: AsyncConnection, first: date, last: date, tz_name: str) -> Counts:
-    """Every chart's figures for the days ``first..last`` in ``tz_name``."""
+async def count_calls(
+    conn: AsyncConnection, first: date, last: date, tz_name: str, licensee_id: str | None = None
+) -> Counts:
+    """Every chart's figures for the days ``first..last`` in ``tz_name`` (of
+    one licensee's calls, with ``licensee_id``: its developers' portal)."""
     tz = zone(tz_name)
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     bounds = [datetime.combine(d, time(), tz) for d in [*days, last + timedelta(days=1)]]
     in_window = and_(CallRow.time >= bounds[0], CallRow.time < bounds[-1])
+    if licensee_id is not None:
+        in_window = and_(in_window, CallRow.licensee_id == licensee_id)
     # The day of each record: the zone's midnights, compared as UTC instants.
     day: Any = (
         case(*((CallRow.time < b, n) for n, b in enumerate(bounds[1:-1])), else_=len(days) - 1)

@@ -34,7 +34,7 @@ from core.errors import (
     NotFoundError,
     ValidationFailedError,
 )
-from gateway.state import CATALOGUE, CLOCK, REDIS, REGISTRY, SESSIONS, SETTINGS, THROTTLE
+from gateway.state import CATALOGUE, CLOCK, ENGINE, REDIS, REGISTRY, SESSIONS, SETTINGS, THROTTLE
 from gateway.throttle import client_address
 from ledger import admin_log
 from licensing import schemas
@@ -693,6 +693,16 @@ async def portal(request: web.Request) -> web.StreamResponse:
     except QuotaStoreError:
         usage_error = True
     t = translator(request[LANG])
+    datasets = [d for d, _ in await _own_datasets(request, user.licensee_id)]
+    from console.overview import charts, count_calls, window  # the overview's charts, of its own calls
+
+    today = request.config_dict[CLOCK].now().astimezone(zone(settings.billing.time_zone)).date()
+    first, last = window({}, today)
+    async with request.config_dict[ENGINE].connect() as conn:
+        counts = await count_calls(
+            conn, first, last, settings.billing.time_zone, licensee_id=user.licensee_id
+        )
+    drawn = charts(t, counts, {d["id"]: d["name"] for d in datasets}, {})
     return render(
         request,
         "portal.html",
@@ -701,7 +711,8 @@ async def portal(request: web.Request) -> web.StreamResponse:
         usage=usage,
         usage_error=usage_error,
         period=period.name,
-        datasets=[d for d, _ in await _own_datasets(request, user.licensee_id)],
+        datasets=datasets,
+        usage_charts=[drawn["calls"], drawn["pools"]],
         title=t("portal.title"),
     )
 

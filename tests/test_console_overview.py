@@ -138,6 +138,22 @@ async def test_overview_charts_count_the_call_record(world: World) -> None:
         assert "Traceback" not in page
 
 
+async def test_portal_charts_count_only_the_developers_own_calls(world: World) -> None:
+    made = await _calls(world)
+    await _users(world).add("dev", "developer", licensee_id=made["mine"]["id"], password=PASSWORD)
+    await _sign_in(world.client, "dev")
+    status, page = await _page(world.client, "/console/portal/?lang=en")
+    assert status == 200
+    # Its five calls; the other licensee's one is not there, nor its dataset.
+    assert _column_sums(_figure(page, "chart-calls")) == {"企业登记信息": 5, "Total": 5}
+    assert "公交实时位置" not in page
+    assert _column_sums(_figure(page, "chart-pools")) == {
+        "Free allowance": 2,
+        "Paid (prepaid or credit)": 1,
+        "Total": 3,
+    }
+
+
 async def test_overview_is_the_operating_companys(world: World) -> None:
     licensee = await world.licensee()
     await _users(world).add("dev", "developer", licensee_id=licensee["id"], password=PASSWORD)
