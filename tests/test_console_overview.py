@@ -52,6 +52,12 @@ def _column_sums(figure: str) -> dict[str, int]:
     return {head: sum(int(row[n]) for row in rows) for n, head in enumerate(heads) if n}
 
 
+async def _shot(page: Any, name: str) -> None:
+    """A screenshot of the whole page once its fonts have loaded."""
+    await page.evaluate("document.fonts.ready.then(() => true)")
+    await page.screenshot(path=str(SHOTS / name), full_page=True)
+
+
 async def _page(client: Client, path: str) -> tuple[int, str]:
     async with client.get(path) as resp:
         return resp.status, await resp.text()
@@ -381,7 +387,7 @@ async def test_browser_overview_and_portal(world: World) -> None:
             assert await page.locator("figure.chart svg[role=img]").count() == 5
             assert "method-not-allowed" in (await page.text_content("#chart-refusals svg") or "")
             assert await page.inner_text("#ledger-stored") == "6"
-            await page.screenshot(path=str(SHOTS / "console-overview.png"), full_page=True)
+            await _shot(page, "console-overview.png")
 
             developer = await browser.new_context(locale="zh-CN", viewport={"width": 1280, "height": 800})
             page = await developer.new_page()
@@ -389,12 +395,12 @@ async def test_browser_overview_and_portal(world: World) -> None:
             assert page.url.endswith("/console/portal/")
             row = f"#usage-{licence['id']}-{made['dataset']['id']}"
             assert await page.inner_text(f"{row} .used") == "2"  # the free allowance's bar
-            await page.screenshot(path=str(SHOTS / "console-portal.png"), full_page=True)
+            await _shot(page, "console-portal.png")
             await page.click("a[href='/console/portal/invoices']")
             await page.wait_for_load_state()
             await page.click(f"a[href='/console/portal/invoices/{invoice['id']}']")
             await page.wait_for_load_state()
             assert invoice["number"] in await page.inner_text("h1")
-            await page.screenshot(path=str(SHOTS / "console-invoice.png"), full_page=True)
+            await _shot(page, "console-invoice.png")
         finally:
             await browser.close()
