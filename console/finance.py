@@ -155,6 +155,26 @@ def _today(request: web.Request) -> date:
     return request.config_dict[CLOCK].now().astimezone(zone(_tz_name(request))).date()
 
 
+async def _billing_run(request: web.Request) -> tuple[ConsolePrincipal, Period, Any, dict[str, Any]]:
+    """Who closes or issues, the period, the form, and how it runs: the
+    settings, this replica's Redis, the clock, ``allow_pending`` (as the
+    admin API's)."""
+    user = may(request, "billing:write")
+    period = _period(request)
+    form = await request.post()
+    return (
+        user,
+        period,
+        form,
+        {
+            "settings": request.config_dict[SETTINGS],
+            "redis": _redis(request),
+            "now": request.config_dict[CLOCK].now(),
+            "allow_pending": form.get("allow_pending") == "yes",
+        },
+    )
+
+
 def _redis(request: web.Request) -> Any:
     client = request.config_dict[REDIS]
     return lambda: contextlib.nullcontext(client)
@@ -288,21 +308,11 @@ async def period_page(request: web.Request) -> web.StreamResponse:
 async def close_period(request: web.Request) -> web.StreamResponse:
     """Close for review (drafts), or close and issue at once (``issue=yes``),
     as ``POST /admin/v1/billing/{period}/close``."""
-    user = may(request, "billing:write")
-    period = _period(request)
-    form = await request.post()
+    user, period, form, how = await _billing_run(request)
     issue = form.get("issue") == "yes"
     try:
         with acting_as(user.actor):
-            await close_billing(
-                request.config_dict[ENGINE],
-                period,
-                settings=request.config_dict[SETTINGS],
-                redis=_redis(request),
-                now=request.config_dict[CLOCK].now(),
-                allow_pending=form.get("allow_pending") == "yes",
-                issue=issue,
-            )
+            await close_billing(request.config_dict[ENGINE], period, issue=issue, **how)
     except (ConflictError, LedgerUnavailableError) as exc:
         return await _period_page(request, period, error=exc.detail, status=exc.status)
     raise web.HTTPSeeOther(f"{BASE}/periods/{period.name}?done={'issue' if issue else 'close'}")
@@ -312,23 +322,13 @@ async def issue_period(request: web.Request) -> web.StreamResponse:
     """Issue the drafts the page showed (``drafts_hash``), as ``POST
     /admin/v1/billing/{period}/issue``: drafts changed since are refused
     and shown again."""
-    user = may(request, "billing:write")
-    period = _period(request)
-    form = await request.post()
+    user, period, form, how = await _billing_run(request)
     reviewed = str(form.get("drafts_hash", ""))
     if not _HASH.fullmatch(reviewed):
         raise ValidationFailedError("drafts_hash", "the drafts' hash the page showed")
     try:
         with acting_as(user.actor):
-            await issue_billing(
-                request.config_dict[ENGINE],
-                period,
-                settings=request.config_dict[SETTINGS],
-                redis=_redis(request),
-                now=request.config_dict[CLOCK].now(),
-                allow_pending=form.get("allow_pending") == "yes",
-                expect_drafts=reviewed,
-            )
+            await issue_billing(request.config_dict[ENGINE], period, expect_drafts=reviewed, **how)
     except (ConflictError, LedgerUnavailableError) as exc:
         return await _period_page(request, period, error=exc.detail, status=exc.status)
     raise web.HTTPSeeOther(f"{BASE}/periods/{period.name}?done=issue")

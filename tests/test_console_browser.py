@@ -10,10 +10,8 @@ fail, as ``.ci/run`` installs it.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,17 +19,12 @@ import pytest
 from console.users import ConsoleUsers
 from gateway.state import ENGINE, SESSIONS
 from ledger import admin_log
+from tests.browser_kit import MISSING, SKIP_REASON, Visit, chromium
 from tests.conftest import World
+from tests.test_console import PASSWORD
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(os.environ.get("PDG_TEST_SCREENSHOTS") or Path(__file__).parent / ".screenshots")
-
-if not CHROMIUM.exists() and os.environ.get("CI") != "true":
-    pytest.skip(
-        "Chromium is not installed at /usr/bin/chromium (apt-get install chromium)", allow_module_level=True
-    )
-
-from playwright.async_api import Browser, Page, async_playwright  # noqa: E402
+if MISSING:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 # The embedded backend only: the console's pages are the same on both, and
 # the HTTP-level tests (test_console.py) run on both.
@@ -41,52 +34,11 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def screenshots() -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    return SHOTS
-
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-class Visit:
-    """A page in a browser context, screenshotting each page it lands on."""
-
-    def __init__(self, page: Page, base: str, name: str) -> None:
-        self.page, self.base, self.name, self.n = page, base, name, 0
-
-    async def shot(self, label: str) -> None:
-        self.n += 1
-        await self.page.screenshot(path=str(SHOTS / f"{self.name}-{self.n:02d}-{label}.png"), full_page=True)
-
-    async def go(self, path: str, label: str) -> Any:
-        response = await self.page.goto(self.base + path)
-        await self.shot(label)
-        return response
-
-    async def sign_in(self, username: str, password: str = PASSWORD) -> None:
-        await self.go("/console/login", "login")
-        await self.page.fill("input[name=username]", username)
-        await self.page.fill("input[name=password]", password)
-        await self.page.click("form[action='/console/login'] button[type=submit]")
-        await self.page.wait_for_load_state()
-
-
-async def _visit(browser: Browser, world: World, name: str) -> Visit:
-    context = await browser.new_context(locale="zh-CN", viewport={"width": 1280, "height": 800})
-    page = await context.new_page()
-    return Visit(page, f"http://127.0.0.1:{world.client.server.port}", name)
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as launched:
+        yield launched
 
 
 async def _user(world: World, username: str, role: str, licensee: str | None = None) -> None:
@@ -94,10 +46,10 @@ async def _user(world: World, username: str, role: str, licensee: str | None = N
     await users.add(username, role, licensee_id=licensee, password=PASSWORD)
 
 
-async def test_sign_in_language_lock_out_and_csrf(world: World, browser: Browser) -> None:
+async def test_sign_in_language_lock_out_and_csrf(world: World, browser: Any) -> None:
     await _user(world, "ops", "licence-admin")
     await _user(world, "mallory", "viewer")
-    visit = await _visit(browser, world, "signin")
+    visit = await Visit.open(browser, world, "signin")
     page = visit.page
 
     # Chinese by default; the switch turns the page English and stays so.
@@ -134,7 +86,7 @@ async def test_sign_in_language_lock_out_and_csrf(world: World, browser: Browser
     assert page.url.endswith("/console/licences")
 
     # Wrong passwords lock the account out: then even the right one fails.
-    other = await _visit(browser, world, "lockout")
+    other = await Visit.open(browser, world, "lockout")
     for _ in range(world.settings.console.lockout_failures):
         await other.sign_in("mallory", "not the password")
         assert "/console/login" in other.page.url
@@ -155,11 +107,11 @@ async def _signed_token(world: World, app: dict[str, Any], dataset: str) -> str:
     return await world.token(app, f"purpose:public-interest dataset:{dataset}")
 
 
-async def test_issue_a_licence_then_suspend_it(world: World, browser: Browser) -> None:
+async def test_issue_a_licence_then_suspend_it(world: World, browser: Any) -> None:
     await _user(world, "ops", "licence-admin")
     ds = await world.dataset(name="企业登记信息")
     licensee = await world.licensee(name="星河数据科技有限公司")
-    visit = await _visit(browser, world, "licence")
+    visit = await Visit.open(browser, world, "licence")
     page = visit.page
     await visit.sign_in("ops")
     await visit.go("/console/datasets", "catalogue")
@@ -204,7 +156,7 @@ async def test_issue_a_licence_then_suspend_it(world: World, browser: Browser) -
     assert body["code"] == "licence-inactive"
 
 
-async def test_developer_registers_an_app_and_watches_its_quota(world: World, browser: Browser) -> None:
+async def test_developer_registers_an_app_and_watches_its_quota(world: World, browser: Any) -> None:
     ds = await world.dataset(name="公交实时位置", free_monthly_calls=10)
     mine = await world.licensee(name="星河数据科技有限公司")
     licence = await world.licence(mine["id"], [ds["id"]])
@@ -214,7 +166,7 @@ async def test_developer_registers_an_app_and_watches_its_quota(world: World, br
     their_app = await world.app_client(theirs["id"])
     await _user(world, "dev", "developer", mine["id"])
 
-    visit = await _visit(browser, world, "portal")
+    visit = await Visit.open(browser, world, "portal")
     page = visit.page
     await visit.sign_in("dev")
     assert page.url.endswith("/console/portal/")

@@ -16,10 +16,8 @@ payments typed in yuan, a top-up, and bad input answered with a 4xx page.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import os
 import re
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +37,7 @@ from console.i18n import CATALOGUES
 from gateway.state import CLOCK, ENGINE, REGISTRY
 from ledger import admin_log, audit
 from licensing.keys import load_or_create_signing_key
+from tests.browser_kit import MISSING, SKIP_REASON, Visit, chromium
 from tests.conftest import World
 from tests.test_console import PASSWORD, _csrf, _sign_in, _users
 from tests.test_ledger import records_of
@@ -46,8 +45,6 @@ from tests.test_quota import StoppedClock
 
 IN_NOV = datetime(2026, 11, 20, 4, 0, tzinfo=UTC)
 AFTER_NOV = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(os.environ.get("PDG_TEST_SCREENSHOTS") or Path(__file__).parent / ".screenshots")
 
 WorldFactory = Callable[..., Awaitable[World]]
 
@@ -355,68 +352,13 @@ def test_every_state_and_kind_has_its_words() -> None:
 # -- in a browser ----------------------------------------------------------------------
 
 
-browser_test = pytest.mark.skipif(
-    not CHROMIUM.exists() and os.environ.get("CI") != "true",
-    reason="Chromium is not installed at /usr/bin/chromium (apt-get install chromium)",
-)
+browser_test = pytest.mark.skipif(MISSING, reason=SKIP_REASON)
 
 
 @pytest.fixture
-def screenshots() -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    return SHOTS
-
-
-@pytest.fixture
-async def browser(screenshots: Path) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-class Visit:
-    """A page in a browser context of its own, screenshotting each page it lands on."""
-
-    def __init__(self, page: Any, base: str, name: str) -> None:
-        self.page, self.base, self.name, self.n = page, base, name, 0
-
-    @classmethod
-    async def open(cls, browser: Any, world: World, name: str) -> Visit:
-        context = await browser.new_context(
-            locale="zh-CN", viewport={"width": 1280, "height": 800}, accept_downloads=True
-        )
-        return cls(await context.new_page(), f"http://127.0.0.1:{world.client.server.port}", name)
-
-    async def shot(self, label: str) -> None:
-        self.n += 1
-        await self.page.screenshot(path=str(SHOTS / f"{self.name}-{self.n:02d}-{label}.png"), full_page=True)
-
-    async def go(self, path: str, label: str) -> Any:
-        response = await self.page.goto(self.base + path)
-        await self.shot(label)
-        return response
-
-    async def submit(self, selector: str, label: str) -> None:
-        async with self.page.expect_navigation():
-            await self.page.click(f"{selector} button[type=submit]")
-        await self.shot(label)
-
-    async def sign_in(self, username: str) -> None:
-        await self.go("/console/login", "login")
-        await self.page.fill("input[name=username]", username)
-        await self.page.fill("input[name=password]", PASSWORD)
-        await self.submit("form[action='/console/login']", "signed-in")
-
-    async def download(self, selector: str) -> bytes:
-        async with self.page.expect_download() as info:
-            await self.page.click(selector)
-        download = await info.value
-        return await asyncio.to_thread(Path(await download.path()).read_bytes)
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as launched:
+        yield launched
 
 
 @browser_test
