@@ -79,7 +79,7 @@ from core.money import E4, e4_text, fen_of_e4, fen_to_e4, parse_vat_rate, split,
 from ledger import admin_log
 from ledger.chain import rfc3339
 from ledger.models import CallRow, LedgerStateRow
-from ledger.record import REPLAY_POOL, SERVED
+from ledger.record import PREPAID_POOL, REPLAY_POOL, SERVED
 from ledger.store import LedgerError
 from ledger.writer import Waiting, build_writer
 from licensing.models import DatasetRow, DatasetTermsRow, LicenseeRow, PrepaidTopUpRow
@@ -469,7 +469,7 @@ def bought_positions(calls: Table = _CALLS) -> Any:
         )
         .where(
             billable(calls),
-            calls.c.pool == PREPAID,
+            calls.c.pool == PREPAID_POOL,
             calls.c.licensee_id.in_(select(bought.c.licensee_id)),
             calls.c.licence_id.in_(select(bought.c.licence_id)),
         )

@@ -62,6 +62,7 @@ from core.errors import NotFoundError
 from core.money import e4_text, e4_to_fen, fen_of_e4, parse_vat_rate, vat_of
 from ledger.chain import rfc3339
 from ledger.models import CallRow, LedgerStateRow
+from ledger.record import PREPAID_POOL
 from licensing.models import LicenceRow, LicenseeRow, PrepaidTopUpRow
 from licensing.registry import TopUpInvoicer
 from metering.periods import period_of
@@ -72,7 +73,6 @@ _TOP_UPS = cast(Table, PrepaidTopUpRow.__table__)
 _LICENCES = cast(Table, LicenceRow.__table__)
 _LICENSEES = cast(Table, LicenseeRow.__table__)
 
-PREPAID_POOL: Final = "prepaid"
 #: A top-up's line has no revenue split: it is split as its calls are used.
 _UNSPLIT: Final = {"provider_fen": 0, "operator_fen": 0, "public_fund_fen": 0}
 

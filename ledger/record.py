@@ -42,6 +42,8 @@ OUTCOMES: Final = (SERVED, REFUSED, UPSTREAM_FAILURE, INCOMPLETE)
 #: The ``pool`` of a repeat of an idempotent call already charged: served
 #: again, drawn on no pool, never billed.
 REPLAY_POOL: Final = "replay"
+#: The pool of an ``industrial`` call drawn from a licence's prepaid balance.
+PREPAID_POOL: Final = "prepaid"
 
 #: The columns of a record, in table order; all are hashed.
 FIELDS: Final[tuple[str, ...]] = (
